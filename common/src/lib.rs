@@ -1,0 +1,33 @@
+//! # pgferry-common
+//!
+//! The heart of pgferry that both agents share. Everything at the top level is **sans-IO**:
+//! pure functions and state over bytes, with no sockets and no async runtime, so it can be tested
+//! exhaustively and fuzzed. The `runtime` feature adds the tokio/quinn driver that both agents
+//! embed; without the feature this crate does not even depend on tokio or quinn, which keeps the
+//! split honest (`cargo check -p pgferry-common` builds only the pure part).
+//!
+//! # Layout
+//!
+//! ```text
+//!   frame     bytes ⇄ Frame (DATA/FIN/ACK/RESET), chunk compression (zstd/RAW) and BLAKE3 checks
+//!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
+//!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
+//!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
+//!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
+//!
+//!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
+//!                     │                                                             │
+//!                     └──────────── control stream: Hello / HelloAck ───────────────┘
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod control;
+pub mod frame;
+pub mod identity;
+
+#[cfg(feature = "runtime")]
+pub mod runtime;
+
+/// This build's version, sent in `Hello` and recorded in the audit log.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
