@@ -1,1 +1,21 @@
-//! stub
+//! The tokio/quinn driver both agents embed (feature `runtime`).
+//!
+//! ```text
+//!   cli     flags, `audit verify|report`, logging, signals: what the binaries' main() calls
+//!   config  TOML + flags → AgentConfig, validated before any socket is opened
+//!   tls     rustls configs whose verifiers add the identity policy to WebPKI
+//!   agent   endpoint, handshakes, Hello, forwarded streams, audit records, drain on shutdown
+//!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
+//! ```
+//!
+//! Agents are embeddable: [`agent::run_agent`] takes its configuration and a shutdown future,
+//! so tests run them in-process with port 0 and stop them cleanly.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod pump;
+pub mod tls;
+
+pub use agent::{run_agent, RunOptions};
+pub use config::AgentConfig;

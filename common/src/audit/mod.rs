@@ -1,0 +1,150 @@
+//! Hash-chained, signed audit log: the writer both agents append to, the verifier behind
+//! `audit verify`, the peer comparison behind `audit verify --peer`, and `audit report`.
+//!
+//! # Record format
+//!
+//! One JSON object per line, keys sorted, integers only (no floats anywhere; durations in ms):
+//!
+//! ```text
+//! {"details":{…},"event":"stream_closed","hash":"<64 hex>","prev":"<64 hex>","seq":12,"time":"2026-11-24T11:35:22.123Z"}
+//! ```
+//!
+//! - `seq` is 0 on the first line of a file and grows by one per line.
+//! - `prev` is the `hash` of the line before (64 zeros on line 1).
+//! - `hash` is hex(BLAKE3(canonical JSON of the record without `hash`)), canonical being
+//!   `serde_json::to_string` of the value: sorted keys, no whitespace. Each line must *be* its
+//!   canonical form (re-serialising the parsed line gives the same bytes), which also rules out
+//!   duplicate keys, whose meaning differs between JSON parsers.
+//! - `time` is RFC 3339 UTC with milliseconds. It is what the agent's clock said; it is
+//!   recorded, not checked for monotonicity (clocks step).
+//! - A `checkpoint` record signs the hash of the record before it with the agent's TLS key
+//!   (ECDSA P-256/SHA-256 over `b"pgferry-audit-checkpoint-v1\0" ‖ 32 hash bytes`). The public
+//!   key is the certificate in the most recent `agent_started` record.
+//!
+//! ```text
+//!  line 1  seq 0  agent_started {certificate, fingerprint, role, region, migration, version}
+//!  line 2  seq 1  handshake_accepted            prev = hash(line 1)
+//!  line 3  seq 2  stream_closed                 prev = hash(line 2)
+//!  line 4  seq 3  checkpoint {signed_hash = hash(line 3), signature, records = 3, …}
+//!                     │                                  ▲
+//!                     └── ECDSA(agent key) ──────────────┘   the chain makes it cover lines 1-3
+//! ```
+//!
+//! # Layout
+//!
+//! ```text
+//!   record   the format: canonical form, hashing, time, per-event schemas shared by both sides
+//!   writer   CheckpointSigner and AuditLog (open/verify/resume, append, checkpoint)
+//!   verify   verify_reader / verify_file → Verified (agents, streams, checkpoints)
+//!   peer     compare_peer: the two agents' logs must agree on every stream's digests
+//!   report   render_report: the plain-text report an auditor reads
+//! ```
+//!
+//! # What verification detects, and what it does not
+//!
+//! Detected, each naming the first line that reveals it: a modified, inserted, deleted or
+//! reordered line (hash, `prev` and `seq` break at that line); a line rewritten together with
+//! every hash after it (the next checkpoint's signature no longer matches); a log cut anywhere
+//! except just after a checkpoint (the last line is not a checkpoint); a checkpoint signed by
+//! another key; with `--ca`, an `agent_started` certificate not issued by the migration's CA.
+//!
+//! Not detectable from one log alone:
+//! - A log cut exactly after a checkpoint looks like a complete log. Comparing with the peer's
+//!   log (streams present in only one log are counted) and looking for `agent_stopped` as the
+//!   last event before the final checkpoint narrow this down.
+//! - The hashes are unkeyed: whoever can write the file can rewrite the records after the last
+//!   checkpoint, or remove them, together with their hashes. Only checkpoints (signed) pin the
+//!   past. An agent that crashes leaves such an unsigned tail; see `log_resumed` below.
+//! - The fields of the final checkpoint record other than the signed hash (its `time`) are only
+//!   covered by the next checkpoint.
+//! - Without `--ca`, anybody with *some* P-256 key can write a fresh, self-consistent log with
+//!   their own certificate in `agent_started`: pass the migration's CA to rule that out.
+//!   Certificate validity periods are not checked (an old log outlives its certificates).
+//!
+//! # Durability and crashes
+//!
+//! [`AuditLog::append`] writes each line with a single `write_all` on a file opened in append
+//! mode and does not fsync: a killed agent loses nothing, a power failure may lose the lines since
+//! the last checkpoint. [`AuditLog::checkpoint`] fsyncs. When [`AuditLog::open`] finds a log
+//! that does not end in a checkpoint (the agent crashed or was killed), it appends a
+//! `log_resumed` record with `{"unsigned_records": n}`, n being the number of records after the
+//! last checkpoint. Those records stay in the chain, so the next checkpoint covers them, but
+//! they were unsigned while the agent was down: [`Verified::resumes`] lists them and the report
+//! prints them as "unsigned tail before resume". A log whose last line is incomplete or whose
+//! chain is broken is never appended to: open fails with the line number, and the operator moves
+//! the file aside (a new file starts a new chain).
+
+mod peer;
+mod record;
+mod report;
+mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use peer::{compare_peer, PeerComparison, PeerDirection, PeerMismatch, StreamMismatch};
+pub use record::{events, CHECKPOINT_ALGORITHM, CHECKPOINT_DOMAIN};
+pub use report::render_report;
+pub use verify::{
+    verify_file, verify_reader, AgentInfo, Resume, StreamSummary, Verified, VerifyError,
+    VerifyOptions,
+};
+pub use writer::{AuditLog, CheckpointSigner};
+
+use std::path::PathBuf;
+
+/// Errors from writing an audit log. Verification failures are [`VerifyError`]s.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading, writing or syncing the log file failed.
+    #[error("audit log {path}: {action}: {source}")]
+    Io {
+        /// The log file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The existing log does not verify; appending would extend a broken chain.
+    #[error("existing audit log {path} does not verify, refusing to append to it: {source} (move the file aside to start a new log)")]
+    Broken {
+        /// The log file.
+        path: PathBuf,
+        /// Where and why verification failed.
+        source: VerifyError,
+    },
+    /// The checkpoint key is not a PKCS#8 ECDSA P-256 key.
+    #[error("checkpoint signing key: not a PKCS#8 ECDSA P-256 key ({0})")]
+    Key(String),
+    /// The signer's certificate cannot be used to verify checkpoints.
+    #[error("checkpoint certificate: {0}")]
+    Certificate(String),
+    /// The signing key does not belong to the certificate.
+    #[error("checkpoint signing key does not match the certificate's public key")]
+    KeyMismatch,
+    /// Signing failed (the system random generator failed).
+    #[error("signing the checkpoint failed")]
+    Signing,
+    /// The details would make the record unverifiable.
+    #[error("audit record {event}: {reason}")]
+    InvalidDetails {
+        /// Event name.
+        event: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `checkpoint` and `log_resumed` records are written by the log itself.
+    #[error("audit event {0:?} is written by the audit log itself and cannot be appended")]
+    ReservedEvent(String),
+    /// An `agent_started` record names a certificate other than the checkpoint signer's.
+    #[error("agent_started names a certificate other than the one checkpoints are signed with")]
+    CertificateMismatch,
+    /// A checkpoint cannot be verified unless `agent_started` announced the signer's certificate.
+    #[error("checkpoint before an agent_started record announcing the signing certificate")]
+    NoAgentStarted,
+    /// An earlier write failed part-way; the file may end in a partial line.
+    #[error("audit log {0}: an earlier write failed, the log may end in a partial line; restart the agent (open will name the line)")]
+    Poisoned(PathBuf),
+}

@@ -1,0 +1,420 @@
+//! `audit report`: what an auditor asks of one log, as plain text with a stable layout. Who
+//! ran (agents and certificates), whom they talked to (handshakes, with TLS parameters), what
+//! went through (streams: bytes raw and on the wire, digests, outcome), what went wrong
+//! (integrity failures, errors), and what is signed (checkpoints).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::record::{events, format_time};
+use super::verify::{parse_stream_closed, verify_records, Record, VerifyError, VerifyOptions};
+
+/// Verifies the log at `path` (an unsigned tail is allowed and flagged in the report) and
+/// renders the report. A log that does not verify yields the [`VerifyError`] instead.
+pub fn render_report(path: &Path) -> Result<String, VerifyError> {
+    let file = std::fs::File::open(path).map_err(|e| VerifyError {
+        line: 0,
+        reason: format!("cannot open {}: {e}", path.display()),
+    })?;
+    let opts = VerifyOptions {
+        allow_open: true,
+        ca_der: None,
+    };
+    let mut records = Vec::new();
+    let (v, _) = verify_records(std::io::BufReader::new(file), &opts, |r| records.push(r))?;
+
+    let mut out = String::new();
+    let o = &mut out;
+    line(o, "pgferry audit report");
+    line(o, "====================");
+    line(o, &format!("Log:      {}", path.display()));
+    line(
+        o,
+        &format!(
+            "Records:  {} (seq 0-{}), {} checkpoint(s); hash chain and checkpoint signatures verified",
+            v.records,
+            v.records - 1,
+            v.checkpoints
+        ),
+    );
+    line(
+        o,
+        &format!(
+            "Period:   {} to {} (UTC)",
+            format_time(v.first_time),
+            format_time(v.last_time)
+        ),
+    );
+    if v.unsigned_tail == 0 {
+        line(
+            o,
+            "Signed:   every record is covered by a signed checkpoint",
+        );
+    } else {
+        let after = v.last_checkpoint_line.map_or_else(
+            || "no checkpoint at all".to_string(),
+            |l| format!("the last checkpoint at line {l}"),
+        );
+        line(
+            o,
+            &format!(
+                "Signed:   WARNING: {} record(s) after {after} are not signed (a live log, or the log was cut)",
+                v.unsigned_tail
+            ),
+        );
+    }
+    for r in &v.resumes {
+        let first = r.line.saturating_sub(r.unsigned_records as usize);
+        line(
+            o,
+            &format!(
+                "Resumed:  line {}: the agent restarted after a crash; unsigned tail before resume: {} record(s), lines {}-{}, were unsigned while it was down",
+                r.line,
+                r.unsigned_records,
+                first,
+                r.line - 1
+            ),
+        );
+    }
+    line(
+        o,
+        "Not detectable from one log: a cut exactly after a checkpoint (compare with the peer's log).",
+    );
+
+    section(o, "Agents");
+    let mut any = false;
+    for r in records.iter().filter(|r| r.event == events::AGENT_STARTED) {
+        any = true;
+        let d = &r.details;
+        line(
+            o,
+            &format!(
+                "  {}  started  role {}  region {}  migration {}  version {}",
+                head(r),
+                s(d, &["role"]),
+                s(d, &["region"]),
+                s(d, &["migration"]),
+                s(d, &["version"])
+            ),
+        );
+        let fp = v
+            .agents
+            .iter()
+            .find(|a| a.line == r.line)
+            .map_or_else(|| "-".to_string(), |a| a.fingerprint.clone());
+        line(o, &format!("{PAD}certificate sha256 {fp}"));
+        if d.contains_key("tls") {
+            line(o, &format!("{PAD}TLS {}", tls(d)));
+        }
+    }
+    for r in records.iter().filter(|r| r.event == events::AGENT_STOPPED) {
+        any = true;
+        line(o, &format!("  {}  stopped  {}", head(r), json(&r.details)));
+    }
+    none_if(o, any);
+
+    section(o, "Handshakes");
+    any = false;
+    for r in &records {
+        let d = &r.details;
+        match r.event.as_str() {
+            events::HANDSHAKE_ACCEPTED => {
+                line(
+                    o,
+                    &format!(
+                        "  {}  accepted  address {}  peer role {}  region {}  migration {}",
+                        head(r),
+                        s(d, &["address"]),
+                        first_of(d, &[&["peer", "role"], &["role"]]),
+                        first_of(d, &[&["peer", "region"], &["region"]]),
+                        first_of(d, &[&["peer", "migration"], &["migration"]]),
+                    ),
+                );
+                line(
+                    o,
+                    &format!(
+                        "{PAD}peer certificate {}",
+                        first_of(
+                            d,
+                            &[
+                                &["peer", "fingerprint"],
+                                &["peer_fingerprint"],
+                                &["fingerprint"]
+                            ]
+                        )
+                    ),
+                );
+                line(o, &format!("{PAD}TLS {}", tls(d)));
+            }
+            events::HANDSHAKE_REFUSED => {
+                line(
+                    o,
+                    &format!(
+                        "  {}  REFUSED   address {}  check {}  peer certificate {}",
+                        head(r),
+                        s(d, &["address"]),
+                        s(d, &["check"]),
+                        first_of(
+                            d,
+                            &[
+                                &["fingerprint"],
+                                &["peer_fingerprint"],
+                                &["peer", "fingerprint"]
+                            ]
+                        ),
+                    ),
+                );
+                line(o, &format!("{PAD}reason: {}", s(d, &["reason"])));
+            }
+            events::HANDSHAKE_FAILED => {
+                line(
+                    o,
+                    &format!("  {}  failed    address {}", head(r), s(d, &["address"])),
+                );
+                line(o, &format!("{PAD}reason: {}", s(d, &["reason"])));
+            }
+            _ => continue,
+        }
+        any = true;
+    }
+    none_if(o, any);
+
+    section(o, "Streams");
+    let mut totals = [0u64; 4];
+    let mut count = 0usize;
+    for r in records.iter().filter(|r| r.event == events::STREAM_CLOSED) {
+        let Ok(st) = parse_stream_closed(&r.details) else {
+            continue; // cannot happen: verified
+        };
+        count += 1;
+        line(
+            o,
+            &format!(
+                "  {}  session {}  service {}  outcome {}  duration {} ms",
+                head(r),
+                st.session_id,
+                st.service,
+                st.outcome,
+                st.duration_ms
+            ),
+        );
+        line(
+            o,
+            &format!(
+                "{PAD}sent      {} B raw, {} B wire ({} of raw), {} chunk(s), blake3 {}",
+                st.sent_raw_bytes,
+                st.sent_wire_bytes,
+                percent(st.sent_wire_bytes, st.sent_raw_bytes),
+                st.sent_chunks,
+                st.sent_digest
+            ),
+        );
+        line(
+            o,
+            &format!(
+                "{PAD}received  {} B raw, {} B wire ({} of raw), {} chunk(s), blake3 {}",
+                st.received_raw_bytes,
+                st.received_wire_bytes,
+                percent(st.received_wire_bytes, st.received_raw_bytes),
+                st.received_chunks,
+                st.received_digest
+            ),
+        );
+        if !st.detail.is_empty() {
+            line(o, &format!("{PAD}detail: {}", st.detail));
+        }
+        for (t, x) in totals.iter_mut().zip([
+            st.sent_raw_bytes,
+            st.sent_wire_bytes,
+            st.received_raw_bytes,
+            st.received_wire_bytes,
+        ]) {
+            *t = t.saturating_add(x);
+        }
+    }
+    if count == 0 {
+        line(o, "  (none)");
+    } else {
+        line(
+            o,
+            &format!(
+                "  total: {count} stream(s); sent {} B raw, {} B wire ({}); received {} B raw, {} B wire ({})",
+                totals[0],
+                totals[1],
+                percent(totals[1], totals[0]),
+                totals[2],
+                totals[3],
+                percent(totals[3], totals[2])
+            ),
+        );
+    }
+    any = false;
+    for r in records.iter().filter(|r| r.event == "stream_refused") {
+        if !any {
+            line(o, "  refused streams:");
+            any = true;
+        }
+        line(
+            o,
+            &format!(
+                "  {}  session {}  service {}  reason: {}",
+                head(r),
+                s(&r.details, &["session_id"]),
+                s(&r.details, &["service"]),
+                s(&r.details, &["reason"])
+            ),
+        );
+    }
+
+    section(o, "Integrity failures");
+    any = false;
+    for r in records
+        .iter()
+        .filter(|r| r.event == events::INTEGRITY_FAILURE)
+    {
+        any = true;
+        line(
+            o,
+            &format!(
+                "  {}  session {}  service {}",
+                head(r),
+                s(&r.details, &["session_id"]),
+                s(&r.details, &["service"])
+            ),
+        );
+        line(o, &format!("{PAD}{}", json(&r.details)));
+    }
+    none_if(o, any);
+
+    section(o, "Errors");
+    any = false;
+    for r in records.iter().filter(|r| r.event == events::ERROR) {
+        any = true;
+        line(o, &format!("  {}  {}", head(r), json(&r.details)));
+    }
+    none_if(o, any);
+
+    section(o, "Tunnel sessions");
+    any = false;
+    for r in records.iter().filter(|r| r.event == events::SESSION_ENDED) {
+        any = true;
+        let d = &r.details;
+        line(
+            o,
+            &format!(
+                "  {}  ended  address {}  peer certificate {}  duration {} ms  streams {}",
+                head(r),
+                s(d, &["address"]),
+                first_of(d, &[&["peer_fingerprint"], &["peer", "fingerprint"]]),
+                s(d, &["duration_ms"]),
+                s(d, &["streams"])
+            ),
+        );
+        line(o, &format!("{PAD}reason: {}", s(d, &["reason"])));
+    }
+    none_if(o, any);
+
+    section(o, "Checkpoints");
+    any = false;
+    for r in records.iter().filter(|r| r.event == events::CHECKPOINT) {
+        any = true;
+        line(
+            o,
+            &format!(
+                "  {}  signature valid  covers {} record(s)  signer {}",
+                head(r),
+                s(&r.details, &["records"]),
+                s(&r.details, &["fingerprint"])
+            ),
+        );
+    }
+    none_if(o, any);
+
+    section(o, "Event counts");
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &records {
+        *counts.entry(r.event.as_str()).or_default() += 1;
+    }
+    for (event, n) in counts {
+        line(o, &format!("  {event:<20} {n}"));
+    }
+    Ok(out)
+}
+
+/// Indentation of a record's continuation lines: under its time stamp.
+const PAD: &str = "             ";
+
+fn line(o: &mut String, text: &str) {
+    o.push_str(text);
+    o.push('\n');
+}
+
+fn section(o: &mut String, title: &str) {
+    let _ = write!(o, "\n{title}\n");
+}
+
+fn none_if(o: &mut String, any: bool) {
+    if !any {
+        line(o, "  (none)");
+    }
+}
+
+/// `line 12    2026-11-24T11:35:22.123Z`.
+fn head(r: &Record) -> String {
+    format!("line {:<5} {}", r.line, r.time)
+}
+
+/// A detail by path, as text: strings bare, other values as JSON, `-` when absent.
+fn s(d: &Map<String, Value>, path: &[&str]) -> String {
+    lookup(d, path).map_or_else(|| "-".to_string(), text)
+}
+
+fn first_of(d: &Map<String, Value>, paths: &[&[&str]]) -> String {
+    paths
+        .iter()
+        .find_map(|p| lookup(d, p))
+        .map_or_else(|| "-".to_string(), text)
+}
+
+fn lookup<'a>(d: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    let mut v = d.get(*first)?;
+    for key in rest {
+        v = v.as_object()?.get(*key)?;
+    }
+    (!v.is_null()).then_some(v)
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn json(d: &Map<String, Value>) -> String {
+    Value::Object(d.clone()).to_string()
+}
+
+fn tls(d: &Map<String, Value>) -> String {
+    format!(
+        "protocol {}, cipher suite {}, key exchange {}, ALPN {}",
+        s(d, &["tls", "protocol"]),
+        s(d, &["tls", "cipher_suite"]),
+        s(d, &["tls", "kx_group"]),
+        s(d, &["tls", "alpn"])
+    )
+}
+
+/// `wire` as a percentage of `raw` with one decimal, in integer arithmetic (the log holds no
+/// floats, and neither does its report).
+pub(crate) fn percent(wire: u64, raw: u64) -> String {
+    if raw == 0 {
+        return "n/a".to_string();
+    }
+    let per_mille = (u128::from(wire) * 1000 + u128::from(raw) / 2) / u128::from(raw);
+    format!("{}.{} %", per_mille / 10, per_mille % 10)
+}

@@ -1,0 +1,620 @@
+//! Verification of one log: chain, signatures, per-event schemas; collects what the peer
+//! comparison and the report need.
+
+use std::fmt;
+use std::io::{BufRead, Read};
+use std::path::Path;
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::record::{
+    events, find_float, hash_bytes, normalize_fingerprint, parse_time, record_hash, CertKey,
+    Fields, CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
+};
+
+/// What [`verify_reader`] accepts beyond a complete, signed log.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Accept records after the last checkpoint (a live log, or one whose agent crashed). They
+    /// are counted in [`Verified::unsigned_tail`].
+    pub allow_open: bool,
+    /// DER of the migration's CA certificate: every `agent_started` certificate must carry a
+    /// signature by this CA's key. Without it, any self-consistent log verifies.
+    pub ca_der: Option<Vec<u8>>,
+}
+
+/// The first problem found, with its 1-based line (0: the log could not be read at all, or it
+/// is empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError {
+    /// 1-based line number; 0 when no line is to blame.
+    pub line: usize,
+    /// What is wrong, for an operator.
+    pub reason: String,
+}
+
+impl VerifyError {
+    fn at(line: usize, reason: impl Into<String>) -> Self {
+        Self {
+            line,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "line {}: {}", self.line, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// One `stream_closed` record: a forwarded connection as this agent saw it. "sent" is what this
+/// agent sent into the tunnel, "received" what it took out of the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// `details.session_id`, the same on both agents.
+    pub session_id: String,
+    /// `details.service`.
+    pub service: String,
+    /// `details.outcome`: `ok`, `integrity_failure`, `peer_reset`, … Only `ok` streams are
+    /// compared with the peer.
+    pub outcome: String,
+    /// `details.detail` (empty if absent): why a stream did not end `ok`.
+    pub detail: String,
+    /// `details.sent.digest`: BLAKE3 of everything sent, hex.
+    pub sent_digest: String,
+    /// `details.received.digest`.
+    pub received_digest: String,
+    /// `details.sent.raw_bytes`: bytes before compression.
+    pub sent_raw_bytes: u64,
+    /// `details.received.raw_bytes`.
+    pub received_raw_bytes: u64,
+    /// `details.sent.wire_bytes`: payload bytes on the wire (after compression).
+    pub sent_wire_bytes: u64,
+    /// `details.received.wire_bytes`.
+    pub received_wire_bytes: u64,
+    /// `details.sent.chunks`.
+    pub sent_chunks: u64,
+    /// `details.received.chunks`.
+    pub received_chunks: u64,
+    /// `details.duration_ms`.
+    pub duration_ms: u64,
+    /// The record's `time`.
+    pub time: String,
+    /// 1-based line of the record.
+    pub line: usize,
+}
+
+/// One `agent_started` record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// `details.role`.
+    pub role: String,
+    /// `details.region`.
+    pub region: String,
+    /// SHA-256 of the embedded certificate, lowercase hex (`details.fingerprint` must agree).
+    pub fingerprint: String,
+    /// `details.migration`.
+    pub migration: String,
+    /// `details.version`.
+    pub version: String,
+    /// The record's `time`.
+    pub time: String,
+    /// 1-based line of the record.
+    pub line: usize,
+}
+
+/// A `log_resumed` record: the agent restarted after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// Line of the `log_resumed` record.
+    pub line: usize,
+    /// Records before it that no checkpoint had signed when the agent stopped (lines
+    /// `line - unsigned_records .. line`). They are in the chain and covered by later
+    /// checkpoints, but could have been rewritten while the agent was down.
+    pub unsigned_records: u64,
+}
+
+/// A log that verified.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// Number of records (lines).
+    pub records: usize,
+    /// Number of checkpoints, all with valid signatures.
+    pub checkpoints: usize,
+    /// Every `stream_closed` record, in log order.
+    pub sessions: Vec<StreamSummary>,
+    /// `time` of the first record.
+    pub first_time: OffsetDateTime,
+    /// `time` of the last record.
+    pub last_time: OffsetDateTime,
+    /// Every `agent_started` record, in log order.
+    pub agents: Vec<AgentInfo>,
+    /// Records after the last checkpoint (non-zero only with [`VerifyOptions::allow_open`]).
+    pub unsigned_tail: usize,
+    /// Line of the last checkpoint.
+    pub last_checkpoint_line: Option<usize>,
+    /// Restarts after a crash (unsigned tail before resume).
+    pub resumes: Vec<Resume>,
+    /// Number of `integrity_failure` records.
+    pub integrity_failures: usize,
+}
+
+/// Verifies a whole log read from `r`; the first problem is returned with its line.
+pub fn verify_reader(r: impl BufRead, opts: &VerifyOptions) -> Result<Verified, VerifyError> {
+    verify_records(r, opts, |_| ()).map(|(v, _)| v)
+}
+
+/// [`verify_reader`] on a file; a file that cannot be opened or read is reported as line 0.
+pub fn verify_file(path: &Path, opts: &VerifyOptions) -> Result<Verified, VerifyError> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| VerifyError::at(0, format!("cannot open {}: {e}", path.display())))?;
+    verify_reader(std::io::BufReader::new(file), opts)
+}
+
+/// A record that passed every check.
+#[derive(Debug)]
+pub(crate) struct Record {
+    pub line: usize,
+    pub time: String,
+    pub event: String,
+    pub details: Map<String, Value>,
+}
+
+/// Where the chain ends: what the writer needs to continue it.
+#[derive(Debug)]
+pub(crate) struct Tip {
+    pub next_seq: u64,
+    pub last_hash: String,
+    /// Records after the last checkpoint.
+    pub since_checkpoint: u64,
+    pub last_checkpoint_seq: Option<u64>,
+    /// The certificate of the most recent `agent_started`.
+    pub current_cert: Option<CertKey>,
+}
+
+/// Verifies and hands every record to `visit` (the report keeps them; verify drops them).
+pub(crate) fn verify_records(
+    mut r: impl BufRead,
+    opts: &VerifyOptions,
+    mut visit: impl FnMut(Record),
+) -> Result<(Verified, Tip), VerifyError> {
+    let mut v = Verifier::new(opts)?;
+    let mut buf = Vec::new();
+    let mut line = 0usize;
+    loop {
+        buf.clear();
+        let n = (&mut r)
+            .take(MAX_RECORD_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| VerifyError::at(0, format!("read error after line {line}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        line += 1;
+        if buf.last() != Some(&b'\n') {
+            return Err(VerifyError::at(
+                line,
+                if buf.len() > MAX_RECORD_BYTES {
+                    format!("line longer than {MAX_RECORD_BYTES} bytes")
+                } else {
+                    "incomplete last line (no newline at the end): the log was cut in the middle of a write".into()
+                },
+            ));
+        }
+        buf.pop();
+        visit(v.feed(line, &buf)?);
+    }
+    v.finish()
+}
+
+/// The chain state between lines.
+struct Verifier {
+    allow_open: bool,
+    ca: Option<Vec<u8>>,
+    next_seq: u64,
+    last_hash: String,
+    since_checkpoint: u64,
+    last_checkpoint: Option<(usize, u64)>,
+    /// Most recent `agent_started` certificate and its line.
+    current_cert: Option<(CertKey, usize)>,
+    first_time: Option<OffsetDateTime>,
+    last_time: Option<OffsetDateTime>,
+    checkpoints: usize,
+    sessions: Vec<StreamSummary>,
+    agents: Vec<AgentInfo>,
+    resumes: Vec<Resume>,
+    integrity_failures: usize,
+}
+
+const RECORD_KEYS: [&str; 6] = ["details", "event", "hash", "prev", "seq", "time"];
+
+impl Verifier {
+    fn new(opts: &VerifyOptions) -> Result<Self, VerifyError> {
+        if let Some(ca) = &opts.ca_der {
+            x509_parser::parse_x509_certificate(ca).map_err(|e| {
+                VerifyError::at(0, format!("the CA certificate cannot be parsed: {e}"))
+            })?;
+        }
+        Ok(Self {
+            allow_open: opts.allow_open,
+            ca: opts.ca_der.clone(),
+            next_seq: 0,
+            last_hash: GENESIS_PREV.to_string(),
+            since_checkpoint: 0,
+            last_checkpoint: None,
+            current_cert: None,
+            first_time: None,
+            last_time: None,
+            checkpoints: 0,
+            sessions: Vec::new(),
+            agents: Vec::new(),
+            resumes: Vec::new(),
+            integrity_failures: 0,
+        })
+    }
+
+    fn feed(&mut self, line: usize, bytes: &[u8]) -> Result<Record, VerifyError> {
+        let err = |reason: String| VerifyError::at(line, reason);
+        let text = std::str::from_utf8(bytes).map_err(|_| err("not valid UTF-8".into()))?;
+        if text.is_empty() {
+            return Err(err("empty line".into()));
+        }
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            let msg = msg
+                .rsplit_once(" at line ")
+                .map_or(msg.as_str(), |(m, _)| m);
+            err(format!("invalid JSON at column {}: {msg}", e.column()))
+        })?;
+        if let Some(at) = find_float(&value) {
+            return Err(err(format!(
+                "the number at {at} is not an integer (the log never contains floats)"
+            )));
+        }
+        let canonical = value.to_string();
+        if canonical != text {
+            return Err(err(
+                "not in canonical form (sorted keys, no whitespace, no duplicate keys): the line was edited".into(),
+            ));
+        }
+        let Value::Object(mut map) = value else {
+            return Err(err("not a JSON object".into()));
+        };
+        for key in RECORD_KEYS {
+            if !map.contains_key(key) {
+                return Err(err(format!("missing field {key}")));
+            }
+        }
+        if let Some(extra) = map.keys().find(|k| !RECORD_KEYS.contains(&k.as_str())) {
+            return Err(err(format!("unexpected field {extra}")));
+        }
+        let top = Fields::new(&map, "");
+        let seq = top.u64("seq").map_err(err)?;
+        let prev = top.hash_hex("prev").map_err(err)?;
+        let hash = top.hash_hex("hash").map_err(err)?.to_string();
+        let time_text = top.str("time").map_err(err)?.to_string();
+        let time = parse_time(&time_text).ok_or_else(|| {
+            err(format!(
+                "field time {time_text:?} is not RFC 3339 UTC with milliseconds"
+            ))
+        })?;
+        let event = top.str("event").map_err(err)?.to_string();
+        if event.is_empty() {
+            return Err(err("field event is empty".into()));
+        }
+        top.object("details").map_err(err)?;
+
+        if seq != self.next_seq {
+            return Err(err(format!(
+                "seq {seq}, expected {} (a line was deleted, inserted or moved)",
+                self.next_seq
+            )));
+        }
+        if prev != self.last_hash {
+            return Err(err(if line == 1 {
+                "prev of the first record must be 64 zeros (the start of the log is missing)".into()
+            } else {
+                format!(
+                    "prev does not match the hash of line {} (a line was deleted, inserted or moved)",
+                    line - 1
+                )
+            }));
+        }
+        map.remove("hash");
+        if record_hash(&map) != hash {
+            return Err(err("hash mismatch (record was modified)".into()));
+        }
+        let Some(Value::Object(details)) = map.remove("details") else {
+            return Err(err("field details must be an object".into()));
+        };
+
+        match event.as_str() {
+            events::AGENT_STARTED => self.agent_started(line, &time_text, &details)?,
+            events::CHECKPOINT => self.checkpoint(line, seq, &details)?,
+            events::LOG_RESUMED => {
+                let unsigned = parse_log_resumed(&details).map_err(err)?;
+                if unsigned != self.since_checkpoint {
+                    return Err(err(format!(
+                        "log_resumed counts {unsigned} unsigned records, but {} records follow the last checkpoint",
+                        self.since_checkpoint
+                    )));
+                }
+                self.resumes.push(Resume {
+                    line,
+                    unsigned_records: unsigned,
+                });
+            }
+            events::STREAM_CLOSED => {
+                let mut s = parse_stream_closed(&details).map_err(err)?;
+                s.line = line;
+                s.time.clone_from(&time_text);
+                self.sessions.push(s);
+            }
+            events::INTEGRITY_FAILURE => self.integrity_failures += 1,
+            _ => {}
+        }
+
+        if event == events::CHECKPOINT {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Some((line, seq));
+        } else {
+            self.since_checkpoint += 1;
+        }
+        self.next_seq += 1;
+        self.last_hash = hash;
+        self.first_time.get_or_insert(time);
+        self.last_time = Some(time);
+        Ok(Record {
+            line,
+            time: time_text,
+            event,
+            details,
+        })
+    }
+
+    fn agent_started(
+        &mut self,
+        line: usize,
+        time: &str,
+        details: &Map<String, Value>,
+    ) -> Result<(), VerifyError> {
+        let a = parse_agent_started(details).map_err(|r| VerifyError::at(line, r))?;
+        if let Some(ca_der) = &self.ca {
+            // Both parsed before: `new` checked the CA, `parse_agent_started` the certificate.
+            let parsed = x509_parser::parse_x509_certificate(ca_der).and_then(|(_, ca)| {
+                x509_parser::parse_x509_certificate(&a.cert.der).map(|(_, c)| (ca, c))
+            });
+            let signed =
+                parsed.is_ok_and(|(ca, cert)| cert.verify_signature(Some(ca.public_key())).is_ok());
+            if !signed {
+                return Err(VerifyError::at(
+                    line,
+                    format!(
+                        "the agent's certificate {} is not signed by the given CA",
+                        a.cert.fingerprint
+                    ),
+                ));
+            }
+        }
+        self.agents.push(AgentInfo {
+            role: a.role,
+            region: a.region,
+            fingerprint: a.cert.fingerprint.clone(),
+            migration: a.migration,
+            version: a.version,
+            time: time.to_string(),
+            line,
+        });
+        self.current_cert = Some((a.cert, line));
+        Ok(())
+    }
+
+    fn checkpoint(
+        &mut self,
+        line: usize,
+        seq: u64,
+        details: &Map<String, Value>,
+    ) -> Result<(), VerifyError> {
+        let err = |reason: String| VerifyError::at(line, reason);
+        let c = parse_checkpoint(details).map_err(err)?;
+        if c.signed_hash != self.last_hash {
+            return Err(err(
+                "checkpoint signed_hash is not the hash of the record before it".into(),
+            ));
+        }
+        if c.records != seq {
+            return Err(err(format!(
+                "checkpoint claims to cover {} records, but {seq} records precede it",
+                c.records
+            )));
+        }
+        let Some((cert, cert_line)) = &self.current_cert else {
+            return Err(err(
+                "checkpoint without a preceding agent_started certificate to verify it with".into(),
+            ));
+        };
+        if normalize_fingerprint(&c.fingerprint) != cert.fingerprint {
+            return Err(err(format!(
+                "checkpoint fingerprint {} is not that of the certificate in the agent_started at line {cert_line} ({})",
+                c.fingerprint, cert.fingerprint
+            )));
+        }
+        let signed = hash_bytes(&c.signed_hash).expect("checked as 64 hex digits");
+        if !cert.verify(&signed, &c.signature) {
+            return Err(err(format!(
+                "checkpoint signature invalid (not made with the key of the certificate in the agent_started at line {cert_line})"
+            )));
+        }
+        self.checkpoints += 1;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(Verified, Tip), VerifyError> {
+        let (Some(first_time), Some(last_time)) = (self.first_time, self.last_time) else {
+            return Err(VerifyError::at(0, "the log is empty (no records)"));
+        };
+        let records = self.next_seq as usize;
+        let tail = self.since_checkpoint as usize;
+        if tail > 0 && !self.allow_open {
+            let how =
+                "the log was cut or the agent is still running (use --allow-open for a live log)";
+            let (records, are) = if tail == 1 {
+                ("1 record".to_string(), "is")
+            } else {
+                (format!("{tail} records"), "are")
+            };
+            return Err(match self.last_checkpoint {
+                Some((cp_line, _)) => VerifyError::at(
+                    cp_line + 1,
+                    format!(
+                        "{records} after the last checkpoint at line {cp_line} {are} not signed: {how}"
+                    ),
+                ),
+                None => VerifyError::at(
+                    1,
+                    format!("{records} {are} not signed (the log has no checkpoint): {how}"),
+                ),
+            });
+        }
+        let verified = Verified {
+            records,
+            checkpoints: self.checkpoints,
+            sessions: self.sessions,
+            first_time,
+            last_time,
+            agents: self.agents,
+            unsigned_tail: tail,
+            last_checkpoint_line: self.last_checkpoint.map(|(l, _)| l),
+            resumes: self.resumes,
+            integrity_failures: self.integrity_failures,
+        };
+        let tip = Tip {
+            next_seq: self.next_seq,
+            last_hash: self.last_hash,
+            since_checkpoint: self.since_checkpoint,
+            last_checkpoint_seq: self.last_checkpoint.map(|(_, s)| s),
+            current_cert: self.current_cert.map(|(c, _)| c),
+        };
+        Ok((verified, tip))
+    }
+}
+
+/// Checks the details of the events the verifier interprets; the writer runs the same checks so
+/// that it can never write a record the verifier rejects.
+pub(crate) fn check_event_details(event: &str, details: &Map<String, Value>) -> Result<(), String> {
+    match event {
+        events::AGENT_STARTED => parse_agent_started(details).map(drop),
+        events::STREAM_CLOSED => parse_stream_closed(details).map(drop),
+        events::CHECKPOINT => parse_checkpoint(details).map(drop),
+        events::LOG_RESUMED => parse_log_resumed(details).map(drop),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) struct AgentStarted {
+    pub cert: CertKey,
+    pub role: String,
+    pub region: String,
+    pub migration: String,
+    pub version: String,
+}
+
+pub(crate) fn parse_agent_started(details: &Map<String, Value>) -> Result<AgentStarted, String> {
+    let f = Fields::new(details, "details.");
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(f.str("certificate")?)
+        .map_err(|_| "field details.certificate is not base64".to_string())?;
+    let cert = CertKey::parse(&der).map_err(|e| format!("details.certificate: {e}"))?;
+    let claimed = f.str("fingerprint")?;
+    if normalize_fingerprint(claimed) != cert.fingerprint {
+        return Err(format!(
+            "details.fingerprint {claimed} is not the SHA-256 of details.certificate ({})",
+            cert.fingerprint
+        ));
+    }
+    Ok(AgentStarted {
+        role: f.str("role")?.to_string(),
+        region: f.str("region")?.to_string(),
+        migration: f.str("migration")?.to_string(),
+        version: f.str("version")?.to_string(),
+        cert,
+    })
+}
+
+pub(crate) fn parse_stream_closed(details: &Map<String, Value>) -> Result<StreamSummary, String> {
+    let f = Fields::new(details, "details.");
+    let sent = f.object("sent")?;
+    let received = f.object("received")?;
+    if let Some(d) = details.get("detail") {
+        if !d.is_string() {
+            return Err("field details.detail must be a string".into());
+        }
+    }
+    Ok(StreamSummary {
+        session_id: f.str("session_id")?.to_string(),
+        service: f.str("service")?.to_string(),
+        outcome: f.str("outcome")?.to_string(),
+        detail: f.opt_str("detail").unwrap_or_default().to_string(),
+        sent_digest: sent.hash_hex("digest")?.to_string(),
+        received_digest: received.hash_hex("digest")?.to_string(),
+        sent_raw_bytes: sent.u64("raw_bytes")?,
+        received_raw_bytes: received.u64("raw_bytes")?,
+        sent_wire_bytes: sent.u64("wire_bytes")?,
+        received_wire_bytes: received.u64("wire_bytes")?,
+        sent_chunks: sent.u64("chunks")?,
+        received_chunks: received.u64("chunks")?,
+        duration_ms: f.u64("duration_ms")?,
+        time: String::new(),
+        line: 0,
+    })
+}
+
+pub(crate) struct Checkpoint {
+    pub signed_hash: String,
+    pub signature: Vec<u8>,
+    pub fingerprint: String,
+    pub records: u64,
+}
+
+pub(crate) fn parse_checkpoint(details: &Map<String, Value>) -> Result<Checkpoint, String> {
+    const KEYS: [&str; 5] = [
+        "algorithm",
+        "fingerprint",
+        "records",
+        "signature",
+        "signed_hash",
+    ];
+    // Strict: the checkpoint's own fields are only covered by the next checkpoint, so leave no
+    // room for extra content in the last one.
+    if let Some(extra) = details.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(format!("unexpected field details.{extra} in a checkpoint"));
+    }
+    let f = Fields::new(details, "details.");
+    let algorithm = f.str("algorithm")?;
+    if algorithm != CHECKPOINT_ALGORITHM {
+        return Err(format!(
+            "checkpoint algorithm {algorithm:?} is not {CHECKPOINT_ALGORITHM:?}"
+        ));
+    }
+    Ok(Checkpoint {
+        signed_hash: f.hash_hex("signed_hash")?.to_string(),
+        signature: base64::engine::general_purpose::STANDARD
+            .decode(f.str("signature")?)
+            .map_err(|_| "field details.signature is not base64".to_string())?,
+        fingerprint: f.str("fingerprint")?.to_string(),
+        records: f.u64("records")?,
+    })
+}
+
+fn parse_log_resumed(details: &Map<String, Value>) -> Result<u64, String> {
+    Fields::new(details, "details.").u64("unsigned_records")
+}

@@ -1,0 +1,952 @@
+//! The agent: QUIC endpoint, handshake and policy, control stream, forwarded streams, audit.
+//!
+//! ```text
+//!   run_agent(config, shutdown)
+//!     ├─ TlsIdentity::load ── own certificate must pass the policy, or no start
+//!     ├─ AuditLog::open ───── agent_started (own certificate embedded)
+//!     ├─ QUIC endpoint ────── listen: accept loop │ connect: dial loop with back-off
+//!     │    └─ per connection: handshake (refusals audited) → Hello/HelloAck → serve
+//!     │          source: accept data streams → connect upstream → pump
+//!     │          target: publish the connection for the local listeners
+//!     ├─ target: local listeners (TCP / unix) → open data stream → pump
+//!     └─ shutdown: stop accepting, drain streams (bounded), close, agent_stopped + checkpoint
+//! ```
+//!
+//! Roles come from certificates, not from who dials: either agent may listen or connect.
+
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::BytesMut;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify, Semaphore};
+use tracing::{error, info, warn};
+
+use super::config::{AgentConfig, Endpoint, Service, Transport};
+use super::pump::{self, LocalConn, Outcome, PumpOptions, StreamReport};
+use super::tls::{self, RefusalSlot, TlsIdentity};
+use crate::audit::{AuditLog, CheckpointSigner};
+use crate::control::{
+    self, ControlMessage, Hello, StreamHeader, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
+};
+use crate::frame::{DirectionStats, ResetCode};
+use crate::identity::{PeerIdentity, Policy, Role};
+
+/// Most simultaneous peer connections a listening agent serves (one is normal; a few allow a
+/// reconnect to overlap the old connection's close).
+const MAX_PEER_CONNECTIONS: usize = 4;
+/// Most concurrently forwarded connections per QUIC connection.
+const MAX_STREAMS: u32 = 512;
+/// Time allowed for the Hello exchange and for a data stream's header.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a local client waits for the tunnel to come up before it is closed.
+const TUNNEL_WAIT: Duration = Duration::from_secs(15);
+/// Upstream connect timeout.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Embedding options (tests use them; the binaries use the defaults).
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Receives the bound UDP address once the endpoint is up.
+    pub ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    /// Test-only fault injection.
+    #[cfg(feature = "test-hooks")]
+    pub fault: Option<Arc<pump::FaultInjection>>,
+}
+
+/// Audit log shared by all tasks. A failure to write is logged; the agent keeps serving.
+#[derive(Clone)]
+struct Audit(Arc<Mutex<AuditLog>>);
+
+impl Audit {
+    fn record(&self, event: &str, details: Value) {
+        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.append(event, details) {
+            error!("audit log {}: {e}", log.path().display());
+        }
+    }
+    fn checkpoint(&self) {
+        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = log.checkpoint() {
+            error!("audit log {}: checkpoint failed: {e}", log.path().display());
+        }
+    }
+}
+
+/// Counts running forwarded streams so shutdown can drain them.
+#[derive(Default)]
+struct Activity {
+    streams: AtomicUsize,
+    idle: Notify,
+}
+
+struct StreamGuard(Arc<Activity>);
+impl StreamGuard {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.streams.fetch_add(1, Ordering::SeqCst);
+        Self(a.clone())
+    }
+}
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+struct Shared {
+    cfg: AgentConfig,
+    identity: TlsIdentity,
+    audit: Audit,
+    hello: Hello,
+    pump: PumpOptions,
+    activity: Arc<Activity>,
+    /// Target: the connection local clients are forwarded over.
+    current: watch::Sender<Option<PeerConn>>,
+    next_session: AtomicU64,
+    shutting_down: watch::Sender<bool>,
+}
+
+#[derive(Clone)]
+struct PeerConn {
+    conn: quinn::Connection,
+    peer: Arc<PeerIdentity>,
+}
+
+/// Runs an agent until `shutdown` resolves, then drains and stops.
+pub async fn run_agent(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    opts: RunOptions,
+) -> Result<()> {
+    let policy_base = Policy {
+        migration: "pending".parse().expect("valid placeholder"),
+        local_role: cfg.role,
+        allowed_regions: cfg.allowed_regions.clone(),
+        revoked: crate::identity::RevocationList::empty(),
+    };
+    let identity = TlsIdentity::load(
+        &cfg.ca,
+        &cfg.cert,
+        &cfg.key,
+        cfg.revocation_list.as_deref(),
+        policy_base,
+    )?;
+    let own = identity.own.clone();
+    info!(
+        "certificate {}: role {}, region {}, migration {}, fingerprint {}",
+        cfg.cert.display(),
+        own.role,
+        own.region,
+        own.migration,
+        own.fingerprint
+    );
+
+    let signer = CheckpointSigner::new(&identity.key_pkcs8, &identity.cert)
+        .context("preparing the audit checkpoint signer")?;
+    let log = AuditLog::open(&cfg.audit_log, signer)
+        .with_context(|| format!("opening audit log {}", cfg.audit_log.display()))?;
+    let audit = Audit(Arc::new(Mutex::new(log)));
+
+    // Target: bind local endpoints before anything else, so a port in use fails the start.
+    let mut listeners = Vec::new();
+    if cfg.role == Role::Target {
+        for s in &cfg.services {
+            listeners.push((s.clone(), bind_local(&s.endpoint).await?));
+        }
+    }
+
+    let transport_desc = match &cfg.transport {
+        Transport::Listen(a) => json!({"listen": a.to_string()}),
+        Transport::Connect { addr, server_name } => {
+            json!({"connect": addr, "server_name": server_name})
+        }
+    };
+    use base64::Engine as _;
+    audit.record(
+        "agent_started",
+        json!({
+            "role": own.role.to_string(),
+            "region": own.region.to_string(),
+            "migration": own.migration.to_string(),
+            "fingerprint": own.fingerprint.to_string(),
+            "certificate": base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
+            "not_after": own.not_after.unix_timestamp(),
+            "version": crate::AGENT_VERSION,
+            "protocol_version": PROTOCOL_VERSION,
+            "transport": transport_desc,
+            "allowed_regions": cfg.allowed_regions.to_string(),
+            "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
+            "compression_level": cfg.compression_level,
+            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
+        }),
+    );
+
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: crate::AGENT_VERSION.into(),
+        migration: own.migration.to_string(),
+        role: cfg.role,
+        capabilities: vec!["zstd".into(), "blake3".into()],
+    };
+    let session_base = {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 8];
+        ring::rand::SystemRandom::new()
+            .fill(&mut b)
+            .map_err(|_| anyhow!("system random generator failed"))?;
+        // Top bits random, low 20 bits count: ids are unique per run and across runs.
+        u64::from_be_bytes(b) & !0xF_FFFF
+    };
+    let shared = Arc::new(Shared {
+        pump: PumpOptions {
+            compression_level: cfg.compression_level,
+            #[cfg(feature = "test-hooks")]
+            fault: opts.fault.clone(),
+        },
+        cfg,
+        identity,
+        audit: audit.clone(),
+        hello,
+        activity: Arc::new(Activity::default()),
+        current: watch::channel(None).0,
+        next_session: AtomicU64::new(session_base),
+        shutting_down: watch::channel(false).0,
+    });
+
+    let endpoint = make_endpoint(&shared)?;
+    let local_addr = endpoint.local_addr()?;
+    match &shared.cfg.transport {
+        Transport::Listen(_) => info!("listening on {local_addr} (udp)"),
+        Transport::Connect { addr, .. } => info!("dialing {addr} from {local_addr} (udp)"),
+    }
+    if let Some(tx) = opts.ready {
+        let _ = tx.send(local_addr);
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (service, l) in listeners {
+        let sh = shared.clone();
+        tasks.spawn(async move { serve_local(sh, service, l).await });
+    }
+    {
+        let sh = shared.clone();
+        let ep = endpoint.clone();
+        match sh.cfg.transport.clone() {
+            Transport::Listen(_) => tasks.spawn(async move { accept_loop(sh, ep).await }),
+            Transport::Connect { addr, server_name } => {
+                tasks.spawn(async move { dial_loop(sh, ep, addr, server_name).await })
+            }
+        };
+    }
+
+    shutdown.await;
+    info!(
+        "shutting down: no new connections; draining {} forwarded connection(s) for up to {} s",
+        shared.activity.streams.load(Ordering::SeqCst),
+        shared.cfg.drain_timeout.as_secs()
+    );
+    let _ = shared.shutting_down.send(true);
+    let drained = tokio::time::timeout(shared.cfg.drain_timeout, async {
+        loop {
+            let notified = shared.activity.idle.notified();
+            if shared.activity.streams.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            notified.await;
+        }
+    })
+    .await
+    .is_ok();
+    let left = shared.activity.streams.load(Ordering::SeqCst);
+    if !drained {
+        warn!("drain timeout: closing {left} forwarded connection(s) that are still open");
+    }
+    tasks.abort_all();
+    endpoint.close(0u32.into(), b"agent shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    while tasks.join_next().await.is_some() {}
+    for s in &shared.cfg.services {
+        if let Endpoint::Unix(p) = &s.endpoint {
+            if shared.cfg.role == Role::Target {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    audit.record(
+        "agent_stopped",
+        json!({"drained": drained, "streams_cut": if drained { 0 } else { left }}),
+    );
+    audit.checkpoint();
+    info!("stopped");
+    Ok(())
+}
+
+fn transport_config(cfg: &AgentConfig) -> Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(cfg.keep_alive));
+    t.max_idle_timeout(Some(cfg.idle_timeout.try_into()?));
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Windows sized for a ~100 ms × 1 Gbit/s path; quinn's defaults target much smaller links.
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    Ok(t)
+}
+
+fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
+    let transport = Arc::new(transport_config(&shared.cfg)?);
+    let bind: SocketAddr = match &shared.cfg.transport {
+        Transport::Listen(a) => *a,
+        Transport::Connect { addr, .. } => {
+            let remote = addr
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {addr}"))?
+                .next()
+                .with_context(|| format!("{addr} resolves to no address"))?;
+            if remote.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            }
+        }
+    };
+    let socket = std::net::UdpSocket::bind(bind)
+        .with_context(|| format!("binding UDP {bind} (is another agent running?)"))?;
+    {
+        // Larger kernel buffers absorb bursts at high bandwidth-delay products.
+        let s = socket2::SockRef::from(&socket);
+        let _ = s.set_recv_buffer_size(8 << 20);
+        let _ = s.set_send_buffer_size(8 << 20);
+    }
+    let server = match &shared.cfg.transport {
+        Transport::Listen(_) => {
+            let mut sc = shared.identity.server_config(&RefusalSlot::new())?;
+            sc.transport_config(transport.clone());
+            Some(sc)
+        }
+        Transport::Connect { .. } => None,
+    };
+    let mut ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    if let Transport::Connect { .. } = &shared.cfg.transport {
+        let mut cc = shared.identity.client_config(&RefusalSlot::new())?;
+        cc.transport_config(transport);
+        ep.set_default_client_config(cc);
+    }
+    Ok(ep)
+}
+
+async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = stop.changed() => return,
+        };
+        let remote = incoming.remote_address();
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            warn!("refusing connection from {remote}: {MAX_PEER_CONNECTIONS} peer connections already open");
+            incoming.refuse();
+            continue;
+        };
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let slot = RefusalSlot::new();
+            let cfg = match sh.identity.server_config(&slot) {
+                Ok(mut c) => {
+                    if let Ok(t) = transport_config(&sh.cfg) {
+                        c.transport_config(Arc::new(t));
+                    }
+                    c
+                }
+                Err(e) => {
+                    error!("TLS configuration: {e:#}");
+                    return;
+                }
+            };
+            let connecting = match incoming.accept_with(Arc::new(cfg)) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("connection from {remote} failed: {e}");
+                    return;
+                }
+            };
+            match connecting.await {
+                Ok(conn) => serve_connection(sh, conn, false).await,
+                Err(e) => handshake_failed(&sh, remote, &slot, &e),
+            }
+        });
+    }
+}
+
+async fn dial_loop(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    addr: String,
+    server_name: String,
+) {
+    let mut backoff = Duration::from_millis(500);
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        match dial_once(&shared, &endpoint, &addr, &server_name).await {
+            Ok(()) => {}
+            Err(e) => warn!("connecting to {addr}: {e:#}"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(500);
+        }
+        info!("reconnecting to {addr} in {} ms", backoff.as_millis());
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn dial_once(
+    shared: &Arc<Shared>,
+    endpoint: &quinn::Endpoint,
+    addr: &str,
+    server_name: &str,
+) -> Result<()> {
+    let remote = addr
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))?;
+    let slot = RefusalSlot::new();
+    let mut cc = shared.identity.client_config(&slot)?;
+    cc.transport_config(Arc::new(transport_config(&shared.cfg)?));
+    let connecting = endpoint.connect_with(cc, remote, server_name)?;
+    match connecting.await {
+        Ok(conn) => {
+            serve_connection(shared.clone(), conn, true).await;
+            Ok(())
+        }
+        Err(e) => {
+            handshake_failed(shared, remote, &slot, &e);
+            Err(anyhow!("handshake failed"))
+        }
+    }
+}
+
+/// Reports a failed handshake: our verifier's refusal if it made one, else the classified error.
+fn handshake_failed(
+    shared: &Shared,
+    remote: SocketAddr,
+    slot: &RefusalSlot,
+    e: &quinn::ConnectionError,
+) {
+    match slot.take() {
+        Some(r) => {
+            let fp = r
+                .fingerprint
+                .as_ref()
+                .map_or_else(|| "none".to_string(), |f| f.to_string());
+            warn!(
+                "refused peer {remote}: check {}, certificate {fp}: {}",
+                r.check.as_str(),
+                r.reason
+            );
+            shared.audit.record(
+                "handshake_refused",
+                json!({"address": remote.to_string(), "check": r.check.as_str(), "fingerprint": fp, "reason": r.reason}),
+            );
+        }
+        None => {
+            let r = tls::classify_handshake_error(e);
+            if r.check == crate::identity::Check::NoCertificate {
+                warn!(
+                    "refused peer {remote}: check {}, certificate none: {}",
+                    r.check.as_str(),
+                    r.reason
+                );
+                shared.audit.record(
+                    "handshake_refused",
+                    json!({"address": remote.to_string(), "check": r.check.as_str(), "fingerprint": "none", "reason": r.reason}),
+                );
+            } else {
+                warn!("handshake with {remote} failed: {}", r.reason);
+                shared.audit.record(
+                    "handshake_failed",
+                    json!({"address": remote.to_string(), "reason": r.reason}),
+                );
+            }
+        }
+    }
+}
+
+fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
+    let certs = conn
+        .peer_identity()
+        .context("peer presented no certificate")?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow!("unexpected peer identity type"))?;
+    let leaf = certs.first().context("peer presented no certificate")?;
+    Ok(PeerIdentity::from_der(leaf)?)
+}
+
+async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: bool) {
+    let remote = conn.remote_address();
+    let peer = match peer_identity(&conn) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            // Cannot happen after our verifier accepted the certificate; refuse anyway.
+            error!("peer {remote}: {e:#}");
+            conn.close(1u32.into(), b"identity");
+            return;
+        }
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .map(|p| String::from_utf8_lossy(&p).into_owned());
+
+    // The Hello exchange: version, migration and role as the peer itself announces them.
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&shared, &conn, dialed)).await;
+    let control = match hello {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let reason = format!("{e:#}");
+            warn!("refused peer {remote}: check hello, certificate {}: {reason}", peer.fingerprint);
+            shared.audit.record(
+                "handshake_refused",
+                json!({"address": remote.to_string(), "check": "hello", "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
+            );
+            conn.close(2u32.into(), b"hello refused");
+            return;
+        }
+        Err(_) => {
+            warn!("peer {remote}: no Hello within {} s", HELLO_TIMEOUT.as_secs());
+            conn.close(2u32.into(), b"hello timeout");
+            return;
+        }
+    };
+
+    info!(
+        "tunnel up with {remote}: peer {} {} (migration {}, certificate {})",
+        peer.role, peer.region, peer.migration, peer.fingerprint
+    );
+    shared.audit.record(
+        "handshake_accepted",
+        json!({
+            "address": remote.to_string(),
+            "dialed": dialed,
+            "peer": {
+                "fingerprint": peer.fingerprint.to_string(),
+                "role": peer.role.to_string(),
+                "region": peer.region.to_string(),
+                "migration": peer.migration.to_string(),
+                "subject": peer.subject,
+                "not_after": peer.not_after.unix_timestamp(),
+            },
+            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP, "alpn": alpn},
+        }),
+    );
+    let started = Instant::now();
+    let pc = PeerConn {
+        conn: conn.clone(),
+        peer: peer.clone(),
+    };
+    let stats = Arc::new(ConnStats::default());
+    if shared.cfg.role == Role::Target {
+        shared.current.send_replace(Some(pc.clone()));
+    }
+    // Keep the control stream open for the connection's lifetime (the migration adds requests).
+    let _control = control;
+    let reason = match shared.cfg.role {
+        Role::Source => accept_data_streams(&shared, &pc, &stats).await,
+        Role::Target => {
+            // Any stream the source opens is a protocol violation: we never serve it.
+            loop {
+                match conn.accept_bi().await {
+                    Ok((mut s, mut r)) => {
+                        warn!("peer {remote} opened a stream; only the target opens data streams");
+                        let _ = s.reset(pump::codes::PROTOCOL.into());
+                        let _ = r.stop(pump::codes::PROTOCOL.into());
+                    }
+                    Err(e) => break e.to_string(),
+                }
+            }
+        }
+    };
+    if shared.cfg.role == Role::Target {
+        shared.current.send_if_modified(|c| match c {
+            Some(cur) if cur.conn.stable_id() == conn.stable_id() => {
+                *c = None;
+                true
+            }
+            _ => false,
+        });
+    }
+    let qs = conn.stats();
+    info!("tunnel with {remote} closed: {reason}");
+    shared.audit.record(
+        "session_ended",
+        json!({
+            "address": remote.to_string(),
+            "peer_fingerprint": peer.fingerprint.to_string(),
+            "reason": reason,
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "streams": stats.streams.load(Ordering::SeqCst),
+            "udp_bytes_sent": qs.udp_tx.bytes,
+            "udp_bytes_received": qs.udp_rx.bytes,
+        }),
+    );
+    shared.audit.checkpoint();
+}
+
+#[derive(Default)]
+struct ConnStats {
+    streams: AtomicU64,
+}
+
+async fn exchange_hello(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    dialed: bool,
+) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+    let mut buf = BytesMut::new();
+    if dialed {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[StreamKind::Control as u8]);
+        control::encode_message(&ControlMessage::Hello(shared.hello.clone()), &mut out);
+        send.write_all(&out).await?;
+        let answer = pump::read_until(
+            &mut recv,
+            &mut buf,
+            MAX_CONTROL_MESSAGE + 4,
+            control::decode_message,
+        )
+        .await?;
+        match answer {
+            ControlMessage::HelloAck(h) => {
+                shared.hello.check_peer(&h).map_err(|e| anyhow!(e))?;
+                Ok((send, recv))
+            }
+            ControlMessage::Refuse { reason } => bail!("peer refused us: {reason}"),
+            other => bail!("unexpected control message {other:?}"),
+        }
+    } else {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let tag = pump::read_until(&mut recv, &mut buf, 1, |b: &mut BytesMut| {
+            if b.is_empty() {
+                Ok::<_, String>(None)
+            } else {
+                Ok(Some(bytes::Buf::get_u8(b)))
+            }
+        })
+        .await?;
+        if StreamKind::from_tag(tag) != Some(StreamKind::Control) {
+            bail!("first stream is not the control stream (tag {tag})");
+        }
+        let msg = pump::read_until(
+            &mut recv,
+            &mut buf,
+            MAX_CONTROL_MESSAGE + 4,
+            control::decode_message,
+        )
+        .await?;
+        let ControlMessage::Hello(h) = msg else {
+            bail!("expected Hello, got {msg:?}");
+        };
+        let mut out = BytesMut::new();
+        if let Err(reason) = shared.hello.check_peer(&h) {
+            control::encode_message(
+                &ControlMessage::Refuse {
+                    reason: reason.clone(),
+                },
+                &mut out,
+            );
+            let _ = send.write_all(&out).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            bail!(reason);
+        }
+        control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out);
+        send.write_all(&out).await?;
+        Ok((send, recv))
+    }
+}
+
+/// Source side: every bidirectional stream after the control stream is a forwarded connection.
+async fn accept_data_streams(shared: &Arc<Shared>, pc: &PeerConn, stats: &Arc<ConnStats>) -> String {
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        let (send, recv) = tokio::select! {
+            s = pc.conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => return e.to_string(),
+            },
+            _ = stop.changed() => {
+                // Stop taking new streams; running ones drain, then the endpoint closes.
+                return pc.conn.closed().await.to_string();
+            }
+        };
+        stats.streams.fetch_add(1, Ordering::SeqCst);
+        let sh = shared.clone();
+        let pc = pc.clone();
+        let guard = StreamGuard::new(&shared.activity);
+        tokio::spawn(async move {
+            let _guard = guard;
+            source_stream(sh, pc, send, recv).await;
+        });
+    }
+}
+
+async fn source_stream(
+    shared: Arc<Shared>,
+    pc: PeerConn,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let remote = pc.conn.remote_address();
+    let mut buf = BytesMut::new();
+    let header = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let tag = pump::read_until(&mut recv, &mut buf, 1, |b: &mut BytesMut| {
+            if b.is_empty() {
+                Ok::<_, String>(None)
+            } else {
+                Ok(Some(bytes::Buf::get_u8(b)))
+            }
+        })
+        .await?;
+        if StreamKind::from_tag(tag) != Some(StreamKind::Data) {
+            bail!("stream tag {tag} is not a data stream");
+        }
+        pump::read_until(&mut recv, &mut buf, 128, StreamHeader::decode).await
+    })
+    .await;
+    let header = match header {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            warn!("peer {remote}: bad data stream: {e:#}");
+            let _ = send.reset(pump::codes::PROTOCOL.into());
+            let _ = recv.stop(pump::codes::PROTOCOL.into());
+            return;
+        }
+        Err(_) => {
+            let _ = send.reset(pump::codes::PROTOCOL.into());
+            let _ = recv.stop(pump::codes::PROTOCOL.into());
+            return;
+        }
+    };
+    let session = format!("{:016x}", header.session_id);
+    let Some(service) = shared.cfg.services.iter().find(|s| s.name == header.service) else {
+        let msg = format!("service {:?} is not configured on the source agent", header.service);
+        warn!("session {session}: {msg}");
+        shared.audit.record(
+            "stream_refused",
+            json!({"session_id": session, "service": header.service, "reason": msg}),
+        );
+        pump::send_reset(&mut send, 0, ResetCode::Refused, &msg).await;
+        let _ = recv.stop(pump::codes::PROTOCOL.into());
+        return;
+    };
+    shared.audit.record(
+        "stream_opened",
+        json!({"session_id": session, "service": service.name, "upstream": service.endpoint.to_string(), "peer_fingerprint": pc.peer.fingerprint.to_string()}),
+    );
+    let local = match connect_upstream(&service.endpoint).await {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("connecting to upstream {} of service {}: {e:#}", service.endpoint, service.name);
+            warn!("session {session}: {msg}");
+            pump::send_reset(&mut send, 0, ResetCode::UpstreamConnectFailed, &msg).await;
+            let _ = recv.stop(pump::codes::LOCAL.into());
+            let report = StreamReport {
+                outcome: Outcome::LocalError(msg),
+                sent: DirectionStats::default(),
+                received: DirectionStats::default(),
+                started: Instant::now(),
+            };
+            record_closed(&shared, &session, &service.name, &report);
+            return;
+        }
+    };
+    let report = pump::pump(local, send, recv, buf, &shared.pump).await;
+    record_closed(&shared, &session, &service.name, &report);
+}
+
+async fn connect_upstream(ep: &Endpoint) -> Result<LocalConn> {
+    let fut = async {
+        Ok::<_, anyhow::Error>(match ep {
+            Endpoint::Tcp(a) => LocalConn::tcp(tokio::net::TcpStream::connect(a.as_str()).await?),
+            Endpoint::Unix(p) => LocalConn::unix(tokio::net::UnixStream::connect(p).await?),
+        })
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, fut)
+        .await
+        .map_err(|_| anyhow!("timed out after {} s", UPSTREAM_TIMEOUT.as_secs()))?
+}
+
+fn direction_json(d: &DirectionStats) -> Value {
+    json!({
+        "raw_bytes": d.raw_bytes,
+        "wire_bytes": d.wire_bytes,
+        "chunks": d.chunks,
+        "digest": hex::encode(d.digest()),
+    })
+}
+
+fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport) {
+    let duration_ms = r.started.elapsed().as_millis() as u64;
+    match &r.outcome {
+        Outcome::Ok => info!(
+            "session {session} ({service}) closed: sent {} B ({} B on the wire), received {} B ({} B on the wire), {duration_ms} ms",
+            r.sent.raw_bytes, r.sent.wire_bytes, r.received.raw_bytes, r.received.wire_bytes
+        ),
+        Outcome::IntegrityFailure(m) => {
+            error!("session {session} ({service}): INTEGRITY FAILURE, stream reset, nothing of the bad chunk delivered: {m}");
+            shared.audit.record(
+                "integrity_failure",
+                json!({"session_id": session, "service": service, "reason": m, "delivered_chunks": r.received.chunks, "delivered_bytes": r.received.raw_bytes}),
+            );
+        }
+        o => warn!(
+            "session {session} ({service}) closed with {}: {}",
+            o.label(),
+            o.detail()
+        ),
+    }
+    shared.audit.record(
+        "stream_closed",
+        json!({
+            "session_id": session,
+            "service": service,
+            "outcome": r.outcome.label(),
+            "detail": r.outcome.detail(),
+            "duration_ms": duration_ms,
+            "sent": direction_json(&r.sent),
+            "received": direction_json(&r.received),
+        }),
+    );
+}
+
+enum LocalListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn bind_local(ep: &Endpoint) -> Result<LocalListener> {
+    match ep {
+        Endpoint::Tcp(a) => {
+            let l = tokio::net::TcpListener::bind(a.as_str())
+                .await
+                .with_context(|| format!("binding local endpoint {a} (is the port in use?)"))?;
+            info!("local endpoint {} (tcp)", l.local_addr()?);
+            Ok(LocalListener::Tcp(l))
+        }
+        Endpoint::Unix(p) => {
+            if p.exists() {
+                // A stale socket from a killed agent: remove it only if nobody answers on it.
+                if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                    bail!("unix socket {} is in use by another process", p.display());
+                }
+                std::fs::remove_file(p)
+                    .with_context(|| format!("removing stale socket {}", p.display()))?;
+            }
+            let l = tokio::net::UnixListener::bind(p)
+                .with_context(|| format!("binding local endpoint unix:{}", p.display()))?;
+            info!("local endpoint unix:{}", p.display());
+            Ok(LocalListener::Unix(l))
+        }
+    }
+}
+
+async fn serve_local(shared: Arc<Shared>, service: Service, listener: LocalListener) {
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        let (local, peer_desc) = tokio::select! {
+            r = async {
+                match &listener {
+                    LocalListener::Tcp(l) => l.accept().await.map(|(s, a)| (LocalConn::tcp(s), a.to_string())),
+                    LocalListener::Unix(l) => l.accept().await.map(|(s, _)| (LocalConn::unix(s), "unix".to_string())),
+                }
+            } => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accepting on {}: {e}", service.endpoint);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let sh = shared.clone();
+        let service = service.clone();
+        let guard = StreamGuard::new(&shared.activity);
+        tokio::spawn(async move {
+            let _guard = guard;
+            target_stream(sh, service, local, peer_desc).await;
+        });
+    }
+}
+
+async fn target_stream(shared: Arc<Shared>, service: Service, local: LocalConn, client: String) {
+    let session_id = shared.next_session.fetch_add(1, Ordering::SeqCst);
+    let session = format!("{session_id:016x}");
+    // Wait (bounded) for the tunnel: a client arriving during a reconnect is not refused at once.
+    let mut rx = shared.current.subscribe();
+    let pc = match tokio::time::timeout(TUNNEL_WAIT, rx.wait_for(|c| c.is_some())).await {
+        Ok(Ok(c)) => c.clone().expect("checked"),
+        _ => {
+            warn!(
+                "session {session}: closing client {client} of {}: tunnel to the source is not connected",
+                service.name
+            );
+            local.abort();
+            return;
+        }
+    };
+    let opened = async {
+        let (mut send, recv) = pc.conn.open_bi().await?;
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[StreamKind::Data as u8]);
+        StreamHeader {
+            session_id,
+            service: service.name.clone(),
+        }
+        .encode(&mut out);
+        send.write_all(&out).await?;
+        Ok::<_, anyhow::Error>((send, recv))
+    }
+    .await;
+    let (send, recv) = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("session {session}: opening a stream for {client}: {e:#}");
+            local.abort();
+            return;
+        }
+    };
+    shared.audit.record(
+        "stream_opened",
+        json!({"session_id": session, "service": service.name, "client": client, "peer_fingerprint": pc.peer.fingerprint.to_string()}),
+    );
+    let report = pump::pump(local, send, recv, BytesMut::new(), &shared.pump).await;
+    if let Outcome::PeerReset { code, message } = &report.outcome {
+        warn!("session {session}: source reset the connection ({code:?}): {message}");
+    }
+    record_closed(&shared, &session, &service.name, &report);
+}

@@ -1,0 +1,280 @@
+//! Command-line surface shared by `pgferry-source` and `pgferry-target`: the `run` flags, the
+//! `audit` subcommands, logging set-up and signal handling. The binaries' `main.rs` only pick
+//! their role and call [`agent_main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use super::agent::{run_agent, RunOptions};
+use super::config::{AgentConfig, ConfigFile, Overrides};
+use crate::audit::{self, VerifyOptions};
+use crate::identity::Role;
+
+/// Flags of `run`. Each overrides the same setting in the config file.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML configuration file (see README "Configuration reference"). Relative paths in it are
+    /// resolved against the file's directory.
+    #[arg(short, long, env = "PGFERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen for the peer on this UDP address, e.g. 0.0.0.0:7443.
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<String>,
+    /// Dial the peer at this address, e.g. db-new.example:7443.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: Option<String>,
+    /// Name expected in the listening peer's certificate (default: the host of --connect).
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// CA certificate (PEM) made by `pgferry-certs init`.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate (PEM) made by `pgferry-certs issue`.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// This agent's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Revocation list written by `pgferry-certs revoke`; re-read at every handshake.
+    #[arg(long, value_name = "FILE")]
+    pub revocation_list: Option<PathBuf>,
+    /// Regions (ISO 3166 alpha-2) peers may be in, comma-separated. Default: the 30 EEA countries.
+    #[arg(long, value_delimiter = ',', value_name = "CC,CC,…")]
+    pub allowed_regions: Option<Vec<String>>,
+    /// Audit log file (JSON lines, appended; verify with `audit verify`).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+    /// zstd level for chunks sent by this agent (1–19; default 3).
+    #[arg(long, allow_negative_numbers = true)]
+    pub compression_level: Option<i32>,
+    /// QUIC keep-alive interval in seconds (default 5).
+    #[arg(long)]
+    pub keep_alive_secs: Option<u64>,
+    /// Close the tunnel after this many seconds without traffic from the peer (default 30).
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
+    /// On SIGTERM, wait this long for forwarded connections to finish (default 30).
+    #[arg(long)]
+    pub drain_timeout_secs: Option<u64>,
+    /// Source only: address of PostgreSQL for the `postgres` service (host:port or unix:/path;
+    /// default 127.0.0.1:5432).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub upstream: Option<String>,
+    /// Target only: local endpoint clients connect to for the `postgres` service (host:port or
+    /// unix:/path; default 127.0.0.1:5433).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub local: Option<String>,
+}
+
+/// `audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check a log's hash chain and signed checkpoints; exit 0, or 1 naming the first bad line.
+    Verify {
+        /// The audit log to check.
+        log: PathBuf,
+        /// The other agent's log: the digests of every stream both logs record must agree.
+        #[arg(long, value_name = "OTHER_LOG")]
+        peer: Option<PathBuf>,
+        /// Also check that the certificates embedded in the log were issued by this CA.
+        #[arg(long, value_name = "CA_PEM")]
+        ca: Option<PathBuf>,
+        /// Accept records after the last checkpoint (a log the agent is still writing).
+        #[arg(long)]
+        allow_open: bool,
+    },
+    /// Render a log for an auditor: who, when, what, where, how.
+    Report {
+        /// The audit log to render (it is verified first).
+        log: PathBuf,
+    },
+}
+
+/// Top-level CLI of an agent binary.
+#[derive(Debug, Parser)]
+pub struct AgentCli {
+    #[command(subcommand)]
+    command: AgentCommand,
+    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
+    #[arg(long, global = true, env = "PGFERRY_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Run the agent: tunnel, forwarding and audit log, until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Runs an agent binary for `role`; returns the process exit code.
+pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
+    init_logging(&cli.log);
+    let result = match cli.command {
+        AgentCommand::Run(args) => run(role, args).map(|()| ExitCode::SUCCESS),
+        AgentCommand::Audit(cmd) => audit_command(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgferry-{role}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Resolves `run` flags and the config file into an [`AgentConfig`].
+pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p)?,
+        None => ConfigFile::default(),
+    };
+    let postgres_endpoint = match role {
+        Role::Source => {
+            if args.local.is_some() {
+                anyhow::bail!("--local is a target option; the source takes --upstream");
+            }
+            args.upstream
+        }
+        Role::Target => {
+            if args.upstream.is_some() {
+                anyhow::bail!("--upstream is a source option; the target takes --local");
+            }
+            args.local
+        }
+    };
+    let flags = Overrides {
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        revocation_list: args.revocation_list,
+        listen: args.listen,
+        connect: args.connect,
+        server_name: args.server_name,
+        keep_alive_secs: args.keep_alive_secs,
+        idle_timeout_secs: args.idle_timeout_secs,
+        drain_timeout_secs: args.drain_timeout_secs,
+        allowed_regions: args.allowed_regions,
+        audit_log: args.audit_log,
+        compression_level: args.compression_level,
+        postgres_endpoint,
+    };
+    let what = args
+        .config
+        .as_ref()
+        .map_or_else(|| "flags".to_string(), |p| p.display().to_string());
+    AgentConfig::resolve(role, file, flags).with_context(|| format!("configuration ({what})"))
+}
+
+fn run(role: Role, args: RunArgs) -> Result<()> {
+    let cfg = resolve_config(role, args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_agent(cfg, shutdown_signal(), RunOptions::default()))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify {
+            log,
+            peer,
+            ca,
+            allow_open,
+        } => {
+            let ca_der = match &ca {
+                Some(p) => Some(read_pem_cert(p)?),
+                None => None,
+            };
+            let opts = VerifyOptions {
+                allow_open,
+                ca_der,
+            };
+            let ours = match audit::verify_file(&log, &opts) {
+                Ok(v) => v,
+                Err(e) => {
+                    println!("{}: FAILED: {e}", log.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            println!(
+                "{}: OK: {} records, {} checkpoints, {} streams",
+                log.display(),
+                ours.records,
+                ours.checkpoints,
+                ours.sessions.len()
+            );
+            if let Some(peer_path) = peer {
+                let theirs = match audit::verify_file(&peer_path, &opts) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        println!("{}: FAILED: {e}", peer_path.display());
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
+                println!(
+                    "{}: OK: {} records, {} checkpoints, {} streams",
+                    peer_path.display(),
+                    theirs.records,
+                    theirs.checkpoints,
+                    theirs.sessions.len()
+                );
+                match audit::compare_peer(&ours, &theirs) {
+                    Ok(c) => println!("peer comparison: OK: {c}"),
+                    Err(m) => {
+                        println!("peer comparison: FAILED: {m}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Report { log } => match audit::render_report(&log) {
+            Ok(text) => {
+                print!("{text}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                println!("{}: FAILED: {e}", log.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+fn read_pem_cert(path: &std::path::Path) -> Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+        .with_context(|| format!("parsing certificate {}", path.display()))?;
+    Ok(der.to_vec())
+}

@@ -1,0 +1,553 @@
+//! Agent configuration: a TOML file plus command-line flags, resolved in two steps.
+//!
+//! [`ConfigFile`] is what the TOML says (everything optional, unknown keys rejected with the file
+//! and line); [`crate::runtime::cli::RunArgs`] are the flags. [`AgentConfig::resolve`] merges them
+//! (flags win), fills defaults, resolves relative paths against the config file's directory and
+//! validates everything an operator can get wrong *before* any socket is opened.
+//!
+//! ```toml
+//! [tls]
+//! ca = "certs/ca.pem"
+//! cert = "certs/source.pem"
+//! key = "certs/source.key"
+//! revocation_list = "certs/revoked.txt"   # optional; re-read at every handshake
+//!
+//! [network]
+//! listen = "0.0.0.0:7443"                 # or: connect = "new-host.example:7443"
+//! keep_alive_secs = 5
+//! idle_timeout_secs = 30
+//!
+//! [policy]
+//! allowed_regions = ["DE", "FR", "NL"]    # default: the 30 EEA countries
+//!
+//! [audit]
+//! log = "/var/log/pgferry/source.audit.jsonl"
+//!
+//! [compression]
+//! level = 3
+//!
+//! [[service]]                             # default: one service "postgres"
+//! name = "postgres"
+//! upstream = "127.0.0.1:5432"             # source side: where the service really listens
+//! local = "127.0.0.1:5433"                # target side: where clients connect
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::control::valid_service_name;
+use crate::identity::{Region, RegionSet, Role};
+
+/// Default zstd level: level 3 is zstd's own default and compresses our mixed sample data about
+/// as well as levels 5–6 at roughly twice their speed.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// QUIC keep-alive interval; well under common NAT UDP timeouts (30 s).
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 5;
+/// A connection silent for this long is considered lost.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+/// How long SIGTERM waits for forwarded connections to finish before closing them.
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// The PostgreSQL service forwarded when no `[[service]]` is configured.
+pub const DEFAULT_SERVICE: &str = "postgres";
+/// Default upstream of the `postgres` service on the source host.
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
+/// Default local endpoint of the `postgres` service on the target host.
+pub const DEFAULT_LOCAL: &str = "127.0.0.1:5433";
+
+/// The TOML file as written by the operator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `[tls]`
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// `[network]`
+    #[serde(default)]
+    pub network: NetworkSection,
+    /// `[policy]`
+    #[serde(default)]
+    pub policy: PolicySection,
+    /// `[audit]`
+    #[serde(default)]
+    pub audit: AuditSection,
+    /// `[compression]`
+    #[serde(default)]
+    pub compression: CompressionSection,
+    /// `[[service]]`
+    #[serde(default)]
+    pub service: Vec<ServiceSection>,
+}
+
+/// `[tls]`: certificate files.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// CA certificate (PEM) that both agents' certificates chain to.
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// This agent's private key (PEM, PKCS#8).
+    pub key: Option<PathBuf>,
+    /// Revoked fingerprints, one per line (`pgferry-certs revoke` writes it).
+    pub revocation_list: Option<PathBuf>,
+}
+
+/// `[network]`: who dials whom, and timers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// UDP address to listen on.
+    pub listen: Option<String>,
+    /// `host:port` to dial.
+    pub connect: Option<String>,
+    /// Name expected in the listening peer's certificate (default: host part of `connect`).
+    pub server_name: Option<String>,
+    /// QUIC keep-alive interval in seconds.
+    pub keep_alive_secs: Option<u64>,
+    /// Idle timeout in seconds.
+    pub idle_timeout_secs: Option<u64>,
+    /// How long a shutdown waits for open forwarded connections.
+    pub drain_timeout_secs: Option<u64>,
+}
+
+/// `[policy]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// ISO 3166 alpha-2 codes the peer (and this agent) may be in. Default: the EEA.
+    pub allowed_regions: Option<Vec<String>>,
+}
+
+/// `[audit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Path of the audit log (JSON lines, appended).
+    pub log: Option<PathBuf>,
+}
+
+/// `[compression]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSection {
+    /// zstd level 1–19 (negative "fast" levels down to -7 are accepted too).
+    pub level: Option<i32>,
+}
+
+/// One `[[service]]` entry.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Service name, used in stream headers and the audit log.
+    pub name: String,
+    /// Source side: where to connect (`host:port` or `unix:/path/to/socket`).
+    pub upstream: Option<String>,
+    /// Target side: where to accept client connections (`127.0.0.1:5433` or `unix:/path`).
+    pub local: Option<String>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a TOML file; errors name the file (and line, from the TOML parser).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading configuration {}", path.display()))?;
+        let mut cfg: ConfigFile = toml::from_str(&text)
+            .with_context(|| format!("parsing configuration {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.tls.ca,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+            &mut cfg.tls.revocation_list,
+            &mut cfg.audit.log,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Where a service is reached or offered: TCP or a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `host:port` (resolved when used, so DNS names work for upstreams).
+    Tcp(String),
+    /// `unix:/path/to/socket`
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    /// Parses `unix:/path` or `host:port`.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                bail!("unix socket path {path:?} must be absolute (write unix:/path/to/socket)");
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Self::Tcp(s.to_owned()))
+            }
+            _ => bail!("{s:?} is not host:port or unix:/path/to/socket"),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => f.write_str(a),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A resolved service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Name in stream headers and the audit log.
+    pub name: String,
+    /// Source: upstream to connect to. Target: local endpoints to accept on.
+    pub endpoint: Endpoint,
+}
+
+/// Who dials.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Listen for the peer on this UDP address.
+    Listen(SocketAddr),
+    /// Dial `addr` (host:port), expecting `server_name` in the peer's certificate.
+    Connect {
+        /// `host:port` as configured.
+        addr: String,
+        /// Name checked against the peer certificate's DNS/IP SANs.
+        server_name: String,
+    },
+}
+
+/// Everything an agent needs, validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This agent's role (fixed by the binary; its certificate must say the same).
+    pub role: Role,
+    /// CA certificate path.
+    pub ca: PathBuf,
+    /// Own certificate path.
+    pub cert: PathBuf,
+    /// Own key path.
+    pub key: PathBuf,
+    /// Revocation list, re-read at each handshake.
+    pub revocation_list: Option<PathBuf>,
+    /// Listen or connect.
+    pub transport: Transport,
+    /// QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Shutdown drain limit.
+    pub drain_timeout: Duration,
+    /// Allowed regions for the peer and for ourselves.
+    pub allowed_regions: RegionSet,
+    /// Audit log path.
+    pub audit_log: PathBuf,
+    /// zstd level.
+    pub compression_level: i32,
+    /// Forwarded services.
+    pub services: Vec<Service>,
+}
+
+/// Flag values that override the file (all optional); filled from [`crate::runtime::cli::RunArgs`].
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--ca`
+    pub ca: Option<PathBuf>,
+    /// `--cert`
+    pub cert: Option<PathBuf>,
+    /// `--key`
+    pub key: Option<PathBuf>,
+    /// `--revocation-list`
+    pub revocation_list: Option<PathBuf>,
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--connect`
+    pub connect: Option<String>,
+    /// `--server-name`
+    pub server_name: Option<String>,
+    /// `--keep-alive-secs`
+    pub keep_alive_secs: Option<u64>,
+    /// `--idle-timeout-secs`
+    pub idle_timeout_secs: Option<u64>,
+    /// `--drain-timeout-secs`
+    pub drain_timeout_secs: Option<u64>,
+    /// `--allowed-regions`
+    pub allowed_regions: Option<Vec<String>>,
+    /// `--audit-log`
+    pub audit_log: Option<PathBuf>,
+    /// `--compression-level`
+    pub compression_level: Option<i32>,
+    /// `--upstream` (source) / `--local` (target) for the `postgres` service.
+    pub postgres_endpoint: Option<String>,
+}
+
+impl AgentConfig {
+    /// Merges file and flags (flags win), applies defaults and validates.
+    pub fn resolve(role: Role, file: ConfigFile, flags: Overrides) -> Result<Self> {
+        let need = |v: Option<PathBuf>, what: &str, flag: &str| -> Result<PathBuf> {
+            v.with_context(|| format!("no {what} configured: set `{flag}` or [tls] in the config file"))
+        };
+        let ca = need(flags.ca.or(file.tls.ca), "CA certificate", "--ca")?;
+        let cert = need(flags.cert.or(file.tls.cert), "certificate", "--cert")?;
+        let key = need(flags.key.or(file.tls.key), "private key", "--key")?;
+        let revocation_list = flags.revocation_list.or(file.tls.revocation_list);
+
+        let listen = flags.listen.or(file.network.listen);
+        let connect = flags.connect.or(file.network.connect);
+        let transport = match (listen, connect) {
+            (Some(_), Some(_)) => bail!(
+                "both `listen` and `connect` are set: one agent listens, the other dials (choose one)"
+            ),
+            (None, None) => bail!(
+                "neither `listen` nor `connect` is set: give `--listen 0.0.0.0:7443` on one agent and `--connect HOST:7443` on the other"
+            ),
+            (Some(l), None) => Transport::Listen(
+                l.parse()
+                    .with_context(|| format!("listen address {l:?} is not IP:port"))?,
+            ),
+            (None, Some(addr)) => {
+                let Endpoint::Tcp(_) = Endpoint::parse(&addr)
+                    .with_context(|| format!("connect address {addr:?}"))?
+                else {
+                    bail!("connect address {addr:?} must be host:port");
+                };
+                let server_name = match flags.server_name.or(file.network.server_name) {
+                    Some(n) => n,
+                    None => host_part(&addr).to_owned(),
+                };
+                Transport::Connect { addr, server_name }
+            }
+        };
+
+        let secs = |v: Option<u64>, d: u64, what: &str| -> Result<Duration> {
+            let v = v.unwrap_or(d);
+            if v == 0 || v > 3600 {
+                bail!("{what} must be between 1 and 3600 seconds, got {v}");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let keep_alive = secs(
+            flags.keep_alive_secs.or(file.network.keep_alive_secs),
+            DEFAULT_KEEP_ALIVE_SECS,
+            "keep_alive_secs",
+        )?;
+        let idle_timeout = secs(
+            flags.idle_timeout_secs.or(file.network.idle_timeout_secs),
+            DEFAULT_IDLE_TIMEOUT_SECS,
+            "idle_timeout_secs",
+        )?;
+        let drain_timeout = secs(
+            flags.drain_timeout_secs.or(file.network.drain_timeout_secs),
+            DEFAULT_DRAIN_TIMEOUT_SECS,
+            "drain_timeout_secs",
+        )?;
+        if keep_alive >= idle_timeout {
+            bail!(
+                "keep_alive_secs ({}) must be smaller than idle_timeout_secs ({}), or the connection times out between keep-alives",
+                keep_alive.as_secs(),
+                idle_timeout.as_secs()
+            );
+        }
+
+        let allowed_regions = match flags.allowed_regions.or(file.policy.allowed_regions) {
+            None => RegionSet::eea(),
+            Some(list) => {
+                let mut set = BTreeSet::new();
+                for code in &list {
+                    let r: Region = code.trim().parse().map_err(|e| {
+                        anyhow::anyhow!("allowed_regions: {code:?} is not an ISO 3166 alpha-2 country code: {e}")
+                    })?;
+                    set.insert(r);
+                }
+                if set.is_empty() {
+                    bail!("allowed_regions is empty: no peer could ever connect");
+                }
+                set.into_iter().collect()
+            }
+        };
+
+        let audit_log = flags.audit_log.or(file.audit.log).with_context(|| {
+            "no audit log configured: set `--audit-log PATH` or [audit] log in the config file"
+        })?;
+
+        let compression_level = flags
+            .compression_level
+            .or(file.compression.level)
+            .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
+        if !(-7..=19).contains(&compression_level) {
+            bail!("compression level {compression_level} is outside -7..=19");
+        }
+
+        let services = resolve_services(role, file.service, flags.postgres_endpoint)?;
+
+        Ok(Self {
+            role,
+            ca,
+            cert,
+            key,
+            revocation_list,
+            transport,
+            keep_alive,
+            idle_timeout,
+            drain_timeout,
+            allowed_regions,
+            audit_log,
+            compression_level,
+            services,
+        })
+    }
+}
+
+fn resolve_services(
+    role: Role,
+    sections: Vec<ServiceSection>,
+    postgres_override: Option<String>,
+) -> Result<Vec<Service>> {
+    let (key, default) = match role {
+        Role::Source => ("upstream", DEFAULT_UPSTREAM),
+        Role::Target => ("local", DEFAULT_LOCAL),
+    };
+    let mut sections = sections;
+    if !sections.iter().any(|s| s.name == DEFAULT_SERVICE) {
+        sections.insert(
+            0,
+            ServiceSection {
+                name: DEFAULT_SERVICE.into(),
+                ..Default::default()
+            },
+        );
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for s in sections {
+        if !valid_service_name(&s.name) {
+            bail!(
+                "service name {:?} is invalid: use 1–64 characters of letters, digits, '_', '-', '.'",
+                s.name
+            );
+        }
+        if !seen.insert(s.name.clone()) {
+            bail!("service {:?} is configured twice", s.name);
+        }
+        let raw = match role {
+            Role::Source => s.upstream.clone(),
+            Role::Target => s.local.clone(),
+        };
+        let raw = if s.name == DEFAULT_SERVICE {
+            postgres_override.clone().or(raw).unwrap_or_else(|| default.into())
+        } else {
+            raw.with_context(|| format!("service {:?} has no `{key}` address", s.name))?
+        };
+        let endpoint =
+            Endpoint::parse(&raw).with_context(|| format!("service {:?} `{key}`", s.name))?;
+        out.push(Service {
+            name: s.name,
+            endpoint,
+        });
+    }
+    Ok(out)
+}
+
+/// `host` of `host:port`, without IPv6 brackets.
+fn host_part(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Overrides {
+        Overrides {
+            ca: Some("ca.pem".into()),
+            cert: Some("c.pem".into()),
+            key: Some("c.key".into()),
+            listen: Some("127.0.0.1:0".into()),
+            audit_log: Some("a.log".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let file: ConfigFile = toml::from_str(
+            "[network]\nlisten = \"0.0.0.0:7443\"\nidle_timeout_secs = 60\n[compression]\nlevel = 5\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::resolve(Role::Source, file, minimal()).unwrap();
+        assert!(matches!(cfg.transport, Transport::Listen(a) if a.port() == 0));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.compression_level, 5);
+        assert_eq!(cfg.services.len(), 1);
+        assert_eq!(cfg.services[0].endpoint, Endpoint::Tcp(DEFAULT_UPSTREAM.into()));
+        assert!(cfg.allowed_regions.contains(&"DE".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_location() {
+        let err = toml::from_str::<ConfigFile>("[network]\nlistne = \"x\"\n").unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn listen_and_connect_are_exclusive() {
+        let mut f = minimal();
+        f.connect = Some("h:1".into());
+        let err = AgentConfig::resolve(Role::Target, ConfigFile::default(), f).unwrap_err();
+        assert!(err.to_string().contains("both"));
+    }
+
+    #[test]
+    fn services_resolve_per_role() {
+        let file: ConfigFile = toml::from_str(
+            "[[service]]\nname = \"mysql\"\nlocal = \"127.0.0.1:3307\"\nupstream = \"unix:/run/mysqld.sock\"\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::resolve(Role::Source, file, minimal()).unwrap();
+        assert_eq!(cfg.services[1].endpoint, Endpoint::Unix("/run/mysqld.sock".into()));
+        let file: ConfigFile =
+            toml::from_str("[[service]]\nname = \"mysql\"\nupstream = \"h:1\"\n").unwrap();
+        let err = AgentConfig::resolve(Role::Target, file, minimal()).unwrap_err();
+        assert!(format!("{err:#}").contains("local"));
+    }
+
+    #[test]
+    fn bad_region_is_named() {
+        let mut f = minimal();
+        f.allowed_regions = Some(vec!["DE".into(), "XX".into()]);
+        let err = AgentConfig::resolve(Role::Source, ConfigFile::default(), f).unwrap_err();
+        assert!(err.to_string().contains("XX"));
+    }
+
+    #[test]
+    fn server_name_defaults_to_connect_host() {
+        let mut f = minimal();
+        f.listen = None;
+        f.connect = Some("db-new.example:7443".into());
+        let cfg = AgentConfig::resolve(Role::Source, ConfigFile::default(), f).unwrap();
+        assert!(
+            matches!(cfg.transport, Transport::Connect { server_name, .. } if server_name == "db-new.example")
+        );
+    }
+}
