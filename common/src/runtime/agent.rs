@@ -868,6 +868,13 @@ async fn bind_local(ep: &Endpoint) -> Result<LocalListener> {
             }
             let l = tokio::net::UnixListener::bind(p)
                 .with_context(|| format!("binding local endpoint unix:{}", p.display()))?;
+            // Only this agent's user may connect (connecting needs write permission). Put the
+            // socket in a 0700 directory as well to close the window between bind and chmod.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("chmod 600 {}", p.display()))?;
+            }
             info!("local endpoint unix:{}", p.display());
             Ok(LocalListener::Unix(l))
         }

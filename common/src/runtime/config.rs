@@ -148,8 +148,26 @@ pub struct ServiceSection {
     pub name: String,
     /// Source side: where to connect (`host:port` or `unix:/path/to/socket`).
     pub upstream: Option<String>,
-    /// Target side: where to accept client connections (`127.0.0.1:5433` or `unix:/path`).
-    pub local: Option<String>,
+    /// Target side: where to accept client connections (`127.0.0.1:5433` or `unix:/path`),
+    /// or a list of them (`["127.0.0.1:5433", "unix:/run/pgferry/.s.PGSQL.5433"]`).
+    pub local: Option<OneOrMany>,
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 impl ConfigFile {
@@ -449,21 +467,29 @@ fn resolve_services(
         if !seen.insert(s.name.clone()) {
             bail!("service {:?} is configured twice", s.name);
         }
-        let raw = match role {
-            Role::Source => s.upstream.clone(),
-            Role::Target => s.local.clone(),
+        let raw: Option<Vec<String>> = match role {
+            Role::Source => s.upstream.clone().map(|u| vec![u]),
+            Role::Target => s.local.clone().map(OneOrMany::into_vec),
         };
         let raw = if s.name == DEFAULT_SERVICE {
-            postgres_override.clone().or(raw).unwrap_or_else(|| default.into())
+            match postgres_override.clone() {
+                Some(o) => vec![o],
+                None => raw.unwrap_or_else(|| vec![default.into()]),
+            }
         } else {
             raw.with_context(|| format!("service {:?} has no `{key}` address", s.name))?
         };
-        let endpoint =
-            Endpoint::parse(&raw).with_context(|| format!("service {:?} `{key}`", s.name))?;
-        out.push(Service {
-            name: s.name,
-            endpoint,
-        });
+        if raw.is_empty() {
+            bail!("service {:?} has an empty `{key}` list", s.name);
+        }
+        for r in raw {
+            let endpoint =
+                Endpoint::parse(&r).with_context(|| format!("service {:?} `{key}`", s.name))?;
+            out.push(Service {
+                name: s.name.clone(),
+                endpoint,
+            });
+        }
     }
     Ok(out)
 }
@@ -501,7 +527,7 @@ mod tests {
         assert_eq!(cfg.compression_level, 5);
         assert_eq!(cfg.services.len(), 1);
         assert_eq!(cfg.services[0].endpoint, Endpoint::Tcp(DEFAULT_UPSTREAM.into()));
-        assert!(cfg.allowed_regions.contains(&"DE".parse().unwrap()));
+        assert!(cfg.allowed_regions.contains("DE".parse().unwrap()));
     }
 
     #[test]
@@ -530,6 +556,23 @@ mod tests {
             toml::from_str("[[service]]\nname = \"mysql\"\nupstream = \"h:1\"\n").unwrap();
         let err = AgentConfig::resolve(Role::Target, file, minimal()).unwrap_err();
         assert!(format!("{err:#}").contains("local"));
+    }
+
+    #[test]
+    fn target_service_may_have_several_local_endpoints() {
+        let file: ConfigFile = toml::from_str(
+            "[[service]]\nname = \"postgres\"\nlocal = [\"127.0.0.1:6000\", \"unix:/tmp/x/.s.PGSQL.6000\"]\n",
+        )
+        .unwrap();
+        let cfg = AgentConfig::resolve(Role::Target, file, minimal()).unwrap();
+        let eps: Vec<_> = cfg.services.iter().map(|s| (s.name.as_str(), &s.endpoint)).collect();
+        assert_eq!(
+            eps,
+            vec![
+                ("postgres", &Endpoint::Tcp("127.0.0.1:6000".into())),
+                ("postgres", &Endpoint::Unix("/tmp/x/.s.PGSQL.6000".into())),
+            ]
+        );
     }
 
     #[test]
