@@ -45,13 +45,15 @@
 //! Detected, each naming the first line that reveals it: a modified, inserted, deleted or
 //! reordered line (hash, `prev` and `seq` break at that line); a line rewritten together with
 //! every hash after it (the next checkpoint's signature no longer matches); a log cut anywhere
-//! except just after a checkpoint (the last line is not a checkpoint); a checkpoint signed by
+//! except just after an `agent_stopped` checkpoint (the last line is not that checkpoint); a checkpoint signed by
 //! another key; with `--ca`, an `agent_started` certificate not issued by the migration's CA.
 //!
 //! Not detectable from one log alone:
-//! - A log cut exactly after a checkpoint looks like a complete log. Comparing with the peer's
-//!   log (streams present in only one log are counted) and looking for `agent_stopped` as the
-//!   last event before the final checkpoint narrow this down.
+//! - A closed log (verified without `--allow-open`) must end with `agent_stopped` and its
+//!   checkpoint, so a cut right after a session's checkpoint is detected too. A log that spans
+//!   several runs of the agent can still be cut right after an earlier run's final checkpoint
+//!   without a trace in that log alone: comparing with the peer's log (`--peer`: streams present
+//!   in only one log are reported) narrows this down.
 //! - The hashes are unkeyed: whoever can write the file can rewrite the records after the last
 //!   checkpoint, or remove them, together with their hashes. Only checkpoints (signed) pin the
 //!   past. An agent that crashes leaves such an unsigned tail; see `log_resumed` below.

@@ -148,6 +148,14 @@ fn closed() -> VerifyOptions {
     VerifyOptions::default()
 }
 
+/// For logs that end at a checkpoint without `agent_stopped` (the agent is still running).
+fn live() -> VerifyOptions {
+    VerifyOptions {
+        allow_open: true,
+        ca_der: None,
+    }
+}
+
 fn verify_lines(lines: &[String], opts: &VerifyOptions) -> Result<Verified, VerifyError> {
     let mut text = lines.join("\n");
     if !lines.is_empty() {
@@ -334,9 +342,15 @@ fn truncation_is_detected_unless_exactly_after_a_checkpoint() {
     let lines = read_lines(&path);
     for keep in 1..=lines.len() {
         let r = verify_lines(&lines[..keep], &closed());
-        if CHECKPOINT_LINES.contains(&keep) {
-            // Undetectable from the log alone (documented): the peer's log tells.
+        if keep == lines.len() {
             assert_eq!(r.unwrap().records, keep);
+        } else if CHECKPOINT_LINES.contains(&keep) {
+            // Cut right after a session's checkpoint: the chain is intact, but a closed log
+            // ends with agent_stopped and its checkpoint.
+            let e = r.unwrap_err();
+            assert_eq!(e.line, keep, "{e}");
+            assert!(e.reason.contains("agent_stopped"), "{e}");
+            assert_eq!(verify_lines(&lines[..keep], &live()).unwrap().records, keep);
         } else {
             let e = r.unwrap_err();
             let last_cp = CHECKPOINT_LINES.iter().copied().filter(|&c| c < keep).max();
@@ -514,7 +528,7 @@ fn reopening_continues_the_chain() {
             .unwrap();
         assert_eq!(log.checkpoint().unwrap(), 18);
     }
-    let v = verify_file(&path, &closed()).unwrap();
+    let v = verify_file(&path, &live()).unwrap();
     assert_eq!((v.records, v.checkpoints, v.sessions.len()), (19, 4, 4));
     assert!(v.resumes.is_empty());
     assert_eq!(v.agents.len(), 2);
@@ -542,7 +556,7 @@ fn reopening_after_a_crash_records_the_unsigned_tail() {
     let resumed = parse(&lines[11]);
     assert_eq!(resumed["event"], "log_resumed");
     assert_eq!(resumed["details"]["unsigned_records"], 3);
-    let v = verify_file(&path, &closed()).unwrap();
+    let v = verify_file(&path, &live()).unwrap();
     assert_eq!(
         v.resumes,
         vec![Resume {
@@ -610,7 +624,7 @@ fn a_new_log_is_created_with_its_directory_and_mode_0640() {
         // The umask may remove bits, never add them.
         assert_eq!(mode & 0o137, 0, "{mode:o}");
     }
-    verify_file(&path, &closed()).unwrap();
+    verify_file(&path, &live()).unwrap();
 }
 
 #[test]
@@ -649,7 +663,7 @@ fn the_writer_refuses_records_the_verifier_would_reject() {
     started.as_object_mut().unwrap().remove("certificate");
     log.append("agent_started", started).unwrap();
     log.checkpoint().unwrap();
-    let v = verify_file(log.path(), &closed()).unwrap();
+    let v = verify_file(log.path(), &live()).unwrap();
     assert_eq!(v.records, 2);
 }
 
@@ -861,5 +875,5 @@ fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
     wrong["fingerprint"] = "ab".repeat(32).into();
     assert!(log.append("agent_started", wrong).is_err());
     log.checkpoint().unwrap();
-    verify_file(log.path(), &closed()).unwrap();
+    verify_file(log.path(), &live()).unwrap();
 }

@@ -233,6 +233,10 @@ struct Verifier {
     agents: Vec<AgentInfo>,
     resumes: Vec<Resume>,
     integrity_failures: usize,
+    /// Event of the previous record (what a checkpoint signs).
+    prev_event: String,
+    /// Whether the last checkpoint so far signs an `agent_stopped` record.
+    closed_by_stop: bool,
 }
 
 const RECORD_KEYS: [&str; 6] = ["details", "event", "hash", "prev", "seq", "time"];
@@ -259,6 +263,8 @@ impl Verifier {
             agents: Vec::new(),
             resumes: Vec::new(),
             integrity_failures: 0,
+            prev_event: String::new(),
+            closed_by_stop: false,
         })
     }
 
@@ -364,12 +370,14 @@ impl Verifier {
         }
 
         if event == events::CHECKPOINT {
+            self.closed_by_stop = self.prev_event == events::AGENT_STOPPED;
             self.since_checkpoint = 0;
             self.last_checkpoint = Some((line, seq));
         } else {
             self.since_checkpoint += 1;
         }
         self.next_seq += 1;
+        self.prev_event.clone_from(&event);
         self.last_hash = hash;
         self.first_time.get_or_insert(time);
         self.last_time = Some(time);
@@ -484,6 +492,18 @@ impl Verifier {
                     format!("{records} {are} not signed (the log has no checkpoint): {how}"),
                 ),
             });
+        }
+        if !self.allow_open && !self.closed_by_stop {
+            // A closed log ends with the checkpoint after `agent_stopped`. Anything else was
+            // cut (possibly right after an earlier checkpoint, which the chain alone cannot
+            // reveal) or is still being written.
+            let line = self.last_checkpoint.map_or(records, |(l, _)| l);
+            return Err(VerifyError::at(
+                line,
+                format!(
+                    "the log ends with a checkpoint that does not follow agent_stopped: it was cut after line {line}, or the agent is still running or crashed (use --allow-open for a live log)"
+                ),
+            ));
         }
         let verified = Verified {
             records,
