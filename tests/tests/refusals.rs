@@ -1,0 +1,249 @@
+//! Every certificate check of DESIGN §3 refuses the peer, says why on the agent's log (check,
+//! certificate fingerprint, address) and writes it to the audit log; an agent whose own
+//! certificate fails the policy does not start.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use pgferry_tests::{bin_path, free_udp_port, TestDir};
+use support::{audit_events, details, probe, Agent, Certs, MIGRATION};
+
+/// A probe client (our own QUIC client that presents any certificate) dials a real source
+/// agent with each bad certificate in turn.
+#[test]
+fn source_refuses_each_bad_peer_certificate_with_its_reason() -> Result<()> {
+    let dir = TestDir::new()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    // Bad certificates, each failing exactly one check.
+    let other = Certs::make(&dir.join("other-ca"))?; // same migration id, another CA
+    certs.issue("source2", &["--role", "source", "--region", "NL"])?;
+    certs.issue(
+        "other-migration",
+        &["--role", "target", "--region", "FR", "--migration", "another-migration"],
+    )?;
+    certs.issue(
+        "us",
+        &["--role", "target", "--region", "US", "--allow-non-eea"],
+    )?;
+    certs.issue("stolen", &["--role", "target", "--region", "FR"])?;
+    certs.certs(&[
+        "revoke",
+        "--cert",
+        &certs.pem("stolen").to_string_lossy(),
+        "--reason",
+        "laptop stolen",
+    ])?;
+    certs.issue(
+        "expired",
+        &[
+            "--role",
+            "target",
+            "--region",
+            "FR",
+            "--not-before",
+            "2020-01-01T00:00:00Z",
+            "--not-after",
+            "2021-01-01T00:00:00Z",
+        ],
+    )?;
+
+    let port = free_udp_port();
+    let source = Agent::start(
+        "source",
+        "source",
+        dir.path(),
+        &certs,
+        "source",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--revocation-list".into(),
+            certs.revocation_list().to_string_lossy().into(),
+        ],
+    )?;
+    source.wait_for("listening on")?;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new()?;
+
+    // The good target certificate passes: the probe itself is not what fails below.
+    rt.block_on(probe::dial(
+        addr,
+        Some((&certs.pem("target"), &certs.key("target"))),
+    ))
+    .expect("a valid target certificate is accepted");
+
+    let cases: Vec<(&str, Option<(&Certs, &str)>, &str)> = vec![
+        ("no certificate", None, "no-certificate"),
+        ("another CA", Some((&other, "target")), "chain"),
+        ("same role", Some((&certs, "source2")), "role"),
+        ("another migration", Some((&certs, "other-migration")), "migration"),
+        ("region US", Some((&certs, "us")), "region"),
+        ("revoked", Some((&certs, "stolen")), "revoked"),
+        ("expired", Some((&certs, "expired")), "validity"),
+    ];
+    for (what, cert, check) in cases {
+        let files = cert.map(|(c, n)| (c.pem(n), c.key(n)));
+        let res = rt.block_on(probe::dial(
+            addr,
+            files.as_ref().map(|(p, k)| (p.as_path(), k.as_path())),
+        ));
+        assert!(res.is_err(), "{what}: the agent accepted the peer");
+        let fp = cert.map_or("none".to_string(), |(c, n)| c.fingerprint(n));
+        // The operator sees which check, which certificate, which address.
+        let line = source.wait_for(&format!("check {check}, certificate {fp}"))?;
+        assert!(line.contains("refused peer 127.0.0.1:"), "{what}: {line}");
+        // And the audit log has the same.
+        let refused = pgferry_tests::wait_until(
+            &format!("{what}: handshake_refused in the audit log"),
+            Duration::from_secs(10),
+            || {
+                audit_events(&source.audit, "handshake_refused")
+                    .into_iter()
+                    .find(|r| details(r)["check"] == check)
+            },
+        )?;
+        let d = details(&refused);
+        assert_eq!(d["fingerprint"], fp.as_str(), "{what}: {refused}");
+        assert!(
+            d["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{refused}"
+        );
+        assert!(!d["reason"].as_str().unwrap().is_empty());
+        eprintln!("{what}: refused: {}", d["reason"]);
+    }
+    let revoked = audit_events(&source.audit, "handshake_refused")
+        .into_iter()
+        .find(|r| details(r)["check"] == "revoked")
+        .unwrap();
+    assert!(details(&revoked)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("laptop stolen"));
+    // No refused peer ever got a tunnel.
+    assert!(!source.child.output().contains("tunnel up"));
+    Ok(())
+}
+
+/// The dialing side checks the listener's certificate with the same policy: a target refuses
+/// a source whose certificate is outside the EEA.
+#[test]
+fn target_refuses_a_source_outside_the_allowed_regions() -> Result<()> {
+    let dir = TestDir::new()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    certs.issue(
+        "source-us",
+        &["--role", "source", "--region", "US", "--allow-non-eea"],
+    )?;
+    let port = free_udp_port();
+    // This source allows US for itself (its operator widened its policy)...
+    let source = Agent::start(
+        "source",
+        "source",
+        dir.path(),
+        &certs,
+        "source-us",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--allowed-regions".into(),
+            "US,FR,DE".into(),
+        ],
+    )?;
+    source.wait_for("listening on")?;
+    // ...the target keeps the default EEA policy and refuses it.
+    let target = Agent::start(
+        "target",
+        "target",
+        dir.path(),
+        &certs,
+        "target",
+        &[
+            "--connect".into(),
+            format!("127.0.0.1:{port}"),
+            "--local".into(),
+            format!("127.0.0.1:{}", pgferry_tests::free_tcp_port()),
+        ],
+    )?;
+    let fp = certs.fingerprint("source-us");
+    let line = target.wait_for(&format!("check region, certificate {fp}"))?;
+    assert!(line.contains(&format!("refused peer 127.0.0.1:{port}")), "{line}");
+    assert!(line.contains("US"), "{line}");
+    let refused = pgferry_tests::wait_until("audit record", Duration::from_secs(10), || {
+        audit_events(&target.audit, "handshake_refused").into_iter().next()
+    })?;
+    assert_eq!(details(&refused)["check"], "region");
+    assert_eq!(details(&refused)["fingerprint"], fp.as_str());
+    assert!(!target.child.output().contains("tunnel up"));
+    Ok(())
+}
+
+/// An agent whose own certificate fails the policy exits at once with the reason.
+#[test]
+fn agent_with_a_bad_own_certificate_refuses_to_start() -> Result<()> {
+    let dir = TestDir::new()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    certs.issue(
+        "src-expired",
+        &[
+            "--role",
+            "source",
+            "--region",
+            "DE",
+            "--not-before",
+            "2020-01-01T00:00:00Z",
+            "--not-after",
+            "2021-01-01T00:00:00Z",
+        ],
+    )?;
+    certs.issue(
+        "src-us",
+        &["--role", "source", "--region", "US", "--allow-non-eea"],
+    )?;
+    let cases = [
+        ("src-expired", "expired"),
+        ("src-us", "region US"),
+        // The target's certificate on the source agent.
+        ("target", "role target"),
+    ];
+    for (name, expect) in cases {
+        let out = Command::new(bin_path("pgferry-source"))
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", free_udp_port()))
+            .arg("--ca")
+            .arg(certs.ca())
+            .arg("--cert")
+            .arg(certs.pem(name))
+            .arg("--key")
+            .arg(certs.key(name))
+            .arg("--audit-log")
+            .arg(dir.join(format!("{name}.audit.jsonl")))
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: agent started:\n{stderr}");
+        assert!(stderr.contains("own certificate"), "{name}: {stderr}");
+        assert!(stderr.contains(expect), "{name}: {stderr}");
+        assert!(stderr.contains(&certs.fingerprint(name)) || stderr.contains(name));
+    }
+    // A key that is readable by others is refused too.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(certs.key("source"), std::fs::Permissions::from_mode(0o644))?;
+    let out = Command::new(bin_path("pgferry-source"))
+        .args(["run", "--listen", "127.0.0.1:0", "--ca"])
+        .arg(certs.ca())
+        .arg("--cert")
+        .arg(certs.pem("source"))
+        .arg("--key")
+        .arg(certs.key("source"))
+        .arg("--audit-log")
+        .arg(dir.join("perm.audit.jsonl"))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    let _ = MIGRATION;
+    Ok(())
+}

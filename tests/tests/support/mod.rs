@@ -1,0 +1,230 @@
+//! Shared set-up for the end-to-end tests: certificates made with the real `pgferry-certs`,
+//! agents started as real processes, audit-log helpers.
+#![allow(dead_code)]
+
+pub mod probe;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pgferry_tests::{bin_path, command_output, free_udp_port, ChildGuard};
+
+/// Migration id used by the tests.
+pub const MIGRATION: &str = "test-migration";
+
+/// A CA plus a source and a target certificate, made by the real `pgferry-certs`.
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    /// `init` a CA for [`MIGRATION`] in `dir`, then issue `source.pem` (DE) and `target.pem` (FR).
+    pub fn make(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let c = Certs {
+            dir: dir.to_path_buf(),
+        };
+        c.certs(&["init", "--migration", MIGRATION])?;
+        c.issue("source", &["--role", "source", "--region", "DE"])?;
+        c.issue("target", &["--role", "target", "--region", "FR"])?;
+        Ok(c)
+    }
+
+    /// Runs `pgferry-certs ARGS` in the certificate directory.
+    pub fn certs(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(bin_path("pgferry-certs"));
+        cmd.args(args).arg("--dir").arg(&self.dir);
+        command_output(&mut cmd)
+    }
+
+    /// Issues `NAME.pem`/`NAME.key` with the extra `args` (role, region, …) for host 127.0.0.1.
+    pub fn issue(&self, name: &str, args: &[&str]) -> Result<(PathBuf, PathBuf)> {
+        let out = self.dir.join(name);
+        let mut full = vec!["issue", "--name", "127.0.0.1", "--name", "localhost"];
+        full.extend_from_slice(args);
+        let out_s = out.to_string_lossy().to_string();
+        full.extend_from_slice(&["--out", &out_s]);
+        self.certs(&full)?;
+        Ok((self.pem(name), self.key(name)))
+    }
+
+    pub fn pem(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn revocation_list(&self) -> PathBuf {
+        self.dir.join("revoked.txt")
+    }
+    /// SHA-256 fingerprint (lowercase hex) of a certificate file.
+    pub fn fingerprint(&self, name: &str) -> String {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_file(self.pem(name)).unwrap();
+        pgferry_common::identity::Fingerprint::of_der(&der).to_string()
+    }
+}
+
+/// One agent process.
+pub struct Agent {
+    pub child: ChildGuard,
+    pub audit: PathBuf,
+    pub name: String,
+}
+
+impl Agent {
+    /// Starts `pgferry-<role> run` with `args` (certificate flags are added from `cert_name`),
+    /// its audit log in `dir/<name>.audit.jsonl`.
+    pub fn start(
+        role: &str,
+        name: &str,
+        dir: &Path,
+        certs: &Certs,
+        cert_name: &str,
+        args: &[String],
+    ) -> Result<Agent> {
+        Self::start_with(role, name, dir, certs, cert_name, args, None)
+    }
+
+    pub fn start_with(
+        role: &str,
+        name: &str,
+        dir: &Path,
+        certs: &Certs,
+        cert_name: &str,
+        args: &[String],
+        netns: Option<&str>,
+    ) -> Result<Agent> {
+        let audit = dir.join(format!("{name}.audit.jsonl"));
+        let bin = bin_path(&format!("pgferry-{role}"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.arg("run")
+            .arg("--ca")
+            .arg(certs.ca())
+            .arg("--cert")
+            .arg(certs.pem(cert_name))
+            .arg("--key")
+            .arg(certs.key(cert_name))
+            .arg("--audit-log")
+            .arg(&audit)
+            .args(args)
+            .env("PGFERRY_LOG", "info");
+        let child = ChildGuard::spawn(name, cmd)?;
+        Ok(Agent {
+            child,
+            audit,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn wait_for(&self, needle: &str) -> Result<String> {
+        self.child
+            .wait_for_output(needle, Duration::from_secs(30))
+            .with_context(|| format!("{} never logged {needle:?}", self.name))
+    }
+
+    /// SIGTERM, then asserts a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        let status = self.child.terminate(Duration::from_secs(40))?;
+        anyhow::ensure!(
+            status.success(),
+            "{} exited with {status} after SIGTERM:\n{}",
+            self.name,
+            self.child.output()
+        );
+        Ok(())
+    }
+}
+
+/// A source listening on loopback and a target dialing it, both up.
+pub struct Pair {
+    pub source: Agent,
+    pub target: Agent,
+    pub udp_port: u16,
+}
+
+impl Pair {
+    /// Starts the pair; `source_args`/`target_args` add to the defaults (`--listen`/`--connect`).
+    pub fn start(
+        dir: &Path,
+        certs: &Certs,
+        source_args: &[String],
+        target_args: &[String],
+    ) -> Result<Pair> {
+        let udp_port = free_udp_port();
+        let mut sargs = vec!["--listen".to_string(), format!("127.0.0.1:{udp_port}")];
+        sargs.extend_from_slice(source_args);
+        let source = Agent::start("source", "source", dir, certs, "source", &sargs)?;
+        source.wait_for("listening on")?;
+        let mut targs = vec!["--connect".to_string(), format!("127.0.0.1:{udp_port}")];
+        targs.extend_from_slice(target_args);
+        let target = Agent::start("target", "target", dir, certs, "target", &targs)?;
+        target.wait_for("tunnel up")?;
+        source.wait_for("tunnel up")?;
+        Ok(Pair {
+            source,
+            target,
+            udp_port,
+        })
+    }
+
+    /// SIGTERM both (target first, as an operator would after the migration).
+    pub fn stop(&mut self) -> Result<()> {
+        self.target.stop()?;
+        self.source.stop()
+    }
+}
+
+/// Runs `pgferry-<role> audit ARGS`; returns (success, stdout).
+pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(bin_path(&format!("pgferry-{role}")))
+        .arg("audit")
+        .args(args)
+        .output()
+        .expect("running audit");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Parsed records of an audit log.
+pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
+
+/// Records of one event.
+pub fn audit_events(path: &Path, event: &str) -> Vec<serde_json::Value> {
+    audit_records(path)
+        .into_iter()
+        .filter(|r| r["event"] == event)
+        .collect()
+}
+
+/// The details object of a record (the audit module nests event fields under `details`).
+pub fn details(r: &serde_json::Value) -> &serde_json::Value {
+    if r.get("details").is_some() {
+        &r["details"]
+    } else {
+        r
+    }
+}
