@@ -99,8 +99,15 @@ pub struct AgentCli {
     #[command(subcommand)]
     command: AgentCommand,
     /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
-    #[arg(long, global = true, env = "PGFERRY_LOG", default_value = "info")]
-    log: String,
+    #[arg(
+        long = "log",
+        id = "log_filter",
+        global = true,
+        env = "PGFERRY_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    log_filter: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +121,7 @@ enum AgentCommand {
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
-    init_logging(&cli.log);
+    init_logging(&cli.log_filter);
     let result = match cli.command {
         AgentCommand::Run(args) => run(role, args).map(|()| ExitCode::SUCCESS),
         AgentCommand::Audit(cmd) => audit_command(cmd),
@@ -134,6 +141,7 @@ fn init_logging(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -277,4 +285,20 @@ fn read_pem_cert(path: &std::path::Path) -> Result<Vec<u8>> {
     let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
         .with_context(|| format!("parsing certificate {}", path.display()))?;
     Ok(der.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        AgentCli::command().debug_assert();
+        let cli = AgentCli::try_parse_from(["pgferry-target", "audit", "verify", "x.jsonl"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            AgentCommand::Audit(AuditCommand::Verify { .. })
+        ));
+    }
 }

@@ -204,8 +204,10 @@ pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
 
 /// Parsed records of an audit log.
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Only complete lines: the agent may be in the middle of writing the last one.
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
