@@ -267,10 +267,19 @@ pub async fn run_agent(
     if !drained {
         warn!("drain timeout: closing {left} forwarded connection(s) that are still open");
     }
-    tasks.abort_all();
+    // Closing the endpoint ends every connection; their tasks then record `session_ended`
+    // (with its checkpoint) before `agent_stopped`. Tasks that do not finish promptly are
+    // aborted.
     endpoint.close(0u32.into(), b"agent shutting down");
+    let joined = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    while tasks.join_next().await.is_some() {}
     for s in &shared.cfg.services {
         if let Endpoint::Unix(p) = &s.endpoint {
             if shared.cfg.role == Role::Target {
@@ -350,10 +359,13 @@ fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
     let mut stop = shared.shutting_down.subscribe();
+    // Connection tasks are kept so that shutdown waits for them to record `session_ended`.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {
-            i = endpoint.accept() => match i { Some(i) => i, None => return },
-            _ = stop.changed() => return,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = stop.changed() => break,
         };
         let remote = incoming.remote_address();
         let Ok(permit) = limit.clone().try_acquire_owned() else {
@@ -362,7 +374,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             continue;
         };
         let sh = shared.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
             let slot = RefusalSlot::new();
             let cfg = match sh.identity.server_config(&slot) {
@@ -390,6 +402,8 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             }
         });
     }
+    // The endpoint is closed by `run_agent` after the drain; the connections then end.
+    while conns.join_next().await.is_some() {}
 }
 
 async fn dial_loop(
