@@ -132,7 +132,8 @@ enum Command {
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse().map_err(|e: pgferry_common::identity::IdentityError| e.to_string())
+    s.parse()
+        .map_err(|e: pgferry_common::identity::IdentityError| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -236,7 +237,10 @@ fn init(migration: &str, dir: &Path, days: i64, force: bool) -> Result<()> {
     write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)?;
     println!("CA for migration {migration}");
     println!("  certificate  {}", cert_path.display());
-    println!("  private key  {} (mode 0600; keep it on this machine)", key_path.display());
+    println!(
+        "  private key  {} (mode 0600; keep it on this machine)",
+        key_path.display()
+    );
     println!("  fingerprint  {}", Fingerprint::of_der(cert.der()));
     println!("  valid until  {}", fmt_time(not_after));
     Ok(())
@@ -271,8 +275,12 @@ fn issue(a: IssueArgs<'_>) -> Result<()> {
              policy will refuse this certificate"
         );
     }
-    let ca_pem = std::fs::read_to_string(a.ca_cert)
-        .with_context(|| format!("reading CA certificate {} (run `pgferry-certs init` first)", a.ca_cert.display()))?;
+    let ca_pem = std::fs::read_to_string(a.ca_cert).with_context(|| {
+        format!(
+            "reading CA certificate {} (run `pgferry-certs init` first)",
+            a.ca_cert.display()
+        )
+    })?;
     let ca_key_pem = std::fs::read_to_string(a.ca_key)
         .with_context(|| format!("reading CA key {}", a.ca_key.display()))?;
     let ca_der = pem_to_der(&ca_pem)
@@ -298,7 +306,8 @@ fn issue(a: IssueArgs<'_>) -> Result<()> {
     let key_path = with_ext(a.out, "key");
     refuse_overwrite(&[&pem_path, &key_path], a.force)?;
     if let Some(parent) = pem_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
 
     let mut p = CertificateParams::default();
@@ -340,18 +349,28 @@ fn issue(a: IssueArgs<'_>) -> Result<()> {
             now + Duration::days(a.days)
         }
     };
-    anyhow::ensure!(p.not_before < p.not_after, "not-before must be earlier than not-after");
+    anyhow::ensure!(
+        p.not_before < p.not_after,
+        "not-before must be earlier than not-after"
+    );
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let (not_before, not_after) = (p.not_before, p.not_after);
     let cert = p.signed_by(&key, &ca, &ca_key)?;
 
     write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&pem_path, cert.pem().as_bytes(), 0o644)?;
-    println!("{} certificate for migration {migration}, region {region}", a.role);
+    println!(
+        "{} certificate for migration {migration}, region {region}",
+        a.role
+    );
     println!("  certificate  {}", pem_path.display());
     println!("  private key  {} (mode 0600)", key_path.display());
     println!("  names        {}", a.names.join(", "));
-    println!("  valid        {} .. {}", fmt_time(not_before), fmt_time(not_after));
+    println!(
+        "  valid        {} .. {}",
+        fmt_time(not_before),
+        fmt_time(not_after)
+    );
     println!("  fingerprint  {}", Fingerprint::of_der(cert.der()));
     Ok(())
 }
@@ -363,7 +382,10 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: not an X.509 certificate: {e}", file.display()))?;
     let now = OffsetDateTime::now_utc();
     let validity = cert.validity();
-    let (nb, na) = (validity.not_before.to_datetime(), validity.not_after.to_datetime());
+    let (nb, na) = (
+        validity.not_before.to_datetime(),
+        validity.not_after.to_datetime(),
+    );
     let status = if now < nb {
         "not yet valid"
     } else if now > na {
@@ -382,16 +404,27 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             println!("{}: CA certificate", file.display());
-            println!("  migration    {}", migration.as_deref().unwrap_or("(none)"));
+            println!(
+                "  migration    {}",
+                migration.as_deref().unwrap_or("(none)")
+            );
             println!("  subject      {}", cert.subject());
-            println!("  valid        {} .. {} ({status})", fmt_time(nb), fmt_time(na));
+            println!(
+                "  valid        {} .. {} ({status})",
+                fmt_time(nb),
+                fmt_time(na)
+            );
             println!("  fingerprint  {fp}");
         }
         return Ok(());
     }
     let id = PeerIdentity::from_der(&der)
         .with_context(|| format!("{} is not a pgferry agent certificate", file.display()))?;
-    let eea = if id.region.is_eea() { "EEA" } else { "outside EEA" };
+    let eea = if id.region.is_eea() {
+        "EEA"
+    } else {
+        "outside EEA"
+    };
     if json {
         let v = serde_json::json!({
             "kind": "agent", "role": id.role.as_str(), "region": id.region.as_str(),
@@ -445,7 +478,9 @@ fn revoke(fp: Fingerprint, list_path: &Path, reason: Option<&str>) -> Result<()>
 }
 
 fn uri(s: &str) -> Result<SanType> {
-    Ok(SanType::URI(s.try_into().with_context(|| format!("URI SAN {s:?}"))?))
+    Ok(SanType::URI(
+        s.try_into().with_context(|| format!("URI SAN {s:?}"))?,
+    ))
 }
 
 fn with_ext(prefix: &Path, ext: &str) -> PathBuf {
@@ -468,12 +503,17 @@ fn fmt_time(t: OffsetDateTime) -> String {
 fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
-    anyhow::ensure!(p.label == "CERTIFICATE", "PEM block is {:?}, not CERTIFICATE", p.label);
+    anyhow::ensure!(
+        p.label == "CERTIFICATE",
+        "PEM block is {:?}, not CERTIFICATE",
+        p.label
+    );
     Ok(p.contents)
 }
 
 fn read_cert_der(path: &Path) -> Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     pem_to_der(&text).with_context(|| format!("{}", path.display()))
 }
 

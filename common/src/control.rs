@@ -286,7 +286,10 @@ mod tests {
     fn hello_checks_version_migration_role() {
         let ours = hello(Role::Source);
         assert!(ours.check_peer(&hello(Role::Target)).is_ok());
-        assert!(ours.check_peer(&hello(Role::Source)).unwrap_err().contains("role"));
+        assert!(ours
+            .check_peer(&hello(Role::Source))
+            .unwrap_err()
+            .contains("role"));
         let mut other = hello(Role::Target);
         other.migration = "m2".into();
         assert!(ours.check_peer(&other).unwrap_err().contains("migration"));

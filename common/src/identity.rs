@@ -331,7 +331,7 @@ struct Sans {
 
 fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, IdentityError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((&[], cert)) => Ok(cert),
         Ok(_) => Err(IdentityError::Malformed(
             "trailing bytes after the certificate".into(),
         )),
@@ -563,11 +563,7 @@ pub struct Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.fingerprint {
-            Some(fp) => write!(
-                f,
-                "check {}, certificate {fp}: {}",
-                self.check, self.reason
-            ),
+            Some(fp) => write!(f, "check {}, certificate {fp}: {}", self.check, self.reason),
             None => write!(f, "check {}, no certificate: {}", self.check, self.reason),
         }
     }
@@ -824,7 +820,13 @@ mod tests {
         let fp = Fingerprint::of_der(b"abc");
         assert_eq!(fp.to_string().len(), 64);
         assert_eq!(fp.colon_hex().parse::<Fingerprint>().unwrap(), fp);
-        assert_eq!(fp.to_string().to_uppercase().parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(
+            fp.to_string()
+                .to_uppercase()
+                .parse::<Fingerprint>()
+                .unwrap(),
+            fp
+        );
         assert!("abcd".parse::<Fingerprint>().is_err());
         let mut list = RevocationList::empty();
         assert!(list.insert(fp, "lost".into()));

@@ -62,8 +62,18 @@ impl NetnsPair {
     fn setup(&self) -> Result<()> {
         ip(&["netns", "add", &self.b])?;
         ip(&[
-            "link", "add", &self.veth_a, "netns", &self.a, "type", "veth", "peer", "name",
-            &self.veth_b, "netns", &self.b,
+            "link",
+            "add",
+            &self.veth_a,
+            "netns",
+            &self.a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &self.veth_b,
+            "netns",
+            &self.b,
         ])?;
         for (ns, dev, addr) in [
             (&self.a, &self.veth_a, &self.addr_a),

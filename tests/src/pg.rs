@@ -110,7 +110,10 @@ impl PgCluster {
     pub fn init(root: &Path, port: u16) -> Result<Self> {
         std::fs::create_dir_all(root)?;
         chown_postgres(root)?;
-        let password = hex::encode(blake3::hash(format!("{port}{:?}", std::time::SystemTime::now()).as_bytes()).as_bytes())[..24].to_string();
+        let password = hex::encode(
+            blake3::hash(format!("{port}{:?}", std::time::SystemTime::now()).as_bytes()).as_bytes(),
+        )[..24]
+            .to_string();
         let pwfile = root.join("pwfile");
         std::fs::write(&pwfile, format!("{password}\n"))?;
         chown_postgres(&pwfile)?;
@@ -209,7 +212,14 @@ impl PgCluster {
         let mut c = as_postgres(self.netns.as_deref(), &pg_bin("psql"));
         c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.root)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"]);
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ]);
         c
     }
 

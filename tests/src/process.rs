@@ -101,7 +101,9 @@ impl ChildGuard {
                             if echo {
                                 eprint!("[{name}] {line}");
                             }
-                            out.lock().unwrap_or_else(|e| e.into_inner()).push_str(&line);
+                            out.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push_str(&line);
                         }
                     }
                 }

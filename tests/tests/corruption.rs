@@ -72,7 +72,12 @@ async fn echo_once(port: u16, payload: &[u8]) -> Result<()> {
     s.shutdown().await?;
     let mut back = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await??;
-    ensure!(back == payload, "echo returned {} bytes, wanted {}", back.len(), payload.len());
+    ensure!(
+        back == payload,
+        "echo returned {} bytes, wanted {}",
+        back.len(),
+        payload.len()
+    );
     Ok(())
 }
 

@@ -78,14 +78,11 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Writes `data`, half-closes, reads to EOF; returns what came back.
-fn round_trip<S: Read + Write + Send + 'static>(
+fn round_trip<S: Read + Write + Send + TryCloneStream + 'static>(
     mut s: S,
     data: Vec<u8>,
     shutdown: impl FnOnce(&S) + Send + 'static,
-) -> Vec<u8>
-where
-    S: TryCloneStream,
-{
+) -> Vec<u8> {
     let mut w = s.try_clone_stream();
     let writer = thread::spawn(move || {
         w.write_all(&data).unwrap();
@@ -215,7 +212,10 @@ local = "127.0.0.1:{reset_local}"
                 let s = TcpStream::connect(("127.0.0.1", echo_local)).unwrap();
                 let back = round_trip(s, data.clone(), |s| s.shutdown(Shutdown::Write).unwrap());
                 assert_eq!(back.len(), data.len() + 4, "connection {i}");
-                assert!(back[..data.len()] == data[..], "connection {i}: bytes differ");
+                assert!(
+                    back[..data.len()] == data[..],
+                    "connection {i}: bytes differ"
+                );
             })
         })
         .collect();
@@ -233,7 +233,9 @@ local = "127.0.0.1:{reset_local}"
         Ok(n) => panic!("{n} bytes from a dead upstream"),
         Err(e) => assert_ne!(e.kind(), ErrorKind::WouldBlock, "client left hanging"),
     }
-    let line = source.wait_for(&format!("connecting to upstream 127.0.0.1:{dead} of service dead"))?;
+    let line = source.wait_for(&format!(
+        "connecting to upstream 127.0.0.1:{dead} of service dead"
+    ))?;
     assert!(line.to_lowercase().contains("refused"), "{line}");
     target.wait_for("UpstreamConnectFailed")?;
 

@@ -70,10 +70,16 @@ fn tunnel_between_two_network_namespaces() -> Result<()> {
 
     // Direct: the source's PostgreSQL is not reachable from the target's namespace.
     let direct = psql_in_b(
-        format!("host={} port={pg_port} user=postgres dbname=postgres", net.addr_a),
+        format!(
+            "host={} port={pg_port} user=postgres dbname=postgres",
+            net.addr_a
+        ),
         "SELECT 1",
     )?;
-    assert!(!direct.status.success(), "port {pg_port} reachable from the target's namespace");
+    assert!(
+        !direct.status.success(),
+        "port {pg_port} reachable from the target's namespace"
+    );
     let err = String::from_utf8_lossy(&direct.stderr);
     assert!(err.contains("refused") || err.contains("timeout"), "{err}");
     // Nor is the source's loopback (a different namespace's 127.0.0.1).
@@ -89,7 +95,11 @@ fn tunnel_between_two_network_namespaces() -> Result<()> {
         "SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM t",
     )?;
     let stdout = String::from_utf8_lossy(&through.stdout).trim().to_string();
-    assert!(through.status.success(), "{}", String::from_utf8_lossy(&through.stderr));
+    assert!(
+        through.status.success(),
+        "{}",
+        String::from_utf8_lossy(&through.stderr)
+    );
     let want = pg.psql("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM t")?;
     assert_eq!(stdout, want);
 

@@ -22,7 +22,14 @@ fn source_refuses_each_bad_peer_certificate_with_its_reason() -> Result<()> {
     certs.issue("source2", &["--role", "source", "--region", "NL"])?;
     certs.issue(
         "other-migration",
-        &["--role", "target", "--region", "FR", "--migration", "another-migration"],
+        &[
+            "--role",
+            "target",
+            "--region",
+            "FR",
+            "--migration",
+            "another-migration",
+        ],
     )?;
     certs.issue(
         "us",
@@ -75,11 +82,17 @@ fn source_refuses_each_bad_peer_certificate_with_its_reason() -> Result<()> {
     ))
     .expect("a valid target certificate is accepted");
 
-    let cases: Vec<(&str, Option<(&Certs, &str)>, &str)> = vec![
+    // (what, certificate presented: (issuer dir, name), check expected to refuse it)
+    type Case<'a> = (&'a str, Option<(&'a Certs, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("no certificate", None, "no-certificate"),
         ("another CA", Some((&other, "target")), "chain"),
         ("same role", Some((&certs, "source2")), "role"),
-        ("another migration", Some((&certs, "other-migration")), "migration"),
+        (
+            "another migration",
+            Some((&certs, "other-migration")),
+            "migration",
+        ),
         ("region US", Some((&certs, "us")), "region"),
         ("revoked", Some((&certs, "stolen")), "revoked"),
         ("expired", Some((&certs, "expired")), "validity"),
@@ -169,10 +182,15 @@ fn target_refuses_a_source_outside_the_allowed_regions() -> Result<()> {
     )?;
     let fp = certs.fingerprint("source-us");
     let line = target.wait_for(&format!("check region, certificate {fp}"))?;
-    assert!(line.contains(&format!("refused peer 127.0.0.1:{port}")), "{line}");
+    assert!(
+        line.contains(&format!("refused peer 127.0.0.1:{port}")),
+        "{line}"
+    );
     assert!(line.contains("US"), "{line}");
     let refused = pgferry_tests::wait_until("audit record", Duration::from_secs(10), || {
-        audit_events(&target.audit, "handshake_refused").into_iter().next()
+        audit_events(&target.audit, "handshake_refused")
+            .into_iter()
+            .next()
     })?;
     assert_eq!(details(&refused)["check"], "region");
     assert_eq!(details(&refused)["fingerprint"], fp.as_str());

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use pgferry_tests::{
-    command_output, free_tcp_port, load_sample_data, pg_bin, table_digest, PgCluster,
-    TestDir,
+    command_output, free_tcp_port, load_sample_data, pg_bin, table_digest, PgCluster, TestDir,
 };
 use support::{audit_cli, audit_events, details, Certs, Pair};
 
@@ -76,7 +75,9 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
                 .await?;
             let mut out = pin!(
                 reader
-                    .copy_out(&format!("COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT"))
+                    .copy_out(&format!(
+                        "COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT"
+                    ))
                     .await?
             );
             let mut sink = pin!(writer.copy_in(&format!("COPY {copy} FROM STDIN")).await?);
@@ -132,7 +133,10 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
         for task in tasks {
             let (i, n) = task.await??;
             let want: i64 = direct
-                .query_one("SELECT count(*) FROM ferry.orders WHERE id % 16 = $1", &[&i])
+                .query_one(
+                    "SELECT count(*) FROM ferry.orders WHERE id % 16 = $1",
+                    &[&i],
+                )
                 .await?
                 .get(0);
             assert_eq!(n, want, "session {i}");
@@ -145,7 +149,14 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
     let t = Instant::now();
     command_output(
         Command::new(pg_bin("pg_basebackup"))
-            .args(["-h", "127.0.0.1", "-p", &local.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &local.to_string(),
+                "-U",
+                "postgres",
+            ])
             .arg("-D")
             .arg(&backup)
             .args(["-X", "stream", "-c", "fast", "--no-sync"])

@@ -541,7 +541,10 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let reason = format!("{e:#}");
-            warn!("refused peer {remote}: check hello, certificate {}: {reason}", peer.fingerprint);
+            warn!(
+                "refused peer {remote}: check hello, certificate {}: {reason}",
+                peer.fingerprint
+            );
             shared.audit.record(
                 "handshake_refused",
                 json!({"address": remote.to_string(), "check": "hello", "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
@@ -550,7 +553,10 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
             return;
         }
         Err(_) => {
-            warn!("peer {remote}: no Hello within {} s", HELLO_TIMEOUT.as_secs());
+            warn!(
+                "peer {remote}: no Hello within {} s",
+                HELLO_TIMEOUT.as_secs()
+            );
             conn.close(2u32.into(), b"hello timeout");
             return;
         }
@@ -704,7 +710,11 @@ async fn exchange_hello(
 }
 
 /// Source side: every bidirectional stream after the control stream is a forwarded connection.
-async fn accept_data_streams(shared: &Arc<Shared>, pc: &PeerConn, stats: &Arc<ConnStats>) -> String {
+async fn accept_data_streams(
+    shared: &Arc<Shared>,
+    pc: &PeerConn,
+    stats: &Arc<ConnStats>,
+) -> String {
     let mut stop = shared.shutting_down.subscribe();
     loop {
         let (send, recv) = tokio::select! {
@@ -766,8 +776,16 @@ async fn source_stream(
         }
     };
     let session = format!("{:016x}", header.session_id);
-    let Some(service) = shared.cfg.services.iter().find(|s| s.name == header.service) else {
-        let msg = format!("service {:?} is not configured on the source agent", header.service);
+    let Some(service) = shared
+        .cfg
+        .services
+        .iter()
+        .find(|s| s.name == header.service)
+    else {
+        let msg = format!(
+            "service {:?} is not configured on the source agent",
+            header.service
+        );
         warn!("session {session}: {msg}");
         shared.audit.record(
             "stream_refused",
@@ -784,7 +802,10 @@ async fn source_stream(
     let local = match connect_upstream(&service.endpoint).await {
         Ok(l) => l,
         Err(e) => {
-            let msg = format!("connecting to upstream {} of service {}: {e:#}", service.endpoint, service.name);
+            let msg = format!(
+                "connecting to upstream {} of service {}: {e:#}",
+                service.endpoint, service.name
+            );
             warn!("session {session}: {msg}");
             pump::send_reset(&mut send, 0, ResetCode::UpstreamConnectFailed, &msg).await;
             let _ = recv.stop(pump::codes::LOCAL.into());

@@ -113,7 +113,7 @@ pub struct AgentCli {
 #[derive(Debug, Subcommand)]
 enum AgentCommand {
     /// Run the agent: tunnel, forwarding and audit log, until SIGTERM or Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -123,7 +123,7 @@ enum AgentCommand {
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
     init_logging(&cli.log_filter);
     let result = match cli.command {
-        AgentCommand::Run(args) => run(role, args).map(|()| ExitCode::SUCCESS),
+        AgentCommand::Run(args) => run(role, *args).map(|()| ExitCode::SUCCESS),
         AgentCommand::Audit(cmd) => audit_command(cmd),
     };
     match result {
@@ -223,10 +223,7 @@ fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
                 Some(p) => Some(read_pem_cert(p)?),
                 None => None,
             };
-            let opts = VerifyOptions {
-                allow_open,
-                ca_der,
-            };
+            let opts = VerifyOptions { allow_open, ca_der };
             let ours = match audit::verify_file(&log, &opts) {
                 Ok(v) => v,
                 Err(e) => {
@@ -295,7 +292,8 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         AgentCli::command().debug_assert();
-        let cli = AgentCli::try_parse_from(["pgferry-target", "audit", "verify", "x.jsonl"]).unwrap();
+        let cli =
+            AgentCli::try_parse_from(["pgferry-target", "audit", "verify", "x.jsonl"]).unwrap();
         assert!(matches!(
             cli.command,
             AgentCommand::Audit(AuditCommand::Verify { .. })

@@ -323,7 +323,9 @@ impl AgentConfig {
     /// Merges file and flags (flags win), applies defaults and validates.
     pub fn resolve(role: Role, file: ConfigFile, flags: Overrides) -> Result<Self> {
         let need = |v: Option<PathBuf>, what: &str, flag: &str| -> Result<PathBuf> {
-            v.with_context(|| format!("no {what} configured: set `{flag}` or [tls] in the config file"))
+            v.with_context(|| {
+                format!("no {what} configured: set `{flag}` or [tls] in the config file")
+            })
         };
         let ca = need(flags.ca.or(file.tls.ca), "CA certificate", "--ca")?;
         let cert = need(flags.cert.or(file.tls.cert), "certificate", "--cert")?;
@@ -526,7 +528,10 @@ mod tests {
         assert_eq!(cfg.idle_timeout, Duration::from_secs(60));
         assert_eq!(cfg.compression_level, 5);
         assert_eq!(cfg.services.len(), 1);
-        assert_eq!(cfg.services[0].endpoint, Endpoint::Tcp(DEFAULT_UPSTREAM.into()));
+        assert_eq!(
+            cfg.services[0].endpoint,
+            Endpoint::Tcp(DEFAULT_UPSTREAM.into())
+        );
         assert!(cfg.allowed_regions.contains("DE".parse().unwrap()));
     }
 
@@ -551,7 +556,10 @@ mod tests {
         )
         .unwrap();
         let cfg = AgentConfig::resolve(Role::Source, file, minimal()).unwrap();
-        assert_eq!(cfg.services[1].endpoint, Endpoint::Unix("/run/mysqld.sock".into()));
+        assert_eq!(
+            cfg.services[1].endpoint,
+            Endpoint::Unix("/run/mysqld.sock".into())
+        );
         let file: ConfigFile =
             toml::from_str("[[service]]\nname = \"mysql\"\nupstream = \"h:1\"\n").unwrap();
         let err = AgentConfig::resolve(Role::Target, file, minimal()).unwrap_err();
@@ -565,7 +573,11 @@ mod tests {
         )
         .unwrap();
         let cfg = AgentConfig::resolve(Role::Target, file, minimal()).unwrap();
-        let eps: Vec<_> = cfg.services.iter().map(|s| (s.name.as_str(), &s.endpoint)).collect();
+        let eps: Vec<_> = cfg
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), &s.endpoint))
+            .collect();
         assert_eq!(
             eps,
             vec![

@@ -172,7 +172,10 @@ impl LocalConn {
         let _ = s.set_nodelay(true);
         let abort_handle = {
             use std::os::fd::AsFd;
-            s.as_fd().try_clone_to_owned().ok().map(socket2::Socket::from)
+            s.as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(socket2::Socket::from)
         };
         let (r, w) = s.into_split();
         Self {
@@ -236,7 +239,14 @@ pub async fn pump(
             cancel_rx,
             opts.compression_level,
         );
-        let inbound = inbound(&mut recv, &mut writer, &mut received, inbound_buf, ack_tx, opts);
+        let inbound = inbound(
+            &mut recv,
+            &mut writer,
+            &mut received,
+            inbound_buf,
+            ack_tx,
+            opts,
+        );
         run_both(outbound, inbound, cancel_tx).await
     };
 

@@ -123,8 +123,12 @@ impl TlsIdentity {
             )
         })?;
 
-        let own = PeerIdentity::from_der(&cert_der)
-            .with_context(|| format!("certificate {} is not a pgferry certificate", cert.display()))?;
+        let own = PeerIdentity::from_der(&cert_der).with_context(|| {
+            format!(
+                "certificate {} is not a pgferry certificate",
+                cert.display()
+            )
+        })?;
         let mut policy = policy;
         // The migration is the one our own certificate names; the peer must match it.
         policy.migration = own.migration.clone();
@@ -300,7 +304,11 @@ impl PolicyCheck {
     }
 
     /// The identity part: role, migration, region, revocation (re-read now), validity.
-    fn identity(&self, end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
         let mut policy = self.policy.clone();
         if let Some(path) = &self.revocation_list {
             match RevocationList::load(path) {
@@ -443,7 +451,10 @@ pub fn classify_handshake_error(e: &quinn::ConnectionError) -> Refusal {
     } else if text.contains("ALPN") || text.contains("application protocol") {
         (
             Check::Chain,
-            format!("peer does not speak {}: {text}", String::from_utf8_lossy(ALPN)),
+            format!(
+                "peer does not speak {}: {text}",
+                String::from_utf8_lossy(ALPN)
+            ),
         )
     } else {
         (
