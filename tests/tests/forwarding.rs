@@ -298,3 +298,62 @@ fn config_errors_name_the_file_and_the_problem() -> Result<()> {
     assert!(err.contains("keepalive"), "{err}");
     Ok(())
 }
+
+/// The other way round: the target listens and the source dials (a source host that may only
+/// make outbound connections), and the source reaches PostgreSQL through its unix socket.
+#[test]
+fn target_listens_source_dials_and_upstream_is_a_unix_socket() -> Result<()> {
+    let dir = TestDir::new()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let pg_port = free_tcp_port();
+    let mut pg = pgferry_tests::PgCluster::init(&dir.join("pg"), pg_port)?;
+    pg.start()?;
+    let socket = pg.root.join(format!(".s.PGSQL.{pg_port}"));
+    let udp = free_udp_port();
+    let local = free_tcp_port();
+    let target = Agent::start(
+        "target",
+        "target",
+        dir.path(),
+        &certs,
+        "target",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{udp}"),
+            "--local".into(),
+            format!("127.0.0.1:{local}"),
+            "--keep-alive-secs".into(),
+            "2".into(),
+            "--idle-timeout-secs".into(),
+            "10".into(),
+        ],
+    )?;
+    target.wait_for("listening on")?;
+    let source = Agent::start(
+        "source",
+        "source",
+        dir.path(),
+        &certs,
+        "source",
+        &[
+            "--connect".into(),
+            format!("127.0.0.1:{udp}"),
+            "--server-name".into(),
+            "localhost".into(),
+            "--upstream".into(),
+            format!("unix:{}", socket.display()),
+        ],
+    )?;
+    source.wait_for("tunnel up")?;
+    target.wait_for("tunnel up")?;
+    // Over the unix socket pg_hba says `trust` for local connections: the tunnel client gets
+    // in without a password, which shows the session really arrived through the socket.
+    let out = pgferry_tests::command_output(
+        std::process::Command::new(pgferry_tests::pg_bin("psql"))
+            .args(["-X", "-A", "-t", "-c"])
+            .arg("SELECT coalesce(inet_client_addr()::text, 'unix socket'), current_setting('port')")
+            .arg(format!("host=127.0.0.1 port={local} user=postgres dbname=postgres")),
+    )?;
+    assert_eq!(out.trim(), format!("unix socket|{pg_port}"));
+    Ok(())
+}
