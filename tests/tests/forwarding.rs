@@ -351,8 +351,12 @@ fn target_listens_source_dials_and_upstream_is_a_unix_socket() -> Result<()> {
     let out = pgferry_tests::command_output(
         std::process::Command::new(pgferry_tests::pg_bin("psql"))
             .args(["-X", "-A", "-t", "-c"])
-            .arg("SELECT coalesce(inet_client_addr()::text, 'unix socket'), current_setting('port')")
-            .arg(format!("host=127.0.0.1 port={local} user=postgres dbname=postgres")),
+            .arg(
+                "SELECT coalesce(inet_client_addr()::text, 'unix socket'), current_setting('port')",
+            )
+            .arg(format!(
+                "host=127.0.0.1 port={local} user=postgres dbname=postgres"
+            )),
     )?;
     assert_eq!(out.trim(), format!("unix socket|{pg_port}"));
     Ok(())

@@ -539,6 +539,16 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
     let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&shared, &conn, dialed)).await;
     let control = match hello {
         Ok(Ok(c)) => c,
+        Ok(Err(e)) if conn.close_reason().is_some() => {
+            // The peer went away before completing Hello: not a refusal by us.
+            let reason = format!("connection closed before Hello: {e:#}");
+            warn!("handshake with {remote} failed: {reason}");
+            shared.audit.record(
+                "handshake_failed",
+                json!({"address": remote.to_string(), "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
+            );
+            return;
+        }
         Ok(Err(e)) => {
             let reason = format!("{e:#}");
             warn!(

@@ -26,7 +26,7 @@ const STREAM_BYTES: usize = 1 << 30;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("pgferry-quickbench [--reps N] [--megabytes N]: tunnel vs ssh -L on loopback (see source docs)");
+        println!("pgferry-quickbench [--reps N] [--megabytes N] [--level N]: tunnel vs ssh -L on loopback (see source docs)");
         return;
     }
     let get = |name: &str, default: u32| {
@@ -36,7 +36,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    if let Err(e) = run(get("--reps", 3), get("--megabytes", 300)) {
+    if let Err(e) = run(get("--reps", 3), get("--megabytes", 300), get("--level", 3)) {
         eprintln!("pgferry-quickbench: error: {e:#}");
         std::process::exit(1);
     }
@@ -228,9 +228,9 @@ fn ssh_tunnel(sshd: &Sshd, to_port: u16) -> Result<(ChildGuard, u16)> {
     Ok((child, local))
 }
 
-fn run(reps: u32, megabytes: u32) -> Result<()> {
+fn run(reps: u32, megabytes: u32, level: u32) -> Result<()> {
     let dir = TestDir::new()?;
-    println!("pgferry quickbench: loopback, {reps} repetitions each, medians");
+    println!("pgferry quickbench: loopback, {reps} repetitions each, medians, pgferry zstd level {level}");
     let data = payload();
     let ratio = data.len() as f64 / zstd::bulk::compress(&data, 3)?.len() as f64;
     println!("payload: mixed text/JSON/numbers/hex, zstd -3 ratio {ratio:.2}");
@@ -292,7 +292,9 @@ fn run(reps: u32, megabytes: u32) -> Result<()> {
             .arg("--key")
             .arg(certs.join(format!("{role}.key")))
             .arg("--audit-log")
-            .arg(dir.join(format!("{role}.audit.jsonl")));
+            .arg(dir.join(format!("{role}.audit.jsonl")))
+            .arg("--compression-level")
+            .arg(level.to_string());
         ChildGuard::spawn_quiet(role, cmd)
     };
     let source = agent("source")?;
