@@ -96,9 +96,11 @@ impl NetnsPair {
     /// Limits both ends of the link to `mbit` Mbit/s with a token bucket.
     pub fn limit_rate(&self, mbit: u32) -> Result<()> {
         for (ns, dev) in [(&self.a, &self.veth_a), (&self.b, &self.veth_b)] {
-            ip(&[
-                "-n",
+            command_output(Command::new("ip").args([
+                "netns",
+                "exec",
                 ns,
+                "tc",
                 "qdisc",
                 "replace",
                 "dev",
@@ -111,7 +113,7 @@ impl NetnsPair {
                 "256kbit",
                 "latency",
                 "50ms",
-            ])?;
+            ]))?;
         }
         Ok(())
     }
