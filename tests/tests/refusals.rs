@@ -265,3 +265,46 @@ fn agent_with_a_bad_own_certificate_refuses_to_start() -> Result<()> {
     let _ = MIGRATION;
     Ok(())
 }
+
+/// Revoking a certificate cuts a tunnel that is already up (a migration tunnel can live for
+/// days), and the peer's reconnection attempts are refused.
+#[test]
+fn revoking_a_connected_peer_cuts_its_tunnel() -> Result<()> {
+    let dir = TestDir::new()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    // An empty revocation list to start with.
+    std::fs::write(certs.revocation_list(), "")?;
+    let list = certs.revocation_list().to_string_lossy().to_string();
+    let mut pair = support::Pair::start(
+        dir.path(),
+        &certs,
+        &["--revocation-list".into(), list.clone()],
+        &[
+            "--local".into(),
+            format!("127.0.0.1:{}", pgferry_tests::free_tcp_port()),
+        ],
+    )?;
+    certs.certs(&[
+        "revoke",
+        "--cert",
+        &certs.pem("target").to_string_lossy(),
+        "--reason",
+        "key leaked",
+    ])?;
+    let fp = certs.fingerprint("target");
+    let line = pair.source.wait_for("closing tunnel with 127.0.0.1:")?;
+    assert!(
+        line.contains(&format!("check revoked, certificate {fp}")),
+        "{line}"
+    );
+    assert!(line.contains("key leaked"), "{line}");
+    // The target notices and redials; the source refuses it from now on.
+    pair.source.wait_for(&format!(
+        "check revoked, certificate {fp}: peer certificate is on the revocation list"
+    ))?;
+    let cut = audit_events(&pair.source.audit, "peer_cut");
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    assert_eq!(details(&cut[0])["fingerprint"], fp.as_str());
+    pair.stop()?;
+    Ok(())
+}

@@ -47,6 +47,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TUNNEL_WAIT: Duration = Duration::from_secs(15);
 /// Upstream connect timeout.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a live tunnel re-checks its peer against the revocation list and its validity.
+const PEER_RECHECK: Duration = Duration::from_secs(2);
 
 /// Embedding options (tests use them; the binaries use the defaults).
 #[derive(Debug, Default)]
@@ -603,6 +605,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
     }
     // Keep the control stream open for the connection's lifetime (the migration adds requests).
     let _control = control;
+    let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
     let reason = match shared.cfg.role {
         Role::Source => accept_data_streams(&shared, &pc, &stats).await,
         Role::Target => {
@@ -628,6 +631,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
             _ => false,
         });
     }
+    watcher.abort();
     let qs = conn.stats();
     info!("tunnel with {remote} closed: {reason}");
     shared.audit.record(
@@ -643,6 +647,59 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         }),
     );
     shared.audit.checkpoint();
+}
+
+/// Closes a live tunnel whose peer certificate is revoked or expires while it is up: the
+/// handshake checks only the moment of connection, and a migration tunnel can live for days.
+/// An unreadable revocation list is logged but does not cut a live tunnel (new handshakes fail
+/// closed on it); a listed fingerprint does.
+async fn watch_peer(shared: Arc<Shared>, conn: quinn::Connection, peer: Arc<PeerIdentity>) {
+    let remote = conn.remote_address();
+    let list = shared.cfg.revocation_list.clone();
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(PEER_RECHECK) => {}
+        }
+        let revoked = match &list {
+            Some(path) => match crate::identity::RevocationList::load(path) {
+                Ok(l) => l
+                    .contains(&peer.fingerprint)
+                    .then(|| l.note(&peer.fingerprint).unwrap_or("").to_string()),
+                Err(e) => {
+                    if !warned {
+                        warn!("revocation list unreadable, live tunnel with {remote} kept, new peers refused: {e}");
+                        warned = true;
+                    }
+                    None
+                }
+            },
+            None => None,
+        };
+        let expired = time::OffsetDateTime::now_utc() > peer.not_after;
+        let (check, reason) = match (revoked, expired) {
+            (Some(note), _) => (
+                "revoked",
+                format!("peer certificate was revoked while the tunnel was up ({note})"),
+            ),
+            (None, true) => (
+                "validity",
+                "peer certificate expired while the tunnel was up".to_string(),
+            ),
+            (None, false) => continue,
+        };
+        warn!(
+            "closing tunnel with {remote}: check {check}, certificate {}: {reason}",
+            peer.fingerprint
+        );
+        shared.audit.record(
+            "peer_cut",
+            json!({"address": remote.to_string(), "check": check, "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
+        );
+        conn.close(3u32.into(), check.as_bytes());
+        return;
+    }
 }
 
 #[derive(Default)]
