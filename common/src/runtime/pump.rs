@@ -16,6 +16,7 @@
 //! * The receiver acknowledges delivered chunks cumulatively (ACK). Nothing depends on ACKs yet;
 //!   they are the hook for resuming streams over a new connection (DESIGN §2).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Instant;
 
@@ -363,19 +364,82 @@ async fn outbound(
         Ok(e) => e,
         Err(e) => return OutboundEnd::Failed(Outcome::LocalError(format!("zstd: {e}"))),
     };
+    let max_in_flight = max_chunks_in_flight();
+    let mut pending: VecDeque<Encoded> = VecDeque::with_capacity(max_in_flight);
+    let mut next_seq = stats.next_seq();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(READ_CHUNK + HEADER_LEN);
+    let mut out = BytesMut::with_capacity(64);
     let mut last_acked = 0u64;
     let mut acks_open = true;
+    let mut eof = false;
     loop {
-        buf.clear();
+        // Send every frame that is ready, in sequence order.
+        while matches!(pending.front(), Some(Encoded::Ready(..))) {
+            let Some(Encoded::Ready(raw, frame)) = pending.pop_front() else {
+                unreachable!()
+            };
+            stats.record(&raw, frame.len());
+            if let Err(e) = send.write_all(&frame).await {
+                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
+            }
+        }
+        if eof && pending.is_empty() {
+            out.clear();
+            Frame::Fin {
+                seq: stats.next_seq(),
+                total_bytes: stats.raw_bytes,
+                digest: stats.digest(),
+            }
+            .encode(&mut out);
+            if let Err(e) = send.write_all(&out).await {
+                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending FIN: {e}")));
+            }
+            let _ = send.finish();
+            return OutboundEnd::Finished;
+        }
+        let can_read = !eof && pending.len() < max_in_flight;
+        let waiting = !pending.is_empty();
         if buf.capacity() < READ_CHUNK {
             buf.reserve(READ_CHUNK);
         }
-        let n = tokio::select! {
-            r = reader.read_buf(&mut buf) => match r {
-                Ok(n) => n,
-                Err(e) => return OutboundEnd::Failed(Outcome::LocalError(format!("reading local socket: {e}"))),
+        tokio::select! {
+            biased;
+            _ = cancel_rx.changed() => return OutboundEnd::Cancelled,
+            done = front_job(&mut pending), if waiting => {
+                let Some(Encoded::Spawned(_)) = pending.pop_front() else { unreachable!() };
+                match done {
+                    Ok((raw, frame)) => pending.push_front(Encoded::Ready(raw, frame)),
+                    Err(e) => {
+                        return OutboundEnd::Failed(Outcome::LocalError(format!("compression task: {e}")))
+                    }
+                }
+            }
+            r = reader.read_buf(&mut buf), if can_read => match r {
+                Ok(0) => eof = true,
+                Ok(_) => {
+                    let data = buf.split().freeze();
+                    // read_buf may return more than READ_CHUNK if the buffer grew.
+                    let mut at = 0;
+                    while at < data.len() {
+                        let raw = data.slice(at..data.len().min(at + READ_CHUNK));
+                        at += raw.len();
+                        let seq = next_seq;
+                        next_seq += 1;
+                        if raw.len() < PARALLEL_MIN || max_in_flight == 1 {
+                            // Small chunks (queries, WAL trickle): inline, no hand-off latency.
+                            let frame = encode_frame(&mut encoder, seq, &raw);
+                            pending.push_back(Encoded::Ready(raw, frame));
+                        } else {
+                            pending.push_back(Encoded::Spawned(tokio::task::spawn_blocking(move || {
+                                let frame = with_thread_encoder(level, |enc| encode_frame(enc, seq, &raw));
+                                (raw, frame)
+                            })));
+                        }
+                    }
+                }
+                Err(e) => {
+                    return OutboundEnd::Failed(Outcome::LocalError(format!("reading local socket: {e}")))
+                }
             },
             changed = ack_rx.changed(), if acks_open => {
                 if changed.is_err() {
@@ -391,36 +455,58 @@ async fn outbound(
                         return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
                     }
                 }
-                continue;
-            }
-            _ = cancel_rx.changed() => return OutboundEnd::Cancelled,
-        };
-        if n == 0 {
-            out.clear();
-            Frame::Fin {
-                seq: stats.next_seq(),
-                total_bytes: stats.raw_bytes,
-                digest: stats.digest(),
-            }
-            .encode(&mut out);
-            if let Err(e) = send.write_all(&out).await {
-                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending FIN: {e}")));
-            }
-            let _ = send.finish();
-            return OutboundEnd::Finished;
-        }
-        // read_buf may return more than READ_CHUNK if the buffer grew; split defensively.
-        for raw in buf.chunks(READ_CHUNK) {
-            let chunk = encoder.encode_chunk(stats.next_seq(), raw);
-            out.clear();
-            let frame = Frame::Data(chunk);
-            frame.encode(&mut out);
-            stats.record(raw, out.len());
-            if let Err(e) = send.write_all(&out).await {
-                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
             }
         }
     }
+}
+
+/// Chunks smaller than this are compressed inline; larger ones on the blocking pool, several
+/// at a time, so one stream can use every core (DESIGN §6).
+const PARALLEL_MIN: usize = 16 * 1024;
+
+/// Chunks being compressed or waiting to be sent, per stream: two per core bounds memory at
+/// about 2 × cores × 128 KiB per stream and keeps every core busy.
+fn max_chunks_in_flight() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
+}
+
+/// One outbound chunk, in sequence order.
+enum Encoded {
+    Ready(Bytes, BytesMut),
+    Spawned(tokio::task::JoinHandle<(Bytes, BytesMut)>),
+}
+
+/// Completes when the front job (spawned) finishes; pending forever otherwise.
+async fn front_job(
+    pending: &mut VecDeque<Encoded>,
+) -> Result<(Bytes, BytesMut), tokio::task::JoinError> {
+    match pending.front_mut() {
+        Some(Encoded::Spawned(h)) => h.await,
+        _ => std::future::pending().await,
+    }
+}
+
+fn encode_frame(encoder: &mut ChunkEncoder, seq: u64, raw: &[u8]) -> BytesMut {
+    let chunk = encoder.encode_chunk(seq, raw);
+    let mut out = BytesMut::with_capacity(HEADER_LEN + chunk.payload.len());
+    Frame::Data(chunk).encode(&mut out);
+    out
+}
+
+/// Runs `f` with this blocking-pool thread's zstd encoder for `level` (made once per thread).
+fn with_thread_encoder<R>(level: i32, f: impl FnOnce(&mut ChunkEncoder) -> R) -> R {
+    thread_local! {
+        static ENCODER: std::cell::RefCell<Option<(i32, ChunkEncoder)>> = const { std::cell::RefCell::new(None) };
+    }
+    ENCODER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if !matches!(&*slot, Some((l, _)) if *l == level) {
+            // The level was validated when the stream's own encoder was made.
+            *slot = Some((level, ChunkEncoder::new(level).expect("valid zstd level")));
+        }
+        let (_, enc) = slot.as_mut().expect("set above");
+        f(enc)
+    })
 }
 
 async fn inbound(
