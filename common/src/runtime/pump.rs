@@ -7,7 +7,8 @@
 //! ```
 //!
 //! * A chunk is sent as soon as the socket read returns (WAL and query latency): nothing waits
-//!   for a chunk to fill.
+//!   for a chunk to fill. Small chunks are compressed inline; large ones (bulk transfers) on the
+//!   blocking pool, up to two per core at once, and sent strictly in sequence order.
 //! * Inbound chunks are decompressed into at most `raw_len` bytes and verified before a single
 //!   byte is written to the local socket. A bad chunk resets the stream in both directions and
 //!   aborts the local connection; the rest of the QUIC connection is unaffected.
