@@ -231,6 +231,14 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
         "stream_closed records: {}",
         closed.len()
     );
+    // Each agent counted the streams its tunnel carried.
+    for log in [&pair.target.audit, &pair.source.audit] {
+        let streams: u64 = audit_events(log, "session_ended")
+            .iter()
+            .map(|r| details(r)["streams"].as_u64().unwrap())
+            .sum();
+        assert_eq!(streams, closed.len() as u64, "{}", log.display());
+    }
     let sent: u64 = closed
         .iter()
         .map(|r| details(r)["received"]["raw_bytes"].as_u64().unwrap())

@@ -81,7 +81,7 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
     }
     line(
         o,
-        "Not detectable from one log: a cut exactly after a checkpoint (compare with the peer's log).",
+        "Not detectable from one log: a cut right after the final checkpoint of an earlier run of the agent (compare with the peer's log).",
     );
 
     section(o, "Agents");

@@ -118,6 +118,8 @@ struct Shared {
 struct PeerConn {
     conn: quinn::Connection,
     peer: Arc<PeerIdentity>,
+    /// Data streams carried by this connection (for `session_ended`).
+    stats: Arc<ConnStats>,
 }
 
 /// Runs an agent until `shutdown` resolves, then drains and stops.
@@ -595,11 +597,12 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         }),
     );
     let started = Instant::now();
+    let stats = Arc::new(ConnStats::default());
     let pc = PeerConn {
         conn: conn.clone(),
         peer: peer.clone(),
+        stats: stats.clone(),
     };
-    let stats = Arc::new(ConnStats::default());
     if shared.cfg.role == Role::Target {
         shared.current.send_replace(Some(pc.clone()));
     }
@@ -702,7 +705,7 @@ async fn watch_peer(shared: Arc<Shared>, conn: quinn::Connection, peer: Arc<Peer
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct ConnStats {
     streams: AtomicU64,
 }
@@ -1030,6 +1033,7 @@ async fn target_stream(shared: Arc<Shared>, service: Service, local: LocalConn, 
     };
     let opened = async {
         let (mut send, recv) = pc.conn.open_bi().await?;
+        pc.stats.streams.fetch_add(1, Ordering::SeqCst);
         let mut out = BytesMut::new();
         out.extend_from_slice(&[StreamKind::Data as u8]);
         StreamHeader {
