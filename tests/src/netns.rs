@@ -93,6 +93,14 @@ impl NetnsPair {
         c
     }
 
+    /// Takes the link down (a cable pulled) or brings it back up.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, state])?;
+        ip(&["-n", &self.b, "link", "set", &self.veth_b, state])?;
+        Ok(())
+    }
+
     /// Limits both ends of the link to `mbit` Mbit/s with a token bucket.
     pub fn limit_rate(&self, mbit: u32) -> Result<()> {
         for (ns, dev) in [(&self.a, &self.veth_a), (&self.b, &self.veth_b)] {

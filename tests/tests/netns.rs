@@ -52,6 +52,10 @@ fn tunnel_between_two_network_namespaces() -> Result<()> {
             "localhost".into(),
             "--local".into(),
             format!("127.0.0.1:{local}"),
+            "--keep-alive-secs".into(),
+            "1".into(),
+            "--idle-timeout-secs".into(),
+            "3".into(),
         ],
         Some(&net.b),
     )?;
@@ -106,5 +110,34 @@ fn tunnel_between_two_network_namespaces() -> Result<()> {
     // The only traffic between the namespaces was the QUIC port: the source's log shows the
     // peer at the other namespace's address.
     source.wait_for(&format!("tunnel up with {}:", net.addr_b))?;
+
+    // Pull the cable: the target's idle timeout (3 s, keep-alive 1 s) notices, and once the
+    // link is back it redials and the tunnel works again.
+    net.set_link(false)?;
+    let t = std::time::Instant::now();
+    let closed = target
+        .child
+        .wait_for_output("closed: timed out", std::time::Duration::from_secs(20))?;
+    eprintln!("link down noticed after {:?}: {closed}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "idle timeout not honoured"
+    );
+    net.set_link(true)?;
+    pgferry_tests::wait_until(
+        "the tunnel to come back",
+        std::time::Duration::from_secs(60),
+        || (target.child.output().matches("tunnel up").count() >= 2).then_some(()),
+    )?;
+    let again = psql_in_b(
+        format!("host=127.0.0.1 port={local} user=postgres dbname=postgres"),
+        "SELECT count(*) FROM t",
+    )?;
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "5000");
     Ok(())
 }
