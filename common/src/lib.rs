@@ -13,6 +13,7 @@
 //!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
 //!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
 //!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
+//!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
 //!
 //!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
@@ -25,6 +26,7 @@ pub mod audit;
 pub mod control;
 pub mod frame;
 pub mod identity;
+pub mod migration;
 
 #[cfg(feature = "runtime")]
 pub mod runtime;
