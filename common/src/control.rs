@@ -32,8 +32,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const ALPN: &[u8] = b"pgferry/1";
 
 /// Largest control message accepted (after the 4-byte length). Hello and its answers are a few
-/// hundred bytes; 64 KiB leaves room for the migration issue's status reports.
-pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+/// hundred bytes; digests of [`MAX_TABLES_PER_REQUEST`] tables take about 1.5 MiB.
+pub const MAX_CONTROL_MESSAGE: usize = 2 * 1024 * 1024;
 
 /// Longest service name (bytes) in a [`StreamHeader`]; names come from the agents' configuration.
 pub const MAX_SERVICE_NAME: usize = 64;
@@ -129,6 +129,183 @@ pub enum ControlMessage {
         /// Human-readable reason naming what differs and how to fix it.
         reason: String,
     },
+    /// A typed request from the target (the migration driver) to the source agent. There is no
+    /// way to send SQL text: the source maps each request to its own fixed statements.
+    Request {
+        /// Echoed in the response.
+        id: u64,
+        request: Request,
+    },
+    /// The source agent's answer to the request with the same `id`.
+    Response { id: u64, response: Response },
+}
+
+/// Most tables one digest request may name.
+pub const MAX_TABLES_PER_REQUEST: usize = 10_000;
+
+/// What the target may ask of the source agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Facts for the preflight ([`crate::preflight::SourceFacts`]).
+    PreflightFacts,
+    /// Create a physical replication slot (reserving WAL now).
+    CreateSlot {
+        slot: String,
+    },
+    DropSlot {
+        slot: String,
+    },
+    /// Current LSN, `pg_stat_replication`, and the slot if named.
+    Status {
+        slot: Option<String>,
+    },
+    /// Stop writes on the source; answers with the fence LSN.
+    Fence {
+        mode: FenceMode,
+    },
+    /// Undo a fence (rollback before promotion).
+    Unfence,
+    /// Row count and BLAKE3 of the ordered contents of each table (`schema.table`).
+    TableDigests {
+        tables: Vec<String>,
+    },
+}
+
+/// How the source is fenced at cutover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceMode {
+    /// `default_transaction_read_only = on`, reload, and end sessions that could still write.
+    ReadOnly,
+    /// Stop the source cluster (fast shutdown).
+    Stop,
+}
+
+/// The source agent's answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Facts {
+        facts: crate::preflight::SourceFacts,
+    },
+    SlotCreated {
+        slot: String,
+        lsn: crate::migration::Lsn,
+    },
+    SlotDropped {
+        slot: String,
+    },
+    Status {
+        status: SourceStatus,
+    },
+    Fenced {
+        lsn: crate::migration::Lsn,
+    },
+    Unfenced,
+    TableDigests {
+        digests: Vec<TableDigest>,
+    },
+    /// The request failed; the message says why and what to do.
+    Error {
+        message: String,
+    },
+}
+
+/// Source-side replication status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceStatus {
+    pub current_lsn: crate::migration::Lsn,
+    pub replication: Vec<ReplicationRow>,
+    pub slot: Option<SlotRow>,
+    /// Source clock, ms since the epoch.
+    pub now_ms: u64,
+}
+
+/// One row of `pg_stat_replication`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationRow {
+    pub application_name: String,
+    pub state: String,
+    pub sent_lsn: Option<crate::migration::Lsn>,
+    pub write_lsn: Option<crate::migration::Lsn>,
+    pub flush_lsn: Option<crate::migration::Lsn>,
+    pub replay_lsn: Option<crate::migration::Lsn>,
+    pub write_lag_ms: Option<u64>,
+    pub flush_lag_ms: Option<u64>,
+    pub replay_lag_ms: Option<u64>,
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotRow {
+    pub name: String,
+    pub active: bool,
+    pub restart_lsn: Option<crate::migration::Lsn>,
+    pub wal_status: Option<String>,
+}
+
+/// A table's digest, computed by each agent on its own side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableDigest {
+    pub table: String,
+    pub rows: u64,
+    /// BLAKE3 (hex) of `COPY (SELECT * FROM table ORDER BY 1..n) TO STDOUT`.
+    pub blake3: String,
+}
+
+/// Slot names PostgreSQL accepts: `[a-z0-9_]{1,63}`.
+pub fn valid_slot_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// `schema.table` with plain identifiers (`[A-Za-z_][A-Za-z0-9_$]*`, ≤ 63 bytes each). The
+/// source quotes them itself; anything else (quotes, spaces, SQL) is refused before it gets
+/// near a statement.
+pub fn valid_table_name(name: &str) -> bool {
+    let ident = |p: &str| {
+        (1..=63).contains(&p.len())
+            && (p.as_bytes()[0].is_ascii_alphabetic() || p.as_bytes()[0] == b'_')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+    };
+    matches!(name.split_once('.'), Some((schema, table)) if ident(schema) && ident(table))
+}
+
+impl Request {
+    /// Checks names and sizes; the source agent calls this before acting.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::CreateSlot { slot } | Request::DropSlot { slot } if !valid_slot_name(slot) => {
+                Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
+            }
+            Request::Status { slot: Some(slot) } if !valid_slot_name(slot) => {
+                Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
+            }
+            Request::TableDigests { tables } => {
+                if tables.len() > MAX_TABLES_PER_REQUEST {
+                    return Err(format!(
+                        "{} tables requested; at most {MAX_TABLES_PER_REQUEST} per request",
+                        tables.len()
+                    ));
+                }
+                match tables.iter().find(|t| !valid_table_name(t)) {
+                    Some(t) => Err(format!(
+                        "invalid table name {t:?}: use schema.table with plain identifiers"
+                    )),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Who an agent says it is. Certificates are the authority (checked during the TLS handshake);
@@ -193,14 +370,14 @@ pub enum ControlError {
 }
 
 /// Encodes one control message with its length prefix.
-pub fn encode_message(msg: &ControlMessage, buf: &mut BytesMut) {
-    let json = serde_json::to_vec(msg).expect("control messages always serialize");
-    assert!(
-        json.len() <= MAX_CONTROL_MESSAGE,
-        "control message too large"
-    );
+pub fn encode_message(msg: &ControlMessage, buf: &mut BytesMut) -> Result<(), ControlError> {
+    let json = serde_json::to_vec(msg).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    if json.len() > MAX_CONTROL_MESSAGE {
+        return Err(ControlError::TooLarge { len: json.len() });
+    }
     buf.put_u32(json.len() as u32);
     buf.put_slice(&json);
+    Ok(())
 }
 
 /// Decodes one control message; `Ok(None)` when more bytes are needed. The length is checked
@@ -242,7 +419,7 @@ mod tests {
     fn message_round_trip_byte_by_byte() {
         let msg = ControlMessage::Hello(hello(Role::Target));
         let mut wire = BytesMut::new();
-        encode_message(&msg, &mut wire);
+        encode_message(&msg, &mut wire).unwrap();
         let mut buf = BytesMut::new();
         for (i, b) in wire.iter().enumerate() {
             buf.put_u8(*b);
@@ -296,6 +473,59 @@ mod tests {
         let mut v2 = hello(Role::Target);
         v2.protocol_version = 2;
         assert!(ours.check_peer(&v2).unwrap_err().contains("version 2"));
+    }
+
+    #[test]
+    fn typed_requests_round_trip_and_are_validated() {
+        let reqs = [
+            Request::PreflightFacts,
+            Request::CreateSlot {
+                slot: "pgferry_m1".into(),
+            },
+            Request::Status { slot: None },
+            Request::Fence {
+                mode: FenceMode::ReadOnly,
+            },
+            Request::TableDigests {
+                tables: vec!["public.orders".into(), "ferry.docs".into()],
+            },
+        ];
+        for (id, request) in reqs.into_iter().enumerate() {
+            request.validate().unwrap();
+            let msg = ControlMessage::Request {
+                id: id as u64,
+                request,
+            };
+            let mut wire = BytesMut::new();
+            encode_message(&msg, &mut wire).unwrap();
+            assert_eq!(decode_message(&mut wire).unwrap(), Some(msg));
+        }
+        for bad in [
+            Request::CreateSlot {
+                slot: "Bad-Slot".into(),
+            },
+            Request::DropSlot { slot: "".into() },
+            Request::TableDigests {
+                tables: vec!["public.orders; DROP TABLE x".into()],
+            },
+            Request::TableDigests {
+                tables: vec!["orders".into()],
+            },
+            Request::TableDigests {
+                tables: vec!["\"public\".\"orders\"".into()],
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        // No SQL text can be smuggled as an unknown field or op.
+        let mut buf = BytesMut::new();
+        let body = br#"{"type":"request","id":1,"request":{"op":"sql","text":"DROP DATABASE x"}}"#;
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(body);
+        assert!(matches!(
+            decode_message(&mut buf),
+            Err(ControlError::Malformed(_))
+        ));
     }
 
     #[test]

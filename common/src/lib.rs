@@ -14,6 +14,7 @@
 //!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
 //!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
+//!   preflight source/target facts → checks with what to fix (pure)
 //!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
 //!
 //!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
@@ -27,6 +28,7 @@ pub mod control;
 pub mod frame;
 pub mod identity;
 pub mod migration;
+pub mod preflight;
 
 #[cfg(feature = "runtime")]
 pub mod runtime;

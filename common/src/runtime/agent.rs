@@ -720,7 +720,7 @@ async fn exchange_hello(
         let (mut send, mut recv) = conn.open_bi().await?;
         let mut out = BytesMut::new();
         out.extend_from_slice(&[StreamKind::Control as u8]);
-        control::encode_message(&ControlMessage::Hello(shared.hello.clone()), &mut out);
+        control::encode_message(&ControlMessage::Hello(shared.hello.clone()), &mut out)?;
         send.write_all(&out).await?;
         let answer = pump::read_until(
             &mut recv,
@@ -767,13 +767,13 @@ async fn exchange_hello(
                     reason: reason.clone(),
                 },
                 &mut out,
-            );
+            )?;
             let _ = send.write_all(&out).await;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
             bail!(reason);
         }
-        control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out);
+        control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out)?;
         send.write_all(&out).await?;
         Ok((send, recv))
     }
