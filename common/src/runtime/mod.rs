@@ -6,6 +6,7 @@
 //!   tls     rustls configs whose verifiers add the identity policy to WebPKI
 //!   agent   endpoint, handshakes, Hello, forwarded streams, audit records, drain on shutdown
 //!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
+//!   pg      typed control requests → fixed SQL on the source; table digests for both sides
 //! ```
 //!
 //! Agents are embeddable: [`agent::run_agent`] takes its configuration and a shutdown future,
@@ -14,6 +15,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod pg;
 pub mod pump;
 pub mod tls;
 

@@ -1,0 +1,295 @@
+//! The PostgreSQL side of the typed control requests: each [`crate::control::Request`] maps to
+//! fixed statements here, with names passed as parameters or quoted identifiers checked by
+//! [`crate::control::Request::validate`] first. No SQL text ever arrives from the network.
+//!
+//! Table digests are used by both agents (each on its own cluster) during cutover.
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use tokio_postgres::Client;
+
+use crate::control::{
+    FenceMode, ReplicationRow, Request, Response, SlotRow, SourceStatus, TableDigest,
+};
+use crate::migration::Lsn;
+use crate::preflight::SourceFacts;
+
+/// Runs one request against the source cluster; errors become [`Response::Error`].
+pub async fn handle_request(client: &Client, request: &Request) -> Response {
+    if let Err(message) = request.validate() {
+        return Response::Error { message };
+    }
+    let result = match request {
+        Request::PreflightFacts => source_facts(client)
+            .await
+            .map(|facts| Response::Facts { facts }),
+        Request::CreateSlot { slot } => {
+            create_slot(client, slot)
+                .await
+                .map(|lsn| Response::SlotCreated {
+                    slot: slot.clone(),
+                    lsn,
+                })
+        }
+        Request::DropSlot { slot } => drop_slot(client, slot)
+            .await
+            .map(|()| Response::SlotDropped { slot: slot.clone() }),
+        Request::Status { slot } => status(client, slot.as_deref())
+            .await
+            .map(|status| Response::Status { status }),
+        Request::Fence { mode } => fence(client, *mode)
+            .await
+            .map(|lsn| Response::Fenced { lsn }),
+        Request::Unfence => unfence(client).await.map(|()| Response::Unfenced),
+        Request::TableDigests { tables } => {
+            let mut digests = Vec::with_capacity(tables.len());
+            let mut failed = None;
+            for t in tables {
+                match table_digest(client, t).await {
+                    Ok(d) => digests.push(d),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(Response::TableDigests { digests }),
+            }
+        }
+    };
+    result.unwrap_or_else(|e| Response::Error {
+        message: format!("{e:#}"),
+    })
+}
+
+fn lsn(text: &str) -> Result<Lsn> {
+    text.parse()
+        .with_context(|| format!("PostgreSQL returned {text:?} as an LSN"))
+}
+
+fn opt_lsn(text: Option<String>) -> Result<Option<Lsn>> {
+    text.map(|t| lsn(&t)).transpose()
+}
+
+/// Facts for the preflight.
+pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4,
+                    current_setting('wal_level'),
+                    current_setting('max_wal_senders')::int4,
+                    (SELECT count(*) FROM pg_stat_replication)::int4,
+                    current_setting('max_replication_slots')::int4,
+                    (SELECT count(*) FROM pg_replication_slots)::int4,
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                    (SELECT coalesce(sum(pg_database_size(oid)), 0) FROM pg_database)::int8,
+                    pg_is_in_recovery(),
+                    (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+            &[],
+        )
+        .await
+        .context("reading settings on the source")?;
+    // pg_hba_file_rules needs superuser (or an explicit grant); without it the check is skipped.
+    let hba = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_hba_file_rules
+               WHERE error IS NULL AND type IN ('host', 'hostssl', 'hostnossl')
+                 AND 'replication' = ANY (database)
+                 AND (address IN ('all', 'samehost')
+                      OR (address ~ '^[0-9.]+$' AND netmask IS NOT NULL
+                          AND (inet '127.0.0.1' & netmask::inet) = (address::inet & netmask::inet))))",
+            &[],
+        )
+        .await
+        .ok()
+        .map(|r| r.get::<_, bool>(0));
+    Ok(SourceFacts {
+        server_version_num: row.get::<_, i32>(0) as u32,
+        wal_level: row.get(1),
+        max_wal_senders: row.get::<_, i32>(2) as u32,
+        wal_senders_used: row.get::<_, i32>(3) as u32,
+        max_replication_slots: row.get::<_, i32>(4) as u32,
+        replication_slots_used: row.get::<_, i32>(5) as u32,
+        replication_role: row.get::<_, Option<bool>>(6).unwrap_or(false),
+        hba_replication_from_loopback: hba,
+        database_bytes: row.get::<_, i64>(7).max(0) as u64,
+        in_recovery: row.get(8),
+        now_ms: row.get::<_, i64>(9).max(0) as u64,
+    })
+}
+
+/// Creates a physical slot that reserves WAL from now on; returns its restart LSN.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<Lsn> {
+    let row = client
+        .query_one(
+            "SELECT (pg_create_physical_replication_slot($1, true)).lsn::text",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("creating replication slot {slot}"))?;
+    lsn(&row.get::<_, String>(0))
+}
+
+/// Drops a slot if it exists (idempotent, so a resumed rollback can repeat it).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<()> {
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("dropping replication slot {slot} (is a standby still using it?)"))?;
+    Ok(())
+}
+
+/// Current LSN, replication connections and the slot.
+pub async fn status(client: &Client, slot: Option<&str>) -> Result<SourceStatus> {
+    let head = client
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+            &[],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT coalesce(application_name, ''), coalesce(state, ''),
+                    sent_lsn::text, write_lsn::text, flush_lsn::text, replay_lsn::text,
+                    (extract(epoch FROM write_lag) * 1000)::int8,
+                    (extract(epoch FROM flush_lag) * 1000)::int8,
+                    (extract(epoch FROM replay_lag) * 1000)::int8
+               FROM pg_stat_replication ORDER BY pid",
+            &[],
+        )
+        .await?;
+    let mut replication = Vec::with_capacity(rows.len());
+    for r in rows {
+        let ms = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.max(0) as u64);
+        replication.push(ReplicationRow {
+            application_name: r.get(0),
+            state: r.get(1),
+            sent_lsn: opt_lsn(r.get(2))?,
+            write_lsn: opt_lsn(r.get(3))?,
+            flush_lsn: opt_lsn(r.get(4))?,
+            replay_lsn: opt_lsn(r.get(5))?,
+            write_lag_ms: ms(6),
+            flush_lag_ms: ms(7),
+            replay_lag_ms: ms(8),
+        });
+    }
+    let slot = match slot {
+        Some(name) => client
+            .query_opt(
+                "SELECT slot_name::text, active, restart_lsn::text, wal_status
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?
+            .map(|r| -> Result<SlotRow> {
+                Ok(SlotRow {
+                    name: r.get(0),
+                    active: r.get(1),
+                    restart_lsn: opt_lsn(r.get(2))?,
+                    wal_status: r.get(3),
+                })
+            })
+            .transpose()?,
+        None => None,
+    };
+    Ok(SourceStatus {
+        current_lsn: lsn(&head.get::<_, String>(0))?,
+        replication,
+        slot,
+        now_ms: head.get::<_, i64>(1).max(0) as u64,
+    })
+}
+
+/// Fences the source: no new writes from now on. Read-only mode sets
+/// `default_transaction_read_only`, reloads, and ends every other client session (a session
+/// that began before the reload could still write); replication connections are kept. Returns
+/// the LSN after which the source writes nothing.
+pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
+    match mode {
+        FenceMode::ReadOnly => {
+            client
+                .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
+                .await
+                .context("ALTER SYSTEM SET default_transaction_read_only (needs superuser)")?;
+            client.batch_execute("SELECT pg_reload_conf()").await?;
+            client
+                .batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                )
+                .await
+                .context("ending sessions that could still write")?;
+            let row = client
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await?;
+            lsn(&row.get::<_, String>(0))
+        }
+        FenceMode::Stop => {
+            bail!("fencing by stopping the source is not available in this version; use read-only")
+        }
+    }
+}
+
+/// Undoes a read-only fence.
+pub async fn unfence(client: &Client) -> Result<()> {
+    client
+        .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+        .await
+        .context("ALTER SYSTEM RESET default_transaction_read_only")?;
+    client.batch_execute("SELECT pg_reload_conf()").await?;
+    Ok(())
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Row count and BLAKE3 of a table's contents in a deterministic order: by primary key when
+/// there is one, else by the whole row's text.
+pub async fn table_digest(client: &Client, table: &str) -> Result<TableDigest> {
+    let (schema, name) = table
+        .split_once('.')
+        .with_context(|| format!("table {table:?} is not schema.table"))?;
+    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    let pk: Vec<String> = client
+        .query(
+            "SELECT a.attname::text FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+              ORDER BY array_position(i.indkey, a.attnum)",
+            &[&qualified],
+        )
+        .await
+        .with_context(|| format!("looking up table {table}"))?
+        .iter()
+        .map(|r| quote_ident(r.get::<_, &str>(0)))
+        .collect();
+    let order = if pk.is_empty() {
+        "t::text".to_string()
+    } else {
+        pk.join(", ")
+    };
+    let sql = format!("COPY (SELECT * FROM {qualified} t ORDER BY {order}) TO STDOUT");
+    let stream = client
+        .copy_out(sql.as_str())
+        .await
+        .with_context(|| format!("reading table {table}"))?;
+    let mut stream = std::pin::pin!(stream);
+    let mut hasher = blake3::Hasher::new();
+    let mut rows = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.with_context(|| format!("reading table {table}"))?;
+        rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        hasher.update(&chunk);
+    }
+    Ok(TableDigest {
+        table: table.to_string(),
+        rows,
+        blake3: hasher.finalize().to_hex().to_string(),
+    })
+}
