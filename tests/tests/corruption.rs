@@ -138,7 +138,7 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
             stopped(stop_rx.clone()),
             RunOptions {
                 ready: Some(ready_tx),
-                fault: None,
+                ..Default::default()
             },
         ));
         ready_rx.await.context("source agent did not come up")?;
@@ -147,8 +147,8 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
             target_cfg,
             stopped(stop_rx.clone()),
             RunOptions {
-                ready: None,
                 fault: Some(fault.clone()),
+                ..Default::default()
             },
         ));
 

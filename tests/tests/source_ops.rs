@@ -1,11 +1,20 @@
 //! The typed control requests against a real source cluster: preflight facts and checks, slot
 //! lifecycle, status, read-only fence and unfence, table digests.
 
-use anyhow::Result;
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use pgferry_common::control::{FenceMode, Request, Response};
+use pgferry_common::identity::Role;
 use pgferry_common::preflight::{evaluate, TargetFacts};
+use pgferry_common::runtime::cli::{resolve_config, RunArgs};
 use pgferry_common::runtime::pg;
+use pgferry_common::runtime::{run_agent, RunOptions};
+use pgferry_tests::free_udp_port;
 use pgferry_tests::{free_tcp_port, load_sample_data, table_digest, PgCluster, TestDir};
+use support::{audit_events, details, Certs};
 
 fn target_facts(now_ms: u64) -> TargetFacts {
     TargetFacts {
@@ -125,6 +134,174 @@ fn typed_requests_on_a_real_source() -> Result<()> {
         assert!(wal.detail.contains("minimal"), "{wal:?}");
         assert!(wal.fix.contains("wal_level = replica"), "{wal:?}");
         assert!(failed.iter().any(|c| c.name == "max_wal_senders"));
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
+/// The same requests sent by a target agent over the tunnel's control stream and answered by
+/// the source agent on its own PostgreSQL connection; each is audited on the source.
+#[test]
+fn requests_cross_the_tunnel_and_are_audited() -> Result<()> {
+    let dir = TestDir::new()?;
+    let port = free_tcp_port();
+    let mut pgc = PgCluster::init(&dir.join("pg"), port)?;
+    pgc.start()?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let pwfile = dir.join("pgpass");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pwfile)?;
+        writeln!(f, "{}", pgc.password)?;
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let udp = free_udp_port();
+        let source_audit = dir.join("source.audit.jsonl");
+        let source_cfg = resolve_config(
+            Role::Source,
+            RunArgs {
+                listen: Some(format!("127.0.0.1:{udp}")),
+                ca: Some(certs.ca()),
+                cert: Some(certs.pem("source")),
+                key: Some(certs.key("source")),
+                audit_log: Some(source_audit.clone()),
+                upstream: Some(format!("127.0.0.1:{port}")),
+                pg_conninfo: Some(format!(
+                    "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+                )),
+                pg_password_file: Some(pwfile.clone()),
+                ..Default::default()
+            },
+        )?;
+        let target_cfg = resolve_config(
+            Role::Target,
+            RunArgs {
+                connect: Some(format!("127.0.0.1:{udp}")),
+                ca: Some(certs.ca()),
+                cert: Some(certs.pem("target")),
+                key: Some(certs.key("target")),
+                audit_log: Some(dir.join("target.audit.jsonl")),
+                local: Some(format!("127.0.0.1:{}", free_tcp_port())),
+                ..Default::default()
+            },
+        )?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let source = tokio::spawn(run_agent(
+            source_cfg,
+            stopped(stop_rx.clone()),
+            RunOptions {
+                ready: Some(ready_tx),
+                ..Default::default()
+            },
+        ));
+        ready_rx.await.context("source did not come up")?;
+        let (tunnels_tx, mut tunnels_rx) = tokio::sync::mpsc::unbounded_channel();
+        let target = tokio::spawn(run_agent(
+            target_cfg,
+            stopped(stop_rx.clone()),
+            RunOptions {
+                tunnels: Some(tunnels_tx),
+                ..Default::default()
+            },
+        ));
+        let control = tokio::time::timeout(Duration::from_secs(20), tunnels_rx.recv())
+            .await?
+            .context("no tunnel")?;
+        let t = Duration::from_secs(20);
+
+        let r = control.request(Request::PreflightFacts, t).await?;
+        let Response::Facts { facts } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(facts.wal_level, "replica");
+        let r = control
+            .request(
+                Request::CreateSlot {
+                    slot: "pgferry_tunnel".into(),
+                },
+                t,
+            )
+            .await?;
+        assert!(matches!(r, Response::SlotCreated { .. }), "{r:?}");
+        let r = control
+            .request(
+                Request::Status {
+                    slot: Some("pgferry_tunnel".into()),
+                },
+                t,
+            )
+            .await?;
+        let Response::Status { status } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(status.slot.unwrap().name, "pgferry_tunnel");
+        let r = control
+            .request(
+                Request::DropSlot {
+                    slot: "pgferry_tunnel".into(),
+                },
+                t,
+            )
+            .await?;
+        assert!(matches!(r, Response::SlotDropped { .. }), "{r:?}");
+        // A bad name never leaves the target.
+        assert!(control
+            .request(
+                Request::DropSlot {
+                    slot: "X; --".into()
+                },
+                t
+            )
+            .await
+            .is_err());
+        // A failing request is an answer, not a broken tunnel.
+        let r = control
+            .request(
+                Request::TableDigests {
+                    tables: vec!["public.missing".into()],
+                },
+                t,
+            )
+            .await?;
+        let Response::Error { message } = r else {
+            panic!("{r:?}")
+        };
+        assert!(message.contains("missing"), "{message}");
+        let r = control.request(Request::Status { slot: None }, t).await?;
+        assert!(matches!(r, Response::Status { .. }), "{r:?}");
+
+        stop_tx.send(true)?;
+        tokio::time::timeout(Duration::from_secs(40), target).await???;
+        tokio::time::timeout(Duration::from_secs(40), source).await???;
+        let requests = audit_events(&source_audit, "control_request");
+        let ops: Vec<_> = requests
+            .iter()
+            .map(|r| details(r)["op"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                "preflight_facts",
+                "create_slot",
+                "status",
+                "drop_slot",
+                "table_digests",
+                "status"
+            ]
+        );
+        assert_eq!(details(&requests[4])["result"], "error");
+        // The password never reaches the audit log.
+        assert!(!std::fs::read_to_string(&source_audit)?.contains(&pgc.password));
         anyhow::Ok(())
     })?;
     Ok(())

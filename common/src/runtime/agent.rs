@@ -27,6 +27,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{error, info, warn};
 
 use super::config::{AgentConfig, Endpoint, Service, Transport};
+use super::control_stream::{self, ControlClient};
 use super::pump::{self, LocalConn, Outcome, PumpOptions, StreamReport};
 use super::tls::{self, RefusalSlot, TlsIdentity};
 use crate::audit::{AuditLog, CheckpointSigner};
@@ -58,6 +59,9 @@ pub struct RunOptions {
     /// Test-only fault injection.
     #[cfg(feature = "test-hooks")]
     pub fault: Option<Arc<pump::FaultInjection>>,
+    /// Target: receives the control client of every tunnel that comes up (the migration driver
+    /// sends its typed requests through it).
+    pub tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
 }
 
 /// Audit log shared by all tasks. A failure to write is logged; the agent keeps serving.
@@ -112,6 +116,7 @@ struct Shared {
     current: watch::Sender<Option<PeerConn>>,
     next_session: AtomicU64,
     shutting_down: watch::Sender<bool>,
+    tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
 }
 
 #[derive(Clone)]
@@ -221,6 +226,7 @@ pub async fn run_agent(
         current: watch::channel(None).0,
         next_session: AtomicU64::new(session_base),
         shutting_down: watch::channel(false).0,
+        tunnels: opts.tunnels,
     });
 
     let endpoint = make_endpoint(&shared)?;
@@ -606,8 +612,32 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
     if shared.cfg.role == Role::Target {
         shared.current.send_replace(Some(pc.clone()));
     }
-    // Keep the control stream open for the connection's lifetime (the migration adds requests).
-    let _control = control;
+    // The control stream carries the migration's typed requests: the target asks, the source
+    // answers (whichever side dialed and opened the stream).
+    let (control_send, control_recv, control_buf) = control;
+    let control_task = match shared.cfg.role {
+        Role::Source => {
+            let sh = shared.clone();
+            tokio::spawn(control_stream::serve_requests(
+                control_send,
+                control_recv,
+                control_buf,
+                shared.cfg.source_pg.clone(),
+                move |event, details| sh.audit.record(event, details),
+            ))
+        }
+        Role::Target => {
+            let client = Arc::new(ControlClient::new(control_send));
+            if let Some(tx) = &shared.tunnels {
+                let _ = tx.send(client.clone());
+            }
+            tokio::spawn(control_stream::read_responses(
+                client,
+                control_recv,
+                control_buf,
+            ))
+        }
+    };
     let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
     let reason = match shared.cfg.role {
         Role::Source => accept_data_streams(&shared, &pc, &stats).await,
@@ -635,6 +665,7 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         });
     }
     watcher.abort();
+    control_task.abort();
     let qs = conn.stats();
     info!("tunnel with {remote} closed: {reason}");
     shared.audit.record(
@@ -714,7 +745,7 @@ async fn exchange_hello(
     shared: &Shared,
     conn: &quinn::Connection,
     dialed: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut)> {
     let mut buf = BytesMut::new();
     if dialed {
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -732,7 +763,7 @@ async fn exchange_hello(
         match answer {
             ControlMessage::HelloAck(h) => {
                 shared.hello.check_peer(&h).map_err(|e| anyhow!(e))?;
-                Ok((send, recv))
+                Ok((send, recv, buf))
             }
             ControlMessage::Refuse { reason } => bail!("peer refused us: {reason}"),
             other => bail!("unexpected control message {other:?}"),
@@ -775,7 +806,7 @@ async fn exchange_hello(
         }
         control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out)?;
         send.write_all(&out).await?;
-        Ok((send, recv))
+        Ok((send, recv, buf))
     }
 }
 

@@ -67,6 +67,13 @@ pub struct RunArgs {
     /// unix:/path; default 127.0.0.1:5433).
     #[arg(long, value_name = "ENDPOINT")]
     pub local: Option<String>,
+    /// Source only: PostgreSQL connection string for the migration's typed requests (slots,
+    /// status, fence, digests), e.g. "host=127.0.0.1 port=5432 user=postgres dbname=postgres".
+    #[arg(long, value_name = "CONNINFO")]
+    pub pg_conninfo: Option<String>,
+    /// Source only: file with the password for --pg-conninfo (mode 0600; never logged).
+    #[arg(long, value_name = "FILE")]
+    pub pg_password_file: Option<PathBuf>,
 }
 
 /// `audit …`
@@ -181,6 +188,8 @@ pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
         audit_log: args.audit_log,
         compression_level: args.compression_level,
         postgres_endpoint,
+        pg_conninfo: args.pg_conninfo,
+        pg_password_file: args.pg_password_file,
     };
     let what = args
         .config

@@ -82,6 +82,27 @@ pub struct ConfigFile {
     /// `[[service]]`
     #[serde(default)]
     pub service: Vec<ServiceSection>,
+    /// `[source]` (source agent only): how it reaches PostgreSQL for typed control requests.
+    #[serde(default)]
+    pub source: SourceSection,
+}
+
+/// `[source]`: the source agent's own PostgreSQL connection for the migration's typed requests
+/// (preflight facts, slots, status, fence, digests). Forwarded client traffic does not use it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// libpq-style connection string, e.g. `host=127.0.0.1 port=5432 user=postgres dbname=postgres`.
+    pub conninfo: Option<String>,
+    /// File holding the password (first line; mode 0600). Never logged.
+    pub password_file: Option<PathBuf>,
+}
+
+/// The source agent's control connection to PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePg {
+    pub conninfo: String,
+    pub password_file: Option<PathBuf>,
 }
 
 /// `[tls]`: certificate files.
@@ -184,6 +205,7 @@ impl ConfigFile {
             &mut cfg.tls.key,
             &mut cfg.tls.revocation_list,
             &mut cfg.audit.log,
+            &mut cfg.source.password_file,
         ]
         .into_iter()
         .flatten()
@@ -284,6 +306,9 @@ pub struct AgentConfig {
     pub compression_level: i32,
     /// Forwarded services.
     pub services: Vec<Service>,
+    /// Source only: PostgreSQL connection for typed control requests (`None`: requests are
+    /// answered with an error saying how to configure it).
+    pub source_pg: Option<SourcePg>,
 }
 
 /// Flag values that override the file (all optional); filled from [`crate::runtime::cli::RunArgs`].
@@ -317,6 +342,10 @@ pub struct Overrides {
     pub compression_level: Option<i32>,
     /// `--upstream` (source) / `--local` (target) for the `postgres` service.
     pub postgres_endpoint: Option<String>,
+    /// `--pg-conninfo` (source)
+    pub pg_conninfo: Option<String>,
+    /// `--pg-password-file` (source)
+    pub pg_password_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -420,6 +449,29 @@ impl AgentConfig {
 
         let services = resolve_services(role, file.service, flags.postgres_endpoint)?;
 
+        let conninfo = flags.pg_conninfo.or(file.source.conninfo);
+        let password_file = flags.pg_password_file.or(file.source.password_file);
+        let source_pg = match (role, conninfo) {
+            (Role::Target, Some(_)) => {
+                bail!("[source] conninfo / --pg-conninfo is for the source agent only")
+            }
+            (Role::Source, Some(c)) => {
+                c.parse::<tokio_postgres::Config>().map_err(|e| {
+                    anyhow::anyhow!("[source] conninfo is not a valid connection string: {e}")
+                })?;
+                Some(SourcePg {
+                    conninfo: c,
+                    password_file,
+                })
+            }
+            (_, None) => {
+                if password_file.is_some() {
+                    bail!("[source] password_file is set but conninfo is not");
+                }
+                None
+            }
+        };
+
         Ok(Self {
             role,
             ca,
@@ -434,6 +486,7 @@ impl AgentConfig {
             audit_log,
             compression_level,
             services,
+            source_pg,
         })
     }
 }

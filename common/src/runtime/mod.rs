@@ -6,6 +6,7 @@
 //!   tls     rustls configs whose verifiers add the identity policy to WebPKI
 //!   agent   endpoint, handshakes, Hello, forwarded streams, audit records, drain on shutdown
 //!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
+//!   control_stream  typed requests/responses on the control stream (target asks, source answers)
 //!   pg      typed control requests → fixed SQL on the source; table digests for both sides
 //! ```
 //!
@@ -15,6 +16,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod control_stream;
 pub mod pg;
 pub mod pump;
 pub mod tls;
