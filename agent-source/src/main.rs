@@ -5,9 +5,9 @@
 //! All logic lives in `pgferry_common::runtime`; this binary only fixes the role.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use pgferry_common::identity::Role;
-use pgferry_common::runtime::cli::{agent_main, AgentCli};
+use pgferry_common::runtime::cli::{agent_main, AgentCli, TARGET_ONLY_COMMANDS};
 
 /// pgferry source agent: runs next to the old PostgreSQL and serves the tunnel.
 #[derive(Parser)]
@@ -19,5 +19,11 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    agent_main(Role::Source, Cli::parse().inner)
+    // The migration verbs (preflight, status, …) belong to pgferry-target: hide them here.
+    let mut cmd = Cli::command();
+    for name in TARGET_ONLY_COMMANDS {
+        cmd = cmd.mut_subcommand(*name, |s| s.hide(true));
+    }
+    let cli = Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit());
+    agent_main(Role::Source, cli.inner)
 }

@@ -12,7 +12,7 @@ use pgferry_common::runtime::cli::{agent_main, AgentCli};
 /// pgferry target agent: runs on the new host and offers the source's PostgreSQL locally.
 #[derive(Parser)]
 #[command(name = "pgferry-target", version, about, long_about = None,
-    after_help = "Examples:\n  pgferry-target run --connect old-host:7443 --ca certs/ca.pem --cert certs/target.pem \\\n      --key certs/target.key --audit-log target.audit.jsonl --local 127.0.0.1:5433\n  pgferry-target run --config /etc/pgferry/target.toml\n  pgferry-target audit verify target.audit.jsonl --peer source.audit.jsonl")]
+    after_help = "Examples:\n  pgferry-target run --connect old-host:7443 --ca certs/ca.pem --cert certs/target.pem \\\n      --key certs/target.key --audit-log target.audit.jsonl --local 127.0.0.1:5433\n  pgferry-target run --config /etc/pgferry/target.toml\n  pgferry-target audit verify target.audit.jsonl --peer source.audit.jsonl\n  pgferry-target preflight --config /etc/pgferry/target.toml")]
 struct Cli {
     #[command(flatten)]
     inner: AgentCli,

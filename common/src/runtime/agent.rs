@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{error, info, warn};
 
+use super::admin;
 use super::config::{AgentConfig, Endpoint, Service, Transport};
 use super::control_stream::{self, ControlClient};
 use super::pump::{self, LocalConn, Outcome, PumpOptions, StreamReport};
@@ -125,6 +126,8 @@ struct PeerConn {
     peer: Arc<PeerIdentity>,
     /// Data streams carried by this connection (for `session_ended`).
     stats: Arc<ConnStats>,
+    /// Target: typed requests to the source agent.
+    control: Option<Arc<ControlClient>>,
 }
 
 /// Runs an agent until `shutdown` resolves, then drains and stops.
@@ -240,6 +243,11 @@ pub async fn run_agent(
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(t) = &shared.cfg.target {
+        let listener = bind_admin(&t.admin_socket)?;
+        let sh = shared.clone();
+        tasks.spawn(async move { serve_admin(sh, listener).await });
+    }
     for (service, l) in listeners {
         let sh = shared.clone();
         tasks.spawn(async move { serve_local(sh, service, l).await });
@@ -604,40 +612,43 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
     );
     let started = Instant::now();
     let stats = Arc::new(ConnStats::default());
-    let pc = PeerConn {
-        conn: conn.clone(),
-        peer: peer.clone(),
-        stats: stats.clone(),
-    };
-    if shared.cfg.role == Role::Target {
-        shared.current.send_replace(Some(pc.clone()));
-    }
     // The control stream carries the migration's typed requests: the target asks, the source
     // answers (whichever side dialed and opened the stream).
     let (control_send, control_recv, control_buf) = control;
-    let control_task = match shared.cfg.role {
+    let (control_task, control_client) = match shared.cfg.role {
         Role::Source => {
             let sh = shared.clone();
-            tokio::spawn(control_stream::serve_requests(
+            let task = tokio::spawn(control_stream::serve_requests(
                 control_send,
                 control_recv,
                 control_buf,
                 shared.cfg.source_pg.clone(),
                 move |event, details| sh.audit.record(event, details),
-            ))
+            ));
+            (task, None)
         }
         Role::Target => {
             let client = Arc::new(ControlClient::new(control_send));
             if let Some(tx) = &shared.tunnels {
                 let _ = tx.send(client.clone());
             }
-            tokio::spawn(control_stream::read_responses(
-                client,
+            let task = tokio::spawn(control_stream::read_responses(
+                client.clone(),
                 control_recv,
                 control_buf,
-            ))
+            ));
+            (task, Some(client))
         }
     };
+    let pc = PeerConn {
+        conn: conn.clone(),
+        peer: peer.clone(),
+        stats: stats.clone(),
+        control: control_client,
+    };
+    if shared.cfg.role == Role::Target {
+        shared.current.send_replace(Some(pc.clone()));
+    }
     let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
     let reason = match shared.cfg.role {
         Role::Source => accept_data_streams(&shared, &pc, &stats).await,
@@ -943,6 +954,130 @@ fn direction_json(d: &DirectionStats) -> Value {
         "chunks": d.chunks,
         "digest": hex::encode(d.digest()),
     })
+}
+
+fn bind_admin(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "admin socket {} is in use: another pgferry-target runs with it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale admin socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 600 {}", path.display()))?;
+    info!("admin socket {}", path.display());
+    Ok(l)
+}
+
+/// Serves admin connections (one request each) until shutdown.
+async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        let mut stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { warn!("admin socket: {e}"); continue; }
+            },
+            _ = stop.changed() => break,
+        };
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let answer = match admin::read_request(&mut stream).await {
+                Ok(verb) => admin_verb(&sh, &verb).await,
+                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            };
+            let mut line = answer.to_string();
+            line.push('\n');
+            let _ = stream.write_all(line.as_bytes()).await;
+        });
+    }
+    if let Some(t) = &shared.cfg.target {
+        let _ = std::fs::remove_file(&t.admin_socket);
+    }
+}
+
+async fn admin_verb(shared: &Arc<Shared>, verb: &str) -> Value {
+    let current = shared.current.borrow().clone();
+    match verb {
+        "status" => match current {
+            Some(pc) => json!({
+                "ok": true,
+                "tunnel": "up",
+                "peer": {
+                    "address": pc.conn.remote_address().to_string(),
+                    "role": pc.peer.role.to_string(),
+                    "region": pc.peer.region.to_string(),
+                    "migration": pc.peer.migration.to_string(),
+                    "fingerprint": pc.peer.fingerprint.to_string(),
+                },
+                "streams": pc.stats.streams.load(Ordering::SeqCst),
+                "rtt_ms": pc.conn.rtt().as_millis() as u64,
+            }),
+            None => {
+                json!({"ok": false, "tunnel": "down", "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"})
+            }
+        },
+        "preflight" => {
+            let Some(pc) = current else {
+                return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+            };
+            let Some(control) = pc.control.clone() else {
+                return json!({"ok": false, "error": "no control stream"});
+            };
+            let t0 = Instant::now();
+            let r = control
+                .request(
+                    crate::control::Request::PreflightFacts,
+                    Duration::from_secs(60),
+                )
+                .await;
+            let rtt_ms = t0.elapsed().as_millis() as u64;
+            let facts = match r {
+                Ok(crate::control::Response::Facts { facts }) => facts,
+                Ok(crate::control::Response::Error { message }) => {
+                    return json!({"ok": false, "error": format!("the source agent could not gather its facts: {message}")})
+                }
+                Ok(other) => {
+                    return json!({"ok": false, "error": format!("unexpected answer {other:?}")})
+                }
+                Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
+            };
+            let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
+            let settings = shared.cfg.target.clone().expect("target settings");
+            let tf = match tokio::task::spawn_blocking(move || {
+                admin::target_facts(&settings, now_ms, rtt_ms)
+            })
+            .await
+            {
+                Ok(Ok(tf)) => tf,
+                Ok(Err(e)) => return json!({"ok": false, "error": format!("{e:#}")}),
+                Err(e) => return json!({"ok": false, "error": e.to_string()}),
+            };
+            let checks = crate::preflight::evaluate(&facts, &tf);
+            let ok = checks.iter().all(|c| c.ok);
+            shared.audit.record(
+                "preflight",
+                json!({
+                    "ok": ok,
+                    "failed": checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect::<Vec<_>>(),
+                    "checks": checks.len() as u64,
+                }),
+            );
+            json!({"ok": ok, "checks": checks, "source": facts, "target": tf})
+        }
+        other => {
+            json!({"ok": false, "error": format!("unknown verb {other:?}; known: {}", admin::VERBS.join(", "))})
+        }
+    }
 }
 
 fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport) {

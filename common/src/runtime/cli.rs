@@ -74,6 +74,16 @@ pub struct RunArgs {
     /// Source only: file with the password for --pg-conninfo (mode 0600; never logged).
     #[arg(long, value_name = "FILE")]
     pub pg_password_file: Option<PathBuf>,
+    /// Target only: data directory of the new cluster (empty or absent before the clone).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Target only: PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
+    #[arg(long, value_name = "DIR")]
+    pub bindir: Option<PathBuf>,
+    /// Target only: admin socket for `preflight`, `status`, … (default: pgferry-target.sock
+    /// next to the audit log; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// `audit …`
@@ -124,7 +134,29 @@ enum AgentCommand {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Check both clusters before a migration: prints each check and what to fix; changes
+    /// nothing. Talks to the running target agent (`pgferry-target run`).
+    Preflight(AdminArgs),
+    /// Show the tunnel and migration state of the running target agent.
+    Status(AdminArgs),
 }
+
+/// How a CLI verb finds the running target agent.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The agent's admin socket.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// The agent's config file (its [target] admin_socket, or the socket next to its audit log).
+    #[arg(short, long, env = "PGFERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
+pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status"];
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
@@ -132,6 +164,11 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
     let result = match cli.command {
         AgentCommand::Run(args) => run(role, *args).map(|()| ExitCode::SUCCESS),
         AgentCommand::Audit(cmd) => audit_command(cmd),
+        AgentCommand::Preflight(_) | AgentCommand::Status(_) if role == Role::Source => Err(
+            anyhow::anyhow!("this is a pgferry-target command; run it on the new host"),
+        ),
+        AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a),
+        AgentCommand::Status(a) => super::admin::cli_verb("status", &a),
     };
     match result {
         Ok(code) => code,
@@ -190,6 +227,9 @@ pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
         postgres_endpoint,
         pg_conninfo: args.pg_conninfo,
         pg_password_file: args.pg_password_file,
+        data_dir: args.data_dir,
+        bindir: args.bindir,
+        admin_socket: args.admin_socket,
     };
     let what = args
         .config

@@ -85,6 +85,48 @@ pub struct ConfigFile {
     /// `[source]` (source agent only): how it reaches PostgreSQL for typed control requests.
     #[serde(default)]
     pub source: SourceSection,
+    /// `[target]` (target agent only): the new cluster and the admin socket.
+    #[serde(default)]
+    pub target: TargetSection,
+}
+
+/// `[target]`: where the new cluster goes and how operators reach the running agent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Data directory of the new cluster (must be empty or absent before the clone).
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
+    pub bindir: Option<PathBuf>,
+    /// Unix socket (mode 0600) that `pgferry-target preflight|status|…` talk to
+    /// (default: `pgferry-target.sock` next to the audit log).
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// Default PostgreSQL binaries of the new cluster.
+pub const DEFAULT_BINDIR: &str = "/usr/lib/postgresql/15/bin";
+/// File name of the admin socket when none is configured (next to the audit log).
+pub const DEFAULT_ADMIN_SOCKET: &str = "pgferry-target.sock";
+
+/// The target agent's settings for the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSettings {
+    pub data_dir: Option<PathBuf>,
+    pub bindir: PathBuf,
+    pub admin_socket: PathBuf,
+}
+
+impl ConfigFile {
+    /// The admin socket a CLI verb should talk to, from this file alone.
+    pub fn admin_socket(&self) -> Option<PathBuf> {
+        self.target.admin_socket.clone().or_else(|| {
+            self.audit.log.as_ref().map(|l| {
+                l.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(DEFAULT_ADMIN_SOCKET)
+            })
+        })
+    }
 }
 
 /// `[source]`: the source agent's own PostgreSQL connection for the migration's typed requests
@@ -206,6 +248,9 @@ impl ConfigFile {
             &mut cfg.tls.revocation_list,
             &mut cfg.audit.log,
             &mut cfg.source.password_file,
+            &mut cfg.target.data_dir,
+            &mut cfg.target.bindir,
+            &mut cfg.target.admin_socket,
         ]
         .into_iter()
         .flatten()
@@ -309,6 +354,8 @@ pub struct AgentConfig {
     /// Source only: PostgreSQL connection for typed control requests (`None`: requests are
     /// answered with an error saying how to configure it).
     pub source_pg: Option<SourcePg>,
+    /// Target only: the new cluster and the admin socket.
+    pub target: Option<TargetSettings>,
 }
 
 /// Flag values that override the file (all optional); filled from [`crate::runtime::cli::RunArgs`].
@@ -346,6 +393,12 @@ pub struct Overrides {
     pub pg_conninfo: Option<String>,
     /// `--pg-password-file` (source)
     pub pg_password_file: Option<PathBuf>,
+    /// `--data-dir` (target)
+    pub data_dir: Option<PathBuf>,
+    /// `--bindir` (target)
+    pub bindir: Option<PathBuf>,
+    /// `--admin-socket` (target)
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -449,6 +502,28 @@ impl AgentConfig {
 
         let services = resolve_services(role, file.service, flags.postgres_endpoint)?;
 
+        let data_dir = flags.data_dir.or(file.target.data_dir);
+        let bindir = flags.bindir.or(file.target.bindir);
+        let admin_socket = flags.admin_socket.or(file.target.admin_socket);
+        let target = match role {
+            Role::Target => Some(TargetSettings {
+                data_dir,
+                bindir: bindir.unwrap_or_else(|| PathBuf::from(DEFAULT_BINDIR)),
+                admin_socket: admin_socket.unwrap_or_else(|| {
+                    audit_log
+                        .parent()
+                        .unwrap_or(Path::new("."))
+                        .join(DEFAULT_ADMIN_SOCKET)
+                }),
+            }),
+            Role::Source => {
+                if data_dir.is_some() || bindir.is_some() || admin_socket.is_some() {
+                    bail!("[target] settings (data_dir, bindir, admin_socket) are for the target agent only");
+                }
+                None
+            }
+        };
+
         let conninfo = flags.pg_conninfo.or(file.source.conninfo);
         let password_file = flags.pg_password_file.or(file.source.password_file);
         let source_pg = match (role, conninfo) {
@@ -487,6 +562,7 @@ impl AgentConfig {
             compression_level,
             services,
             source_pg,
+            target,
         })
     }
 }

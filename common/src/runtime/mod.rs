@@ -1,6 +1,7 @@
 //! The tokio/quinn driver both agents embed (feature `runtime`).
 //!
 //! ```text
+//!   admin   the target's admin socket (0600) and the CLI verbs that talk to it
 //!   cli     flags, `audit verify|report`, logging, signals: what the binaries' main() calls
 //!   config  TOML + flags → AgentConfig, validated before any socket is opened
 //!   tls     rustls configs whose verifiers add the identity policy to WebPKI
@@ -13,6 +14,7 @@
 //! Agents are embeddable: [`agent::run_agent`] takes its configuration and a shutdown future,
 //! so tests run them in-process with port 0 and stop them cleanly.
 
+pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;

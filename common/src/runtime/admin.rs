@@ -1,0 +1,229 @@
+//! The target agent's admin socket and the CLI verbs that use it.
+//!
+//! ```text
+//!   pgferry-target preflight ──► unix socket (0600) ──► running target agent ──► control stream
+//!        (prints checks, exit 0/1)   one JSON line each way                      ──► source agent
+//! ```
+//!
+//! One request line `{"verb": "..."}`, one response line: `{"ok": bool, ...}` with either the
+//! verb's result or `"error"`. The socket is created 0600, so only the agent's user (and root)
+//! can drive the migration.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::cli::AdminArgs;
+use super::config::{ConfigFile, TargetSettings};
+use crate::preflight::{Check, TargetFacts};
+
+/// Longest admin request line accepted by the agent.
+pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
+/// Longest admin response line accepted by the CLI.
+const MAX_ADMIN_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// The verbs the admin socket understands.
+pub const VERBS: &[&str] = &["preflight", "status"];
+
+/// Facts about the target host for the preflight.
+pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Result<TargetFacts> {
+    let data_dir = s.data_dir.as_ref().context(
+        "no data directory configured for the new cluster: set [target] data_dir or --data-dir",
+    )?;
+    let postgres = s.bindir.join("postgres");
+    let out = std::process::Command::new(&postgres)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!(
+                "running {} --version (is [target] bindir right?)",
+                postgres.display()
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major_version = parse_major(&text)
+        .with_context(|| format!("cannot read a version from `{}`", text.trim()))?;
+    let data_dir_empty = match std::fs::read_dir(data_dir) {
+        Ok(mut rd) => Some(rd.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("reading {}: {e}", data_dir.display()),
+    };
+    Ok(TargetFacts {
+        major_version,
+        data_dir: data_dir.display().to_string(),
+        data_dir_empty,
+        free_bytes: free_bytes(data_dir)?,
+        now_ms,
+        round_trip_ms,
+    })
+}
+
+/// `postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15.
+fn parse_major(version: &str) -> Option<u32> {
+    let rest = version.split(')').nth(1)?.trim();
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Free bytes on the file system that holds `path` (or would: its nearest existing ancestor).
+fn free_bytes(path: &Path) -> Result<u64> {
+    let mut p = path.to_path_buf();
+    while !p.exists() {
+        if !p.pop() {
+            p = PathBuf::from("/");
+            break;
+        }
+    }
+    let st = nix::sys::statvfs::statvfs(&p).with_context(|| format!("statvfs {}", p.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+/// Runs a verb against the running agent and prints the answer; the process exit code.
+pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
+    let socket = match (&args.admin_socket, &args.config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => ConfigFile::load(c)?.admin_socket().with_context(|| {
+            format!(
+                "{} names neither [target] admin_socket nor [audit] log; pass --admin-socket",
+                c.display()
+            )
+        })?,
+        (None, None) => {
+            bail!("give --admin-socket PATH or --config FILE of the running target agent")
+        }
+    };
+    let answer = request(&socket, verb, Duration::from_secs(120))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print!("{}", render(verb, &answer));
+    }
+    Ok(if answer["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One request to the admin socket.
+pub fn request(socket: &Path, verb: &str, timeout: Duration) -> Result<Value> {
+    let mut s = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the target agent at {}: is `pgferry-target run` running (and is this its admin socket)?",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    writeln!(s, "{}", json!({ "verb": verb }))?;
+    let mut line = String::new();
+    BufReader::new(s.take_limited())
+        .read_line(&mut line)
+        .context("reading the agent's answer")?;
+    if line.is_empty() {
+        bail!("the target agent closed the admin connection without an answer");
+    }
+    serde_json::from_str(&line).context("the agent's answer is not JSON")
+}
+
+trait TakeLimited {
+    fn take_limited(self) -> std::io::Take<UnixStream>;
+}
+impl TakeLimited for UnixStream {
+    fn take_limited(self) -> std::io::Take<UnixStream> {
+        std::io::Read::take(self, MAX_ADMIN_RESPONSE as u64)
+    }
+}
+
+/// Text for a terminal.
+pub fn render(verb: &str, answer: &Value) -> String {
+    let mut out = String::new();
+    if let Some(e) = answer["error"].as_str() {
+        out.push_str(&format!("{verb}: error: {e}\n"));
+        return out;
+    }
+    match verb {
+        "preflight" => {
+            let checks: Vec<Check> =
+                serde_json::from_value(answer["checks"].clone()).unwrap_or_default();
+            for c in &checks {
+                out.push_str(&format!(
+                    "  {:<4}  {:<22} {}\n",
+                    if c.ok { "ok" } else { "FAIL" },
+                    c.name,
+                    c.detail
+                ));
+                if !c.ok {
+                    out.push_str(&format!("        {:<22} fix: {}\n", "", c.fix));
+                }
+            }
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if failed == 0 {
+                out.push_str(&format!("preflight: all {} checks passed\n", checks.len()));
+            } else {
+                out.push_str(&format!(
+                    "preflight: {failed} of {} checks failed; nothing was changed\n",
+                    checks.len()
+                ));
+            }
+        }
+        _ => {
+            out.push_str(&serde_json::to_string_pretty(answer).unwrap_or_default());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Reads one request line (bounded) from an admin connection.
+pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut byte).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&byte[..n]);
+        if buf.contains(&b'\n') {
+            break;
+        }
+        if buf.len() > MAX_ADMIN_REQUEST {
+            bail!("admin request longer than {MAX_ADMIN_REQUEST} bytes");
+        }
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
+    let v: Value = serde_json::from_slice(line).context("admin request is not JSON")?;
+    v["verb"]
+        .as_str()
+        .map(str::to_string)
+        .context("admin request has no verb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn major_version_from_postgres_output() {
+        assert_eq!(
+            parse_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(15)
+        );
+        assert_eq!(parse_major("postgres (PostgreSQL) 16beta1"), Some(16));
+        assert_eq!(parse_major("nonsense"), None);
+    }
+
+    #[test]
+    fn free_bytes_walks_up_to_an_existing_directory() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(free_bytes(&d.path().join("a/b/c")).unwrap() > 0);
+    }
+}
