@@ -8,6 +8,7 @@
 //!   agent   endpoint, handshakes, Hello, forwarded streams, audit records, drain on shutdown
 //!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
 //!   control_stream  typed requests/responses on the control stream (target asks, source answers)
+//!   state_store  the migration state, persisted atomically before each step
 //!   pg      typed control requests → fixed SQL on the source; table digests for both sides
 //! ```
 //!
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control_stream;
 pub mod pg;
 pub mod pump;
+pub mod state_store;
 pub mod tls;
 
 pub use agent::{run_agent, RunOptions};
