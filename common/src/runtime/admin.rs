@@ -28,7 +28,7 @@ pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
 const MAX_ADMIN_RESPONSE: usize = 16 * 1024 * 1024;
 
 /// The verbs the admin socket understands.
-pub const VERBS: &[&str] = &["preflight", "status"];
+pub const VERBS: &[&str] = &["preflight", "status", "clone"];
 
 /// Facts about the target host for the preflight.
 pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Result<TargetFacts> {
@@ -99,7 +99,9 @@ pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
             bail!("give --admin-socket PATH or --config FILE of the running target agent")
         }
     };
-    let answer = request(&socket, verb, Duration::from_secs(120))?;
+    // Progress lines arrive at least every few seconds during a clone; the timeout bounds
+    // silence, not the whole run.
+    let answer = request(&socket, verb, Duration::from_secs(600))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
@@ -122,14 +124,22 @@ pub fn request(socket: &Path, verb: &str, timeout: Duration) -> Result<Value> {
     })?;
     s.set_read_timeout(Some(timeout))?;
     writeln!(s, "{}", json!({ "verb": verb }))?;
-    let mut line = String::new();
-    BufReader::new(s.take_limited())
-        .read_line(&mut line)
-        .context("reading the agent's answer")?;
-    if line.is_empty() {
-        bail!("the target agent closed the admin connection without an answer");
+    let mut reader = BufReader::new(s.take_limited());
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .context("reading the agent's answer")?;
+        if line.is_empty() {
+            bail!("the target agent closed the admin connection without an answer");
+        }
+        let v: Value = serde_json::from_str(&line).context("the agent's answer is not JSON")?;
+        // Long verbs stream progress lines before their answer.
+        match v.get("progress").and_then(Value::as_str) {
+            Some(p) => eprintln!("{verb}: {p}"),
+            None => return Ok(v),
+        }
     }
-    serde_json::from_str(&line).context("the agent's answer is not JSON")
 }
 
 trait TakeLimited {

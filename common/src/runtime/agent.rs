@@ -989,18 +989,100 @@ async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
         };
         let sh = shared.clone();
         tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
             let answer = match admin::read_request(&mut stream).await {
+                Ok(verb) if verb == "clone" => admin_clone(&sh, &mut stream).await,
                 Ok(verb) => admin_verb(&sh, &verb).await,
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
             };
-            let mut line = answer.to_string();
-            line.push('\n');
-            let _ = stream.write_all(line.as_bytes()).await;
+            let _ = write_admin_line(&mut stream, &answer).await;
         });
     }
     if let Some(t) = &shared.cfg.target {
         let _ = std::fs::remove_file(&t.admin_socket);
+    }
+}
+
+async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut line = v.to_string();
+    line.push('\n');
+    stream.write_all(line.as_bytes()).await
+}
+
+/// `clone`: runs the executor, streaming its progress lines to the admin client.
+async fn admin_clone(shared: &Arc<Shared>, stream: &mut tokio::net::UnixStream) -> Value {
+    let Some(pc) = shared.current.borrow().clone() else {
+        return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+    };
+    let Some(control) = pc.control.clone() else {
+        return json!({"ok": false, "error": "no control stream"});
+    };
+    let settings = shared.cfg.target.clone().expect("target settings");
+    let local = shared.cfg.services.iter().find_map(|s| match &s.endpoint {
+        Endpoint::Tcp(a) if s.name == crate::runtime::config::DEFAULT_SERVICE => a
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?))),
+        _ => None,
+    });
+    let Some(local) = local else {
+        return json!({"ok": false, "error": "clone needs a TCP local endpoint for the postgres service"});
+    };
+    let migration = shared.identity.own.migration.to_string();
+    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let sh = shared.clone();
+    let work = async move {
+        let progress = move |line: String| {
+            info!("migration: {line}");
+            let _ = tx.send(line);
+        };
+        let audit = |event: &str, details: Value| sh.audit.record(event, details);
+        let exec = super::migrate::Executor {
+            control: &control,
+            settings: &settings,
+            migration: &migration,
+            local,
+            store,
+            audit: &audit,
+            progress: &progress,
+        };
+        let check = async {
+            let v = admin_verb(&sh, "preflight").await;
+            if v["ok"] == true {
+                Ok(())
+            } else if let Some(e) = v["error"].as_str() {
+                Err(anyhow!("preflight: {e}"))
+            } else {
+                let failed: Vec<String> = v["checks"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["ok"] == false)
+                    .map(|c| {
+                        format!(
+                            "{}: {} (fix: {})",
+                            c["name"].as_str().unwrap_or(""),
+                            c["detail"].as_str().unwrap_or(""),
+                            c["fix"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                Err(anyhow!("preflight failed: {}", failed.join("; ")))
+            }
+        };
+        let r = exec.clone_standby(check).await;
+        let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");
+        (r, phase)
+    };
+    let forward = async {
+        while let Some(line) = rx.recv().await {
+            let _ = write_admin_line(stream, &json!({"progress": line})).await;
+        }
+    };
+    let ((result, phase), ()) = tokio::join!(work, forward);
+    match result {
+        Ok(state) => json!({"ok": true, "phase": state.phase()}),
+        Err(e) => json!({"ok": false, "error": format!("{e:#}"), "phase": phase}),
     }
 }
 

@@ -139,6 +139,10 @@ enum AgentCommand {
     Preflight(AdminArgs),
     /// Show the tunnel and migration state of the running target agent.
     Status(AdminArgs),
+    /// Clone the source into the new cluster: replication slot, pg_basebackup through the
+    /// tunnel with progress, pg_verifybackup, standby settings, start. Resumes from the
+    /// persisted state; before promotion a failure rolls back (slot dropped).
+    Clone(AdminArgs),
 }
 
 /// How a CLI verb finds the running target agent.
@@ -156,7 +160,7 @@ pub struct AdminArgs {
 }
 
 /// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
-pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status"];
+pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone"];
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
@@ -164,10 +168,15 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
     let result = match cli.command {
         AgentCommand::Run(args) => run(role, *args).map(|()| ExitCode::SUCCESS),
         AgentCommand::Audit(cmd) => audit_command(cmd),
-        AgentCommand::Preflight(_) | AgentCommand::Status(_) if role == Role::Source => Err(
-            anyhow::anyhow!("this is a pgferry-target command; run it on the new host"),
-        ),
+        AgentCommand::Preflight(_) | AgentCommand::Status(_) | AgentCommand::Clone(_)
+            if role == Role::Source =>
+        {
+            Err(anyhow::anyhow!(
+                "this is a pgferry-target command; run it on the new host"
+            ))
+        }
         AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a),
+        AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a),
         AgentCommand::Status(a) => super::admin::cli_verb("status", &a),
     };
     match result {

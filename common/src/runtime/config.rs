@@ -101,6 +101,19 @@ pub struct TargetSection {
     /// Unix socket (mode 0600) that `pgferry-target preflight|status|…` talk to
     /// (default: `pgferry-target.sock` next to the audit log).
     pub admin_socket: Option<PathBuf>,
+    /// Port of the new cluster (default 5432).
+    pub port: Option<u16>,
+    /// Directory for the new cluster's unix socket (default /var/run/postgresql).
+    pub socket_dir: Option<PathBuf>,
+    /// OS user that owns and runs the new cluster; when the agent runs as root, PostgreSQL
+    /// tools run as this user (default: the agent's own user).
+    pub os_user: Option<String>,
+    /// Role used for the base backup and streaming replication (default postgres).
+    pub replication_user: Option<String>,
+    /// File with that role's password (first line; mode 0600; never logged).
+    pub replication_password_file: Option<PathBuf>,
+    /// Migration state file (default: `pgferry-target.state.json` next to the audit log).
+    pub state_file: Option<PathBuf>,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -114,6 +127,12 @@ pub struct TargetSettings {
     pub data_dir: Option<PathBuf>,
     pub bindir: PathBuf,
     pub admin_socket: PathBuf,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub os_user: Option<String>,
+    pub replication_user: String,
+    pub replication_password_file: Option<PathBuf>,
+    pub state_file: PathBuf,
 }
 
 impl ConfigFile {
@@ -251,6 +270,9 @@ impl ConfigFile {
             &mut cfg.target.data_dir,
             &mut cfg.target.bindir,
             &mut cfg.target.admin_socket,
+            &mut cfg.target.socket_dir,
+            &mut cfg.target.replication_password_file,
+            &mut cfg.target.state_file,
         ]
         .into_iter()
         .flatten()
@@ -506,16 +528,30 @@ impl AgentConfig {
         let bindir = flags.bindir.or(file.target.bindir);
         let admin_socket = flags.admin_socket.or(file.target.admin_socket);
         let target = match role {
-            Role::Target => Some(TargetSettings {
-                data_dir,
-                bindir: bindir.unwrap_or_else(|| PathBuf::from(DEFAULT_BINDIR)),
-                admin_socket: admin_socket.unwrap_or_else(|| {
-                    audit_log
-                        .parent()
-                        .unwrap_or(Path::new("."))
-                        .join(DEFAULT_ADMIN_SOCKET)
-                }),
-            }),
+            Role::Target => {
+                let beside_log =
+                    |name: &str| audit_log.parent().unwrap_or(Path::new(".")).join(name);
+                Some(TargetSettings {
+                    data_dir,
+                    bindir: bindir.unwrap_or_else(|| PathBuf::from(DEFAULT_BINDIR)),
+                    admin_socket: admin_socket.unwrap_or_else(|| beside_log(DEFAULT_ADMIN_SOCKET)),
+                    port: file.target.port.unwrap_or(5432),
+                    socket_dir: file
+                        .target
+                        .socket_dir
+                        .unwrap_or_else(|| PathBuf::from("/var/run/postgresql")),
+                    os_user: file.target.os_user,
+                    replication_user: file
+                        .target
+                        .replication_user
+                        .unwrap_or_else(|| "postgres".into()),
+                    replication_password_file: file.target.replication_password_file,
+                    state_file: file
+                        .target
+                        .state_file
+                        .unwrap_or_else(|| beside_log("pgferry-target.state.json")),
+                })
+            }
             Role::Source => {
                 if data_dir.is_some() || bindir.is_some() || admin_socket.is_some() {
                     bail!("[target] settings (data_dir, bindir, admin_socket) are for the target agent only");

@@ -8,6 +8,7 @@
 //!   agent   endpoint, handshakes, Hello, forwarded streams, audit records, drain on shutdown
 //!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
 //!   control_stream  typed requests/responses on the control stream (target asks, source answers)
+//!   migrate the executor: performs each step, persisting the state first; rolls back
 //!   state_store  the migration state, persisted atomically before each step
 //!   pg      typed control requests → fixed SQL on the source; table digests for both sides
 //! ```
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control_stream;
+pub mod migrate;
 pub mod pg;
 pub mod pump;
 pub mod state_store;

@@ -1,0 +1,377 @@
+//! The executor of the migration state machine: performs each step's side effects, persisting
+//! the state ([`super::state_store`]) *before* moving on, so an interrupted run resumes from the
+//! last persisted phase. The transitions themselves are [`crate::migration::State::next`].
+//!
+//! ```text
+//!   clone:  preflight ─► create slot (source) ─► pg_basebackup -X stream -S slot -R through the
+//!           tunnel ─► pg_verifybackup ─► standby settings ─► pg_ctl start ─► catching up
+//! ```
+//!
+//! Before promotion every failure rolls back: the slot is dropped on the source (so no WAL is
+//! retained for a standby that will never come) and the state says `rolled_back` with why.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+
+use super::config::TargetSettings;
+use super::control_stream::ControlClient;
+use super::state_store::StateStore;
+use crate::control::{Request, Response};
+use crate::migration::{Event, State};
+
+/// What the executor needs from the running target agent.
+pub struct Executor<'a> {
+    pub control: &'a ControlClient,
+    pub settings: &'a TargetSettings,
+    pub migration: &'a str,
+    /// The target's local endpoint of the `postgres` service (host, port).
+    pub local: (String, u16),
+    pub store: StateStore,
+    pub audit: &'a (dyn Fn(&str, Value) + Send + Sync),
+    pub progress: &'a (dyn Fn(String) + Send + Sync),
+}
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64
+}
+
+impl Executor<'_> {
+    /// The replication slot of this migration.
+    pub fn slot_name(&self) -> String {
+        let clean: String = self
+            .migration
+            .chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_alphanumeric() {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let mut name = format!("pgferry_{clean}");
+        name.truncate(63);
+        name
+    }
+
+    fn advance(&self, state: State, event: Event) -> Result<State> {
+        let from = state.phase();
+        let next = state.next(event.clone())?;
+        self.store.save(&next, now_ms())?;
+        (self.audit)(
+            "migration_state",
+            json!({"from": from, "to": next.phase(), "event": serde_json::to_value(&event).unwrap_or_default()}),
+        );
+        (self.progress)(format!("phase {} → {}", from, next.phase()));
+        Ok(next)
+    }
+
+    async fn ask(&self, request: Request) -> Result<Response> {
+        match self.control.request(request, REQUEST_TIMEOUT).await? {
+            Response::Error { message } => bail!("the source agent: {message}"),
+            r => Ok(r),
+        }
+    }
+
+    /// Runs the clone from wherever the persisted state is, up to catching up. On failure
+    /// before promotion, rolls back and returns the error.
+    pub async fn clone_standby(
+        &self,
+        preflight: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<State> {
+        let mut state = self.store.load()?;
+        if state.is_final() {
+            bail!(
+                "the migration state in {} is {}; move the file aside to start a new migration",
+                self.store.path().display(),
+                state.phase()
+            );
+        }
+        (self.progress)(match state {
+            State::New => "starting a new migration".to_string(),
+            _ => format!("resuming from phase {}", state.phase()),
+        });
+        let result = self.clone_steps(&mut state, preflight).await;
+        match result {
+            Ok(()) => Ok(state),
+            Err(e) if state.can_roll_back() => {
+                let reason = format!("{e:#}");
+                (self.progress)(format!("failed: {reason}; rolling back"));
+                let rolling = self.advance(
+                    state,
+                    Event::Failed {
+                        reason: reason.clone(),
+                    },
+                )?;
+                self.roll_back(rolling).await?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn clone_steps(
+        &self,
+        state: &mut State,
+        preflight: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let mut preflight = Some(preflight);
+        loop {
+            let current = state.clone();
+            let next = match &current {
+                State::New => {
+                    (self.progress)("preflight".into());
+                    match preflight.take() {
+                        Some(p) => p.await?,
+                        None => bail!("preflight ran twice"),
+                    }
+                    self.advance(current, Event::PreflightPassed)?
+                }
+                State::Preflighted => {
+                    let slot = self.slot_name();
+                    (self.progress)(format!("creating replication slot {slot} on the source"));
+                    self.ask(Request::CreateSlot { slot: slot.clone() }).await?;
+                    self.advance(current, Event::SlotCreated { slot })?
+                }
+                State::SlotCreated { slot } => {
+                    self.base_backup(slot).await?;
+                    self.advance(current, Event::BaseBackupVerified)?
+                }
+                State::BaseBackupDone { .. } => {
+                    self.start_standby().await?;
+                    self.advance(current, Event::StandbyStarted)?
+                }
+                State::StandbyStarted { .. } => self.advance(current, Event::CatchUpStarted)?,
+                _ => return Ok(()),
+            };
+            *state = next;
+        }
+    }
+
+    /// Drops the slot (idempotent) and records the rollback.
+    pub async fn roll_back(&self, state: State) -> Result<State> {
+        let State::RollingBack { slot, fenced, .. } = &state else {
+            bail!("not rolling back (phase {})", state.phase());
+        };
+        if *fenced {
+            self.ask(Request::Unfence).await?;
+        }
+        if let Some(slot) = slot {
+            (self.progress)(format!("dropping replication slot {slot} on the source"));
+            self.ask(Request::DropSlot { slot: slot.clone() }).await?;
+        }
+        self.advance(state, Event::RollbackDone)
+    }
+
+    fn data_dir(&self) -> Result<&Path> {
+        self.settings
+            .data_dir
+            .as_deref()
+            .context("no data directory for the new cluster: set [target] data_dir or --data-dir")
+    }
+
+    /// A PostgreSQL tool, run as the cluster's OS user when the agent runs as root.
+    fn pg_tool(&self, name: &str) -> tokio::process::Command {
+        let program = self.settings.bindir.join(name);
+        match &self.settings.os_user {
+            Some(user) if running_as_root() => {
+                let mut c = tokio::process::Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(program);
+                c
+            }
+            _ => tokio::process::Command::new(program),
+        }
+    }
+
+    fn password(&self) -> Result<Option<String>> {
+        let Some(p) = &self.settings.replication_password_file else {
+            return Ok(None);
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            bail!(
+                "password file {} is readable by other users; run `chmod 600 {}`",
+                p.display(),
+                p.display()
+            );
+        }
+        let text = std::fs::read_to_string(p)?;
+        Ok(Some(
+            text.lines().next().unwrap_or("").trim_end().to_string(),
+        ))
+    }
+
+    async fn base_backup(&self, slot: &str) -> Result<()> {
+        let data_dir = self.data_dir()?;
+        // A backup interrupted earlier left a partial directory that only we wrote (preflight
+        // saw it empty or absent): start it over.
+        if data_dir.exists() {
+            std::fs::remove_dir_all(data_dir).with_context(|| {
+                format!("clearing the partial backup in {}", data_dir.display())
+            })?;
+        }
+        if let Some(parent) = data_dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if let (Some(user), true) = (&self.settings.os_user, running_as_root()) {
+            // pg_basebackup (running as that user) must be able to create the directory.
+            let parent = data_dir.parent().unwrap_or(Path::new("/"));
+            let st = tokio::process::Command::new("chown")
+                .arg(user)
+                .arg(parent)
+                .status()
+                .await?;
+            if !st.success() {
+                bail!("chown {user} {} failed", parent.display());
+            }
+        }
+        let (host, port) = &self.local;
+        (self.progress)(format!(
+            "pg_basebackup -X stream -S {slot} -R through the tunnel ({host}:{port}) into {}",
+            data_dir.display()
+        ));
+        let mut cmd = self.pg_tool("pg_basebackup");
+        cmd.args([
+            "-h",
+            host,
+            "-p",
+            &port.to_string(),
+            "-U",
+            &self.settings.replication_user,
+        ])
+        .arg("-D")
+        .arg(data_dir)
+        .args([
+            "-X",
+            "stream",
+            "-S",
+            slot,
+            "-R",
+            "-c",
+            "fast",
+            "--progress",
+            "--no-password",
+        ])
+        .env("PGAPPNAME", "pgferry");
+        if let Some(pw) = self.password()? {
+            cmd.env("PGPASSWORD", pw);
+        }
+        let t = Instant::now();
+        run_with_progress(cmd, "pg_basebackup", self.progress).await?;
+        let secs = t.elapsed().as_secs_f64();
+        (self.progress)(format!(
+            "base backup done in {secs:.1} s; running pg_verifybackup"
+        ));
+        let mut verify = self.pg_tool("pg_verifybackup");
+        verify.arg(data_dir);
+        run_with_progress(verify, "pg_verifybackup", self.progress).await?;
+        (self.audit)(
+            "base_backup",
+            json!({"slot": slot, "data_dir": data_dir.display().to_string(), "duration_ms": (secs * 1000.0) as u64, "verified": true}),
+        );
+        Ok(())
+    }
+
+    async fn start_standby(&self) -> Result<()> {
+        let data_dir = self.data_dir()?;
+        // Settings of the new host override what was copied from the source.
+        let auto = data_dir.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\n",
+            self.settings.port,
+            self.settings.socket_dir.display()
+        ));
+        std::fs::write(&auto, text).with_context(|| format!("writing {}", auto.display()))?;
+        let log = data_dir
+            .parent()
+            .unwrap_or(Path::new("/tmp"))
+            .join("pgferry-standby.log");
+        (self.progress)(format!(
+            "starting the standby on port {} (log {})",
+            self.settings.port,
+            log.display()
+        ));
+        let mut start = self.pg_tool("pg_ctl");
+        start
+            .arg("-D")
+            .arg(data_dir)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "120", "start"]);
+        run_with_progress(start, "pg_ctl start", self.progress).await?;
+        (self.audit)(
+            "standby_started",
+            json!({"data_dir": data_dir.display().to_string(), "port": self.settings.port}),
+        );
+        Ok(())
+    }
+}
+
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Runs a tool, forwarding its progress (lines split at `\r` or `\n`, at most one a second).
+async fn run_with_progress(
+    mut cmd: tokio::process::Command,
+    what: &str,
+    progress: &(dyn Fn(String) + Send + Sync),
+) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let mut stderr = child.stderr.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut tail = String::new();
+    let mut last = Instant::now() - Duration::from_secs(2);
+    let mut ebuf = [0u8; 4096];
+    let mut obuf = [0u8; 4096];
+    let (mut err_done, mut out_done) = (false, false);
+    while !(err_done && out_done) {
+        let chunk = tokio::select! {
+            r = stderr.read(&mut ebuf), if !err_done => {
+                let n = r?;
+                if n == 0 { err_done = true; continue; }
+                String::from_utf8_lossy(&ebuf[..n]).to_string()
+            }
+            r = stdout.read(&mut obuf), if !out_done => {
+                let n = r?;
+                if n == 0 { out_done = true; continue; }
+                String::from_utf8_lossy(&obuf[..n]).to_string()
+            }
+        };
+        tail.push_str(&chunk);
+        if let Some(line) = tail.rsplit(['\r', '\n']).find(|l| !l.trim().is_empty()) {
+            if last.elapsed() >= Duration::from_secs(1) {
+                progress(format!("{what}: {}", line.trim()));
+                last = Instant::now();
+            }
+        }
+        if tail.len() > 64 * 1024 {
+            tail.drain(..tail.len() - 8 * 1024);
+        }
+    }
+    let status = child.wait().await?;
+    if !status.success() {
+        let last_lines: Vec<&str> = tail.lines().rev().take(8).collect();
+        bail!(
+            "{what} failed ({status}): {}",
+            last_lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `pgferry-target clone` end to end: slot, pg_basebackup through the tunnel, pg_verifybackup,
+//! standby started and streaming from the source through the tunnel. A clone that fails
+//! before promotion rolls back and leaves no slot on the source.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use pgferry_tests::{
+    bin_path, free_tcp_port, free_udp_port, load_sample_data, pg_bin, wait_until, PgCluster,
+    TestDir,
+};
+use support::{audit_events, details, Agent, Certs};
+
+fn clone(socket: &Path) -> (bool, String) {
+    let out = Command::new(bin_path("pgferry-target"))
+        .arg("clone")
+        .arg("--admin-socket")
+        .arg(socket)
+        .output()
+        .expect("running pgferry-target clone");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    (out.status.success(), text)
+}
+
+fn secret_file(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")?;
+    Ok(())
+}
+
+/// Stops the cloned cluster when the test ends, however it ends.
+struct StandbyGuard(PathBuf);
+impl Drop for StandbyGuard {
+    fn drop(&mut self) {
+        if self.0.join("postmaster.pid").exists() {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.0)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
+    let dir = TestDir::new()?;
+    let port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
+    pg.start()?;
+    load_sample_data(&pg, 20)?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let source_pw = dir.join("source-pgpass");
+    secret_file(&source_pw, &pg.password)?;
+    let repl_pw = dir.join("repl-pgpass");
+    secret_file(&repl_pw, "wrong password")?;
+
+    let udp = free_udp_port();
+    let local = free_tcp_port();
+    let target_port = free_tcp_port();
+    let socket = dir.join("admin.sock");
+    let data_dir = dir.join("new/data");
+    let state_file = dir.join("target.state.json");
+    std::fs::write(
+        dir.join("target.toml"),
+        format!(
+            "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
+             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
+             [target]\ndata_dir = \"{}\"\nport = {target_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
+             replication_user = \"postgres\"\nreplication_password_file = \"{}\"\nadmin_socket = \"{}\"\nstate_file = \"{}\"\n",
+            data_dir.display(),
+            dir.path().display(),
+            repl_pw.display(),
+            socket.display(),
+            state_file.display()
+        ),
+    )?;
+    let standby_guard = StandbyGuard(data_dir.clone());
+    let source = Agent::start(
+        "source",
+        "source",
+        dir.path(),
+        &certs,
+        "source",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{udp}"),
+            "--upstream".into(),
+            format!("127.0.0.1:{port}"),
+            "--pg-conninfo".into(),
+            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+            "--pg-password-file".into(),
+            source_pw.to_string_lossy().into(),
+        ],
+    )?;
+    source.wait_for("listening on")?;
+    let mut target = Agent::start(
+        "target",
+        "target",
+        dir.path(),
+        &certs,
+        "target",
+        &[
+            "--config".into(),
+            dir.join("target.toml").to_string_lossy().into(),
+        ],
+    )?;
+    target.wait_for("tunnel up")?;
+
+    // 1. A wrong replication password: pg_basebackup fails, the clone rolls back, no slot stays.
+    let (ok, out) = clone(&socket);
+    assert!(!ok, "{out}");
+    assert!(out.contains("pg_basebackup failed"), "{out}");
+    assert!(out.contains("rolled_back"), "{out}");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
+    let state = std::fs::read_to_string(&state_file)?;
+    assert!(state.contains("rolled_back"), "{state}");
+    // A finished (rolled back) migration is not silently restarted.
+    let (ok, out) = clone(&socket);
+    assert!(!ok && out.contains("move the file aside"), "{out}");
+
+    // 2. Fixed: the clone runs through and leaves a standby streaming through the tunnel.
+    secret_file(&repl_pw, &pg.password)?;
+    std::fs::rename(&state_file, dir.join("old.state.json"))?;
+    let (ok, out) = clone(&socket);
+    assert!(ok, "{out}");
+    assert!(out.contains("pg_verifybackup"), "{out}");
+    assert!(out.contains("catching_up"), "{out}");
+    assert!(std::fs::read_to_string(&state_file)?.contains("catching_up"));
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let standby = pg.connect("127.0.0.1", target_port).await?;
+        let rec: bool = standby
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get(0);
+        assert!(rec, "the clone is a standby");
+        // A write on the source reaches the standby through the tunnel.
+        pg.psql("CREATE TABLE ferry.after_clone AS SELECT 42 AS answer")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = standby
+                .query_opt("SELECT answer FROM ferry.after_clone", &[])
+                .await;
+            if let Ok(Some(row)) = r {
+                assert_eq!(row.get::<_, i32>(0), 42);
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the write never reached the standby"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    // The slot is in use, by a walsender whose client is the source agent (the tunnel).
+    let slot = wait_until("the slot to be active", Duration::from_secs(30), || {
+        let v = pg
+            .psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'pgferry_test_migration'")
+            .ok()?;
+        (v == "t").then_some(v)
+    })?;
+    assert_eq!(slot, "t");
+    // Stop the standby first: the agent's drain would otherwise wait for its walreceiver.
+    drop(standby_guard);
+    target.stop()?;
+    let states: Vec<_> = audit_events(&target.audit, "migration_state")
+        .iter()
+        .map(|r| details(r)["to"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        states.ends_with(&[
+            "preflighted".into(),
+            "slot_created".into(),
+            "base_backup_done".into(),
+            "standby_started".into(),
+            "catching_up".into(),
+        ]),
+        "{states:?}"
+    );
+    assert!(states.contains(&"rolled_back".to_string()), "{states:?}");
+    Ok(())
+}
