@@ -181,6 +181,27 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         (v == "t").then_some(v)
     })?;
     assert_eq!(slot, "t");
+    // status: the phase, both ends of the replication, the lag.
+    let out = Command::new(bin_path("pgferry-target"))
+        .args(["status", "--json", "--admin-socket"])
+        .arg(&socket)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["migration"]["phase"], "catching_up", "{v:#}");
+    assert_eq!(v["new_cluster"]["in_recovery"], true, "{v:#}");
+    assert_eq!(v["source"]["slot"]["active"], true, "{v:#}");
+    assert!(v["lag_bytes"].is_u64(), "{v:#}");
+    assert!(
+        !v["source"]["replication"].as_array().unwrap().is_empty(),
+        "{v:#}"
+    );
+    let text = Command::new(bin_path("pgferry-target"))
+        .args(["status", "--admin-socket"])
+        .arg(&socket)
+        .output()?;
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    eprintln!("{text}");
+    assert!(text.contains("phase      catching_up"), "{text}");
     // Stop the standby first: the agent's drain would otherwise wait for its walreceiver.
     drop(standby_guard);
     target.stop()?;

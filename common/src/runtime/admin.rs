@@ -101,6 +101,17 @@ pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
     };
     // Progress lines arrive at least every few seconds during a clone; the timeout bounds
     // silence, not the whole run.
+    if args.watch && verb == "status" {
+        loop {
+            let answer = request(&socket, verb, Duration::from_secs(60))?;
+            if args.json {
+                println!("{answer}");
+            } else {
+                print!("\x1b[2J\x1b[H{}", render(verb, &answer));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
     let answer = request(&socket, verb, Duration::from_secs(600))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -154,7 +165,7 @@ impl TakeLimited for UnixStream {
 /// Text for a terminal.
 pub fn render(verb: &str, answer: &Value) -> String {
     let mut out = String::new();
-    if let Some(e) = answer["error"].as_str() {
+    if let (Some(e), false) = (answer["error"].as_str(), verb == "status") {
         out.push_str(&format!("{verb}: error: {e}\n"));
         return out;
     }
@@ -181,6 +192,69 @@ pub fn render(verb: &str, answer: &Value) -> String {
                     "preflight: {failed} of {} checks failed; nothing was changed\n",
                     checks.len()
                 ));
+            }
+        }
+        "status" => {
+            let t = &answer["tunnel"];
+            let phase = answer["migration"]["phase"].as_str().unwrap_or("unknown");
+            if t["state"] == "up" {
+                out.push_str(&format!(
+                    "tunnel     up with {} (source {}, migration {}), rtt {} ms, {} stream(s)\n",
+                    t["peer"]["address"].as_str().unwrap_or("?"),
+                    t["peer"]["region"].as_str().unwrap_or("?"),
+                    t["peer"]["migration"].as_str().unwrap_or("?"),
+                    t["rtt_ms"],
+                    t["streams"]
+                ));
+            } else {
+                out.push_str("tunnel     down\n");
+            }
+            out.push_str(&format!("phase      {phase}\n"));
+            let src = &answer["source"];
+            if let Some(lsn) = src["current_lsn"].as_str() {
+                out.push_str(&format!("source     current LSN {lsn}"));
+                for r in src["replication"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "; walsender {} sent {} replayed {} (replay lag {} ms)",
+                        r["state"].as_str().unwrap_or("?"),
+                        r["sent_lsn"].as_str().unwrap_or("-"),
+                        r["replay_lsn"].as_str().unwrap_or("-"),
+                        r["replay_lag_ms"]
+                            .as_u64()
+                            .map_or("-".to_string(), |v| v.to_string())
+                    ));
+                }
+                if let Some(slot) = src["slot"].as_object() {
+                    out.push_str(&format!(
+                        "; slot {} {}",
+                        slot.get("name").and_then(Value::as_str).unwrap_or("?"),
+                        if slot.get("active") == Some(&Value::Bool(true)) {
+                            "active"
+                        } else {
+                            "inactive"
+                        }
+                    ));
+                }
+                out.push('\n');
+            }
+            let new = &answer["new_cluster"];
+            if let Some(replay) = new["replay_lsn"].as_str() {
+                out.push_str(&format!(
+                    "new        {}, received {}, replayed {}\n",
+                    if new["in_recovery"] == true {
+                        "standby"
+                    } else {
+                        "primary"
+                    },
+                    new["receive_lsn"].as_str().unwrap_or("-"),
+                    replay
+                ));
+            }
+            if let Some(lag) = answer["lag_bytes"].as_u64() {
+                out.push_str(&format!("lag        {lag} bytes\n"));
+            }
+            if let Some(e) = answer["error"].as_str() {
+                out.push_str(&format!("error      {e}\n"));
             }
         }
         _ => {

@@ -1086,27 +1086,92 @@ async fn admin_clone(shared: &Arc<Shared>, stream: &mut tokio::net::UnixStream) 
     }
 }
 
+/// `status`: tunnel, migration phase, and lag from both ends.
+async fn admin_status(shared: &Arc<Shared>, current: Option<PeerConn>) -> Value {
+    let settings = shared.cfg.target.clone().expect("target settings");
+    let migration = shared.identity.own.migration.to_string();
+    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
+    let state = store.load();
+    let phase = match &state {
+        Ok(s) => json!(s),
+        Err(e) => json!({"phase": "unknown", "error": format!("{e:#}")}),
+    };
+    let Some(pc) = current else {
+        return json!({"ok": false, "tunnel": {"state": "down"}, "migration": phase, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+    };
+    let qs = pc.conn.stats();
+    let mut out = json!({
+        "ok": true,
+        "tunnel": {
+            "state": "up",
+            "peer": {
+                "address": pc.conn.remote_address().to_string(),
+                "role": pc.peer.role.to_string(),
+                "region": pc.peer.region.to_string(),
+                "migration": pc.peer.migration.to_string(),
+                "fingerprint": pc.peer.fingerprint.to_string(),
+            },
+            "streams": pc.stats.streams.load(Ordering::SeqCst),
+            "rtt_ms": pc.conn.rtt().as_millis() as u64,
+            "udp_bytes_received": qs.udp_rx.bytes,
+            "udp_bytes_sent": qs.udp_tx.bytes,
+        },
+        "migration": phase,
+    });
+    use crate::migration::State as S;
+    let slot = state.ok().and_then(|s| match s {
+        S::SlotCreated { slot }
+        | S::BaseBackupDone { slot }
+        | S::StandbyStarted { slot }
+        | S::CatchingUp { slot }
+        | S::Ready { slot } => Some(slot),
+        _ => None,
+    });
+    if let Some(control) = &pc.control {
+        match control
+            .request(
+                crate::control::Request::Status { slot },
+                Duration::from_secs(20),
+            )
+            .await
+        {
+            Ok(crate::control::Response::Status { status }) => out["source"] = json!(status),
+            Ok(other) => out["source"] = json!({"error": format!("{other:?}")}),
+            Err(e) => out["source"] = json!({"error": format!("{e:#}")}),
+        }
+    }
+    let running = settings
+        .data_dir
+        .as_ref()
+        .is_some_and(|d| d.join("postmaster.pid").exists());
+    if running {
+        let standby = match super::migrate::connect_new_cluster(&settings).await {
+            Ok(c) => super::migrate::standby_status(&c).await,
+            Err(e) => Err(e),
+        };
+        match standby {
+            Ok(st) => {
+                let src = out["source"]["current_lsn"]
+                    .as_str()
+                    .and_then(|s| s.parse::<crate::migration::Lsn>().ok());
+                if let (Some(src), Some(replay)) = (src, st.replay_lsn) {
+                    out["lag_bytes"] = json!(src.0.saturating_sub(replay.0));
+                }
+                if let Some(ms) = out["source"]["replication"][0]["replay_lag_ms"].as_u64() {
+                    out["lag_ms_source"] = json!(ms);
+                }
+                out["new_cluster"] = json!(st);
+            }
+            Err(e) => out["new_cluster"] = json!({"error": format!("{e:#}")}),
+        }
+    }
+    out
+}
+
 async fn admin_verb(shared: &Arc<Shared>, verb: &str) -> Value {
     let current = shared.current.borrow().clone();
     match verb {
-        "status" => match current {
-            Some(pc) => json!({
-                "ok": true,
-                "tunnel": "up",
-                "peer": {
-                    "address": pc.conn.remote_address().to_string(),
-                    "role": pc.peer.role.to_string(),
-                    "region": pc.peer.region.to_string(),
-                    "migration": pc.peer.migration.to_string(),
-                    "fingerprint": pc.peer.fingerprint.to_string(),
-                },
-                "streams": pc.stats.streams.load(Ordering::SeqCst),
-                "rtt_ms": pc.conn.rtt().as_millis() as u64,
-            }),
-            None => {
-                json!({"ok": false, "tunnel": "down", "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"})
-            }
-        },
+        "status" => admin_status(shared, current).await,
         "preflight" => {
             let Some(pc) = current else {
                 return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});

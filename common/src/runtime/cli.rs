@@ -157,6 +157,9 @@ pub struct AdminArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// `status` only: refresh every 2 s until interrupted.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 /// Subcommands only `pgferry-target` has; `pgferry-source` hides them.

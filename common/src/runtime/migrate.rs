@@ -375,3 +375,62 @@ async fn run_with_progress(
     }
     Ok(())
 }
+
+/// A connection to the new cluster (the standby, later the promoted primary) on 127.0.0.1.
+pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_postgres::Client> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(settings.port)
+        .user(&settings.replication_user)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(p) = &settings.replication_password_file {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        cfg.password(text.lines().next().unwrap_or("").trim_end());
+    }
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.with_context(|| {
+        format!(
+            "connecting to the new cluster on 127.0.0.1:{}",
+            settings.port
+        )
+    })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The standby's side of the lag: received and replayed LSNs, last replayed commit time.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StandbyStatus {
+    pub in_recovery: bool,
+    pub receive_lsn: Option<crate::migration::Lsn>,
+    pub replay_lsn: Option<crate::migration::Lsn>,
+    /// ms since the epoch of the last replayed transaction.
+    pub last_replay_ms: Option<u64>,
+    pub now_ms: u64,
+}
+
+pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus> {
+    let r = c
+        .query_one(
+            "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
+                    (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000)::int8,
+                    (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+            &[],
+        )
+        .await?;
+    let lsn = |i: usize| -> Result<Option<crate::migration::Lsn>> {
+        r.get::<_, Option<String>>(i)
+            .map(|t| t.parse().map_err(anyhow::Error::from))
+            .transpose()
+    };
+    Ok(StandbyStatus {
+        in_recovery: r.get(0),
+        receive_lsn: lsn(1)?,
+        replay_lsn: lsn(2)?,
+        last_replay_ms: r.get::<_, Option<i64>>(3).map(|v| v.max(0) as u64),
+        now_ms: r.get::<_, i64>(4).max(0) as u64,
+    })
+}
