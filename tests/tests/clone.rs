@@ -202,7 +202,77 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     eprintln!("{text}");
     assert!(text.contains("phase      catching_up"), "{text}");
-    // Stop the standby first: the agent's drain would otherwise wait for its walreceiver.
+
+    // cutover --dry-run changes nothing.
+    let cutover = |args: &[&str]| {
+        let out = Command::new(bin_path("pgferry-target"))
+            .arg("cutover")
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&socket)
+            .output()
+            .expect("running cutover");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        (out.status.success(), text)
+    };
+    let (ok, out) = cutover(&["--dry-run"]);
+    assert!(ok && out.contains("dry run"), "{out}");
+    assert_eq!(
+        pg.psql("SELECT current_setting('default_transaction_read_only')")?,
+        "off"
+    );
+
+    // The cutover: fence, drain, verify, promote, writable, hook, slot dropped.
+    let hook = dir.join("promoted.flag");
+    let (ok, out) = cutover(&[
+        "--on-promoted",
+        &format!("echo $PGFERRY_NEW_PORT > {}", hook.display()),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("cutover complete"), "{out}");
+    let downtime: u64 = out
+        .split("write downtime ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(downtime < 5_000, "downtime {downtime} ms");
+    assert_eq!(
+        std::fs::read_to_string(&hook)?.trim(),
+        target_port.to_string()
+    );
+    assert!(std::fs::read_to_string(&state_file)?.contains("completed"));
+    // The source refuses writes; the new cluster takes them; contents are equal.
+    let err = pg
+        .psql("INSERT INTO ferry.after_clone VALUES (1)")
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("read-only"), "{err:#}");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
+    rt.block_on(async {
+        let new = pg.connect("127.0.0.1", target_port).await?;
+        let rec: bool = new
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .get(0);
+        assert!(!rec, "promoted");
+        new.batch_execute("INSERT INTO ferry.after_clone VALUES (7)")
+            .await?;
+        for t in ["ferry.orders", "ferry.events", "ferry.docs"] {
+            let a = pgferry_common::runtime::pg::table_digest(&new, t).await?;
+            assert_eq!(
+                (a.rows, a.blake3.clone()),
+                pgferry_tests::table_digest(&pg, t)?,
+                "{t}"
+            );
+        }
+        anyhow::Ok(())
+    })?;
+
     drop(standby_guard);
     target.stop()?;
     let states: Vec<_> = audit_events(&target.audit, "migration_state")
@@ -216,9 +286,17 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
             "base_backup_done".into(),
             "standby_started".into(),
             "catching_up".into(),
+            "ready".into(),
+            "fenced".into(),
+            "drained".into(),
+            "verified".into(),
+            "promoted".into(),
+            "completed".into(),
         ]),
         "{states:?}"
     );
+    let report = audit_events(&target.audit, "cutover_report");
+    assert_eq!(details(&report[0])["downtime_ms"], downtime);
     assert!(states.contains(&"rolled_back".to_string()), "{states:?}");
     Ok(())
 }

@@ -28,7 +28,7 @@ pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
 const MAX_ADMIN_RESPONSE: usize = 16 * 1024 * 1024;
 
 /// The verbs the admin socket understands.
-pub const VERBS: &[&str] = &["preflight", "status", "clone"];
+pub const VERBS: &[&str] = &["preflight", "status", "clone", "cutover"];
 
 /// Facts about the target host for the preflight.
 pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Result<TargetFacts> {
@@ -86,7 +86,7 @@ fn free_bytes(path: &Path) -> Result<u64> {
 }
 
 /// Runs a verb against the running agent and prints the answer; the process exit code.
-pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
+pub fn cli_verb(verb: &str, args: &AdminArgs, options: Value) -> Result<ExitCode> {
     let socket = match (&args.admin_socket, &args.config) {
         (Some(p), _) => p.clone(),
         (None, Some(c)) => ConfigFile::load(c)?.admin_socket().with_context(|| {
@@ -103,7 +103,7 @@ pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
     // silence, not the whole run.
     if args.watch && verb == "status" {
         loop {
-            let answer = request(&socket, verb, Duration::from_secs(60))?;
+            let answer = request(&socket, verb, &options, Duration::from_secs(60))?;
             if args.json {
                 println!("{answer}");
             } else {
@@ -112,7 +112,7 @@ pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
             std::thread::sleep(Duration::from_secs(2));
         }
     }
-    let answer = request(&socket, verb, Duration::from_secs(600))?;
+    let answer = request(&socket, verb, &options, Duration::from_secs(600))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
@@ -126,7 +126,7 @@ pub fn cli_verb(verb: &str, args: &AdminArgs) -> Result<ExitCode> {
 }
 
 /// One request to the admin socket.
-pub fn request(socket: &Path, verb: &str, timeout: Duration) -> Result<Value> {
+pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) -> Result<Value> {
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the target agent at {}: is `pgferry-target run` running (and is this its admin socket)?",
@@ -134,7 +134,7 @@ pub fn request(socket: &Path, verb: &str, timeout: Duration) -> Result<Value> {
         )
     })?;
     s.set_read_timeout(Some(timeout))?;
-    writeln!(s, "{}", json!({ "verb": verb }))?;
+    writeln!(s, "{}", json!({ "verb": verb, "options": options }))?;
     let mut reader = BufReader::new(s.take_limited());
     loop {
         let mut line = String::new();
@@ -192,6 +192,26 @@ pub fn render(verb: &str, answer: &Value) -> String {
                     "preflight: {failed} of {} checks failed; nothing was changed\n",
                     checks.len()
                 ));
+            }
+        }
+        "cutover" => {
+            let r = &answer["report"];
+            if r["dry_run"] == true {
+                out.push_str(&format!(
+                    "dry run: lag {} bytes; {} table(s) would be verified; nothing changed\n",
+                    r["lag_bytes_at_start"],
+                    r["tables"].as_array().map_or(0, Vec::len)
+                ));
+            } else {
+                out.push_str(&format!(
+                    "cutover complete: write downtime {} ms (fence → writable); {} table(s), {} rows verified\n",
+                    r["downtime_ms"],
+                    r["tables"].as_array().map_or(0, Vec::len),
+                    r["verified_rows"]
+                ));
+                for (k, v) in r["phases"].as_object().into_iter().flatten() {
+                    out.push_str(&format!("  {k:<12} {v} ms\n"));
+                }
             }
         }
         "status" => {
@@ -266,7 +286,7 @@ pub fn render(verb: &str, answer: &Value) -> String {
 }
 
 /// Reads one request line (bounded) from an admin connection.
-pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<String> {
+pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<Value> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut byte = [0u8; 4096];
@@ -285,10 +305,10 @@ pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<
     }
     let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
     let v: Value = serde_json::from_slice(line).context("admin request is not JSON")?;
-    v["verb"]
-        .as_str()
-        .map(str::to_string)
-        .context("admin request has no verb")
+    if !v["verb"].is_string() {
+        bail!("admin request has no verb");
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -990,8 +990,14 @@ async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
         let sh = shared.clone();
         tokio::spawn(async move {
             let answer = match admin::read_request(&mut stream).await {
-                Ok(verb) if verb == "clone" => admin_clone(&sh, &mut stream).await,
-                Ok(verb) => admin_verb(&sh, &verb).await,
+                Ok(req) => match req["verb"].as_str().unwrap_or("") {
+                    "clone" => admin_execute(&sh, &mut stream, None).await,
+                    "cutover" => match serde_json::from_value(req["options"].clone()) {
+                        Ok(opts) => admin_execute(&sh, &mut stream, Some(opts)).await,
+                        Err(e) => json!({"ok": false, "error": format!("cutover options: {e}")}),
+                    },
+                    verb => admin_verb(&sh, verb).await,
+                },
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
             };
             let _ = write_admin_line(&mut stream, &answer).await;
@@ -1009,8 +1015,13 @@ async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std
     stream.write_all(line.as_bytes()).await
 }
 
-/// `clone`: runs the executor, streaming its progress lines to the admin client.
-async fn admin_clone(shared: &Arc<Shared>, stream: &mut tokio::net::UnixStream) -> Value {
+/// `clone` (no options) or `cutover`: runs the executor, streaming its progress lines to the
+/// admin client.
+async fn admin_execute(
+    shared: &Arc<Shared>,
+    stream: &mut tokio::net::UnixStream,
+    cutover: Option<super::migrate::CutoverOptions>,
+) -> Value {
     let Some(pc) = shared.current.borrow().clone() else {
         return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
     };
@@ -1070,7 +1081,13 @@ async fn admin_clone(shared: &Arc<Shared>, stream: &mut tokio::net::UnixStream) 
                 Err(anyhow!("preflight failed: {}", failed.join("; ")))
             }
         };
-        let r = exec.clone_standby(check).await;
+        let r = match &cutover {
+            None => exec
+                .clone_standby(check)
+                .await
+                .map(|s| json!({"phase": s.phase()})),
+            Some(opts) => exec.cutover(opts).await,
+        };
         let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");
         (r, phase)
     };
@@ -1081,7 +1098,7 @@ async fn admin_clone(shared: &Arc<Shared>, stream: &mut tokio::net::UnixStream) 
     };
     let ((result, phase), ()) = tokio::join!(work, forward);
     match result {
-        Ok(state) => json!({"ok": true, "phase": state.phase()}),
+        Ok(report) => json!({"ok": true, "phase": phase, "report": report}),
         Err(e) => json!({"ok": false, "error": format!("{e:#}"), "phase": phase}),
     }
 }

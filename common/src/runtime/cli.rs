@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
 
 use super::agent::{run_agent, RunOptions};
 use super::config::{AgentConfig, ConfigFile, Overrides};
@@ -143,6 +144,35 @@ enum AgentCommand {
     /// tunnel with progress, pg_verifybackup, standby settings, start. Resumes from the
     /// persisted state; before promotion a failure rolls back (slot dropped).
     Clone(AdminArgs),
+    /// Switch over: refuse above --max-lag, fence the source, wait until the standby replayed
+    /// the fence LSN, verify tables on both sides, promote, check writable, report the
+    /// downtime. Before promotion any failure rolls back (source unfenced).
+    Cutover(CutoverArgs),
+}
+
+/// `cutover` options.
+#[derive(Debug, Args)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Verify only these tables (schema.table, comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "all_tables")]
+    pub tables: Option<Vec<String>>,
+    /// Verify every user table (the default).
+    #[arg(long)]
+    pub all_tables: bool,
+    /// How to fence the source (only read-only in this version).
+    #[arg(long, default_value = "read-only", value_parser = ["read-only"])]
+    pub fence: String,
+    /// Refuse to start while the standby is more than this many bytes behind.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_lag: u64,
+    /// Shell command to run once the new cluster accepts writes (repoint the application).
+    #[arg(long, value_name = "CMD")]
+    pub on_promoted: Option<String>,
+    /// Check the lag and list the tables; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// How a CLI verb finds the running target agent.
@@ -163,7 +193,7 @@ pub struct AdminArgs {
 }
 
 /// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
-pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone"];
+pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone", "cutover"];
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
@@ -171,16 +201,32 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
     let result = match cli.command {
         AgentCommand::Run(args) => run(role, *args).map(|()| ExitCode::SUCCESS),
         AgentCommand::Audit(cmd) => audit_command(cmd),
-        AgentCommand::Preflight(_) | AgentCommand::Status(_) | AgentCommand::Clone(_)
+        AgentCommand::Preflight(_)
+        | AgentCommand::Status(_)
+        | AgentCommand::Clone(_)
+        | AgentCommand::Cutover(_)
             if role == Role::Source =>
         {
             Err(anyhow::anyhow!(
                 "this is a pgferry-target command; run it on the new host"
             ))
         }
-        AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a),
-        AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a),
-        AgentCommand::Status(a) => super::admin::cli_verb("status", &a),
+        AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a, Value::Null),
+        AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a, Value::Null),
+        AgentCommand::Status(a) => super::admin::cli_verb("status", &a, Value::Null),
+        AgentCommand::Cutover(c) => {
+            let opts = super::migrate::CutoverOptions {
+                tables: c.tables,
+                max_lag: c.max_lag,
+                on_promoted: c.on_promoted,
+                dry_run: c.dry_run,
+            };
+            super::admin::cli_verb(
+                "cutover",
+                &c.admin,
+                serde_json::to_value(opts).unwrap_or_default(),
+            )
+        }
     };
     match result {
         Ok(code) => code,

@@ -218,7 +218,11 @@ fn reply_and_audit(
     if let Response::Error { message } = response {
         details["message"] = message.clone().into();
     }
-    info!("control request {id} {op}: {result}");
+    info!(
+        "control request {id} {}: {}",
+        op.as_str().unwrap_or("?"),
+        result.as_str().unwrap_or("?")
+    );
     audit("control_request", details);
 }
 

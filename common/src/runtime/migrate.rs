@@ -434,3 +434,304 @@ pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus>
         now_ms: r.get::<_, i64>(4).max(0) as u64,
     })
 }
+
+/// What the operator asked of the cutover.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CutoverOptions {
+    /// Tables to verify (`schema.table`); `None`: every user table.
+    pub tables: Option<Vec<String>>,
+    /// Refuse to start the cutover when the standby is further behind than this (bytes).
+    pub max_lag: u64,
+    /// Shell command run after the new cluster accepts writes.
+    pub on_promoted: Option<String>,
+    /// Check lag and list the tables, change nothing.
+    pub dry_run: bool,
+}
+
+/// Longest wait for the standby to replay the fence LSN.
+const REPLAY_WAIT: Duration = Duration::from_secs(120);
+
+impl Executor<'_> {
+    /// The cutover: fence, drain, verify, promote, writable; a report of the phases.
+    pub async fn cutover(&self, opts: &CutoverOptions) -> Result<Value> {
+        let mut state = self.store.load()?;
+        let mut report = json!({"phases": {}});
+        if !matches!(
+            state,
+            State::CatchingUp { .. }
+                | State::Ready { .. }
+                | State::Fenced { .. }
+                | State::Drained { .. }
+                | State::Verified { .. }
+                | State::Promoted { .. }
+        ) {
+            bail!(
+                "cutover needs a standby that is catching up (run `pgferry-target clone` first); the migration is in phase {}",
+                state.phase()
+            );
+        }
+        let result = self.cutover_steps(&mut state, opts, &mut report).await;
+        match result {
+            Ok(()) => Ok(report),
+            Err(e)
+                if state.can_roll_back()
+                    && !matches!(state, State::CatchingUp { .. } | State::Ready { .. }) =>
+            {
+                let reason = format!("{e:#}");
+                (self.progress)(format!(
+                    "cutover failed before promotion: {reason}; rolling back (source unfenced)"
+                ));
+                let rolling = self.advance(
+                    state,
+                    Event::Failed {
+                        reason: reason.clone(),
+                    },
+                )?;
+                self.roll_back(rolling).await?;
+                Err(e.context("cutover rolled back; the source is writable again"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn cutover_steps(
+        &self,
+        state: &mut State,
+        opts: &CutoverOptions,
+        report: &mut Value,
+    ) -> Result<()> {
+        let standby = connect_new_cluster(self.settings).await?;
+        let t_start = Instant::now();
+        loop {
+            let current = state.clone();
+            let t = Instant::now();
+            let next = match &current {
+                State::CatchingUp { slot } | State::Ready { slot } => {
+                    let src = match self
+                        .ask(Request::Status {
+                            slot: Some(slot.clone()),
+                        })
+                        .await?
+                    {
+                        Response::Status { status } => status,
+                        other => bail!("unexpected answer {other:?}"),
+                    };
+                    let st = standby_status(&standby).await?;
+                    let replay = st.replay_lsn.unwrap_or_default();
+                    let lag = src.current_lsn.0.saturating_sub(replay.0);
+                    report["lag_bytes_at_start"] = json!(lag);
+                    if lag > opts.max_lag {
+                        bail!(
+                            "the standby is {lag} bytes behind (more than --max-lag {}); wait for it to catch up (pgferry-target status --watch)",
+                            opts.max_lag
+                        );
+                    }
+                    let tables = self.tables(&standby, opts).await?;
+                    report["tables"] = json!(tables);
+                    if opts.dry_run {
+                        (self.progress)(format!(
+                            "dry run: lag {lag} bytes ≤ {}; would fence the source, wait for the standby, verify {} table(s), promote",
+                            opts.max_lag,
+                            tables.len()
+                        ));
+                        report["dry_run"] = json!(true);
+                        return Ok(());
+                    }
+                    let ready = if matches!(current, State::CatchingUp { .. }) {
+                        self.advance(current, Event::CaughtUp)?
+                    } else {
+                        current
+                    };
+                    (self.progress)(format!("lag {lag} bytes; fencing the source (read-only)"));
+                    let lsn = match self
+                        .ask(Request::Fence {
+                            mode: crate::control::FenceMode::ReadOnly,
+                        })
+                        .await?
+                    {
+                        Response::Fenced { lsn } => lsn,
+                        other => bail!("unexpected answer {other:?}"),
+                    };
+                    let fence = crate::migration::Fence {
+                        lsn,
+                        at_ms: now_ms(),
+                    };
+                    (self.progress)(format!("source fenced at LSN {lsn}"));
+                    report["phases"]["fence_ms"] = json!(t.elapsed().as_millis() as u64);
+                    self.advance(ready, Event::Fenced { fence })?
+                }
+                State::Fenced { fence, .. } => {
+                    (self.progress)(format!("waiting for the standby to replay {}", fence.lsn));
+                    let deadline = Instant::now() + REPLAY_WAIT;
+                    let replayed = loop {
+                        let st = standby_status(&standby)
+                            .await
+                            .context("reading the standby's replay position")?;
+                        if let Some(r) = st.replay_lsn.filter(|r| *r >= fence.lsn) {
+                            break r;
+                        }
+                        if Instant::now() > deadline {
+                            bail!(
+                                "the standby did not replay the fence LSN {} within {} s",
+                                fence.lsn,
+                                REPLAY_WAIT.as_secs()
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    report["phases"]["drain_ms"] = json!(t.elapsed().as_millis() as u64);
+                    self.advance(current, Event::Replayed { lsn: replayed })?
+                }
+                State::Drained { .. } => {
+                    let tables = self.tables(&standby, opts).await?;
+                    (self.progress)(format!("verifying {} table(s) on both sides", tables.len()));
+                    let theirs = async {
+                        match self
+                            .ask(Request::TableDigests {
+                                tables: tables.clone(),
+                            })
+                            .await?
+                        {
+                            Response::TableDigests { digests } => Ok(digests),
+                            other => bail!("unexpected answer {other:?}"),
+                        }
+                    };
+                    let ours = async {
+                        let mut v = Vec::new();
+                        for t in &tables {
+                            v.push(super::pg::table_digest(&standby, t).await?);
+                        }
+                        anyhow::Ok(v)
+                    };
+                    let (theirs, ours) = tokio::join!(theirs, ours);
+                    let (theirs, ours) = (theirs?, ours?);
+                    let mut mismatched = Vec::new();
+                    for (a, b) in theirs.iter().zip(&ours) {
+                        if a != b {
+                            mismatched.push(format!(
+                                "{} (source {} rows {}, target {} rows {})",
+                                a.table,
+                                a.rows,
+                                &a.blake3[..12],
+                                b.rows,
+                                &b.blake3[..12]
+                            ));
+                        }
+                    }
+                    (self.audit)(
+                        "tables_verified",
+                        json!({"tables": ours, "mismatched": mismatched}),
+                    );
+                    if !mismatched.is_empty() || theirs.len() != ours.len() {
+                        bail!(
+                            "table contents differ after the fence: {}",
+                            mismatched.join(", ")
+                        );
+                    }
+                    report["verified_rows"] = json!(ours.iter().map(|d| d.rows).sum::<u64>());
+                    report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);
+                    self.advance(
+                        current,
+                        Event::TablesVerified {
+                            tables: tables.len() as u32,
+                        },
+                    )?
+                }
+                State::Verified { .. } => {
+                    (self.progress)("promoting the new cluster (point of no return)".into());
+                    let ok: bool = standby
+                        .query_one("SELECT pg_promote(true, 60)", &[])
+                        .await
+                        .context("pg_promote")?
+                        .get(0);
+                    if !ok {
+                        bail!("pg_promote did not finish within 60 s");
+                    }
+                    report["phases"]["promote_ms"] = json!(t.elapsed().as_millis() as u64);
+                    self.advance(current, Event::Promoted)?
+                }
+                State::Promoted { .. } => {
+                    // After the point of no return: retry until writable.
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let c = connect_new_cluster(self.settings).await;
+                        let w = match &c {
+                            Ok(c) => c
+                                .query_one("SELECT pg_is_in_recovery(), txid_current()::text", &[])
+                                .await
+                                .map(|r| !r.get::<_, bool>(0))
+                                .unwrap_or(false),
+                            Err(_) => false,
+                        };
+                        if w {
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            bail!("the promoted cluster did not accept a write within 120 s; the cutover will resume when run again");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let at_ms = now_ms();
+                    let done = self.advance(current, Event::Writable { at_ms })?;
+                    let downtime = done.downtime_ms().unwrap_or(0);
+                    (self.progress)(format!(
+                        "the new cluster accepts writes; write downtime {downtime} ms"
+                    ));
+                    report["downtime_ms"] = json!(downtime);
+                    if let Some(cmd) = &opts.on_promoted {
+                        let st = tokio::process::Command::new("sh")
+                            .args(["-c", cmd])
+                            .env("PGFERRY_NEW_PORT", self.settings.port.to_string())
+                            .status()
+                            .await;
+                        let ok = st.as_ref().is_ok_and(|s| s.success());
+                        report["on_promoted_ok"] = json!(ok);
+                        (self.audit)("on_promoted", json!({"ok": ok}));
+                        if !ok {
+                            (self.progress)(format!("--on-promoted command failed ({st:?}); the migration itself is complete"));
+                        }
+                    }
+                    if let State::Completed { .. } = &done {
+                        let slot = self.slot_name();
+                        if let Err(e) = self.ask(Request::DropSlot { slot: slot.clone() }).await {
+                            (self.progress)(format!(
+                                "could not drop slot {slot} on the source: {e:#}; drop it by hand"
+                            ));
+                        } else {
+                            (self.progress)(format!("dropped slot {slot} on the source"));
+                        }
+                    }
+                    done
+                }
+                _ => {
+                    report["total_ms"] = json!(t_start.elapsed().as_millis() as u64);
+                    report["phase"] = json!(state.phase());
+                    (self.audit)("cutover_report", report.clone());
+                    return Ok(());
+                }
+            };
+            *state = next;
+        }
+    }
+
+    async fn tables(
+        &self,
+        standby: &tokio_postgres::Client,
+        opts: &CutoverOptions,
+    ) -> Result<Vec<String>> {
+        if let Some(t) = &opts.tables {
+            return Ok(t.clone());
+        }
+        let rows = standby
+            .query(
+                "SELECT schemaname || '.' || relname FROM pg_stat_user_tables ORDER BY 1",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|t| crate::control::valid_table_name(t))
+            .collect())
+    }
+}
