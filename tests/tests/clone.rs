@@ -227,6 +227,27 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         "off"
     );
 
+    // A failure after the fence and before promotion (a table that does not exist) rolls
+    // back: the source is writable again, the slot is gone, the state says rolled back.
+    let (ok, out) = cutover(&["--tables", "ferry.no_such_table"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    assert!(out.contains("no_such_table"), "{out}");
+    assert_eq!(
+        pg.psql("SELECT current_setting('default_transaction_read_only')")?,
+        "off"
+    );
+    pg.psql("INSERT INTO ferry.after_clone VALUES (2)")?;
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
+    assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
+    // Start over: stop the standby, clear its directory, set the state aside, clone again.
+    drop(standby_guard);
+    let standby_guard = StandbyGuard(data_dir.clone());
+    std::fs::remove_dir_all(&data_dir)?;
+    std::fs::rename(&state_file, dir.join("old2.state.json"))?;
+    let (ok, out) = clone(&socket);
+    assert!(ok, "{out}");
+
     // The cutover: fence, drain, verify, promote, writable, hook, slot dropped.
     let hook = dir.join("promoted.flag");
     let (ok, out) = cutover(&[

@@ -162,11 +162,34 @@ impl Executor<'_> {
             bail!("not rolling back (phase {})", state.phase());
         };
         if *fenced {
+            (self.progress)("unfencing the source (writable again)".into());
             self.ask(Request::Unfence).await?;
+        }
+        // The standby we started keeps the slot busy: stop it first (the migration is over).
+        if let Some(d) = &self.settings.data_dir {
+            if d.join("postmaster.pid").exists() {
+                (self.progress)(format!("stopping the standby in {}", d.display()));
+                let mut stop = self.pg_tool("pg_ctl");
+                stop.arg("-D")
+                    .arg(d)
+                    .args(["-m", "fast", "-w", "-t", "60", "stop"]);
+                run_with_progress(stop, "pg_ctl stop", self.progress).await?;
+            }
         }
         if let Some(slot) = slot {
             (self.progress)(format!("dropping replication slot {slot} on the source"));
-            self.ask(Request::DropSlot { slot: slot.clone() }).await?;
+            // Its walsender may take a moment to exit after the standby stopped.
+            let mut attempt = 0;
+            loop {
+                match self.ask(Request::DropSlot { slot: slot.clone() }).await {
+                    Ok(_) => break,
+                    Err(e) if attempt < 20 && format!("{e:#}").contains("is active") => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
         self.advance(state, Event::RollbackDone)
     }

@@ -224,9 +224,23 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
                 )
                 .await
                 .context("ending sessions that could still write")?;
-            let row = client
-                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            // A record written after the fence marks its end: the standby's replay LSN reaches
+            // exactly this value once everything before it is replayed. (The insert position
+            // itself can sit past a page header that no record ends at, so a standby would
+            // only reach it after the next unrelated WAL record, seconds later.)
+            // Written in a committed transaction with synchronous_commit on, so it is flushed
+            // (and streamed) at once rather than at the WAL writer's next round.
+            client
+                .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE")
                 .await?;
+            let row = client
+                .query_one(
+                    "SELECT pg_logical_emit_message(true, 'pgferry', 'fence')::text",
+                    &[],
+                )
+                .await
+                .context("writing the fence marker")?;
+            client.batch_execute("COMMIT").await?;
             lsn(&row.get::<_, String>(0))
         }
         FenceMode::Stop => {
