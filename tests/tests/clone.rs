@@ -248,6 +248,22 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let (ok, out) = clone(&socket);
     assert!(ok, "{out}");
 
+    // `rollback` before promotion: standby stopped, slot dropped, state rolled back.
+    let out = Command::new(bin_path("pgferry-target"))
+        .args(["rollback", "--admin-socket"])
+        .arg(&socket)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("stopping the standby"), "{text}");
+    assert!(!data_dir.join("postmaster.pid").exists());
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
+    assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
+    std::fs::remove_dir_all(&data_dir)?;
+    std::fs::rename(&state_file, dir.join("old3.state.json"))?;
+    let (ok, out) = clone(&socket);
+    assert!(ok, "{out}");
+
     // The cutover: fence, drain, verify, promote, writable, hook, slot dropped.
     let hook = dir.join("promoted.flag");
     let (ok, out) = cutover(&[
@@ -268,6 +284,14 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         target_port.to_string()
     );
     assert!(std::fs::read_to_string(&state_file)?.contains("completed"));
+    // After promotion there is no way back.
+    let out = Command::new(bin_path("pgferry-target"))
+        .args(["rollback", "--admin-socket"])
+        .arg(&socket)
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("phase completed"), "{text}");
     // The source refuses writes; the new cluster takes them; contents are equal.
     let err = pg
         .psql("INSERT INTO ferry.after_clone VALUES (1)")

@@ -28,7 +28,7 @@ pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
 const MAX_ADMIN_RESPONSE: usize = 16 * 1024 * 1024;
 
 /// The verbs the admin socket understands.
-pub const VERBS: &[&str] = &["preflight", "status", "clone", "cutover"];
+pub const VERBS: &[&str] = &["preflight", "status", "clone", "cutover", "rollback"];
 
 /// Facts about the target host for the preflight.
 pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Result<TargetFacts> {

@@ -991,9 +991,10 @@ async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
         tokio::spawn(async move {
             let answer = match admin::read_request(&mut stream).await {
                 Ok(req) => match req["verb"].as_str().unwrap_or("") {
-                    "clone" => admin_execute(&sh, &mut stream, None).await,
+                    "clone" => admin_execute(&sh, &mut stream, Job::Clone).await,
+                    "rollback" => admin_execute(&sh, &mut stream, Job::Rollback).await,
                     "cutover" => match serde_json::from_value(req["options"].clone()) {
-                        Ok(opts) => admin_execute(&sh, &mut stream, Some(opts)).await,
+                        Ok(opts) => admin_execute(&sh, &mut stream, Job::Cutover(opts)).await,
                         Err(e) => json!({"ok": false, "error": format!("cutover options: {e}")}),
                     },
                     verb => admin_verb(&sh, verb).await,
@@ -1015,12 +1016,18 @@ async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std
     stream.write_all(line.as_bytes()).await
 }
 
-/// `clone` (no options) or `cutover`: runs the executor, streaming its progress lines to the
-/// admin client.
+/// A long admin verb, run by the executor.
+enum Job {
+    Clone,
+    Cutover(super::migrate::CutoverOptions),
+    Rollback,
+}
+
+/// Runs a [`Job`], streaming its progress lines to the admin client.
 async fn admin_execute(
     shared: &Arc<Shared>,
     stream: &mut tokio::net::UnixStream,
-    cutover: Option<super::migrate::CutoverOptions>,
+    job: Job,
 ) -> Value {
     let Some(pc) = shared.current.borrow().clone() else {
         return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
@@ -1081,12 +1088,13 @@ async fn admin_execute(
                 Err(anyhow!("preflight failed: {}", failed.join("; ")))
             }
         };
-        let r = match &cutover {
-            None => exec
+        let r = match &job {
+            Job::Clone => exec
                 .clone_standby(check)
                 .await
                 .map(|s| json!({"phase": s.phase()})),
-            Some(opts) => exec.cutover(opts).await,
+            Job::Cutover(opts) => exec.cutover(opts).await,
+            Job::Rollback => exec.rollback_requested().await,
         };
         let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");
         (r, phase)

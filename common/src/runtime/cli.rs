@@ -148,6 +148,9 @@ enum AgentCommand {
     /// the fence LSN, verify tables on both sides, promote, check writable, report the
     /// downtime. Before promotion any failure rolls back (source unfenced).
     Cutover(CutoverArgs),
+    /// Stop the migration before promotion: unfence the source, stop the standby, drop the
+    /// slot. Refused after promotion (the point of no return).
+    Rollback(AdminArgs),
 }
 
 /// `cutover` options.
@@ -193,7 +196,7 @@ pub struct AdminArgs {
 }
 
 /// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
-pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone", "cutover"];
+pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone", "cutover", "rollback"];
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
@@ -205,6 +208,7 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
         | AgentCommand::Status(_)
         | AgentCommand::Clone(_)
         | AgentCommand::Cutover(_)
+        | AgentCommand::Rollback(_)
             if role == Role::Source =>
         {
             Err(anyhow::anyhow!(
@@ -213,6 +217,7 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
         }
         AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a, Value::Null),
         AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a, Value::Null),
+        AgentCommand::Rollback(a) => super::admin::cli_verb("rollback", &a, Value::Null),
         AgentCommand::Status(a) => super::admin::cli_verb("status", &a, Value::Null),
         AgentCommand::Cutover(c) => {
             let opts = super::migrate::CutoverOptions {

@@ -156,6 +156,29 @@ impl Executor<'_> {
         }
     }
 
+    /// `rollback`: stops the migration before promotion (or finishes an interrupted rollback).
+    pub async fn rollback_requested(&self) -> Result<Value> {
+        let state = self.store.load()?;
+        let rolling = match &state {
+            State::RollingBack { .. } => state,
+            s if s.can_roll_back() && !matches!(s, State::New) => {
+                self.advance(state, Event::RollbackRequested)?
+            }
+            State::New => bail!("no migration has started; nothing to roll back"),
+            s => bail!(
+                "the migration is in phase {}: {}",
+                s.phase(),
+                if s.is_final() {
+                    "it is over"
+                } else {
+                    "the target is promoted (point of no return); rolling back is no longer possible"
+                }
+            ),
+        };
+        let done = self.roll_back(rolling).await?;
+        Ok(json!({"phase": done.phase()}))
+    }
+
     /// Drops the slot (idempotent) and records the rollback.
     pub async fn roll_back(&self, state: State) -> Result<State> {
         let State::RollingBack { slot, fenced, .. } = &state else {
