@@ -85,7 +85,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
             "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
              [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
              [target]\ndata_dir = \"{}\"\nport = {target_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-             replication_user = \"postgres\"\nreplication_password_file = \"{}\"\nadmin_socket = \"{}\"\nstate_file = \"{}\"\n",
+             replication_user = \"postgres\"\nreplication_password_file = \"{}\"\nadmin_socket = \"{}\"\nstate_file = \"{}\"\nlag_sample_secs = 1\n",
             data_dir.display(),
             dir.path().display(),
             repl_pw.display(),
@@ -202,6 +202,14 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     eprintln!("{text}");
     assert!(text.contains("phase      catching_up"), "{text}");
+
+    // While catching up, the lag is sampled into the audit log.
+    let sample = wait_until(
+        "a lag sample in the audit log",
+        Duration::from_secs(20),
+        || audit_events(&target.audit, "lag_sample").into_iter().next(),
+    )?;
+    assert!(details(&sample)["lag_bytes"].is_u64(), "{sample}");
 
     // cutover --dry-run changes nothing.
     let cutover = |args: &[&str]| {

@@ -247,6 +247,8 @@ pub async fn run_agent(
         let listener = bind_admin(&t.admin_socket)?;
         let sh = shared.clone();
         tasks.spawn(async move { serve_admin(sh, listener).await });
+        let sh = shared.clone();
+        tasks.spawn(async move { sample_lag(sh).await });
     }
     for (service, l) in listeners {
         let sh = shared.clone();
@@ -1108,6 +1110,40 @@ async fn admin_execute(
     match result {
         Ok(report) => json!({"ok": true, "phase": phase, "report": report}),
         Err(e) => json!({"ok": false, "error": format!("{e:#}"), "phase": phase}),
+    }
+}
+
+/// While the standby catches up, records the lag from both ends in the audit log.
+async fn sample_lag(shared: Arc<Shared>) {
+    let settings = shared.cfg.target.clone().expect("target settings");
+    let migration = shared.identity.own.migration.to_string();
+    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(settings.lag_sample) => {}
+            _ = stop.changed() => return,
+        }
+        let catching_up = matches!(
+            store.load(),
+            Ok(crate::migration::State::CatchingUp { .. } | crate::migration::State::Ready { .. })
+        );
+        if !catching_up {
+            continue;
+        }
+        let current = shared.current.borrow().clone();
+        let st = admin_status(&shared, current).await;
+        shared.audit.record(
+            "lag_sample",
+            json!({
+                "lag_bytes": st["lag_bytes"],
+                "source_lsn": st["source"]["current_lsn"],
+                "replay_lsn": st["new_cluster"]["replay_lsn"],
+                "replay_lag_ms": st["source"]["replication"][0]["replay_lag_ms"],
+                "tunnel": st["tunnel"]["state"],
+                "udp_bytes_received": st["tunnel"]["udp_bytes_received"],
+            }),
+        );
     }
 }
 

@@ -114,6 +114,8 @@ pub struct TargetSection {
     pub replication_password_file: Option<PathBuf>,
     /// Migration state file (default: `pgferry-target.state.json` next to the audit log).
     pub state_file: Option<PathBuf>,
+    /// While the standby catches up, record the lag in the audit log this often (default 10 s).
+    pub lag_sample_secs: Option<u64>,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -133,6 +135,7 @@ pub struct TargetSettings {
     pub replication_user: String,
     pub replication_password_file: Option<PathBuf>,
     pub state_file: PathBuf,
+    pub lag_sample: Duration,
 }
 
 impl ConfigFile {
@@ -550,6 +553,9 @@ impl AgentConfig {
                         .target
                         .state_file
                         .unwrap_or_else(|| beside_log("pgferry-target.state.json")),
+                    lag_sample: Duration::from_secs(
+                        file.target.lag_sample_secs.unwrap_or(10).max(1),
+                    ),
                 })
             }
             Role::Source => {
