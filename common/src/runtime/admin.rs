@@ -87,18 +87,7 @@ fn free_bytes(path: &Path) -> Result<u64> {
 
 /// Runs a verb against the running agent and prints the answer; the process exit code.
 pub fn cli_verb(verb: &str, args: &AdminArgs, options: Value) -> Result<ExitCode> {
-    let socket = match (&args.admin_socket, &args.config) {
-        (Some(p), _) => p.clone(),
-        (None, Some(c)) => ConfigFile::load(c)?.admin_socket().with_context(|| {
-            format!(
-                "{} names neither [target] admin_socket nor [audit] log; pass --admin-socket",
-                c.display()
-            )
-        })?,
-        (None, None) => {
-            bail!("give --admin-socket PATH or --config FILE of the running target agent")
-        }
-    };
+    let socket = socket_of(args)?;
     // Progress lines arrive at least every few seconds during a clone; the timeout bounds
     // silence, not the whole run.
     if args.watch && verb == "status" {
@@ -118,6 +107,107 @@ pub fn cli_verb(verb: &str, args: &AdminArgs, options: Value) -> Result<ExitCode
     } else {
         print!("{}", render(verb, &answer));
     }
+    Ok(if answer["ok"] == true {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn socket_of(args: &AdminArgs) -> Result<PathBuf> {
+    match (&args.admin_socket, &args.config) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(c)) => ConfigFile::load(c)?.admin_socket().with_context(|| {
+            format!(
+                "{} names neither [target] admin_socket nor [audit] log; pass --admin-socket",
+                c.display()
+            )
+        }),
+        (None, None) => {
+            bail!("give --admin-socket PATH or --config FILE of the running target agent")
+        }
+    }
+}
+
+/// `migrate`: clone (or resume), wait for the catch-up, cut over.
+pub fn cli_migrate(m: &super::cli::MigrateArgs) -> Result<ExitCode> {
+    let c = &m.cutover;
+    let socket = socket_of(&c.admin)?;
+    let status = request(&socket, "status", &Value::Null, Duration::from_secs(60))?;
+    let phase = status["migration"]["phase"]
+        .as_str()
+        .unwrap_or("new")
+        .to_string();
+    if phase == "completed" {
+        println!("migrate: the migration is already complete");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let before_catch_up = matches!(
+        phase.as_str(),
+        "new" | "preflighted" | "slot_created" | "base_backup_done" | "standby_started"
+    );
+    if before_catch_up {
+        let answer = request(&socket, "clone", &Value::Null, Duration::from_secs(600))?;
+        if answer["ok"] != true {
+            print!("{}", render("clone", &answer));
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    if before_catch_up || matches!(phase.as_str(), "catching_up" | "ready") {
+        // Catch-up: wait until the lag is small enough for the cutover.
+        let deadline = std::time::Instant::now() + Duration::from_secs(m.catch_up_timeout_secs);
+        let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
+        loop {
+            let st = request(&socket, "status", &Value::Null, Duration::from_secs(60))?;
+            let lag = st["lag_bytes"].as_u64();
+            if last_print.elapsed() >= Duration::from_secs(2) {
+                eprintln!(
+                    "migrate: catching up, lag {} bytes (cutover at ≤ {})",
+                    lag.map_or("?".to_string(), |l| l.to_string()),
+                    c.max_lag
+                );
+                last_print = std::time::Instant::now();
+            }
+            if lag.is_some_and(|l| l <= c.max_lag) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the standby did not catch up within {} s; it keeps streaming: run `migrate` again later",
+                    m.catch_up_timeout_secs
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if !m.auto_cutover {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                bail!("the standby has caught up; pass --auto-cutover to cut over without a terminal to confirm on (or run `pgferry-target cutover`)");
+            }
+            eprint!(
+                "migrate: the standby has caught up. Fence the source and cut over now? [y/N] "
+            );
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                println!("migrate: not cutting over; the standby keeps streaming");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let opts = super::migrate::CutoverOptions {
+        tables: c.tables.clone(),
+        max_lag: c.max_lag,
+        on_promoted: c.on_promoted.clone(),
+        dry_run: c.dry_run,
+    };
+    let answer = request(
+        &socket,
+        "cutover",
+        &serde_json::to_value(opts)?,
+        Duration::from_secs(600),
+    )?;
+    print!("{}", render("cutover", &answer));
     Ok(if answer["ok"] == true {
         ExitCode::SUCCESS
     } else {

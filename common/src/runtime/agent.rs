@@ -118,6 +118,11 @@ struct Shared {
     next_session: AtomicU64,
     shutting_down: watch::Sender<bool>,
     tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
+    /// Source: the live connection of each peer certificate. A peer that reconnects (a target
+    /// agent restarted after a crash) replaces its old connection at once, rather than when
+    /// the idle timeout notices; the old one's upstream sessions (a walsender holding the
+    /// replication slot) end with it.
+    peers: Mutex<std::collections::HashMap<crate::identity::Fingerprint, quinn::Connection>>,
 }
 
 #[derive(Clone)]
@@ -230,6 +235,7 @@ pub async fn run_agent(
         next_session: AtomicU64::new(session_base),
         shutting_down: watch::channel(false).0,
         tunnels: opts.tunnels,
+        peers: Mutex::new(std::collections::HashMap::new()),
     });
 
     let endpoint = make_endpoint(&shared)?;
@@ -613,6 +619,23 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         }),
     );
     let started = Instant::now();
+    if shared.cfg.role == Role::Source {
+        let old = shared
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer.fingerprint, conn.clone());
+        if let Some(old) = old.filter(|o| o.stable_id() != conn.stable_id()) {
+            if old.close_reason().is_none() {
+                warn!(
+                    "peer {} reconnected from {remote}: closing its previous connection from {}",
+                    peer.fingerprint,
+                    old.remote_address()
+                );
+                old.close(4u32.into(), b"replaced by a newer connection");
+            }
+        }
+    }
     let stats = Arc::new(ConnStats::default());
     // The control stream carries the migration's typed requests: the target asks, the source
     // answers (whichever side dialed and opened the stream).

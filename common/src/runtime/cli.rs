@@ -151,6 +151,23 @@ enum AgentCommand {
     /// Stop the migration before promotion: unfence the source, stop the standby, drop the
     /// slot. Refused after promotion (the point of no return).
     Rollback(AdminArgs),
+    /// The whole migration: clone, wait until the standby has caught up (lag ≤ --max-lag),
+    /// then cut over (with --auto-cutover, or after the operator confirms on a terminal).
+    /// Run it again after an interruption: it resumes from the persisted state.
+    Migrate(MigrateArgs),
+}
+
+/// `migrate` options.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub cutover: CutoverArgs,
+    /// Cut over as soon as the standby has caught up, without asking.
+    #[arg(long)]
+    pub auto_cutover: bool,
+    /// Give up waiting for the catch-up after this many seconds (the standby keeps streaming).
+    #[arg(long, default_value_t = 3600)]
+    pub catch_up_timeout_secs: u64,
 }
 
 /// `cutover` options.
@@ -196,7 +213,14 @@ pub struct AdminArgs {
 }
 
 /// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
-pub const TARGET_ONLY_COMMANDS: &[&str] = &["preflight", "status", "clone", "cutover", "rollback"];
+pub const TARGET_ONLY_COMMANDS: &[&str] = &[
+    "preflight",
+    "status",
+    "clone",
+    "cutover",
+    "rollback",
+    "migrate",
+];
 
 /// Runs an agent binary for `role`; returns the process exit code.
 pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
@@ -209,6 +233,7 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
         | AgentCommand::Clone(_)
         | AgentCommand::Cutover(_)
         | AgentCommand::Rollback(_)
+        | AgentCommand::Migrate(_)
             if role == Role::Source =>
         {
             Err(anyhow::anyhow!(
@@ -219,6 +244,7 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
         AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a, Value::Null),
         AgentCommand::Rollback(a) => super::admin::cli_verb("rollback", &a, Value::Null),
         AgentCommand::Status(a) => super::admin::cli_verb("status", &a, Value::Null),
+        AgentCommand::Migrate(m) => super::admin::cli_migrate(&m),
         AgentCommand::Cutover(c) => {
             let opts = super::migrate::CutoverOptions {
                 tables: c.tables,

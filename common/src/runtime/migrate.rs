@@ -333,7 +333,7 @@ impl Executor<'_> {
         let auto = data_dir.join("postgresql.auto.conf");
         let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
         text.push_str(&format!(
-            "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\n",
+            "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\nwal_retrieve_retry_interval = '1s'\n",
             self.settings.port,
             self.settings.socket_dir.display()
         ));
@@ -553,14 +553,34 @@ impl Executor<'_> {
             let t = Instant::now();
             let next = match &current {
                 State::CatchingUp { slot } | State::Ready { slot } => {
-                    let src = match self
-                        .ask(Request::Status {
-                            slot: Some(slot.clone()),
-                        })
-                        .await?
-                    {
-                        Response::Status { status } => status,
-                        other => bail!("unexpected answer {other:?}"),
+                    // The standby must be connected and streaming: a fence with nobody
+                    // receiving would only lengthen the downtime (e.g. right after the target
+                    // agent restarted and the walreceiver has not reconnected yet).
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let mut said = false;
+                    let src = loop {
+                        let src = match self
+                            .ask(Request::Status {
+                                slot: Some(slot.clone()),
+                            })
+                            .await?
+                        {
+                            Response::Status { status } => status,
+                            other => bail!("unexpected answer {other:?}"),
+                        };
+                        if src.slot.as_ref().is_some_and(|s| s.active) {
+                            break src;
+                        }
+                        if Instant::now() > deadline {
+                            bail!("the standby is not streaming (slot {slot} inactive for 60 s): check the new cluster's log");
+                        }
+                        if !said {
+                            (self.progress)(
+                                "waiting for the standby to (re)connect to the source".into(),
+                            );
+                            said = true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     };
                     let st = standby_status(&standby).await?;
                     let replay = st.replay_lsn.unwrap_or_default();
