@@ -1,12 +1,14 @@
-//! `pgferry-demo`: the tunnel on an embedded default, end to end, on one machine.
+//! `pgferry-demo`: a whole migration on one machine, on an embedded default.
 //!
 //! Makes a CA and two certificates, starts a source PostgreSQL cluster with sample data on
-//! loopback, starts pgferry-source and pgferry-target, then runs a query and
-//! `pg_basebackup -X stream` (+ `pg_verifybackup`) through the tunnel, stops the agents with
-//! SIGTERM and prints what crossed and the verdict of `audit verify --peer`.
+//! loopback, starts pgferry-source and pgferry-target, runs a query through the tunnel, then
+//! `pgferry-target migrate --auto-cutover` while a writer keeps committing on the source:
+//! preflight, slot, base backup through the tunnel, standby, catch-up, fence, verify, promote.
+//! It checks that every committed write arrived, prints the report and the audit verdict.
 
-use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
@@ -16,14 +18,15 @@ use pgferry_tests::{
 };
 
 const HELP: &str = "\
-pgferry-demo: run the pgferry tunnel end to end on this machine.
+pgferry-demo: a whole pgferry migration on this machine.
 
-Makes certificates, starts a PostgreSQL 15 cluster with ~50 MB of sample data (as the postgres
-user, loopback only), starts pgferry-source and pgferry-target, runs a query and
-pg_basebackup -X stream through the tunnel, and prints what crossed and the audit verdict.
+Makes certificates, starts a PostgreSQL 15 source cluster with sample data (as the postgres
+user, loopback only), starts pgferry-source and pgferry-target, and migrates the cluster to a
+new data directory through the tunnel while a writer keeps committing: clone, catch-up,
+verified cutover, promotion. Prints each phase, the write downtime and the audit verdict.
 
 Usage: pgferry-demo [--keep] [--megabytes N]
-  --keep          keep the working directory (certificates, logs, backup) and print its path
+  --keep          keep the working directory (certificates, logs, clusters) and print its path
   --megabytes N   size of the sample data (default 50)
 
 Needs root (to run PostgreSQL as the postgres user) and PostgreSQL 15 (`.ci/run --setup-only`).
@@ -60,6 +63,34 @@ fn main() -> ExitCode {
 
 fn step(n: u32, what: &str) {
     println!("\n[{n}/6] {what}");
+}
+
+fn secret_file(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")?;
+    Ok(())
+}
+
+/// Stops the new cluster when the demo ends.
+struct NewCluster(std::path::PathBuf);
+impl Drop for NewCluster {
+    fn drop(&mut self) {
+        if self.0.join("postmaster.pid").exists() {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.0)
+                .args(["-m", "fast", "-w", "stop"])
+                .output();
+        }
+    }
 }
 
 fn demo(mb: u32) -> Result<()> {
@@ -106,6 +137,7 @@ fn demo(mb: u32) -> Result<()> {
     pg.start()?;
     let t = Instant::now();
     load_sample_data(&pg, mb)?;
+    pg.psql("CREATE TABLE ferry.demo_writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")?;
     let size = pg.psql("SELECT pg_size_pretty(pg_database_size('postgres'))")?;
     println!(
         "  PostgreSQL on 127.0.0.1:{pg_port} (loopback only), database size {size}, loaded in {:.1} s",
@@ -113,8 +145,25 @@ fn demo(mb: u32) -> Result<()> {
     );
 
     step(3, "agents: pgferry-source listens, pgferry-target dials");
-    let udp = free_udp_port();
-    let local = free_tcp_port();
+    let (udp, local, new_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
+    let pw = dir.join("pgpass");
+    secret_file(&pw, &pg.password)?;
+    let new_data = dir.join("new-cluster/data");
+    let socket = dir.join("target.sock");
+    std::fs::write(
+        dir.join("target.toml"),
+        format!(
+            "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
+             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
+             [target]\ndata_dir = \"{}\"\nport = {new_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
+             replication_password_file = \"{}\"\nadmin_socket = \"{}\"\nlag_sample_secs = 2\n",
+            new_data.display(),
+            dir.path().display(),
+            pw.display(),
+            socket.display()
+        ),
+    )?;
+    let _new_cluster = NewCluster(new_data.clone());
     let agent = |role: &str, extra: &[String]| -> Result<ChildGuard> {
         let mut cmd = Command::new(bin_path(&format!("pgferry-{role}")));
         cmd.arg("run")
@@ -136,16 +185,18 @@ fn demo(mb: u32) -> Result<()> {
             format!("127.0.0.1:{udp}"),
             "--upstream".into(),
             format!("127.0.0.1:{pg_port}"),
+            "--pg-conninfo".into(),
+            format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
+            "--pg-password-file".into(),
+            pw.to_string_lossy().into(),
         ],
     )?;
     source.wait_for_output("listening on", Duration::from_secs(30))?;
     let mut target = agent(
         "target",
         &[
-            "--connect".into(),
-            format!("127.0.0.1:{udp}"),
-            "--local".into(),
-            format!("127.0.0.1:{local}"),
+            "--config".into(),
+            dir.join("target.toml").to_string_lossy().into(),
         ],
     )?;
     let up = target.wait_for_output("tunnel up", Duration::from_secs(30))?;
@@ -153,7 +204,7 @@ fn demo(mb: u32) -> Result<()> {
         "  {}",
         up.split_once("tunnel up")
             .map_or(up.as_str(), |(_, r)| r)
-            .trim_start_matches(' ')
+            .trim_start()
     );
     println!("  local endpoint on the target: 127.0.0.1:{local}; UDP {udp} is the only port between them");
 
@@ -169,35 +220,69 @@ fn demo(mb: u32) -> Result<()> {
 
     step(
         5,
-        "pg_basebackup -X stream through the tunnel, then pg_verifybackup",
+        "pgferry-target migrate --auto-cutover, while a writer commits on the source",
     );
-    let backup = dir.join("backup");
-    let t = Instant::now();
-    command_output(
-        Command::new(pg_bin("pg_basebackup"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &local.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-            ])
-            .arg(&backup)
-            .args(["-X", "stream", "-c", "fast", "--no-sync"])
-            .env("PGPASSWORD", &pg.password),
-    )
-    .context("pg_basebackup through the tunnel")?;
-    let secs = t.elapsed().as_secs_f64();
-    let bytes = dir_size(&backup);
+    let rt = tokio::runtime::Runtime::new()?;
+    let committed = Arc::new(Mutex::new(Vec::<i32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (committed, stop) = (committed.clone(), stop.clone());
+        let client = rt.block_on(pg.connect("127.0.0.1", pg_port))?;
+        rt.spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) && n < 1_000_000 {
+                n += 1;
+                match client
+                    .execute("INSERT INTO ferry.demo_writes (n) VALUES ($1)", &[&n])
+                    .await
+                {
+                    Ok(_) => committed.lock().unwrap().push(n),
+                    // Fenced: the source takes no more writes (and ended this session).
+                    Err(_) => break,
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let status = Command::new(bin_path("pgferry-target"))
+        .args(["migrate", "--auto-cutover", "--admin-socket"])
+        .arg(&socket)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()?;
+    stop.store(true, Ordering::SeqCst);
+    rt.block_on(writer)?;
+    ensure!(status.success(), "the migration failed (see above)");
+    let committed = committed.lock().unwrap().clone();
+    let arrived: i64 = rt.block_on(async {
+        let new = pg.connect("127.0.0.1", new_port).await?;
+        let n: i64 = new
+            .query_one(
+                "SELECT count(*) FROM ferry.demo_writes WHERE n = ANY($1)",
+                &[&committed],
+            )
+            .await?
+            .get(0);
+        new.batch_execute("INSERT INTO ferry.demo_writes (n) VALUES (-1)")
+            .await
+            .context("writing to the new cluster")?;
+        anyhow::Ok(n)
+    })?;
+    ensure!(
+        arrived as usize == committed.len(),
+        "only {arrived} of the {} committed writes are on the new cluster",
+        committed.len()
+    );
     println!(
-        "  {:.1} MB in {secs:.1} s ({:.0} MB/s)",
-        bytes as f64 / 1e6,
-        bytes as f64 / 1e6 / secs
+        "  the writer committed {} transactions on the source before the fence; all {} are on the new cluster (127.0.0.1:{new_port}), which accepts writes",
+        committed.len(),
+        arrived
     );
-    let v = command_output(Command::new(pg_bin("pg_verifybackup")).arg(&backup))?;
-    println!("  {}", v.trim());
+    let refused = pg
+        .psql("INSERT INTO ferry.demo_writes (n) VALUES (-2)")
+        .is_err();
+    ensure!(refused, "the source still accepts writes");
+    println!("  the source is fenced: it refuses writes");
 
     step(6, "stop the agents (SIGTERM) and verify both audit logs");
     for (name, child) in [("target", &mut target), ("source", &mut source)] {
@@ -217,9 +302,9 @@ fn demo(mb: u32) -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(line)?;
         if v["event"] == "stream_closed" {
             streams += 1;
-            for dir in ["sent", "received"] {
-                raw += v["details"][dir]["raw_bytes"].as_u64().unwrap_or(0);
-                wire += v["details"][dir]["wire_bytes"].as_u64().unwrap_or(0);
+            for d in ["sent", "received"] {
+                raw += v["details"][d]["raw_bytes"].as_u64().unwrap_or(0);
+                wire += v["details"][d]["wire_bytes"].as_u64().unwrap_or(0);
             }
         }
     }
@@ -246,7 +331,7 @@ fn demo(mb: u32) -> Result<()> {
     pg.stop()?;
     if std::env::var_os("PGFERRY_KEEP_TEST_DIRS").is_some() {
         println!(
-            "kept: certificates, audit logs and backup in {}",
+            "kept: certificates, audit logs and clusters in {}",
             dir.path().display()
         );
         println!(
@@ -256,18 +341,4 @@ fn demo(mb: u32) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn dir_size(p: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
 }
