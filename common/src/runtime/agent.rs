@@ -806,14 +806,7 @@ async fn exchange_hello(
         }
     } else {
         let (mut send, mut recv) = conn.accept_bi().await?;
-        let tag = pump::read_until(&mut recv, &mut buf, 1, |b: &mut BytesMut| {
-            if b.is_empty() {
-                Ok::<_, String>(None)
-            } else {
-                Ok(Some(bytes::Buf::get_u8(b)))
-            }
-        })
-        .await?;
+        let tag = pump::read_tag(&mut recv, &mut buf).await?;
         if StreamKind::from_tag(tag) != Some(StreamKind::Control) {
             bail!("first stream is not the control stream (tag {tag})");
         }
@@ -884,14 +877,7 @@ async fn source_stream(
     let remote = pc.conn.remote_address();
     let mut buf = BytesMut::new();
     let header = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let tag = pump::read_until(&mut recv, &mut buf, 1, |b: &mut BytesMut| {
-            if b.is_empty() {
-                Ok::<_, String>(None)
-            } else {
-                Ok(Some(bytes::Buf::get_u8(b)))
-            }
-        })
-        .await?;
+        let tag = pump::read_tag(&mut recv, &mut buf).await?;
         if StreamKind::from_tag(tag) != Some(StreamKind::Data) {
             bail!("stream tag {tag} is not a data stream");
         }

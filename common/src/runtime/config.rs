@@ -673,6 +673,33 @@ fn host_part(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+/// Fails unless only the owner may read `path` (`what`: "private key", "password file"):
+/// secrets readable by other local users are refused, with the command that fixes it.
+pub(crate) fn check_private_file(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading {what} {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{what} {} is readable by other users (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The password in the first line of a password file (mode 0600; its contents never logged).
+pub(crate) fn read_password_file(path: &Path) -> Result<String> {
+    check_private_file(path, "password file")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading password file {}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim_end().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,19 +243,7 @@ async fn connect(cfg: &SourcePg) -> Result<tokio_postgres::Client> {
         .parse()
         .context("[source] conninfo is not a valid connection string")?;
     if let Some(path) = &cfg.password_file {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path)
-            .with_context(|| format!("reading password file {}", path.display()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
-                "password file {} is readable by other users; run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-        }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading password file {}", path.display()))?;
-        pgc.password(text.lines().next().unwrap_or("").trim_end());
+        pgc.password(super::config::read_password_file(path)?);
     }
     pgc.connect_timeout(Duration::from_secs(10));
     let (client, conn) = pgc

@@ -103,15 +103,7 @@ impl Executor<'_> {
         match result {
             Ok(()) => Ok(state),
             Err(e) if state.can_roll_back() => {
-                let reason = format!("{e:#}");
-                (self.progress)(format!("failed: {reason}; rolling back"));
-                let rolling = self.advance(
-                    state,
-                    Event::Failed {
-                        reason: reason.clone(),
-                    },
-                )?;
-                self.roll_back(rolling).await?;
+                self.fail_and_roll_back(state, &e, "failed").await?;
                 Err(e)
             }
             Err(e) => Err(e),
@@ -179,6 +171,15 @@ impl Executor<'_> {
         Ok(json!({"phase": done.phase()}))
     }
 
+    /// Records a failure before promotion and rolls back.
+    async fn fail_and_roll_back(&self, state: State, e: &anyhow::Error, what: &str) -> Result<()> {
+        let reason = format!("{e:#}");
+        (self.progress)(format!("{what}: {reason}; rolling back"));
+        let rolling = self.advance(state, Event::Failed { reason })?;
+        self.roll_back(rolling).await?;
+        Ok(())
+    }
+
     /// Drops the slot (idempotent) and records the rollback.
     pub async fn roll_back(&self, state: State) -> Result<State> {
         let State::RollingBack { slot, fenced, .. } = &state else {
@@ -237,25 +238,6 @@ impl Executor<'_> {
         }
     }
 
-    fn password(&self) -> Result<Option<String>> {
-        let Some(p) = &self.settings.replication_password_file else {
-            return Ok(None);
-        };
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            bail!(
-                "password file {} is readable by other users; run `chmod 600 {}`",
-                p.display(),
-                p.display()
-            );
-        }
-        let text = std::fs::read_to_string(p)?;
-        Ok(Some(
-            text.lines().next().unwrap_or("").trim_end().to_string(),
-        ))
-    }
-
     async fn base_backup(&self, slot: &str) -> Result<()> {
         let data_dir = self.data_dir()?;
         // A backup interrupted earlier left a partial directory that only we wrote (preflight
@@ -308,7 +290,8 @@ impl Executor<'_> {
             "--no-password",
         ])
         .env("PGAPPNAME", "pgferry");
-        if let Some(pw) = self.password()? {
+        if let Some(p) = &self.settings.replication_password_file {
+            let pw = super::config::read_password_file(p)?;
             cmd.env("PGPASSWORD", pw);
         }
         let t = Instant::now();
@@ -431,9 +414,7 @@ pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_post
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(10));
     if let Some(p) = &settings.replication_password_file {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        cfg.password(text.lines().next().unwrap_or("").trim_end());
+        cfg.password(super::config::read_password_file(p)?);
     }
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.with_context(|| {
         format!(
@@ -523,17 +504,8 @@ impl Executor<'_> {
                 if state.can_roll_back()
                     && !matches!(state, State::CatchingUp { .. } | State::Ready { .. }) =>
             {
-                let reason = format!("{e:#}");
-                (self.progress)(format!(
-                    "cutover failed before promotion: {reason}; rolling back (source unfenced)"
-                ));
-                let rolling = self.advance(
-                    state,
-                    Event::Failed {
-                        reason: reason.clone(),
-                    },
-                )?;
-                self.roll_back(rolling).await?;
+                self.fail_and_roll_back(state, &e, "cutover failed before promotion")
+                    .await?;
                 Err(e.context("cutover rolled back; the source is writable again"))
             }
             Err(e) => Err(e),

@@ -606,6 +606,14 @@ pub async fn read_until<T, E: std::fmt::Display>(
     }
 }
 
+/// Reads the one-byte [`crate::control::StreamKind`] tag that opens every stream.
+pub async fn read_tag(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> anyhow::Result<u8> {
+    read_until(recv, buf, 1, |b: &mut BytesMut| {
+        Ok::<_, String>((!b.is_empty()).then(|| bytes::Buf::get_u8(b)))
+    })
+    .await
+}
+
 /// Convenience for callers holding `Bytes`.
 pub fn to_buf(b: Bytes) -> BytesMut {
     BytesMut::from(&b[..])

@@ -107,7 +107,7 @@ impl TlsIdentity {
             );
         };
         let key_pkcs8 = pkcs8.secret_pkcs8_der().to_vec();
-        check_key_permissions(key)?;
+        super::config::check_private_file(key, "private key")?;
 
         // The key must belong to the certificate, or every handshake would fail obscurely.
         let signing = provider()
@@ -228,29 +228,6 @@ impl TlsIdentity {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
         Ok(quinn::ClientConfig::new(Arc::new(crypto)))
     }
-}
-
-#[cfg(unix)]
-fn check_key_permissions(key: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(key)
-        .with_context(|| format!("reading {}", key.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        bail!(
-            "private key {} is readable by other users (mode {:o}); run `chmod 600 {}`",
-            key.display(),
-            mode & 0o777,
-            key.display()
-        );
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_key_permissions(_: &Path) -> Result<()> {
-    Ok(())
 }
 
 /// Where a verifier leaves the reason it refused a peer, for the agent to report.
