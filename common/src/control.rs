@@ -166,6 +166,9 @@ pub enum Request {
     },
     /// Undo a fence (rollback before promotion).
     Unfence,
+    /// Shut the source cluster down (fast shutdown); refused unless it is fenced. Sent after
+    /// the target accepts writes when the cutover fences with `stop`.
+    StopCluster,
     /// Row count and BLAKE3 of the ordered contents of each table (`schema.table`).
     TableDigests {
         tables: Vec<String>,
@@ -178,7 +181,8 @@ pub enum Request {
 pub enum FenceMode {
     /// `default_transaction_read_only = on`, reload, and end sessions that could still write.
     ReadOnly,
-    /// Stop the source cluster (fast shutdown).
+    /// Read-only now (so both sides can still be verified at the fence LSN); the source
+    /// cluster is shut down (fast) once the target accepts writes.
     Stop,
 }
 
@@ -203,6 +207,7 @@ pub enum Response {
         lsn: crate::migration::Lsn,
     },
     Unfenced,
+    ClusterStopped,
     TableDigests {
         digests: Vec<TableDigest>,
     },

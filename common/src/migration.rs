@@ -68,7 +68,11 @@ impl<'de> Deserialize<'de> for Lsn {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fence {
     pub lsn: Lsn,
+    /// When the fence began (the write downtime starts here).
     pub at_ms: u64,
+    /// `--fence stop`: shut the source cluster down once the target is writable.
+    #[serde(default)]
+    pub stop_source: bool,
 }
 
 /// Where the migration is. Each variant carries what later steps need, so a resumed run has it.
@@ -374,6 +378,7 @@ mod tests {
         Fence {
             lsn: Lsn(lsn),
             at_ms: 1_000,
+            stop_source: false,
         }
     }
 

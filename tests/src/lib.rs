@@ -17,7 +17,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use netns::{sweep_stale_netns, NetnsPair};
-pub use pg::{load_sample_data, pg_bin, pg_bindir, table_digest, PgCluster, TestDir};
+pub use pg::{
+    connect_tcp, load_sample_data, pg_bin, pg_bindir, table_digest, table_digest_at, PgCluster,
+    TestDir,
+};
 pub use process::{bin_path, command_output, ChildGuard};
 
 static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);

@@ -75,6 +75,15 @@ fn chown_postgres(path: &Path) -> Result<()> {
 }
 
 /// As the postgres user (optionally inside a network namespace).
+/// `psql` as postgres to the cluster whose unix socket is in `socket_dir` on `port`.
+fn psql_at(netns: Option<&str>, socket_dir: &Path, port: u16) -> Command {
+    let mut c = as_postgres(netns, &pg_bin("psql"));
+    c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(socket_dir)
+        .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"]);
+    c
+}
+
 fn as_postgres(netns: Option<&str>, program: &Path) -> Command {
     let mut c = match netns {
         Some(ns) => {
@@ -209,18 +218,7 @@ impl PgCluster {
     }
 
     fn psql_cmd(&self) -> Command {
-        let mut c = as_postgres(self.netns.as_deref(), &pg_bin("psql"));
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.root)
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ]);
-        c
+        psql_at(self.netns.as_deref(), &self.root, self.port)
     }
 
     /// Runs SQL over the unix socket as postgres; trimmed stdout.
@@ -241,20 +239,7 @@ impl PgCluster {
     /// A tokio-postgres client to `host:port` (the cluster itself, or a tunnel to it) with
     /// this cluster's password. The connection task is spawned on the current runtime.
     pub async fn connect(&self, host: &str, port: u16) -> Result<tokio_postgres::Client> {
-        let (client, conn) = tokio_postgres::Config::new()
-            .host(host)
-            .port(port)
-            .user("postgres")
-            .password(&self.password)
-            .dbname("postgres")
-            .connect_timeout(std::time::Duration::from_secs(20))
-            .connect(tokio_postgres::NoTls)
-            .await
-            .with_context(|| format!("connecting to PostgreSQL at {host}:{port}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        connect_tcp(host, port, &self.password).await
     }
 }
 
@@ -335,8 +320,17 @@ pub fn load_sample_data(cluster: &PgCluster, megabytes: u32) -> Result<()> {
 /// Row count and BLAKE3 (hex) of `COPY (SELECT * FROM table ORDER BY 1) TO STDOUT`, hashed as
 /// it streams.
 pub fn table_digest(cluster: &PgCluster, table: &str) -> Result<(u64, String)> {
-    let mut child = cluster
-        .psql_cmd()
+    digest_with(cluster.psql_cmd(), table)
+}
+
+/// [`table_digest`] of a cluster that is not a [`PgCluster`] (e.g. one pgferry made), reached
+/// through its unix socket in `socket_dir`.
+pub fn table_digest_at(socket_dir: &Path, port: u16, table: &str) -> Result<(u64, String)> {
+    digest_with(psql_at(None, socket_dir, port), table)
+}
+
+fn digest_with(mut psql: Command, table: &str) -> Result<(u64, String)> {
+    let mut child = psql
         .arg("-c")
         .arg(format!("COPY (SELECT * FROM {table} ORDER BY 1) TO STDOUT"))
         .stdout(Stdio::piped())
@@ -363,6 +357,24 @@ pub fn table_digest(cluster: &PgCluster, table: &str) -> Result<(u64, String)> {
         bail!("COPY of {table} failed: {err}");
     }
     Ok((rows, hasher.finalize().to_hex().to_string()))
+}
+
+/// A connection as `postgres` with `password` over TCP (its driver task spawned).
+pub async fn connect_tcp(host: &str, port: u16, password: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port)
+        .user("postgres")
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(std::time::Duration::from_secs(20))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {host}:{port}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
 
 #[cfg(test)]

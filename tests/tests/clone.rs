@@ -235,12 +235,27 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         "off"
     );
 
-    // A failure after the fence and before promotion (a table that does not exist) rolls
-    // back: the source is writable again, the slot is gone, the state says rolled back.
+    // A table the new cluster does not have is refused before anything changes.
     let (ok, out) = cutover(&["--tables", "ferry.no_such_table"]);
     assert!(!ok, "{out}");
-    assert!(out.contains("rolled back"), "{out}");
     assert!(out.contains("no_such_table"), "{out}");
+    assert!(!out.contains("rolled back"), "{out}");
+    assert!(std::fs::read_to_string(&state_file)?.contains("catching_up"));
+
+    // A failure after the fence and before promotion (the standby stops replaying, so it never
+    // reaches the fence LSN) rolls back: the source is writable again, the slot is gone, the
+    // state says rolled back.
+    rt.block_on(async {
+        let standby = pg.connect("127.0.0.1", target_port).await?;
+        standby
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await?;
+        anyhow::Ok(())
+    })?;
+    let (ok, out) = cutover(&["--replay-timeout-secs", "2"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    assert!(out.contains("did not replay the fence LSN"), "{out}");
     assert_eq!(
         pg.psql("SELECT current_setting('default_transaction_read_only')")?,
         "off"
@@ -257,15 +272,20 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(ok, "{out}");
 
     // `rollback` before promotion: standby stopped, slot dropped, state rolled back.
+    // With --keep-slot the slot stays (inactive), and the next clone reuses it.
     let out = Command::new(bin_path("pgferry-target"))
-        .args(["rollback", "--admin-socket"])
+        .args(["rollback", "--keep-slot", "--admin-socket"])
         .arg(&socket)
         .output()?;
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{text}");
     assert!(text.contains("stopping the standby"), "{text}");
+    assert!(text.contains("keeping replication slot"), "{text}");
     assert!(!data_dir.join("postmaster.pid").exists());
-    assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_replication_slots WHERE NOT active")?,
+        "1"
+    );
     assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
     std::fs::remove_dir_all(&data_dir)?;
     std::fs::rename(&state_file, dir.join("old3.state.json"))?;

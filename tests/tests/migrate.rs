@@ -5,62 +5,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
 use pgferry_tests::{
-    bin_path, free_tcp_port, free_udp_port, load_sample_data, pg_bin, table_digest, wait_until,
-    PgCluster, TestDir,
+    free_tcp_port, free_udp_port, load_sample_data, table_digest, wait_until, PgCluster, TestDir,
 };
+use support::migration::{number_after, target_cmd, write_secret_file, ClusterStopGuard, Writer};
 use support::{audit_cli, Agent, Certs};
-
-fn secret_file(path: &Path, secret: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{secret}")?;
-    Ok(())
-}
-
-struct StandbyGuard(PathBuf);
-impl Drop for StandbyGuard {
-    fn drop(&mut self) {
-        if self.0.join("postmaster.pid").exists() {
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.0)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
-        }
-    }
-}
-
-fn target_cmd(verb: &str, socket: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(bin_path("pgferry-target"))
-        .arg(verb)
-        .arg("--admin-socket")
-        .arg(socket)
-        .args(extra)
-        .output()
-        .expect("running pgferry-target");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    (out.status.success(), text)
-}
 
 #[test]
 fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
@@ -72,9 +24,9 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")?;
     let certs = Certs::make(&dir.join("certs"))?;
     let source_pw = dir.join("source-pgpass");
-    secret_file(&source_pw, &pg.password)?;
+    write_secret_file(&source_pw, &pg.password)?;
     let repl_pw = dir.join("repl-pgpass");
-    secret_file(&repl_pw, &pg.password)?;
+    write_secret_file(&repl_pw, &pg.password)?;
     let (udp, local, target_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     let socket = dir.join("admin.sock");
     let data_dir = dir.join("new/data");
@@ -91,7 +43,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
             socket.display(),
         ),
     )?;
-    let _standby = StandbyGuard(data_dir.clone());
+    let _standby = ClusterStopGuard(data_dir.clone());
     let mut source = Agent::start(
         "source",
         "source",
@@ -125,46 +77,14 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     target.wait_for("tunnel up")?;
 
     // The writer: numbered single-row transactions on the source until it is fenced.
-    let committed = Arc::new(Mutex::new(Vec::<i32>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Runtime::new()?;
-    let writer = {
-        let (committed, stop) = (committed.clone(), stop.clone());
-        let pw = pg.password.clone();
-        let client = rt.block_on(pg.connect("127.0.0.1", port))?;
-        rt.spawn(async move {
-            let mut n = 0;
-            let mut client = client;
-            let mut failures = 0;
-            while !stop.load(Ordering::SeqCst) && n < 200_000 {
-                n += 1;
-                match client
-                    .execute("INSERT INTO ferry.writes (n) VALUES ($1)", &[&n])
-                    .await
-                {
-                    Ok(_) => committed.lock().unwrap().push(n),
-                    Err(_) => {
-                        // Fenced (read-only, or our session ended): reconnect and keep trying,
-                        // as an application would; nothing more can commit.
-                        failures += 1;
-                        if failures > 200 {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        if let Ok(c) = reconnect(port, &pw).await {
-                            client = c;
-                        }
-                    }
-                }
-            }
-        })
-    };
+    let writer = Writer::start(&rt, port, &pg.password, "ferry.writes")?;
 
     // Clone, then kill the target agent (SIGKILL) while the standby is catching up.
     let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(ok, "{out}");
     wait_until("some writes", Duration::from_secs(20), || {
-        (committed.lock().unwrap().len() > 50).then_some(())
+        (writer.count() > 50).then_some(())
     })?;
     target.child.kill();
     let mut target = Agent::start(
@@ -185,9 +105,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     );
     assert!(ok, "{out}");
     assert!(out.contains("cutover complete"), "{out}");
-    stop.store(true, Ordering::SeqCst);
-    rt.block_on(writer)?;
-    let committed = committed.lock().unwrap().clone();
+    let committed = writer.stop(&rt);
     assert!(committed.len() > 50, "{} writes", committed.len());
 
     // Every committed write is on the new cluster; it is writable; the source is not.
@@ -215,12 +133,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         })?;
         assert_eq!((new.rows, new.blake3), src, "{t}");
     }
-    let downtime: u64 = out
-        .split("write downtime ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{out}"));
+    let downtime = number_after(&out, "write downtime ").unwrap_or_else(|| panic!("{out}"));
     assert!(downtime < 5_000, "downtime {downtime} ms");
     eprintln!(
         "migrate: {} writes committed, downtime {downtime} ms",
@@ -242,17 +155,4 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     );
     assert!(ok, "{text}");
     Ok(())
-}
-
-async fn reconnect(port: u16, password: &str) -> Result<tokio_postgres::Client> {
-    let (c, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .password(password)
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(c)
 }

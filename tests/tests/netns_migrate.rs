@@ -1,12 +1,13 @@
 //! The whole migration across two "hosts": the source cluster and pgferry-source in one
 //! network namespace, pgferry-target and the new cluster in another, joined by a veth pair.
-//! Only the QUIC port crosses; a writer commits throughout; every committed write arrives.
+//! Only the QUIC port crosses; a writer commits throughout; every committed write arrives; the
+//! cutover fences with `--fence stop`, so the source cluster ends shut down.
 //! (The test itself reaches both clusters through their unix sockets, which namespaces do not
 //! separate.) Skips, saying so, where namespaces cannot be made.
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,22 +17,8 @@ use anyhow::Result;
 use pgferry_tests::{
     bin_path, free_tcp_port, free_udp_port, load_sample_data, pg_bin, NetnsPair, PgCluster, TestDir,
 };
+use support::migration::{write_secret_file, ClusterStopGuard};
 use support::{Agent, Certs};
-
-struct StandbyGuard(PathBuf);
-impl Drop for StandbyGuard {
-    fn drop(&mut self) {
-        if self.0.join("postmaster.pid").exists() {
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.0)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
-        }
-    }
-}
 
 async fn unix_client(dir: &Path, port: u16) -> Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::Config::new()
@@ -59,16 +46,7 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")?;
     let certs = Certs::make(&dir.join("certs"))?;
     let pw = dir.join("pgpass");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&pw)?;
-        writeln!(f, "{}", pg.password)?;
-    }
+    write_secret_file(&pw, &pg.password)?;
     let (udp, local, new_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     let socket = dir.join("admin.sock");
     let data_dir = dir.join("new/data");
@@ -86,7 +64,7 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
             socket.display()
         ),
     )?;
-    let _standby = StandbyGuard(data_dir.clone());
+    let _standby = ClusterStopGuard(data_dir.clone());
     let source = Agent::start_with(
         "source",
         "source",
@@ -142,7 +120,13 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
         })
     };
     let out = Command::new(bin_path("pgferry-target"))
-        .args(["migrate", "--auto-cutover", "--admin-socket"])
+        .args([
+            "migrate",
+            "--auto-cutover",
+            "--fence",
+            "stop",
+            "--admin-socket",
+        ])
         .arg(&socket)
         .output()?;
     let text = format!(
@@ -155,6 +139,10 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     rt.block_on(writer)?;
     assert!(out.status.success(), "{text}");
     assert!(text.contains("cutover complete"), "{text}");
+    // --fence stop: the source cluster was shut down once the target accepted writes.
+    assert!(text.contains("the source cluster is shut down"), "{text}");
+    assert!(!pg.datadir.join("postmaster.pid").exists());
+    assert!(pg.psql("SELECT 1").is_err(), "the source still answers");
     let committed = committed.lock().unwrap().clone();
     assert!(!committed.is_empty());
     let on_target: Vec<i32> = rt.block_on(async {

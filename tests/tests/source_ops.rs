@@ -55,6 +55,7 @@ fn typed_requests_on_a_real_source() -> Result<()> {
         // Slot lifecycle (drop is idempotent so a resumed rollback can repeat it).
         let r = pg::handle_request(
             &c,
+            None,
             &Request::CreateSlot {
                 slot: "pgferry_t1".into(),
             },
@@ -64,6 +65,8 @@ fn typed_requests_on_a_real_source() -> Result<()> {
             panic!("{r:?}")
         };
         assert!(lsn.0 > 0);
+        // Asked again (a resumed run, or a slot kept by a rollback): the same slot is reused.
+        assert_eq!(pg::create_slot(&c, "pgferry_t1").await?, lsn);
         let st = pg::status(&c, Some("pgferry_t1")).await?;
         let slot = st.slot.expect("slot listed");
         assert!(!slot.active);
@@ -78,9 +81,28 @@ fn typed_requests_on_a_real_source() -> Result<()> {
             let d = pg::table_digest(&c, t).await?;
             assert_eq!((d.rows, d.blake3), table_digest(&pgc, t)?, "{t}");
         }
+        // In parallel on several connections: the same digests, in the order asked.
+        let tables: Vec<String> = ["ferry.docs", "ferry.orders", "ferry.events", "ferry.orders"]
+            .map(String::from)
+            .to_vec();
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        let connect = || -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<tokio_postgres::Client>> + Send>,
+        > {
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let pw = pgc.password.clone();
+            Box::pin(async move { pgferry_tests::connect_tcp("127.0.0.1", port, &pw).await })
+        };
+        let parallel = pg::table_digests(&c, Some(&connect), &tables, 3).await?;
+        assert_eq!(opened.into_inner(), 2, "two more connections");
+        for (d, t) in parallel.iter().zip(&tables) {
+            assert_eq!(&d.table, t);
+            assert_eq!((d.rows, d.blake3.clone()), table_digest(&pgc, t)?, "{t}");
+        }
         // Names are validated before any statement.
         let r = pg::handle_request(
             &c,
+            None,
             &Request::TableDigests {
                 tables: vec!["ferry.orders; DROP TABLE ferry.docs".into()],
             },

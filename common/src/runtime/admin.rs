@@ -195,19 +195,18 @@ pub fn cli_migrate(m: &super::cli::MigrateArgs) -> Result<ExitCode> {
             }
         }
     }
-    let opts = super::migrate::CutoverOptions {
-        tables: c.tables.clone(),
-        max_lag: c.max_lag,
-        on_promoted: c.on_promoted.clone(),
-        dry_run: c.dry_run,
-    };
+    let opts = c.options();
     let answer = request(
         &socket,
         "cutover",
         &serde_json::to_value(opts)?,
         Duration::from_secs(600),
     )?;
-    print!("{}", render("cutover", &answer));
+    if c.admin.json {
+        println!("{answer}");
+    } else {
+        print!("{}", render("cutover", &answer));
+    }
     Ok(if answer["ok"] == true {
         ExitCode::SUCCESS
     } else {
@@ -226,6 +225,8 @@ pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) ->
     s.set_read_timeout(Some(timeout))?;
     writeln!(s, "{}", json!({ "verb": verb, "options": options }))?;
     let mut reader = BufReader::new(s.take_limited());
+    // Dropped on every way out (answer or error), which clears a progress bar.
+    let mut progress = ProgressOutput::new(verb);
     loop {
         let mut line = String::new();
         reader
@@ -237,10 +238,94 @@ pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) ->
         let v: Value = serde_json::from_str(&line).context("the agent's answer is not JSON")?;
         // Long verbs stream progress lines before their answer.
         match v.get("progress").and_then(Value::as_str) {
-            Some(p) => eprintln!("{verb}: {p}"),
+            Some(p) => progress.line(p),
             None => return Ok(v),
         }
     }
+}
+
+/// Where a verb's progress lines go: plain `{verb}: {line}` lines on stderr, or, when stderr is a
+/// terminal, a progress bar for the base backup with the other lines printed above it.
+struct ProgressOutput<'a> {
+    verb: &'a str,
+    tty: bool,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl<'a> ProgressOutput<'a> {
+    fn new(verb: &'a str) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            verb,
+            tty: std::io::stderr().is_terminal(),
+            bar: None,
+        }
+    }
+
+    fn line(&mut self, p: &str) {
+        let verb = self.verb;
+        if self.tty {
+            if let Some((done_kb, total_kb)) = parse_basebackup_progress(p) {
+                let bar = self.bar.get_or_insert_with(|| new_bar(verb));
+                // pg_basebackup raises its estimate when it is passed; never show more than 100%.
+                bar.set_length(total_kb.max(done_kb).saturating_mul(1024));
+                bar.set_position(done_kb.saturating_mul(1024));
+                return;
+            }
+        }
+        match &self.bar {
+            Some(bar) => bar.println(format!("{verb}: {p}")),
+            None => eprintln!("{verb}: {p}"),
+        }
+    }
+}
+
+impl Drop for ProgressOutput<'_> {
+    fn drop(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn new_bar(verb: &str) -> indicatif::ProgressBar {
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix}: base backup [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+    )
+    .expect("valid progress template")
+    .progress_chars("=> ");
+    indicatif::ProgressBar::new(0)
+        .with_style(style)
+        .with_prefix(verb.to_string())
+}
+
+/// `pg_basebackup: 123456/2345678 kB (5%), 0/1 tablespace` (pg_basebackup's `--progress` line as
+/// the agent forwards it, optionally with ` (…/file)` after `tablespace[s]`) → `(123456, 2345678)`
+/// in kB; `None` for any other line.
+fn parse_basebackup_progress(line: &str) -> Option<(u64, u64)> {
+    fn num(s: &str) -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    }
+    let rest = line.trim().strip_prefix("pg_basebackup:")?.trim_start();
+    let (sizes, rest) = rest.split_once(" kB (")?;
+    let (done, total) = sizes.split_once('/')?;
+    let (done, total) = (num(done)?, num(total)?);
+    let (percent, rest) = rest.split_once("%), ")?;
+    num(percent)?;
+    let (tablespaces, rest) = rest.split_once(' ')?;
+    let (n, m) = tablespaces.split_once('/')?;
+    num(n)?;
+    num(m)?;
+    let rest = rest
+        .strip_prefix("tablespaces")
+        .or_else(|| rest.strip_prefix("tablespace"))?;
+    if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+        return None;
+    }
+    Some((done, total))
 }
 
 trait TakeLimited {
@@ -301,6 +386,40 @@ pub fn render(verb: &str, answer: &Value) -> String {
                 ));
                 for (k, v) in r["phases"].as_object().into_iter().flatten() {
                     out.push_str(&format!("  {k:<12} {v} ms\n"));
+                }
+                let skipped: Vec<&str> = r["tables_skipped"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                if !skipped.is_empty() {
+                    out.push_str(&format!(
+                        "NOT verified (over the time budget; --all-tables or --tables next time): {}\n",
+                        skipped.join(", ")
+                    ));
+                }
+                match r["source_stopped"].as_bool() {
+                    Some(true) => out.push_str("the source cluster is shut down (--fence stop)\n"),
+                    Some(false) => out.push_str(
+                        "the source cluster could NOT be shut down: it stays fenced read-only; stop it by hand\n",
+                    ),
+                    None => {}
+                }
+                let timeline = r["timeline"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if !timeline.is_empty() {
+                    out.push_str("migration timeline (time in each phase):\n");
+                    for t in timeline {
+                        let ms = t["ms"]
+                            .as_u64()
+                            .map_or("-".to_string(), |m| format!("{:.1} s", m as f64 / 1000.0));
+                        out.push_str(&format!(
+                            "  {:<16} {:>9}  {}\n",
+                            t["phase"].as_str().unwrap_or("?"),
+                            ms,
+                            t["step"].as_str().unwrap_or("")
+                        ));
+                    }
                 }
             }
         }
@@ -413,6 +532,83 @@ mod tests {
         );
         assert_eq!(parse_major("postgres (PostgreSQL) 16beta1"), Some(16));
         assert_eq!(parse_major("nonsense"), None);
+    }
+
+    #[test]
+    fn basebackup_progress_lines() {
+        assert_eq!(
+            parse_basebackup_progress("pg_basebackup: 123456/2345678 kB (5%), 0/1 tablespace"),
+            Some((123456, 2345678))
+        );
+        assert_eq!(
+            parse_basebackup_progress("pg_basebackup: 2345678/2345678 kB (100%), 1/1 tablespace"),
+            Some((2345678, 2345678))
+        );
+        assert_eq!(
+            parse_basebackup_progress("pg_basebackup: 4096/8192 kB (50%), 1/3 tablespaces"),
+            Some((4096, 8192))
+        );
+        // Padded to the width of the total, with the trailing newline of a forwarded line.
+        assert_eq!(
+            parse_basebackup_progress("pg_basebackup:      12/2345678 kB (0%), 0/1 tablespace\n"),
+            Some((12, 2345678))
+        );
+    }
+
+    #[test]
+    fn basebackup_progress_with_a_file_suffix() {
+        assert_eq!(
+            parse_basebackup_progress(
+                "pg_basebackup: 123456/2345678 kB (5%), 0/1 tablespace (...data/base/16384/2619)"
+            ),
+            Some((123456, 2345678))
+        );
+        assert_eq!(
+            parse_basebackup_progress(
+                "pg_basebackup: 10/20 kB (50%), 1/2 tablespaces (base/1/1259                     )"
+            ),
+            Some((10, 20))
+        );
+    }
+
+    #[test]
+    fn basebackup_progress_with_zero_total() {
+        assert_eq!(
+            parse_basebackup_progress("pg_basebackup: 0/0 kB (0%), 0/1 tablespace"),
+            Some((0, 0))
+        );
+    }
+
+    #[test]
+    fn basebackup_progress_rejects_garbage() {
+        for line in [
+            "",
+            "garbage",
+            "pg_basebackup:",
+            "123456/2345678 kB (5%), 0/1 tablespace",
+            "pg_verifybackup: 123456/2345678 kB (5%), 0/1 tablespace",
+            "pg_basebackup: 12x/100 kB (5%), 0/1 tablespace",
+            "pg_basebackup: -1/100 kB (5%), 0/1 tablespace",
+            "pg_basebackup: +1/100 kB (5%), 0/1 tablespace",
+            "pg_basebackup: 1/100 kB (5%), 0/1 tablespacesX",
+            "pg_basebackup: 1/100 kB (5%)",
+            "pg_basebackup: 123456/23",
+            "phase slot_created → base_backup_done",
+        ] {
+            assert_eq!(parse_basebackup_progress(line), None, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn basebackup_non_progress_lines() {
+        for line in [
+            "pg_basebackup: checkpoint completed",
+            "pg_basebackup: pg_basebackup: initiating base backup, waiting for checkpoint to complete",
+            "pg_basebackup: pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1",
+            "pg_basebackup: pg_basebackup: base backup completed",
+        ] {
+            assert_eq!(parse_basebackup_progress(line), None, "{line:?}");
+        }
     }
 
     #[test]

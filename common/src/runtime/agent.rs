@@ -1003,7 +1003,10 @@ async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
             let answer = match admin::read_request(&mut stream).await {
                 Ok(req) => match req["verb"].as_str().unwrap_or("") {
                     "clone" => admin_execute(&sh, &mut stream, Job::Clone).await,
-                    "rollback" => admin_execute(&sh, &mut stream, Job::Rollback).await,
+                    "rollback" => {
+                        let keep_slot = req["options"]["keep_slot"].as_bool().unwrap_or(false);
+                        admin_execute(&sh, &mut stream, Job::Rollback { keep_slot }).await
+                    }
                     "cutover" => match serde_json::from_value(req["options"].clone()) {
                         Ok(opts) => admin_execute(&sh, &mut stream, Job::Cutover(opts)).await,
                         Err(e) => json!({"ok": false, "error": format!("cutover options: {e}")}),
@@ -1031,7 +1034,7 @@ async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std
 enum Job {
     Clone,
     Cutover(super::migrate::CutoverOptions),
-    Rollback,
+    Rollback { keep_slot: bool },
 }
 
 /// Runs a [`Job`], streaming its progress lines to the admin client.
@@ -1105,7 +1108,7 @@ async fn admin_execute(
                 .await
                 .map(|s| json!({"phase": s.phase()})),
             Job::Cutover(opts) => exec.cutover(opts).await,
-            Job::Rollback => exec.rollback_requested().await,
+            Job::Rollback { keep_slot } => exec.rollback_requested(*keep_slot).await,
         };
         let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");
         (r, phase)

@@ -149,8 +149,8 @@ enum AgentCommand {
     /// downtime. Before promotion any failure rolls back (source unfenced).
     Cutover(CutoverArgs),
     /// Stop the migration before promotion: unfence the source, stop the standby, drop the
-    /// slot. Refused after promotion (the point of no return).
-    Rollback(AdminArgs),
+    /// slot (unless --keep-slot). Refused after promotion (the point of no return).
+    Rollback(RollbackArgs),
     /// The whole migration: clone, wait until the standby has caught up (lag ≤ --max-lag),
     /// then cut over (with --auto-cutover, or after the operator confirms on a terminal).
     /// Run it again after an interruption: it resumes from the persisted state.
@@ -170,6 +170,17 @@ pub struct MigrateArgs {
     pub catch_up_timeout_secs: u64,
 }
 
+/// `rollback` options.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub admin: AdminArgs,
+    /// Keep the replication slot on the source (it retains WAL until dropped or reused by the
+    /// next migration of the same name). Also `[target] keep_slot_on_rollback = true`.
+    #[arg(long)]
+    pub keep_slot: bool,
+}
+
 /// `cutover` options.
 #[derive(Debug, Args)]
 pub struct CutoverArgs {
@@ -178,15 +189,25 @@ pub struct CutoverArgs {
     /// Verify only these tables (schema.table, comma-separated).
     #[arg(long, value_delimiter = ',', conflicts_with = "all_tables")]
     pub tables: Option<Vec<String>>,
-    /// Verify every user table (the default).
+    /// Verify every user table, however long it takes (writes stay fenced meanwhile). Without
+    /// this or --tables: every user table whose estimated digest time fits --verify-budget-secs
+    /// (smallest first); the report names the tables left out.
     #[arg(long)]
     pub all_tables: bool,
-    /// How to fence the source (only read-only in this version).
-    #[arg(long, default_value = "read-only", value_parser = ["read-only"])]
+    /// Time budget (estimated seconds) for the default choice of tables to verify.
+    #[arg(long, default_value_t = super::migrate::DEFAULT_VERIFY_BUDGET_SECS, value_name = "SECS")]
+    pub verify_budget_secs: u64,
+    /// How to fence the source: read-only (default_transaction_read_only, sessions ended), or
+    /// stop (read-only until the target is writable, then the source cluster is shut down).
+    #[arg(long, default_value = "read-only", value_parser = ["read-only", "stop"])]
     pub fence: String,
     /// Refuse to start while the standby is more than this many bytes behind.
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, default_value_t = super::migrate::DEFAULT_MAX_LAG)]
     pub max_lag: u64,
+    /// Roll back (unfence the source) when the standby has not replayed the fence LSN within
+    /// this many seconds.
+    #[arg(long, default_value_t = super::migrate::DEFAULT_REPLAY_TIMEOUT_SECS, value_name = "SECS")]
+    pub replay_timeout_secs: u64,
     /// Shell command to run once the new cluster accepts writes (repoint the application).
     #[arg(long, value_name = "CMD")]
     pub on_promoted: Option<String>,
@@ -242,22 +263,18 @@ pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
         }
         AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a, Value::Null),
         AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a, Value::Null),
-        AgentCommand::Rollback(a) => super::admin::cli_verb("rollback", &a, Value::Null),
+        AgentCommand::Rollback(r) => super::admin::cli_verb(
+            "rollback",
+            &r.admin,
+            serde_json::json!({"keep_slot": r.keep_slot}),
+        ),
         AgentCommand::Status(a) => super::admin::cli_verb("status", &a, Value::Null),
         AgentCommand::Migrate(m) => super::admin::cli_migrate(&m),
-        AgentCommand::Cutover(c) => {
-            let opts = super::migrate::CutoverOptions {
-                tables: c.tables,
-                max_lag: c.max_lag,
-                on_promoted: c.on_promoted,
-                dry_run: c.dry_run,
-            };
-            super::admin::cli_verb(
-                "cutover",
-                &c.admin,
-                serde_json::to_value(opts).unwrap_or_default(),
-            )
-        }
+        AgentCommand::Cutover(c) => super::admin::cli_verb(
+            "cutover",
+            &c.admin,
+            serde_json::to_value(c.options()).unwrap_or_default(),
+        ),
     };
     match result {
         Ok(code) => code,
@@ -420,6 +437,26 @@ fn read_pem_cert(path: &std::path::Path) -> Result<Vec<u8>> {
     let der = rustls::pki_types::CertificateDer::from_pem_slice(&pem)
         .with_context(|| format!("parsing certificate {}", path.display()))?;
     Ok(der.to_vec())
+}
+
+impl CutoverArgs {
+    /// What the agent's executor gets.
+    pub fn options(&self) -> super::migrate::CutoverOptions {
+        super::migrate::CutoverOptions {
+            tables: self.tables.clone(),
+            all_tables: self.all_tables,
+            verify_budget_secs: self.verify_budget_secs,
+            fence: if self.fence == "stop" {
+                crate::control::FenceMode::Stop
+            } else {
+                crate::control::FenceMode::ReadOnly
+            },
+            max_lag: self.max_lag,
+            replay_timeout_secs: self.replay_timeout_secs,
+            on_promoted: self.on_promoted.clone(),
+            dry_run: self.dry_run,
+        }
+    }
 }
 
 #[cfg(test)]

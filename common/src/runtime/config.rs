@@ -116,6 +116,10 @@ pub struct TargetSection {
     pub state_file: Option<PathBuf>,
     /// While the standby catches up, record the lag in the audit log this often (default 10 s).
     pub lag_sample_secs: Option<u64>,
+    /// Keep the replication slot on the source after a rollback (default false: dropped, so
+    /// the source retains no WAL for a standby that will not come). A kept slot is reused by
+    /// the next migration of the same name.
+    pub keep_slot_on_rollback: Option<bool>,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -136,6 +140,7 @@ pub struct TargetSettings {
     pub replication_password_file: Option<PathBuf>,
     pub state_file: PathBuf,
     pub lag_sample: Duration,
+    pub keep_slot_on_rollback: bool,
 }
 
 impl ConfigFile {
@@ -556,6 +561,7 @@ impl AgentConfig {
                     lag_sample: Duration::from_secs(
                         file.target.lag_sample_secs.unwrap_or(10).max(1),
                     ),
+                    keep_slot_on_rollback: file.target.keep_slot_on_rollback.unwrap_or(false),
                 })
             }
             Role::Source => {

@@ -168,7 +168,13 @@ pub(crate) async fn serve_requests(
                 message: "the source agent has no PostgreSQL control connection: set [source] conninfo (and password_file) or --pg-conninfo".into(),
             },
             Some(cfg) => match ensure_client(&mut client, cfg).await {
-                Ok(c) => pg::handle_request(c, &request).await,
+                Ok(c) => {
+                    let more = || -> pg::ConnectFuture {
+                        let cfg = cfg.clone();
+                        Box::pin(async move { connect(&cfg).await })
+                    };
+                    pg::handle_request(c, Some(&more), &request).await
+                }
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
                 },

@@ -21,7 +21,7 @@ use tokio::io::AsyncReadExt;
 use super::config::TargetSettings;
 use super::control_stream::ControlClient;
 use super::state_store::StateStore;
-use crate::control::{Request, Response};
+use crate::control::{FenceMode, Request, Response};
 use crate::migration::{Event, State};
 
 /// What the executor needs from the running target agent.
@@ -75,7 +75,11 @@ impl Executor<'_> {
     }
 
     async fn ask(&self, request: Request) -> Result<Response> {
-        match self.control.request(request, REQUEST_TIMEOUT).await? {
+        self.ask_within(request, REQUEST_TIMEOUT).await
+    }
+
+    async fn ask_within(&self, request: Request, timeout: Duration) -> Result<Response> {
+        match self.control.request(request, timeout).await? {
             Response::Error { message } => bail!("the source agent: {message}"),
             r => Ok(r),
         }
@@ -94,6 +98,9 @@ impl Executor<'_> {
                 self.store.path().display(),
                 state.phase()
             );
+        }
+        if state == State::New {
+            self.store.save(&state, now_ms())?;
         }
         (self.progress)(match state {
             State::New => "starting a new migration".to_string(),
@@ -149,7 +156,7 @@ impl Executor<'_> {
     }
 
     /// `rollback`: stops the migration before promotion (or finishes an interrupted rollback).
-    pub async fn rollback_requested(&self) -> Result<Value> {
+    pub async fn rollback_requested(&self, keep_slot: bool) -> Result<Value> {
         let state = self.store.load()?;
         let rolling = match &state {
             State::RollingBack { .. } => state,
@@ -167,7 +174,7 @@ impl Executor<'_> {
                 }
             ),
         };
-        let done = self.roll_back(rolling).await?;
+        let done = self.roll_back(rolling, keep_slot).await?;
         Ok(json!({"phase": done.phase()}))
     }
 
@@ -176,12 +183,14 @@ impl Executor<'_> {
         let reason = format!("{e:#}");
         (self.progress)(format!("{what}: {reason}; rolling back"));
         let rolling = self.advance(state, Event::Failed { reason })?;
-        self.roll_back(rolling).await?;
+        self.roll_back(rolling, false).await?;
         Ok(())
     }
 
-    /// Drops the slot (idempotent) and records the rollback.
-    pub async fn roll_back(&self, state: State) -> Result<State> {
+    /// Unfences the source, stops the standby, drops the slot (idempotent; kept when asked or
+    /// configured) and records the rollback.
+    pub async fn roll_back(&self, state: State, keep_slot: bool) -> Result<State> {
+        let keep_slot = keep_slot || self.settings.keep_slot_on_rollback;
         let State::RollingBack { slot, fenced, .. } = &state else {
             bail!("not rolling back (phase {})", state.phase());
         };
@@ -191,6 +200,7 @@ impl Executor<'_> {
         }
         // The standby we started keeps the slot busy: stop it first (the migration is over).
         if let Some(d) = &self.settings.data_dir {
+            self.stop_orphaned_tools(d).await;
             if d.join("postmaster.pid").exists() {
                 (self.progress)(format!("stopping the standby in {}", d.display()));
                 let mut stop = self.pg_tool("pg_ctl");
@@ -200,7 +210,16 @@ impl Executor<'_> {
                 run_with_progress(stop, "pg_ctl stop", self.progress).await?;
             }
         }
-        if let Some(slot) = slot {
+        match slot {
+            Some(slot) if keep_slot => {
+                (self.progress)(format!(
+                    "keeping replication slot {slot} on the source (as asked): it retains WAL until a migration of the same name reuses it or you drop it (SELECT pg_drop_replication_slot('{slot}'))"
+                ));
+                (self.audit)("slot_kept", json!({"slot": slot}));
+            }
+            _ => {}
+        }
+        if let Some(slot) = slot.as_ref().filter(|_| !keep_slot) {
             (self.progress)(format!("dropping replication slot {slot} on the source"));
             // Its walsender may take a moment to exit after the standby stopped.
             let mut attempt = 0;
@@ -240,6 +259,9 @@ impl Executor<'_> {
 
     async fn base_backup(&self, slot: &str) -> Result<()> {
         let data_dir = self.data_dir()?;
+        // A run killed during the backup leaves its pg_basebackup running (holding the slot and
+        // writing into the directory): end it first.
+        self.stop_orphaned_tools(data_dir).await;
         // A backup interrupted earlier left a partial directory that only we wrote (preflight
         // saw it empty or absent): start it over.
         if data_dir.exists() {
@@ -344,6 +366,69 @@ impl Executor<'_> {
         );
         Ok(())
     }
+}
+
+impl Executor<'_> {
+    /// Ends `pg_basebackup`/`pg_verifybackup` processes still working on `data_dir` (left by
+    /// an agent that was killed: they outlive it): SIGTERM, then SIGKILL after 5 s.
+    async fn stop_orphaned_tools(&self, data_dir: &Path) {
+        let pids = tool_processes_on(data_dir);
+        if pids.is_empty() {
+            return;
+        }
+        (self.progress)(format!(
+            "ending {} pg_basebackup/pg_verifybackup process(es) left on {} by an earlier run (pid {:?})",
+            pids.len(),
+            data_dir.display(),
+            pids
+        ));
+        (self.audit)(
+            "orphaned_tools_stopped",
+            json!({"pids": pids, "data_dir": data_dir.display().to_string()}),
+        );
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for p in &pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && pids.iter().any(|p| kill(Pid::from_raw(*p), None).is_ok())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for p in &pids {
+            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        }
+    }
+}
+
+/// PIDs of `pg_basebackup`/`pg_verifybackup` processes (or `runuser` running one) whose
+/// arguments name `data_dir`, from `/proc`.
+fn tool_processes_on(data_dir: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let target = data_dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let is_tool = args
+                .iter()
+                .take(4)
+                .any(|a| a.ends_with(b"pg_basebackup") || a.ends_with(b"pg_verifybackup"));
+            is_tool && args.contains(&target)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 fn running_as_root() -> bool {
@@ -463,10 +548,20 @@ pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus>
 }
 
 /// What the operator asked of the cutover.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct CutoverOptions {
-    /// Tables to verify (`schema.table`); `None`: every user table.
+    /// Tables to verify (`schema.table`); `None`: every user table that fits the budget.
     pub tables: Option<Vec<String>>,
+    /// Verify every user table however long it takes.
+    pub all_tables: bool,
+    /// Without `tables` or `all_tables`: verify the user tables whose estimated digest time
+    /// fits in this many seconds (the smallest first); the report names those left out.
+    pub verify_budget_secs: u64,
+    /// How the source is fenced.
+    pub fence: FenceMode,
+    /// Roll back when the standby has not replayed the fence LSN within this many seconds.
+    pub replay_timeout_secs: u64,
     /// Refuse to start the cutover when the standby is further behind than this (bytes).
     pub max_lag: u64,
     /// Shell command run after the new cluster accepts writes.
@@ -475,8 +570,83 @@ pub struct CutoverOptions {
     pub dry_run: bool,
 }
 
-/// Longest wait for the standby to replay the fence LSN.
-const REPLAY_WAIT: Duration = Duration::from_secs(120);
+impl Default for CutoverOptions {
+    fn default() -> Self {
+        Self {
+            tables: None,
+            all_tables: false,
+            verify_budget_secs: DEFAULT_VERIFY_BUDGET_SECS,
+            fence: FenceMode::ReadOnly,
+            replay_timeout_secs: DEFAULT_REPLAY_TIMEOUT_SECS,
+            max_lag: DEFAULT_MAX_LAG,
+            on_promoted: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// Default `--replay-timeout-secs`.
+pub const DEFAULT_REPLAY_TIMEOUT_SECS: u64 = 120;
+/// Default `--max-lag` (bytes).
+pub const DEFAULT_MAX_LAG: u64 = 16 * 1024 * 1024;
+/// Default `--verify-budget-secs`: the verification happens while writes are fenced, so it is
+/// part of the write downtime.
+pub const DEFAULT_VERIFY_BUDGET_SECS: u64 = 5;
+/// Digest throughput assumed per connection (one per core) when planning the verification, in
+/// bytes of table (`pg_table_size`) per second. Measured: one COPY of a 180 MB mixed table
+/// ~115 MB/s on an idle core; the flagship test's 287 MB on 2 cores shared by both clusters
+/// and both agents, 72 MB/s in all. Planning assumes the pessimistic 40 MB/s per core.
+pub const DIGEST_BYTES_PER_SEC: u64 = 40 * 1024 * 1024;
+/// Longest wait for the source's digests.
+const DIGEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Which tables the cutover verifies (largest first, so parallel workers finish together) and
+/// which it leaves out because they do not fit the time budget.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TablePlan {
+    pub verify: Vec<String>,
+    pub skipped: Vec<String>,
+    pub bytes: u64,
+    pub estimated_secs: f64,
+}
+
+/// Plans the verification from table sizes (bytes): all of them when `budget_secs` is `None`,
+/// else the smallest tables whose estimated time on `parallel` connections fits the budget.
+pub fn plan_tables(
+    sizes: &[(String, u64)],
+    budget_secs: Option<u64>,
+    parallel: usize,
+) -> TablePlan {
+    let parallel = parallel.max(1) as f64;
+    let estimate = |total: u64, largest: u64| {
+        let rate = DIGEST_BYTES_PER_SEC as f64;
+        (total as f64 / (rate * parallel)).max(largest as f64 / rate)
+    };
+    let mut by_size: Vec<&(String, u64)> = sizes.iter().collect();
+    by_size.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+    let (mut verify, mut skipped) = (Vec::new(), Vec::new());
+    let (mut total, mut largest) = (0u64, 0u64);
+    for (name, size) in by_size {
+        let fits = match budget_secs {
+            None => true,
+            Some(b) => estimate(total + size, largest.max(*size)) <= b as f64,
+        };
+        if fits && skipped.is_empty() {
+            verify.push((name.clone(), *size));
+            total += size;
+            largest = largest.max(*size);
+        } else {
+            skipped.push(name.clone());
+        }
+    }
+    verify.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    TablePlan {
+        verify: verify.into_iter().map(|(n, _)| n).collect(),
+        skipped,
+        bytes: total,
+        estimated_secs: estimate(total, largest),
+    }
+}
 
 impl Executor<'_> {
     /// The cutover: fence, drain, verify, promote, writable; a report of the phases.
@@ -564,13 +734,18 @@ impl Executor<'_> {
                             opts.max_lag
                         );
                     }
-                    let tables = self.tables(&standby, opts).await?;
-                    report["tables"] = json!(tables);
+                    let plan = self.tables(&standby, opts).await?;
+                    report["tables"] = json!(plan.verify);
+                    report["tables_skipped"] = json!(plan.skipped);
                     if opts.dry_run {
                         (self.progress)(format!(
-                            "dry run: lag {lag} bytes ≤ {}; would fence the source, wait for the standby, verify {} table(s), promote",
+                            "dry run: lag {lag} bytes ≤ {}; would fence the source ({}), wait for the standby, verify {} table(s) ({} MB, about {:.1} s){}, promote",
                             opts.max_lag,
-                            tables.len()
+                            fence_name(opts.fence),
+                            plan.verify.len(),
+                            plan.bytes / (1024 * 1024),
+                            plan.estimated_secs,
+                            skipped_note(&plan),
                         ));
                         report["dry_run"] = json!(true);
                         return Ok(());
@@ -580,27 +755,30 @@ impl Executor<'_> {
                     } else {
                         current
                     };
-                    (self.progress)(format!("lag {lag} bytes; fencing the source (read-only)"));
-                    let lsn = match self
-                        .ask(Request::Fence {
-                            mode: crate::control::FenceMode::ReadOnly,
-                        })
-                        .await?
-                    {
+                    (self.progress)(format!(
+                        "lag {lag} bytes; fencing the source ({})",
+                        fence_name(opts.fence)
+                    ));
+                    // The write downtime starts as the fence begins.
+                    let at_ms = now_ms();
+                    let lsn = match self.ask(Request::Fence { mode: opts.fence }).await? {
                         Response::Fenced { lsn } => lsn,
                         other => bail!("unexpected answer {other:?}"),
                     };
                     let fence = crate::migration::Fence {
                         lsn,
-                        at_ms: now_ms(),
+                        at_ms,
+                        stop_source: opts.fence == FenceMode::Stop,
                     };
                     (self.progress)(format!("source fenced at LSN {lsn}"));
                     report["phases"]["fence_ms"] = json!(t.elapsed().as_millis() as u64);
                     self.advance(ready, Event::Fenced { fence })?
                 }
                 State::Fenced { fence, .. } => {
+                    report["fence_lsn"] = json!(fence.lsn.to_string());
                     (self.progress)(format!("waiting for the standby to replay {}", fence.lsn));
-                    let deadline = Instant::now() + REPLAY_WAIT;
+                    let wait = Duration::from_secs(opts.replay_timeout_secs);
+                    let deadline = Instant::now() + wait;
                     let replayed = loop {
                         let st = standby_status(&standby)
                             .await
@@ -610,9 +788,9 @@ impl Executor<'_> {
                         }
                         if Instant::now() > deadline {
                             bail!(
-                                "the standby did not replay the fence LSN {} within {} s",
+                                "the standby did not replay the fence LSN {} within {} s (--replay-timeout-secs); check the new cluster's log and pg_stat_replication",
                                 fence.lsn,
-                                REPLAY_WAIT.as_secs()
+                                wait.as_secs()
                             );
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -621,26 +799,40 @@ impl Executor<'_> {
                     self.advance(current, Event::Replayed { lsn: replayed })?
                 }
                 State::Drained { .. } => {
-                    let tables = self.tables(&standby, opts).await?;
-                    (self.progress)(format!("verifying {} table(s) on both sides", tables.len()));
+                    let plan = self.tables(&standby, opts).await?;
+                    let tables = plan.verify.clone();
+                    (self.progress)(format!(
+                        "verifying {} table(s) on both sides ({} MB, about {:.1} s){}",
+                        tables.len(),
+                        plan.bytes / (1024 * 1024),
+                        plan.estimated_secs,
+                        skipped_note(&plan)
+                    ));
                     let theirs = async {
                         match self
-                            .ask(Request::TableDigests {
-                                tables: tables.clone(),
-                            })
+                            .ask_within(
+                                Request::TableDigests {
+                                    tables: tables.clone(),
+                                },
+                                DIGEST_TIMEOUT,
+                            )
                             .await?
                         {
                             Response::TableDigests { digests } => Ok(digests),
                             other => bail!("unexpected answer {other:?}"),
                         }
                     };
-                    let ours = async {
-                        let mut v = Vec::new();
-                        for t in &tables {
-                            v.push(super::pg::table_digest(&standby, t).await?);
-                        }
-                        anyhow::Ok(v)
+                    let settings = self.settings.clone();
+                    let more = move || -> super::pg::ConnectFuture {
+                        let settings = settings.clone();
+                        Box::pin(async move { connect_new_cluster(&settings).await })
                     };
+                    let ours = super::pg::table_digests(
+                        &standby,
+                        Some(&more),
+                        &tables,
+                        super::pg::digest_parallelism(),
+                    );
                     let (theirs, ours) = tokio::join!(theirs, ours);
                     let (theirs, ours) = (theirs?, ours?);
                     let mut mismatched = Vec::new();
@@ -658,7 +850,7 @@ impl Executor<'_> {
                     }
                     (self.audit)(
                         "tables_verified",
-                        json!({"tables": ours, "mismatched": mismatched}),
+                        json!({"tables": ours, "mismatched": mismatched, "not_verified": plan.skipped}),
                     );
                     if !mismatched.is_empty() || theirs.len() != ours.len() {
                         bail!(
@@ -667,6 +859,8 @@ impl Executor<'_> {
                         );
                     }
                     report["verified_rows"] = json!(ours.iter().map(|d| d.rows).sum::<u64>());
+                    report["tables"] = json!(plan.verify);
+                    report["tables_skipped"] = json!(plan.skipped);
                     report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);
                     self.advance(
                         current,
@@ -729,7 +923,7 @@ impl Executor<'_> {
                             (self.progress)(format!("--on-promoted command failed ({st:?}); the migration itself is complete"));
                         }
                     }
-                    if let State::Completed { .. } = &done {
+                    if let State::Completed { fence, .. } = &done {
                         let slot = self.slot_name();
                         if let Err(e) = self.ask(Request::DropSlot { slot: slot.clone() }).await {
                             (self.progress)(format!(
@@ -738,12 +932,30 @@ impl Executor<'_> {
                         } else {
                             (self.progress)(format!("dropped slot {slot} on the source"));
                         }
+                        if fence.stop_source {
+                            (self.progress)(
+                                "shutting the source cluster down (--fence stop)".into(),
+                            );
+                            let stopped = self.ask(Request::StopCluster).await;
+                            report["source_stopped"] = json!(stopped.is_ok());
+                            (self.audit)(
+                                "source_stopped",
+                                json!({"ok": stopped.is_ok(), "error": stopped.as_ref().err().map(|e| format!("{e:#}"))}),
+                            );
+                            match stopped {
+                                Ok(_) => (self.progress)("the source cluster is shut down".into()),
+                                Err(e) => (self.progress)(format!(
+                                    "could not shut the source down: {e:#}; it stays fenced read-only: stop it by hand (pg_ctl stop -m fast)"
+                                )),
+                            }
+                        }
                     }
                     done
                 }
                 _ => {
                     report["total_ms"] = json!(t_start.elapsed().as_millis() as u64);
                     report["phase"] = json!(state.phase());
+                    report["timeline"] = timeline(&self.store.history().unwrap_or_default());
                     (self.audit)("cutover_report", report.clone());
                     return Ok(());
                 }
@@ -756,20 +968,200 @@ impl Executor<'_> {
         &self,
         standby: &tokio_postgres::Client,
         opts: &CutoverOptions,
-    ) -> Result<Vec<String>> {
-        if let Some(t) = &opts.tables {
-            return Ok(t.clone());
-        }
+    ) -> Result<TablePlan> {
+        // Unlogged tables are not replicated (and cannot be read on a standby): never verified.
         let rows = standby
             .query(
-                "SELECT schemaname || '.' || relname FROM pg_stat_user_tables ORDER BY 1",
+                "SELECT s.schemaname || '.' || s.relname, pg_table_size(s.relid), c.relpersistence = 'u'
+                   FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid",
                 &[],
             )
             .await?;
-        Ok(rows
+        let (unlogged, sizes): (Vec<_>, Vec<_>) = rows
             .iter()
-            .map(|r| r.get::<_, String>(0))
-            .filter(|t| crate::control::valid_table_name(t))
-            .collect())
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1).max(0) as u64,
+                    r.get::<_, bool>(2),
+                )
+            })
+            .partition(|(_, _, u)| *u);
+        let sizes: Vec<(String, u64)> = sizes.into_iter().map(|(n, s, _)| (n, s)).collect();
+        let unlogged: Vec<String> = unlogged.into_iter().map(|(n, _, _)| n).collect();
+        if let Some(asked) = &opts.tables {
+            let unknown: Vec<&String> = asked
+                .iter()
+                .filter(|t| !sizes.iter().any(|(n, _)| n == *t))
+                .collect();
+            if !unknown.is_empty() {
+                let why = |t: &str| {
+                    if unlogged.iter().any(|u| u == t) {
+                        format!("{t} (UNLOGGED: its contents are not replicated)")
+                    } else {
+                        t.to_string()
+                    }
+                };
+                bail!(
+                    "--tables names tables the new cluster cannot verify: {}",
+                    unknown
+                        .iter()
+                        .map(|t| why(t))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            let chosen: Vec<(String, u64)> = sizes
+                .into_iter()
+                .filter(|(n, _)| asked.contains(n))
+                .collect();
+            return Ok(plan_tables(&chosen, None, super::pg::digest_parallelism()));
+        }
+        // Names the typed request cannot carry (quoted identifiers) are listed as skipped.
+        let (sizes, odd): (Vec<_>, Vec<_>) = sizes
+            .into_iter()
+            .partition(|(n, _)| crate::control::valid_table_name(n));
+        let budget = (!opts.all_tables).then_some(opts.verify_budget_secs);
+        let mut plan = plan_tables(&sizes, budget, super::pg::digest_parallelism());
+        plan.skipped.extend(odd.into_iter().map(|(n, _)| n));
+        plan.skipped.extend(unlogged);
+        Ok(plan)
+    }
+}
+
+fn fence_name(mode: FenceMode) -> &'static str {
+    match mode {
+        FenceMode::ReadOnly => "read-only",
+        FenceMode::Stop => "read-only, shut down once the target is writable",
+    }
+}
+
+fn skipped_note(plan: &TablePlan) -> String {
+    if plan.skipped.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; NOT verified (over the time budget; use --all-tables or --tables): {}",
+            plan.skipped.join(", ")
+        )
+    }
+}
+
+/// What happened in each phase, for the report: the step that ran while the migration was in
+/// that phase, and how long it took.
+fn timeline(history: &[super::state_store::PhaseMark]) -> Value {
+    let step = |phase: &str| match phase {
+        "new" => "preflight",
+        "preflighted" => "create the replication slot",
+        "slot_created" => "base backup and pg_verifybackup",
+        "base_backup_done" => "configure and start the standby",
+        "standby_started" => "standby streaming",
+        "catching_up" => "catch-up",
+        "ready" => "fence the source",
+        "fenced" => "wait for the standby to replay the fence LSN",
+        "drained" => "verify tables on both sides",
+        "verified" => "promote",
+        "promoted" => "confirm the new cluster is writable",
+        "rolling_back" => "roll back",
+        _ => "",
+    };
+    let rows: Vec<Value> = history
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let ms = history.get(i + 1).map(|n| n.at_ms.saturating_sub(m.at_ms));
+            json!({"phase": m.phase, "step": step(&m.phase), "at_ms": m.at_ms, "ms": ms})
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+        v.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    const MB: u64 = 1024 * 1024;
+
+    #[test]
+    fn plan_verifies_everything_that_fits_largest_first() {
+        let s = sizes(&[("a.small", MB), ("a.big", 50 * MB), ("a.mid", 10 * MB)]);
+        let p = plan_tables(&s, Some(30), 4);
+        assert_eq!(p.verify, ["a.big", "a.mid", "a.small"]);
+        assert!(p.skipped.is_empty());
+        assert_eq!(p.bytes, 61 * MB);
+        // The largest table alone bounds the estimate (one connection per table).
+        let rate = DIGEST_BYTES_PER_SEC as f64;
+        assert!((p.estimated_secs - 50.0 * MB as f64 / rate).abs() < 1e-9);
+    }
+
+    #[test]
+    fn plan_leaves_out_the_largest_tables_over_the_budget() {
+        let huge = DIGEST_BYTES_PER_SEC * 100;
+        let s = sizes(&[("a.huge", huge), ("a.small", MB), ("b.small", 2 * MB)]);
+        let p = plan_tables(&s, Some(10), 4);
+        assert_eq!(p.verify, ["b.small", "a.small"]);
+        assert_eq!(p.skipped, ["a.huge"]);
+        assert!(p.estimated_secs <= 10.0);
+        // --all-tables (no budget) takes everything.
+        let all = plan_tables(&s, None, 4);
+        assert_eq!(all.verify, ["a.huge", "b.small", "a.small"]);
+        assert!(all.skipped.is_empty());
+        assert!(all.estimated_secs >= 100.0);
+        // A zero budget verifies only empty tables.
+        let none = plan_tables(&sizes(&[("a.empty", 0), ("a.one", MB)]), Some(0), 4);
+        assert_eq!(none.verify, ["a.empty"]);
+        assert_eq!(none.skipped, ["a.one"]);
+    }
+
+    #[test]
+    fn finds_a_tool_still_working_on_the_data_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let tool = d.path().join("pg_basebackup");
+        std::os::unix::fs::symlink("/bin/sh", &tool).unwrap();
+        let data = d.path().join("data");
+        let mut child = std::process::Command::new(&tool)
+            .args(["-c", "sleep 30; true", "-D"])
+            .arg(&data)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // Until the child has exec'd, /proc shows the test's own command line.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tool_processes_on(&data).contains(&pid) {
+            assert!(Instant::now() < deadline, "pid {pid} never found");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!tool_processes_on(&d.path().join("other")).contains(&pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!tool_processes_on(&data).contains(&pid));
+    }
+
+    #[test]
+    fn timeline_gives_each_phase_its_duration() {
+        use super::super::state_store::PhaseMark;
+        let h = [
+            PhaseMark {
+                phase: "new".into(),
+                at_ms: 1_000,
+            },
+            PhaseMark {
+                phase: "preflighted".into(),
+                at_ms: 1_250,
+            },
+            PhaseMark {
+                phase: "slot_created".into(),
+                at_ms: 1_300,
+            },
+        ];
+        let t = timeline(&h);
+        assert_eq!(t[0]["step"], "preflight");
+        assert_eq!(t[0]["ms"], 250);
+        assert_eq!(t[1]["ms"], 50);
+        assert!(t[2]["ms"].is_null(), "the current phase has no end yet");
     }
 }

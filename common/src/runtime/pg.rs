@@ -4,6 +4,11 @@
 //!
 //! Table digests are used by both agents (each on its own cluster) during cutover.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use tokio_postgres::Client;
@@ -14,8 +19,30 @@ use crate::control::{
 use crate::migration::Lsn;
 use crate::preflight::SourceFacts;
 
-/// Runs one request against the source cluster; errors become [`Response::Error`].
-pub async fn handle_request(client: &Client, request: &Request) -> Response {
+/// Opens one more connection to the same cluster (for digests in parallel).
+pub type Connect<'a> = &'a (dyn Fn() -> ConnectFuture + Send + Sync);
+/// A connection being opened.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<Client>> + Send>>;
+
+/// Most connections one side uses for table digests.
+pub const MAX_DIGEST_PARALLELISM: usize = 4;
+
+/// Connections for table digests here: one per core, at most [`MAX_DIGEST_PARALLELISM`]
+/// (each is a PostgreSQL backend formatting rows: CPU-bound).
+pub fn digest_parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_DIGEST_PARALLELISM)
+}
+
+/// Runs one request against the source cluster; errors become [`Response::Error`]. `connect`
+/// opens further connections for digests in parallel (without it they run one by one on
+/// `client`).
+pub async fn handle_request(
+    client: &Client,
+    connect: Option<Connect<'_>>,
+    request: &Request,
+) -> Response {
     if let Err(message) = request.validate() {
         return Response::Error { message };
     }
@@ -41,22 +68,13 @@ pub async fn handle_request(client: &Client, request: &Request) -> Response {
             .await
             .map(|lsn| Response::Fenced { lsn }),
         Request::Unfence => unfence(client).await.map(|()| Response::Unfenced),
+        Request::StopCluster => stop_cluster(client)
+            .await
+            .map(|()| Response::ClusterStopped),
         Request::TableDigests { tables } => {
-            let mut digests = Vec::with_capacity(tables.len());
-            let mut failed = None;
-            for t in tables {
-                match table_digest(client, t).await {
-                    Ok(d) => digests.push(d),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                Some(e) => Err(e),
-                None => Ok(Response::TableDigests { digests }),
-            }
+            table_digests(client, connect, tables, digest_parallelism())
+                .await
+                .map(|digests| Response::TableDigests { digests })
         }
     };
     result.unwrap_or_else(|e| Response::Error {
@@ -122,6 +140,26 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
 
 /// Creates a physical slot that reserves WAL from now on; returns its restart LSN.
 pub async fn create_slot(client: &Client, slot: &str) -> Result<Lsn> {
+    // An inactive physical slot of that name is ours: created by a run that stopped before
+    // recording it, or kept by an earlier rollback. Reuse it (it has reserved WAL since).
+    let existing = client
+        .query_opt(
+            "SELECT restart_lsn::text, active FROM pg_replication_slots
+              WHERE slot_name = $1 AND slot_type = 'physical'",
+            &[&slot],
+        )
+        .await
+        .with_context(|| format!("looking up replication slot {slot}"))?;
+    if let Some(row) = existing {
+        let (restart, active): (Option<String>, bool) = (row.get(0), row.get(1));
+        match restart {
+            Some(lsn_text) if !active => return lsn(&lsn_text),
+            _ => bail!(
+                "replication slot {slot} already exists and is {}; drop it on the source (SELECT pg_drop_replication_slot('{slot}')) if no standby uses it",
+                if active { "in use" } else { "not reserving WAL" }
+            ),
+        }
+    }
     let row = client
         .query_one(
             "SELECT (pg_create_physical_replication_slot($1, true)).lsn::text",
@@ -211,7 +249,8 @@ pub async fn status(client: &Client, slot: Option<&str>) -> Result<SourceStatus>
 /// the LSN after which the source writes nothing.
 pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
     match mode {
-        FenceMode::ReadOnly => {
+        // `stop` fences read-only too: the shutdown comes after promotion (`StopCluster`).
+        FenceMode::ReadOnly | FenceMode::Stop => {
             client
                 .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
                 .await
@@ -243,10 +282,49 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
             client.batch_execute("COMMIT").await?;
             lsn(&row.get::<_, String>(0))
         }
-        FenceMode::Stop => {
-            bail!("fencing by stopping the source is not available in this version; use read-only")
-        }
     }
+}
+
+/// Shuts the fenced source cluster down (fast shutdown: sessions end, a shutdown checkpoint
+/// is written) by signalling its postmaster, as `pg_ctl stop -m fast` does, and waits until it
+/// has exited. Refused while the source is not fenced. The agent must run on the cluster's host
+/// as its OS user or root (it reads `postmaster.pid` in the data directory).
+pub async fn stop_cluster(client: &Client) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('default_transaction_read_only'), current_setting('data_directory')",
+            &[],
+        )
+        .await
+        .context("reading data_directory (needs superuser or pg_read_all_settings)")?;
+    let (read_only, data_dir): (String, String) = (row.get(0), row.get(1));
+    if read_only != "on" {
+        bail!("the source is not fenced (default_transaction_read_only is {read_only}); refusing to stop it");
+    }
+    let pidfile = std::path::Path::new(&data_dir).join("postmaster.pid");
+    let text = tokio::fs::read_to_string(&pidfile).await.with_context(|| {
+        format!(
+            "reading {} to find the postmaster (run pgferry-source as the cluster's OS user or root, or stop the source yourself: pg_ctl stop -m fast)",
+            pidfile.display()
+        )
+    })?;
+    let pid: i32 = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .filter(|p| *p > 1)
+        .with_context(|| format!("{} does not start with a PID", pidfile.display()))?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
+        .with_context(|| format!("signalling the postmaster (pid {pid}) to shut down"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        if std::time::Instant::now() > deadline {
+            bail!("the source cluster (postmaster pid {pid}) did not shut down within 120 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// Undoes a read-only fence.
@@ -261,6 +339,58 @@ pub async fn unfence(client: &Client) -> Result<()> {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Digests of `tables`, in that order: `client` and up to `parallel - 1` further connections
+/// from `connect` each take the next table until none is left. The first error ends it.
+pub async fn table_digests(
+    client: &Client,
+    connect: Option<Connect<'_>>,
+    tables: &[String],
+    parallel: usize,
+) -> Result<Vec<TableDigest>> {
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(vec![None; tables.len()]);
+    let extra = match connect {
+        Some(_) => parallel
+            .saturating_sub(1)
+            .min(tables.len().saturating_sub(1)),
+        None => 0,
+    };
+    let mut workers: Vec<Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>> =
+        vec![Box::pin(digest_worker(client, tables, &next, &out))];
+    if let Some(connect) = connect {
+        for _ in 0..extra {
+            let (next, out) = (&next, &out);
+            workers.push(Box::pin(async move {
+                let c = connect().await?;
+                digest_worker(&c, tables, next, out).await
+            }));
+        }
+    }
+    futures_util::future::try_join_all(workers).await?;
+    out.into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .zip(tables)
+        .map(|(d, t)| d.with_context(|| format!("no digest for {t}")))
+        .collect()
+}
+
+async fn digest_worker(
+    client: &Client,
+    tables: &[String],
+    next: &AtomicUsize,
+    out: &Mutex<Vec<Option<TableDigest>>>,
+) -> Result<()> {
+    loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some(table) = tables.get(i) else {
+            return Ok(());
+        };
+        let d = table_digest(client, table).await?;
+        out.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(d);
+    }
 }
 
 /// Row count and BLAKE3 of a table's contents in a deterministic order: by primary key when

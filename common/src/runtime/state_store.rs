@@ -24,7 +24,21 @@ struct StateFile {
     migration: String,
     updated_at_ms: u64,
     state: State,
+    /// When each phase was entered, oldest first (for the final report's timeline).
+    #[serde(default)]
+    history: Vec<PhaseMark>,
 }
+
+/// A phase and when the migration entered it (ms since the epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseMark {
+    pub phase: String,
+    pub at_ms: u64,
+}
+
+/// Most phase marks kept (a migration passes ~15 phases; resumes do not add marks).
+const MAX_HISTORY: usize = 64;
 
 /// Where a migration's state lives.
 #[derive(Debug, Clone)]
@@ -47,9 +61,18 @@ impl StateStore {
 
     /// The persisted state, or `New` when there is no file yet.
     pub fn load(&self) -> Result<State> {
+        Ok(self.load_file()?.map_or(State::New, |f| f.state))
+    }
+
+    /// When each phase was entered, oldest first.
+    pub fn history(&self) -> Result<Vec<PhaseMark>> {
+        Ok(self.load_file()?.map(|f| f.history).unwrap_or_default())
+    }
+
+    fn load_file(&self) -> Result<Option<StateFile>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::New),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", self.path.display())),
         };
         let f: StateFile = serde_json::from_str(&text).with_context(|| {
@@ -73,16 +96,34 @@ impl StateStore {
                 self.migration
             );
         }
-        Ok(f.state)
+        Ok(Some(f))
     }
 
     /// Atomically replaces the persisted state.
     pub fn save(&self, state: &State, now_ms: u64) -> Result<()> {
+        let mut history = self.history().unwrap_or_default();
+        if history.last().is_none_or(|m| m.phase != state.phase()) {
+            if history.is_empty() && !matches!(state, State::New) {
+                // The first step's start: the file is first written after it.
+                history.push(PhaseMark {
+                    phase: State::New.phase().into(),
+                    at_ms: now_ms,
+                });
+            }
+            history.push(PhaseMark {
+                phase: state.phase().into(),
+                at_ms: now_ms,
+            });
+            if history.len() > MAX_HISTORY {
+                history.drain(..history.len() - MAX_HISTORY);
+            }
+        }
         let body = serde_json::to_vec_pretty(&StateFile {
             format: STATE_FORMAT,
             migration: self.migration.clone(),
             updated_at_ms: now_ms,
             state: state.clone(),
+            history,
         })?;
         let dir = self
             .path
@@ -138,6 +179,18 @@ mod tests {
             .unwrap();
         store.save(&s, 42).unwrap();
         assert_eq!(store.load().unwrap(), s);
+        store.save(&s, 43).unwrap();
+        let phases: Vec<(String, u64)> = store
+            .history()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.phase, m.at_ms))
+            .collect();
+        assert_eq!(
+            phases,
+            [("new".to_string(), 42), ("slot_created".to_string(), 42)],
+            "one mark per phase entered"
+        );
         let names: Vec<_> = std::fs::read_dir(d.path().join("state"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
