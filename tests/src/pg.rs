@@ -168,6 +168,21 @@ impl PgCluster {
         })
     }
 
+    /// Also listens on `addr` and accepts password logins (and replication) from `cidr`: the
+    /// benchmark's direct-TCP baseline. Call before [`start`](Self::start).
+    pub fn allow_from(&self, addr: &str, cidr: &str) -> Result<()> {
+        append(
+            &self.datadir.join("postgresql.conf"),
+            &format!("listen_addresses = '127.0.0.1,{addr}'\n"),
+        )?;
+        append(
+            &self.datadir.join("pg_hba.conf"),
+            &format!(
+                "host all all {cidr} scram-sha-256\nhost replication all {cidr} scram-sha-256\n"
+            ),
+        )
+    }
+
     /// Runs the server (and psql) inside network namespace `ns`.
     pub fn with_netns(mut self, ns: &str) -> Self {
         self.netns = Some(ns.to_string());

@@ -1,0 +1,805 @@
+//! `pgferry-bench`: pgferry beside direct TCP and `ssh -L`, between two network namespaces
+//! joined by a veth pair (the source cluster, `pgferry-source` and `sshd` in one; the target
+//! side in the other), first on an unlimited link (the CPU is the bound), then limited with
+//! `tc tbf` (default 100 Mbit/s). In one run, alternating contenders, `--reps` times each,
+//! medians reported:
+//!
+//! 1. `pg_basebackup -X stream` (plain) of a mixed sample database: time and bytes on the link;
+//!    direct TCP (insecure baseline), `ssh -L`, `ssh -C -L`, `--compress=server-zstd` through
+//!    `ssh -L`, and pgferry.
+//! 2. Raw tunnel throughput, one stream and 8 streams, and CPU seconds per GB (both ends of
+//!    the tunnel: the two agents, or ssh and sshd), beside `ssh -L` and direct TCP.
+//!
+//! Writes `results.json` and `results.md` to `--out`, and checks the targets of issue 4.
+//! Needs root, PostgreSQL 15, OpenSSH and iproute2: `bench/run` installs them and runs this.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use pgferry_tests::{
+    bin_path, command_output, free_tcp_port, free_udp_port, load_sample_data, pg_bin, ChildGuard,
+    NetnsPair, PgCluster, TestDir,
+};
+use serde_json::{json, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgferry-bench",
+    about = "pg_basebackup and raw streams through pgferry beside direct TCP and ssh -L, on an \
+             unlimited and a rate-limited link between two network namespaces (run as root; \
+             `bench/run` installs what it needs)"
+)]
+struct Args {
+    /// Repetitions of each measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Size of the sample database in MB (mixed text, JSON, numbers, timestamps, ids, bytes).
+    #[arg(long, default_value_t = 800)]
+    megabytes: u32,
+    /// Rate of the limited link in Mbit/s (0: only the unlimited link).
+    #[arg(long, default_value_t = 100)]
+    rate: u32,
+    /// MiB per raw-stream measurement on the unlimited link.
+    #[arg(long, default_value_t = 1024)]
+    stream_mb: usize,
+    /// MiB per raw-stream measurement on the limited link.
+    #[arg(long, default_value_t = 96)]
+    limited_stream_mb: usize,
+    /// pgferry's zstd level.
+    #[arg(long, default_value_t = 3)]
+    level: u32,
+    /// Directory for results.json and results.md.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// (internal) serve streams of mixed data on a loopback port.
+    #[arg(long, hide = true)]
+    serve_stream: bool,
+    /// (internal) read PORT BYTES CONNS from the stream server, print MB/s.
+    #[arg(long, hide = true, num_args = 3)]
+    read_stream: Option<Vec<usize>>,
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.serve_stream {
+        let port = stream_server(payload());
+        println!("port {port}");
+        loop {
+            std::thread::park();
+        }
+    }
+    if let Some(r) = &args.read_stream {
+        match read_streams(r[0] as u16, r[1], r[2]) {
+            Ok(mbs) => println!("MBps {mbs}"),
+            Err(e) => {
+                eprintln!("{e:#}");
+                std::process::exit(1)
+            }
+        }
+        return;
+    }
+    if let Err(e) = run(&args) {
+        eprintln!("pgferry-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Serves mixed data: each connection first sends the number of bytes it wants (u64 BE).
+fn stream_server(data: Vec<u8>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let data = std::sync::Arc::new(data);
+    std::thread::spawn(move || {
+        for c in l.incoming().take(100_000) {
+            let Ok(mut c) = c else { continue };
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut want = [0u8; 8];
+                if c.read_exact(&mut want).is_err() {
+                    return;
+                }
+                let want = (u64::from_be_bytes(want) as usize).min(64 << 30);
+                let mut sent = 0;
+                while sent < want {
+                    let n = data.len().min(want - sent);
+                    if c.write_all(&data[..n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Reads `bytes` in all over `conns` parallel connections; MB/s.
+fn read_streams(port: u16, bytes: usize, conns: usize) -> Result<f64> {
+    let each = bytes / conns.max(1);
+    let t = Instant::now();
+    let handles: Vec<_> = (0..conns.max(1))
+        .map(|_| {
+            std::thread::spawn(move || -> Result<usize> {
+                let mut s = TcpStream::connect(("127.0.0.1", port))?;
+                s.write_all(&(each as u64).to_be_bytes())?;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0usize;
+                loop {
+                    let n = s.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                ensure!(total == each, "received {total} of {each} bytes");
+                Ok(total)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for h in handles {
+        total += h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    }
+    Ok(total as f64 / 1e6 / t.elapsed().as_secs_f64())
+}
+
+/// CPU seconds (user + system) used so far by these processes.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let (u, sy): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+            Some((u + sy) / tick)
+        })
+        .sum()
+}
+
+/// PIDs of processes whose command name is one of `names`.
+fn pids_named(names: &[&str]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| names.contains(&c.trim()))
+        })
+        .collect()
+}
+
+/// zstd -3 ratio of the database's own files, cut into 1 MiB chunks as pgferry does.
+fn dataset_ratio(datadir: &Path) -> Result<f64> {
+    let (mut raw, mut packed) = (0usize, 0usize);
+    let mut files: Vec<PathBuf> = Vec::new();
+    for db in std::fs::read_dir(datadir.join("base"))? {
+        for f in std::fs::read_dir(db?.path())? {
+            files.push(f?.path());
+        }
+    }
+    files.sort();
+    for f in files {
+        if raw > 1 << 30 {
+            break;
+        }
+        let data = std::fs::read(&f)?;
+        for chunk in data.chunks(1 << 20) {
+            raw += chunk.len();
+            packed += zstd::bulk::compress(chunk, 3)?.len().min(chunk.len());
+        }
+    }
+    ensure!(packed > 0, "no data files under {}", datadir.display());
+    Ok(raw as f64 / packed as f64)
+}
+/// Mixed data: words from a vocabulary, numbers, timestamps, hex ids, some random bytes.
+fn payload() -> Vec<u8> {
+    let words = [
+        "ferry",
+        "harbour",
+        "north",
+        "cargo",
+        "tide",
+        "ledger",
+        "invoice",
+        "customer",
+        "shipment",
+        "delayed",
+        "berth",
+        "crane",
+        "manifest",
+        "route",
+        "weather",
+        "pilot",
+        "anchor",
+        "port",
+        "customs",
+        "pallet",
+        "container",
+        "draft",
+        "vessel",
+        "quay",
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(64 << 20);
+    let mut id = 0u64;
+    while out.len() < 64 << 20 {
+        id += 1;
+        let r = next();
+        let _ = write!(
+            out,
+            "{id}\t{:016x}{:016x}\t{}.{:02}\t2026-{:02}-{:02} {:02}:{:02}:{:02}+00\t{{\"user\": {}, \"tags\": [\"{}\", \"{}\"], \"note\": \"",
+            r,
+            next(),
+            r % 100_000,
+            r % 100,
+            1 + r % 12,
+            1 + r % 28,
+            r % 24,
+            r % 60,
+            (r >> 8) % 60,
+            r % 9973,
+            words[(r % 24) as usize],
+            words[((r >> 5) % 24) as usize]
+        );
+        for i in 0..(4 + r % 10) {
+            out.extend_from_slice(words[((r >> (i * 3)) % 24) as usize].as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(b"\"}\t\\\\x");
+        for _ in 0..3 {
+            let _ = write!(out, "{:016x}", next());
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// A command in namespace `ns` (or here).
+fn cmd_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+struct Sshd {
+    _server: ChildGuard,
+    port: u16,
+    addr: String,
+    key: std::path::PathBuf,
+}
+
+/// sshd on the source side, listening on `addr`.
+fn start_sshd(dir: &Path, ns: Option<&str>, addr: &str) -> Result<Sshd> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let host_key = dir.join("host_key");
+    let key = dir.join("client_key");
+    for k in [&host_key, &key] {
+        command_output(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(k),
+        )?;
+    }
+    let auth = dir.join("authorized_keys");
+    std::fs::copy(key.with_extension("pub"), &auth)?;
+    let port = free_tcp_port();
+    let cfg = dir.join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port {port}\nListenAddress {addr}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\n\
+             PasswordAuthentication no\nUsePAM no\nPidFile {}\nStrictModes no\n",
+            host_key.display(),
+            auth.display(),
+            dir.join("sshd.pid").display()
+        ),
+    )?;
+    let mut cmd = cmd_in(ns, "/usr/sbin/sshd");
+    cmd.args(["-D", "-e", "-f"]).arg(&cfg);
+    let server = ChildGuard::spawn_quiet("sshd", cmd)?;
+    server.wait_for_output("Server listening on", Duration::from_secs(10))?;
+    Ok(Sshd {
+        _server: server,
+        port,
+        addr: addr.to_string(),
+        key,
+    })
+}
+
+/// `ssh -N -L 127.0.0.1:LOCAL:127.0.0.1:TO_PORT` from the target side.
+fn ssh_tunnel(
+    sshd: &Sshd,
+    ns: Option<&str>,
+    to_port: u16,
+    compress: bool,
+) -> Result<(ChildGuard, u16)> {
+    let local = free_tcp_port();
+    let mut cmd = cmd_in(ns, "ssh");
+    cmd.args([
+        "-v",
+        "-N",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-i",
+    ])
+    .arg(&sshd.key);
+    if compress {
+        cmd.arg("-C");
+    }
+    cmd.args([
+        "-p",
+        &sshd.port.to_string(),
+        "-L",
+        &format!("127.0.0.1:{local}:127.0.0.1:{to_port}"),
+        &format!("root@{}", sshd.addr),
+    ]);
+    let child = ChildGuard::spawn_quiet("ssh", cmd)?;
+    child.wait_for_output("Entering interactive session", Duration::from_secs(15))?;
+    Ok((child, local))
+}
+
+/// Bytes sent by the source side's veth end (what crossed the link towards the target).
+fn link_bytes(net: Option<&pgferry_tests::NetnsPair>) -> u64 {
+    let Some(n) = net else { return 0 };
+    let out = Command::new("ip")
+        .args(["-n", &n.a, "-s", "-j", "link", "show"])
+        .output()
+        .ok();
+    let Some(out) = out else { return 0 };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["ifname"].as_str().is_some_and(|n| n != "lo"))
+        .map(|l| l["stats64"]["tx"]["bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// One contender of the base-backup comparison.
+struct Backup {
+    name: &'static str,
+    host: String,
+    port: u16,
+    extra: &'static [&'static str],
+}
+
+/// One contender of the raw-stream comparison: where to read, and whose CPU to count.
+struct Stream {
+    name: &'static str,
+    port: u16,
+    cpu: fn(&Procs) -> Vec<u32>,
+}
+
+struct Procs {
+    agents: Vec<u32>,
+}
+
+fn run(o: &Args) -> Result<()> {
+    let dir = TestDir::new()?;
+    let net = NetnsPair::create("pgfbench")?.context(
+        "network namespaces cannot be created here (run as root with iproute2 installed)",
+    )?;
+    let (ns_a, ns_b) = (Some(net.a.as_str()), Some(net.b.as_str()));
+    let addr_a = net.addr_a.clone();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "pgferry-bench: two namespaces, veth; {} repetitions each (medians); {cores} cores; pgferry zstd level {}",
+        o.reps, o.level
+    );
+
+    // Source side: PostgreSQL (also on the veth address, for the direct-TCP baseline), the
+    // stream server, pgferry-source, sshd.
+    let pg_port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("pg"), pg_port)?.with_netns(&net.a);
+    pg.allow_from(&addr_a, &format!("{}/32", net.addr_b))?;
+    pg.start()?;
+    let t = Instant::now();
+    load_sample_data(&pg, o.megabytes)?;
+    pg.psql("CHECKPOINT")?;
+    let db_bytes: u64 = pg.psql("SELECT pg_database_size('postgres')")?.parse()?;
+    let ratio = dataset_ratio(&pg.datadir)?;
+    println!(
+        "dataset: {:.0} MB (loaded in {:.0} s), zstd -3 ratio of its files {ratio:.2}",
+        db_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let me = std::env::current_exe()?;
+    let mut server = cmd_in(ns_a, &me);
+    server.arg("--serve-stream");
+    let server = ChildGuard::spawn_quiet("stream-server", server)?;
+    let stream_port: u16 = server
+        .wait_for_output("port ", Duration::from_secs(20))?
+        .trim()
+        .trim_start_matches("port ")
+        .parse()?;
+    let sample = payload();
+    let stream_ratio = sample.len() as f64 / zstd::bulk::compress(&sample, 3)?.len() as f64;
+
+    let certs = dir.join("certs");
+    let c = |a: &[&str]| {
+        command_output(
+            Command::new(bin_path("pgferry-certs"))
+                .args(a)
+                .arg("--dir")
+                .arg(&certs),
+        )
+    };
+    c(&["init", "--migration", "bench"])?;
+    for (role, region) in [("source", "DE"), ("target", "FR")] {
+        c(&[
+            "issue",
+            "--role",
+            role,
+            "--region",
+            region,
+            "--name",
+            "localhost",
+        ])?;
+    }
+    let (udp, pg_local, stream_local) = (free_udp_port(), free_tcp_port(), free_tcp_port());
+    std::fs::write(
+        dir.join("source.toml"),
+        format!(
+            "[network]\nlisten = \"{addr_a}:{udp}\"\n[[service]]\nname = \"postgres\"\nupstream = \"127.0.0.1:{pg_port}\"\n\
+             [[service]]\nname = \"stream\"\nupstream = \"127.0.0.1:{stream_port}\"\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("target.toml"),
+        format!(
+            "[network]\nconnect = \"{addr_a}:{udp}\"\nserver_name = \"localhost\"\n[[service]]\nname = \"postgres\"\n\
+             local = \"127.0.0.1:{pg_local}\"\n[[service]]\nname = \"stream\"\nlocal = \"127.0.0.1:{stream_local}\"\n"
+        ),
+    )?;
+    let agent = |role: &str, ns: Option<&str>| -> Result<ChildGuard> {
+        let mut cmd = cmd_in(ns, bin_path(&format!("pgferry-{role}")));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(dir.join(format!("{role}.toml")))
+            .arg("--ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join(format!("{role}.pem")))
+            .arg("--key")
+            .arg(certs.join(format!("{role}.key")))
+            .arg("--audit-log")
+            .arg(dir.join(format!("{role}.audit.jsonl")))
+            .arg("--compression-level")
+            .arg(o.level.to_string());
+        ChildGuard::spawn_quiet(role, cmd)
+    };
+    let source = agent("source", ns_a)?;
+    source.wait_for_output("listening on", Duration::from_secs(30))?;
+    let target = agent("target", ns_b)?;
+    target.wait_for_output("tunnel up", Duration::from_secs(30))?;
+    let procs = Procs {
+        agents: vec![source.pid(), target.pid()],
+    };
+
+    let sshd = start_sshd(&dir.join("ssh"), ns_a, &addr_a)?;
+    let (_ssh_stream, ssh_stream_port) = ssh_tunnel(&sshd, ns_b, stream_port, false)?;
+    let (_ssh_pg, ssh_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, false)?;
+    let (_sshc_pg, sshc_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, true)?;
+    // Raw streams compare ssh -L and pgferry (direct TCP is the base-backup baseline).
+    let backups = [
+        Backup {
+            name: "direct TCP",
+            host: addr_a.clone(),
+            port: pg_port,
+            extra: &[],
+        },
+        Backup {
+            name: "ssh -L",
+            host: "127.0.0.1".into(),
+            port: ssh_pg_port,
+            extra: &[],
+        },
+        Backup {
+            name: "ssh -C -L",
+            host: "127.0.0.1".into(),
+            port: sshc_pg_port,
+            extra: &[],
+        },
+        Backup {
+            name: "server-zstd via ssh -L",
+            host: "127.0.0.1".into(),
+            port: ssh_pg_port,
+            extra: &["--compress=server-zstd"],
+        },
+        Backup {
+            name: "pgferry",
+            host: "127.0.0.1".into(),
+            port: pg_local,
+            extra: &[],
+        },
+    ];
+    let streams = [
+        Stream {
+            name: "ssh -L",
+            port: ssh_stream_port,
+            cpu: |_| pids_named(&["ssh", "sshd", "sshd-session"]),
+        },
+        Stream {
+            name: "pgferry",
+            port: stream_local,
+            cpu: |p| p.agents.clone(),
+        },
+    ];
+
+    let mut links = Vec::new();
+    let mut modes = vec![("unlimited", 0u32, o.stream_mb)];
+    if o.rate > 0 {
+        modes.push(("limited", o.rate, o.limited_stream_mb));
+    }
+    for (label, rate, stream_mb) in modes {
+        if rate > 0 {
+            net.limit_rate(rate)?;
+        }
+        let link = if rate > 0 {
+            format!("{rate} Mbit/s (tc tbf)")
+        } else {
+            "unlimited veth".to_string()
+        };
+        println!("\n== link: {link}");
+        let mut bb: Vec<Vec<f64>> = vec![Vec::new(); backups.len()];
+        let mut wire: Vec<Vec<f64>> = vec![Vec::new(); backups.len()];
+        let mut tp: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 2]; streams.len()];
+        let mut cpu: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); 2]; streams.len()];
+        for r in 0..o.reps {
+            for (i, s) in streams.iter().enumerate() {
+                for (k, conns) in [1usize, 8].into_iter().enumerate() {
+                    let bytes = stream_mb << 20;
+                    let pids = (s.cpu)(&procs);
+                    let before = cpu_secs(&pids);
+                    let out = command_output(cmd_in(ns_b, &me).args([
+                        "--read-stream",
+                        &s.port.to_string(),
+                        &bytes.to_string(),
+                        &conns.to_string(),
+                    ]))
+                    .with_context(|| format!("stream via {}", s.name))?;
+                    let mbs: f64 = out.trim().trim_start_matches("MBps ").parse()?;
+                    let used = cpu_secs(&(s.cpu)(&procs)) - before;
+                    let per_gb = used / (bytes as f64 / 1e9);
+                    eprintln!(
+                        "  rep {r}: {conns} stream(s) via {}: {mbs:.1} MB/s, {per_gb:.2} CPU s/GB",
+                        s.name
+                    );
+                    tp[i][k].push(mbs);
+                    cpu[i][k].push(per_gb);
+                }
+            }
+            for (i, b) in backups.iter().enumerate() {
+                let out = dir.join(format!("bb-{label}-{i}-{r}"));
+                let before = link_bytes(Some(&net));
+                let t = Instant::now();
+                command_output(
+                    cmd_in(ns_b, pg_bin("pg_basebackup"))
+                        .args([
+                            "-h",
+                            &b.host,
+                            "-p",
+                            &b.port.to_string(),
+                            "-U",
+                            "postgres",
+                            "-D",
+                        ])
+                        .arg(&out)
+                        .args(["-X", "stream", "-c", "fast", "--no-sync"])
+                        .args(b.extra)
+                        .env("PGPASSWORD", &pg.password),
+                )
+                .with_context(|| format!("pg_basebackup via {}", b.name))?;
+                let secs = t.elapsed().as_secs_f64();
+                let bytes = link_bytes(Some(&net)).saturating_sub(before) as f64;
+                eprintln!(
+                    "  rep {r}: pg_basebackup via {}: {secs:.2} s, {:.0} MB on the link",
+                    b.name,
+                    bytes / 1e6
+                );
+                bb[i].push(secs);
+                wire[i].push(bytes);
+                std::fs::remove_dir_all(&out)?;
+            }
+        }
+        let backup_rows: Vec<Value> = backups
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                json!({"contender": b.name, "seconds": bb[i], "median_s": median(bb[i].clone()),
+                       "link_bytes_median": median(wire[i].clone())})
+            })
+            .collect();
+        let mut stream_rows = Vec::new();
+        for (i, s) in streams.iter().enumerate() {
+            for (k, conns) in [1usize, 8].into_iter().enumerate() {
+                stream_rows.push(
+                    json!({"contender": s.name, "streams": conns, "mb_per_s": tp[i][k],
+                    "median_mb_per_s": median(tp[i][k].clone()),
+                    "cpu_s_per_gb_median": median(cpu[i][k].clone())}),
+                );
+            }
+        }
+        links.push(
+            json!({"link": link, "label": label, "rate_mbit": rate, "stream_mib": stream_mb,
+            "basebackup": backup_rows, "streams": stream_rows}),
+        );
+    }
+    drop(target);
+    drop(source);
+    pg.stop()?;
+
+    let results = json!({
+        "when": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        "cores": cores,
+        "reps": o.reps,
+        "zstd_level": o.level,
+        "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio, "stream_payload_zstd3_ratio": stream_ratio},
+        "links": links,
+    });
+    let checks = targets(&results);
+    let mut results = results;
+    results["targets"] = Value::Array(checks.clone());
+    std::fs::create_dir_all(&o.out)?;
+    std::fs::write(
+        o.out.join("results.json"),
+        serde_json::to_string_pretty(&results)? + "\n",
+    )?;
+    let md = markdown(&results);
+    std::fs::write(o.out.join("results.md"), &md)?;
+    println!("\n{md}");
+    println!(
+        "written: {} and {}",
+        o.out.join("results.json").display(),
+        o.out.join("results.md").display()
+    );
+    Ok(())
+}
+
+fn find<'a>(rows: &'a Value, contender: &str) -> Option<&'a Value> {
+    rows.as_array()?
+        .iter()
+        .find(|r| r["contender"] == contender)
+}
+
+/// The targets of issue 4 that this benchmark measures, each with the ratio and a verdict.
+fn targets(r: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    let link = |label: &str| {
+        r["links"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["label"] == label))
+    };
+    let bb = |l: &Value, c: &str| find(&l["basebackup"], c).and_then(|x| x["median_s"].as_f64());
+    let mut check = |what: &str, ratio: Option<f64>, limit: f64, at_most: bool| {
+        if let Some(v) = ratio {
+            let ok = if at_most { v <= limit } else { v >= limit };
+            out.push(
+                json!({"target": what, "ratio": (v * 1000.0).round() / 1000.0,
+                "limit": limit, "met": ok}),
+            );
+        }
+    };
+    if let Some(l) = link("limited") {
+        let f = bb(l, "pgferry");
+        check(
+            "limited link base backup: pgferry / ssh -L ≤ 0.35",
+            f.zip(bb(l, "ssh -L")).map(|(a, b)| a / b),
+            0.35,
+            true,
+        );
+        check(
+            "limited link base backup: pgferry / server-zstd via ssh -L ≤ 0.9",
+            f.zip(bb(l, "server-zstd via ssh -L")).map(|(a, b)| a / b),
+            0.9,
+            true,
+        );
+    }
+    if let Some(l) = link("unlimited") {
+        check(
+            "unlimited link base backup: pgferry / direct TCP ≤ 1.2",
+            bb(l, "pgferry")
+                .zip(bb(l, "direct TCP"))
+                .map(|(a, b)| a / b),
+            1.2,
+            true,
+        );
+        let one = |c: &str| {
+            l["streams"].as_array().and_then(|s| {
+                s.iter()
+                    .find(|x| x["contender"] == c && x["streams"] == 1)
+                    .and_then(|x| x["median_mb_per_s"].as_f64())
+            })
+        };
+        check(
+            "unlimited link raw throughput, one stream: pgferry / ssh -L ≥ 3",
+            one("pgferry").zip(one("ssh -L")).map(|(a, b)| a / b),
+            3.0,
+            false,
+        );
+    }
+    out
+}
+
+fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let d = &r["dataset"];
+    s.push_str(&format!(
+        "pgferry-bench, {}: {} cores, {} repetitions each (medians), pgferry zstd level {}; \
+         database {:.0} MB, zstd -3 ratio of its files {:.2}\n",
+        r["when"].as_str().unwrap_or("?"),
+        r["cores"],
+        r["reps"],
+        r["zstd_level"],
+        d["database_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        d["zstd3_ratio_of_files"].as_f64().unwrap_or(0.0)
+    ));
+    for l in r["links"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "\n### {}\n\n| pg_basebackup -X stream via | time (s) | MB on the link |\n|---|---:|---:|\n",
+            l["link"].as_str().unwrap_or("?")
+        ));
+        for b in l["basebackup"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| {} | {:.2} | {:.0} |\n",
+                b["contender"].as_str().unwrap_or("?"),
+                b["median_s"].as_f64().unwrap_or(0.0),
+                b["link_bytes_median"].as_f64().unwrap_or(0.0) / 1e6
+            ));
+        }
+        s.push_str(&format!(
+            "\n| raw stream ({} MiB) via | streams | MB/s | CPU s per GB (both ends) |\n|---|---:|---:|---:|\n",
+            l["stream_mib"]
+        ));
+        for t in l["streams"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "| {} | {} | {:.1} | {:.2} |\n",
+                t["contender"].as_str().unwrap_or("?"),
+                t["streams"],
+                t["median_mb_per_s"].as_f64().unwrap_or(0.0),
+                t["cpu_s_per_gb_median"].as_f64().unwrap_or(0.0)
+            ));
+        }
+    }
+    s.push_str("\n### Targets (ratios of medians from this run)\n\n| target | ratio | met |\n|---|---:|---|\n");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {} | {:.3} | {} |\n",
+            t["target"].as_str().unwrap_or("?"),
+            t["ratio"].as_f64().unwrap_or(0.0),
+            if t["met"] == true { "yes" } else { "**no**" }
+        ));
+    }
+    s
+}
