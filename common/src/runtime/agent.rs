@@ -123,6 +123,8 @@ struct Shared {
     /// the idle timeout notices; the old one's upstream sessions (a walsender holding the
     /// replication slot) end with it.
     peers: Mutex<std::collections::HashMap<crate::identity::Fingerprint, quinn::Connection>>,
+    /// Target: held while a clone, cutover or rollback runs; a second one is refused.
+    job: tokio::sync::Mutex<()>,
 }
 
 #[derive(Clone)]
@@ -236,6 +238,7 @@ pub async fn run_agent(
         shutting_down: watch::channel(false).0,
         tunnels: opts.tunnels,
         peers: Mutex::new(std::collections::HashMap::new()),
+        job: tokio::sync::Mutex::new(()),
     });
 
     let endpoint = make_endpoint(&shared)?;
@@ -1043,6 +1046,11 @@ async fn admin_execute(
     stream: &mut tokio::net::UnixStream,
     job: Job,
 ) -> Value {
+    // One migration step at a time: a second clone/cutover/rollback (an impatient retry from
+    // another terminal) must not race the first.
+    let Ok(_job) = shared.job.try_lock() else {
+        return json!({"ok": false, "error": "another clone, cutover or rollback is running on this agent; wait for it (pgferry-target status shows the phase)"});
+    };
     let Some(pc) = shared.current.borrow().clone() else {
         return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
     };

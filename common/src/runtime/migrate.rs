@@ -194,10 +194,14 @@ impl Executor<'_> {
         let State::RollingBack { slot, fenced, .. } = &state else {
             bail!("not rolling back (phase {})", state.phase());
         };
-        if *fenced {
-            (self.progress)("unfencing the source (writable again)".into());
-            self.ask(Request::Unfence).await?;
-        }
+        // Unfence even when no fence was recorded: a fence can apply on the source and the
+        // agent die before saving it. Unfencing an unfenced source changes nothing.
+        (self.progress)(if *fenced {
+            "unfencing the source (writable again)".to_string()
+        } else {
+            "making sure the source is not fenced".to_string()
+        });
+        self.ask(Request::Unfence).await?;
         // The standby we started keeps the slot busy: stop it first (the migration is over).
         if let Some(d) = &self.settings.data_dir {
             self.stop_orphaned_tools(d).await;
@@ -397,8 +401,12 @@ impl Executor<'_> {
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for p in &pids {
-            let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+        // Only those still running the tool on this directory (a PID may have been reused).
+        for p in tool_processes_on(data_dir)
+            .into_iter()
+            .filter(|p| pids.contains(p))
+        {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
     }
 }
@@ -549,7 +557,7 @@ pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus>
 
 /// What the operator asked of the cutover.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct CutoverOptions {
     /// Tables to verify (`schema.table`); `None`: every user table that fits the budget.
     pub tables: Option<Vec<String>>,
@@ -737,6 +745,13 @@ impl Executor<'_> {
                     let plan = self.tables(&standby, opts).await?;
                     report["tables"] = json!(plan.verify);
                     report["tables_skipped"] = json!(plan.skipped);
+                    if plan.verify.is_empty() && !plan.skipped.is_empty() {
+                        bail!(
+                            "no table fits the verification budget of {} s ({} table(s) over it): pass --all-tables, --tables LIST or a larger --verify-budget-secs",
+                            opts.verify_budget_secs,
+                            plan.skipped.len()
+                        );
+                    }
                     if opts.dry_run {
                         (self.progress)(format!(
                             "dry run: lag {lag} bytes ≤ {}; would fence the source ({}), wait for the standby, verify {} table(s) ({} MB, about {:.1} s){}, promote",
@@ -795,6 +810,13 @@ impl Executor<'_> {
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     };
+                    // Hold replay at the fence while both sides are digested: nothing after it
+                    // can change the standby's tables or cancel the digests (recovery
+                    // conflicts). Resumed before promotion.
+                    standby
+                        .batch_execute("SELECT pg_wal_replay_pause()")
+                        .await
+                        .context("pausing replay on the standby")?;
                     report["phases"]["drain_ms"] = json!(t.elapsed().as_millis() as u64);
                     self.advance(current, Event::Replayed { lsn: replayed })?
                 }
@@ -833,8 +855,21 @@ impl Executor<'_> {
                         &tables,
                         super::pg::digest_parallelism(),
                     );
-                    let (theirs, ours) = tokio::join!(theirs, ours);
-                    let (theirs, ours) = (theirs?, ours?);
+                    // Our failure does not wait for the source's answer (the fence is lifted by
+                    // the rollback).
+                    let both = async { tokio::try_join!(theirs, ours) };
+                    tokio::pin!(both);
+                    let mut tick = tokio::time::interval(Duration::from_secs(10));
+                    tick.tick().await;
+                    let (theirs, ours) = loop {
+                        tokio::select! {
+                            r = &mut both => break r?,
+                            _ = tick.tick() => (self.progress)(format!(
+                                "still verifying ({} s; writes stay fenced)",
+                                t.elapsed().as_secs()
+                            )),
+                        }
+                    };
                     let mut mismatched = Vec::new();
                     for (a, b) in theirs.iter().zip(&ours) {
                         if a != b {
@@ -870,22 +905,48 @@ impl Executor<'_> {
                     )?
                 }
                 State::Verified { .. } => {
+                    // The point of no return is recorded *before* pg_promote: whatever happens
+                    // from here (an error, a lost connection, a kill), the migration goes
+                    // forward, never back to the source.
                     (self.progress)("promoting the new cluster (point of no return)".into());
-                    let ok: bool = standby
-                        .query_one("SELECT pg_promote(true, 60)", &[])
-                        .await
-                        .context("pg_promote")?
-                        .get(0);
-                    if !ok {
-                        bail!("pg_promote did not finish within 60 s");
-                    }
-                    report["phases"]["promote_ms"] = json!(t.elapsed().as_millis() as u64);
                     self.advance(current, Event::Promoted)?
                 }
                 State::Promoted { .. } => {
-                    // After the point of no return: retry until writable.
+                    // Promote (again, after an interruption) while the cluster is in recovery,
+                    // then wait until it takes writes; retried until it does.
                     let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut promoted_at = None;
                     loop {
+                        if promoted_at.is_none() {
+                            if let Ok(c) = connect_new_cluster(self.settings).await {
+                                let in_recovery = c
+                                    .query_one("SELECT pg_is_in_recovery()", &[])
+                                    .await
+                                    .map(|r| r.get::<_, bool>(0));
+                                match in_recovery {
+                                    Ok(true) => {
+                                        // Replay may have been paused for the verification.
+                                        let _ = c.batch_execute("SELECT pg_wal_replay_resume()").await;
+                                        match c.query_one("SELECT pg_promote(true, 60)", &[]).await {
+                                            Ok(r) if r.get::<_, bool>(0) => {
+                                                promoted_at = Some(t.elapsed())
+                                            }
+                                            Ok(_) => (self.progress)(
+                                                "pg_promote did not finish within 60 s; retrying".into(),
+                                            ),
+                                            Err(e) => (self.progress)(format!(
+                                                "pg_promote: {e}; retrying"
+                                            )),
+                                        }
+                                    }
+                                    Ok(false) => promoted_at = Some(t.elapsed()),
+                                    Err(_) => {}
+                                }
+                            }
+                        }
+                        if let Some(p) = promoted_at {
+                            report["phases"]["promote_ms"] = json!(p.as_millis() as u64);
+                        }
                         let c = connect_new_cluster(self.settings).await;
                         let w = match &c {
                             Ok(c) => c
@@ -899,7 +960,7 @@ impl Executor<'_> {
                             break;
                         }
                         if Instant::now() > deadline {
-                            bail!("the promoted cluster did not accept a write within 120 s; the cutover will resume when run again");
+                            bail!("the new cluster did not accept a write within 120 s of its promotion; check its log; the cutover goes on (never back) when run again");
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -936,7 +997,9 @@ impl Executor<'_> {
                             (self.progress)(
                                 "shutting the source cluster down (--fence stop)".into(),
                             );
-                            let stopped = self.ask(Request::StopCluster).await;
+                            let stopped = self
+                                .ask_within(Request::StopCluster, Duration::from_secs(180))
+                                .await;
                             report["source_stopped"] = json!(stopped.is_ok());
                             (self.audit)(
                                 "source_stopped",

@@ -269,18 +269,28 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
             // only reach it after the next unrelated WAL record, seconds later.)
             // Written in a committed transaction with synchronous_commit on, so it is flushed
             // (and streamed) at once rather than at the WAL writer's next round.
-            client
-                .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE")
-                .await?;
-            let row = client
-                .query_one(
-                    "SELECT pg_logical_emit_message(true, 'pgferry', 'fence')::text",
-                    &[],
-                )
-                .await
-                .context("writing the fence marker")?;
-            client.batch_execute("COMMIT").await?;
-            lsn(&row.get::<_, String>(0))
+            let marker = async {
+                client
+                    .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE")
+                    .await?;
+                let row = client
+                    .query_one(
+                        "SELECT pg_logical_emit_message(true, 'pgferry', 'fence')::text",
+                        &[],
+                    )
+                    .await
+                    .context("writing the fence marker")?;
+                client.batch_execute("COMMIT").await?;
+                lsn(&row.get::<_, String>(0))
+            };
+            match marker.await {
+                Ok(l) => Ok(l),
+                Err(e) => {
+                    // Leave the session usable for the unfence that follows.
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    Err(e)
+                }
+            }
         }
     }
 }
@@ -290,16 +300,23 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
 /// has exited. Refused while the source is not fenced. The agent must run on the cluster's host
 /// as its OS user or root (it reads `postmaster.pid` in the data directory).
 pub async fn stop_cluster(client: &Client) -> Result<()> {
+    // Fenced means the server-wide setting our fence wrote (postgresql.auto.conf), not a
+    // session, role or database setting.
     let row = client
         .query_one(
-            "SELECT current_setting('default_transaction_read_only'), current_setting('data_directory')",
+            "SELECT (SELECT reset_val = 'on' AND source = 'configuration file'
+                       AND sourcefile LIKE '%postgresql.auto.conf'
+                       FROM pg_settings WHERE name = 'default_transaction_read_only'),
+                    current_setting('data_directory'), current_setting('port'),
+                    extract(epoch FROM pg_postmaster_start_time())::int8",
             &[],
         )
         .await
-        .context("reading data_directory (needs superuser or pg_read_all_settings)")?;
-    let (read_only, data_dir): (String, String) = (row.get(0), row.get(1));
-    if read_only != "on" {
-        bail!("the source is not fenced (default_transaction_read_only is {read_only}); refusing to stop it");
+        .context("reading the fence, data_directory and port (needs superuser or pg_read_all_settings)")?;
+    let (fenced, data_dir, port, started): (Option<bool>, String, String, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if fenced != Some(true) {
+        bail!("the source is not fenced (default_transaction_read_only is not on in postgresql.auto.conf); refusing to stop it");
     }
     let pidfile = std::path::Path::new(&data_dir).join("postmaster.pid");
     let text = tokio::fs::read_to_string(&pidfile).await.with_context(|| {
@@ -308,12 +325,25 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
             pidfile.display()
         )
     })?;
-    let pid: i32 = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse().ok())
+    // postmaster.pid: PID, data directory, start time (epoch), port, … — it must describe the
+    // server we are connected to, not another one (a container, another cluster).
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let pid: i32 = lines
+        .first()
+        .and_then(|l| l.parse().ok())
         .filter(|p| *p > 1)
         .with_context(|| format!("{} does not start with a PID", pidfile.display()))?;
+    let file_start: Option<i64> = lines.get(2).and_then(|l| l.parse().ok());
+    if lines.get(3) != Some(&port.as_str())
+        || file_start.is_none_or(|s| (s - started).abs() > 2)
+    {
+        bail!(
+            "{} describes another server (port {:?}, started {:?}; connected to port {port}, started {started}); stop the source yourself",
+            pidfile.display(),
+            lines.get(3),
+            file_start
+        );
+    }
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
         .with_context(|| format!("signalling the postmaster (pid {pid}) to shut down"))?;

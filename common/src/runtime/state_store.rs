@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::migration::State;
 
-/// Version of the state file layout.
-pub const STATE_FORMAT: u32 = 1;
+/// Version of the state file layout (2 added `history`; files of format 1 are still read).
+pub const STATE_FORMAT: u32 = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,7 +81,7 @@ impl StateStore {
                 self.path.display()
             )
         })?;
-        if f.format != STATE_FORMAT {
+        if f.format != STATE_FORMAT && f.format != 1 {
             bail!(
                 "{} has state format {}, this build reads {STATE_FORMAT}",
                 self.path.display(),
