@@ -114,10 +114,12 @@ fn typed_requests_on_a_real_source() -> Result<()> {
         let other = pgc.connect("127.0.0.1", port).await?;
         other.batch_execute("SELECT 1").await?;
         // An unfenced source is never stopped, even when this session is read-only.
-        c.batch_execute("SET default_transaction_read_only = on").await?;
+        c.batch_execute("SET default_transaction_read_only = on")
+            .await?;
         let err = pg::stop_cluster(&c).await.unwrap_err();
         assert!(format!("{err:#}").contains("not fenced"), "{err:#}");
-        c.batch_execute("RESET default_transaction_read_only").await?;
+        c.batch_execute("RESET default_transaction_read_only")
+            .await?;
         let fence_lsn = pg::fence(&c, FenceMode::ReadOnly).await?;
         assert!(fence_lsn >= lsn);
         assert!(

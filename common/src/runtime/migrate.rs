@@ -926,13 +926,16 @@ impl Executor<'_> {
                                 match in_recovery {
                                     Ok(true) => {
                                         // Replay may have been paused for the verification.
-                                        let _ = c.batch_execute("SELECT pg_wal_replay_resume()").await;
-                                        match c.query_one("SELECT pg_promote(true, 60)", &[]).await {
+                                        let _ =
+                                            c.batch_execute("SELECT pg_wal_replay_resume()").await;
+                                        match c.query_one("SELECT pg_promote(true, 60)", &[]).await
+                                        {
                                             Ok(r) if r.get::<_, bool>(0) => {
                                                 promoted_at = Some(t.elapsed())
                                             }
                                             Ok(_) => (self.progress)(
-                                                "pg_promote did not finish within 60 s; retrying".into(),
+                                                "pg_promote did not finish within 60 s; retrying"
+                                                    .into(),
                                             ),
                                             Err(e) => (self.progress)(format!(
                                                 "pg_promote: {e}; retrying"

@@ -312,7 +312,9 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
             &[],
         )
         .await
-        .context("reading the fence, data_directory and port (needs superuser or pg_read_all_settings)")?;
+        .context(
+            "reading the fence, data_directory and port (needs superuser or pg_read_all_settings)",
+        )?;
     let (fenced, data_dir, port, started): (Option<bool>, String, String, i64) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if fenced != Some(true) {
@@ -334,9 +336,7 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
         .filter(|p| *p > 1)
         .with_context(|| format!("{} does not start with a PID", pidfile.display()))?;
     let file_start: Option<i64> = lines.get(2).and_then(|l| l.parse().ok());
-    if lines.get(3) != Some(&port.as_str())
-        || file_start.is_none_or(|s| (s - started).abs() > 2)
-    {
+    if lines.get(3) != Some(&port.as_str()) || file_start.is_none_or(|s| (s - started).abs() > 2) {
         bail!(
             "{} describes another server (port {:?}, started {:?}; connected to port {port}, started {started}); stop the source yourself",
             pidfile.display(),
