@@ -53,6 +53,9 @@ struct Args {
     /// pgferry's zstd level.
     #[arg(long, default_value_t = 3)]
     level: u32,
+    /// Which links to measure: unlimited, limited, or both (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "unlimited,limited")]
+    links: Vec<String>,
     /// Directory for results.json and results.md.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -557,8 +560,11 @@ fn run(o: &Args) -> Result<()> {
     ];
 
     let mut links = Vec::new();
-    let mut modes = vec![("unlimited", 0u32, o.stream_mb)];
-    if o.rate > 0 {
+    let mut modes = Vec::new();
+    if o.links.iter().any(|l| l == "unlimited") {
+        modes.push(("unlimited", 0u32, o.stream_mb));
+    }
+    if o.rate > 0 && o.links.iter().any(|l| l == "limited") {
         modes.push(("limited", o.rate, o.limited_stream_mb));
     }
     for (label, rate, stream_mb) in modes {
