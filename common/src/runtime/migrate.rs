@@ -191,6 +191,30 @@ impl Executor<'_> {
     /// configured) and records the rollback.
     pub async fn roll_back(&self, state: State, keep_slot: bool) -> Result<State> {
         let keep_slot = keep_slot || self.settings.keep_slot_on_rollback;
+        let state = match state {
+            // Keeping the slot is recorded first (no slot left to drop), so a rollback resumed
+            // after an interruption keeps it too.
+            State::RollingBack {
+                from,
+                reason,
+                slot: Some(slot),
+                fenced,
+            } if keep_slot => {
+                (self.progress)(format!(
+                    "keeping replication slot {slot} on the source (as asked): it retains WAL until a migration of the same name reuses it or you drop it (SELECT pg_drop_replication_slot('{slot}'))"
+                ));
+                (self.audit)("slot_kept", json!({"slot": slot}));
+                let kept = State::RollingBack {
+                    from,
+                    reason,
+                    slot: None,
+                    fenced,
+                };
+                self.store.save(&kept, now_ms())?;
+                kept
+            }
+            s => s,
+        };
         let State::RollingBack { slot, fenced, .. } = &state else {
             bail!("not rolling back (phase {})", state.phase());
         };
@@ -214,16 +238,7 @@ impl Executor<'_> {
                 run_with_progress(stop, "pg_ctl stop", self.progress).await?;
             }
         }
-        match slot {
-            Some(slot) if keep_slot => {
-                (self.progress)(format!(
-                    "keeping replication slot {slot} on the source (as asked): it retains WAL until a migration of the same name reuses it or you drop it (SELECT pg_drop_replication_slot('{slot}'))"
-                ));
-                (self.audit)("slot_kept", json!({"slot": slot}));
-            }
-            _ => {}
-        }
-        if let Some(slot) = slot.as_ref().filter(|_| !keep_slot) {
+        if let Some(slot) = slot {
             (self.progress)(format!("dropping replication slot {slot} on the source"));
             // Its walsender may take a moment to exit after the standby stopped.
             let mut attempt = 0;
@@ -968,12 +983,17 @@ impl Executor<'_> {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     let at_ms = now_ms();
-                    let done = self.advance(current, Event::Writable { at_ms })?;
-                    let downtime = done.downtime_ms().unwrap_or(0);
+                    let State::Promoted { fence, .. } = &current else {
+                        unreachable!()
+                    };
+                    let downtime = at_ms.saturating_sub(fence.at_ms);
                     (self.progress)(format!(
                         "the new cluster accepts writes; write downtime {downtime} ms"
                     ));
                     report["downtime_ms"] = json!(downtime);
+                    // The steps after promotion run before `completed` is saved, so a run
+                    // interrupted among them repeats them (each may run twice: the hook should
+                    // be idempotent; dropping the slot is; a source already stopped is said so).
                     if let Some(cmd) = &opts.on_promoted {
                         let st = tokio::process::Command::new("sh")
                             .args(["-c", cmd])
@@ -987,36 +1007,32 @@ impl Executor<'_> {
                             (self.progress)(format!("--on-promoted command failed ({st:?}); the migration itself is complete"));
                         }
                     }
-                    if let State::Completed { fence, .. } = &done {
-                        let slot = self.slot_name();
-                        if let Err(e) = self.ask(Request::DropSlot { slot: slot.clone() }).await {
-                            (self.progress)(format!(
-                                "could not drop slot {slot} on the source: {e:#}; drop it by hand"
-                            ));
-                        } else {
-                            (self.progress)(format!("dropped slot {slot} on the source"));
-                        }
-                        if fence.stop_source {
-                            (self.progress)(
-                                "shutting the source cluster down (--fence stop)".into(),
-                            );
-                            let stopped = self
-                                .ask_within(Request::StopCluster, Duration::from_secs(180))
-                                .await;
-                            report["source_stopped"] = json!(stopped.is_ok());
-                            (self.audit)(
-                                "source_stopped",
-                                json!({"ok": stopped.is_ok(), "error": stopped.as_ref().err().map(|e| format!("{e:#}"))}),
-                            );
-                            match stopped {
-                                Ok(_) => (self.progress)("the source cluster is shut down".into()),
-                                Err(e) => (self.progress)(format!(
-                                    "could not shut the source down: {e:#}; it stays fenced read-only: stop it by hand (pg_ctl stop -m fast)"
-                                )),
-                            }
+                    let slot = self.slot_name();
+                    if let Err(e) = self.ask(Request::DropSlot { slot: slot.clone() }).await {
+                        (self.progress)(format!(
+                            "could not drop slot {slot} on the source: {e:#}; drop it by hand"
+                        ));
+                    } else {
+                        (self.progress)(format!("dropped slot {slot} on the source"));
+                    }
+                    if fence.stop_source {
+                        (self.progress)("shutting the source cluster down (--fence stop)".into());
+                        let stopped = self
+                            .ask_within(Request::StopCluster, Duration::from_secs(180))
+                            .await;
+                        report["source_stopped"] = json!(stopped.is_ok());
+                        (self.audit)(
+                            "source_stopped",
+                            json!({"ok": stopped.is_ok(), "error": stopped.as_ref().err().map(|e| format!("{e:#}"))}),
+                        );
+                        match stopped {
+                            Ok(_) => (self.progress)("the source cluster is shut down".into()),
+                            Err(e) => (self.progress)(format!(
+                                "could not shut the source down: {e:#}; it stays fenced read-only: stop it by hand (pg_ctl stop -m fast)"
+                            )),
                         }
                     }
-                    done
+                    self.advance(current, Event::Writable { at_ms })?
                 }
                 _ => {
                     report["total_ms"] = json!(t_start.elapsed().as_millis() as u64);
