@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use pgferry_tests::{
-    bin_path, command_output, free_tcp_port, free_udp_port, load_sample_data, pg_bin, ChildGuard,
-    NetnsPair, PgCluster, TestDir,
+    as_postgres, bin_path, chown_postgres, command_output, free_tcp_port, free_udp_port,
+    load_sample_data, pg_bin, ChildGuard, NetnsPair, PgCluster, TestDir,
 };
 use serde_json::{json, Value};
 
@@ -53,6 +53,12 @@ struct Args {
     /// pgferry's zstd level.
     #[arg(long, default_value_t = 3)]
     level: u32,
+    /// Seconds of write load for the WAL-lag measurement on the limited link (0: skip it).
+    #[arg(long, default_value_t = 60)]
+    wal_secs: u64,
+    /// WAL the write load aims at, MB/s (default: twice the limited link's capacity).
+    #[arg(long)]
+    wal_mb_per_s: Option<f64>,
     /// Which links to measure: unlimited, limited, or both (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "unlimited,limited")]
     links: Vec<String>,
@@ -559,6 +565,14 @@ fn run(o: &Args) -> Result<()> {
         },
     ];
 
+    // Standbys for the WAL-lag part, made now while the link is fast (each with its own slot).
+    let wal_part = o.wal_secs > 0 && o.rate > 0 && o.links.iter().any(|l| l == "limited");
+    let mut standbys = Vec::new();
+    if wal_part {
+        for (name, port) in [("ssh -L", ssh_pg_port), ("pgferry", pg_local)] {
+            standbys.push(make_standby(dir.path(), &net.b, name, port, &pg.password)?);
+        }
+    }
     let mut links = Vec::new();
     let mut modes = Vec::new();
     if o.links.iter().any(|l| l == "unlimited") {
@@ -661,6 +675,21 @@ fn run(o: &Args) -> Result<()> {
             "basebackup": backup_rows, "streams": stream_rows}),
         );
     }
+    // WAL streaming on the limited link (still limited after the loop above).
+    let mut wal = Vec::new();
+    if wal_part {
+        let rate = o.wal_mb_per_s.unwrap_or(2.0 * f64::from(o.rate) / 8.0);
+        println!(
+            "\n== WAL streaming at {} Mbit/s, load aiming at {rate:.1} MB/s of WAL for {} s",
+            o.rate, o.wal_secs
+        );
+        for s in &standbys {
+            wal.push(wal_lag(&pg, &net.b, s, rate, o.wal_secs)?);
+        }
+        for s in &standbys {
+            let _ = pg.psql(&format!("SELECT pg_drop_replication_slot('{}')", s.slot));
+        }
+    }
     drop(target);
     drop(source);
     pg.stop()?;
@@ -673,6 +702,7 @@ fn run(o: &Args) -> Result<()> {
         "zstd_level": o.level,
         "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio, "stream_payload_zstd3_ratio": stream_ratio},
         "links": links,
+        "wal": wal,
     });
     let checks = targets(&results);
     let mut results = results;
@@ -755,6 +785,13 @@ fn targets(r: &Value) -> Vec<Value> {
             false,
         );
     }
+    let wal = |c: &str| find(&r["wal"], c).and_then(|x| x["lag_p99_s"].as_f64());
+    if let Some(p99) = wal("pgferry") {
+        out.push(
+            json!({"target": "WAL at twice the link: pgferry lag p99 < 5 s",
+            "ratio": p99, "limit": 5.0, "met": p99 < 5.0}),
+        );
+    }
     out
 }
 
@@ -798,6 +835,21 @@ fn markdown(r: &Value) -> String {
             ));
         }
     }
+    if let Some(w) = r["wal"].as_array().filter(|w| !w.is_empty()) {
+        s.push_str("\n### WAL streaming under a write load, limited link\n\n| via | WAL written (MB/s) | lag p99 (s) | max lag (MB) | drain after the load (s) |\n|---|---:|---:|---:|---:|\n");
+        for x in w {
+            s.push_str(&format!(
+                "| {} | {:.1} | {:.1} | {:.0} | {} |\n",
+                x["contender"].as_str().unwrap_or("?"),
+                x["wal_mb_per_s"].as_f64().unwrap_or(0.0),
+                x["lag_p99_s"].as_f64().unwrap_or(0.0),
+                x["lag_max_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                x["drain_s"]
+                    .as_f64()
+                    .map_or("> 300".to_string(), |d| format!("{d:.1}"))
+            ));
+        }
+    }
     s.push_str("\n### Targets (ratios of medians from this run)\n\n| target | ratio | met |\n|---|---:|---|\n");
     for t in r["targets"].as_array().into_iter().flatten() {
         s.push_str(&format!(
@@ -808,4 +860,214 @@ fn markdown(r: &Value) -> String {
         ));
     }
     s
+}
+
+/// A standby of the source, made through one contender, for the WAL-lag measurement.
+struct WalStandby {
+    name: &'static str,
+    data: PathBuf,
+    socket_dir: PathBuf,
+    port: u16,
+    slot: String,
+}
+
+/// Makes a standby through `via_port` (a contender's local end in namespace `ns`) with its own
+/// slot, configured to run in `ns` on a unix socket only; not started.
+fn make_standby(
+    dir: &Path,
+    ns: &str,
+    name: &'static str,
+    via_port: u16,
+    password: &str,
+) -> Result<WalStandby> {
+    let root = dir.join(format!("wal-{}", name.replace([' ', '-'], "")));
+    std::fs::create_dir_all(&root)?;
+    chown_postgres(&root)?;
+    let data = root.join("data");
+    let slot = format!("bench_{}", name.replace([' ', '-'], "").to_lowercase());
+    command_output(
+        as_postgres(Some(ns), &pg_bin("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &via_port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+            ])
+            .arg(&data)
+            .args([
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+                "-R",
+                "-C",
+                "-S",
+                &slot,
+            ])
+            .env("PGPASSWORD", password),
+    )
+    .with_context(|| format!("standby through {name}"))?;
+    let port = free_tcp_port();
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.auto.conf"))?;
+    writeln!(
+        conf,
+        "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nhot_standby = on\n",
+        root.display()
+    )?;
+    Ok(WalStandby {
+        name,
+        data,
+        socket_dir: root,
+        port,
+        slot,
+    })
+}
+
+fn pg_ctl(ns: &str, data: &Path, args: &[&str]) -> Result<String> {
+    command_output(
+        as_postgres(Some(ns), &pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(data)
+            .args(["-w", "-t", "120"])
+            .args(args),
+    )
+}
+
+/// Runs a write load of `mb_per_s` MB/s of WAL on the source for `secs` seconds with the
+/// standby streaming through its contender; samples the lag every second, then the drain.
+fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -> Result<Value> {
+    pg_ctl(
+        ns,
+        &s.data,
+        &[
+            "-l",
+            &s.data.with_extension("log").to_string_lossy(),
+            "start",
+        ],
+    )?;
+    // Bytes: the source's insert position minus what the standby replayed (its slot).
+    // Seconds: on the standby, now minus the commit time of the last replayed transaction
+    // (every load batch commits), 0 once nothing is left to replay.
+    let lag = || -> Result<(f64, f64)> {
+        let b: f64 = pg
+            .psql(&format!(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.replay_lsn, s.restart_lsn))
+                   FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+                  WHERE s.slot_name = '{}'",
+                s.slot
+            ))?
+            .parse()?;
+        let t: f64 = if b < 64.0 * 1024.0 {
+            0.0
+        } else {
+            command_output(
+                as_postgres(Some(ns), &pg_bin("psql"))
+                    .args(["-X", "-A", "-t", "-q", "-h"])
+                    .arg(&s.socket_dir)
+                    .args(["-p", &s.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+                    .arg("SELECT coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0)"),
+            )?
+            .trim()
+            .parse()
+            .unwrap_or(0.0)
+        };
+        Ok((b, t))
+    };
+    // Wait until it streams and has caught up with the idle source.
+    let t = Instant::now();
+    while lag()?.0 > 1e6 {
+        ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "standby via {} never caught up",
+            s.name
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    pg.psql("CREATE TABLE IF NOT EXISTS ferry.wal_load (id bigserial PRIMARY KEY, payload jsonb, note text)")?;
+    let wal = || -> Result<f64> {
+        Ok(pg
+            .psql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")?
+            .parse()?)
+    };
+    let start_lsn = wal()?;
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    // One batch writes roughly 5 MB of WAL (mixed: words, numbers, JSON, hex ids; zstd ~2.5x);
+    // batches run whenever the WAL written is behind the schedule (mb_per_s since the start).
+    let batch = "INSERT INTO ferry.wal_load (payload, note)
+        SELECT jsonb_build_object('user', (random() * 100000)::int, 'n', g,
+                 'at', now() + g * interval '1 s', 'trace', md5(random()::text)),
+               (ARRAY['ferry','harbour','north','cargo','tide','ledger','invoice','customer',
+                      'shipment','delayed','berth','crane'])[1 + (random() * 11)::int] || ' ' ||
+               md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) ||
+               ' route ' || (random() * 1e6)::int || ' ' || md5(random()::text) || ' weather ' ||
+               md5(random()::text)
+          FROM generate_series(1, 12000) g";
+    while start.elapsed() < Duration::from_secs(secs) {
+        let el = start.elapsed();
+        if el >= next_sample {
+            let (b, t) = lag()?;
+            samples.push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
+            next_sample += Duration::from_secs(1);
+        }
+        let written = wal()? - start_lsn;
+        if written < mb_per_s * 1e6 * el.as_secs_f64() {
+            pg.psql(batch)?;
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let load_secs = start.elapsed().as_secs_f64();
+    let written = wal()? - start_lsn;
+    // The drain: how long until the standby has replayed everything.
+    let stop = Instant::now();
+    let mut drain = None;
+    while stop.elapsed() < Duration::from_secs(300) {
+        let el = start.elapsed();
+        let (b, t) = lag()?;
+        if el >= next_sample {
+            samples.push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
+            next_sample += Duration::from_secs(1);
+        }
+        if b < 64.0 * 1024.0 {
+            drain = Some(stop.elapsed().as_secs_f64());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pg_ctl(ns, &s.data, &["-m", "immediate", "stop"])?;
+    pg.psql("TRUNCATE ferry.wal_load")?;
+    let during: Vec<f64> = samples
+        .iter()
+        .filter(|x| x["t"].as_f64().unwrap_or(0.0) <= load_secs)
+        .map(|x| x["lag_s"].as_f64().unwrap_or(0.0))
+        .collect();
+    let mut sorted = during.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p99 = sorted
+        .get(((sorted.len() as f64) * 0.99).ceil() as usize - 1)
+        .copied()
+        .unwrap_or(0.0);
+    let max_bytes = samples
+        .iter()
+        .filter_map(|x| x["lag_bytes"].as_f64())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "  WAL via {}: {:.1} MB/s of WAL for {load_secs:.0} s; lag p99 {p99:.1} s, max {:.0} MB; drain {}",
+        s.name,
+        written / 1e6 / load_secs,
+        max_bytes / 1e6,
+        drain.map_or("> 300 s".to_string(), |d| format!("{d:.1} s"))
+    );
+    Ok(
+        json!({"contender": s.name, "wal_mb_per_s": written / 1e6 / load_secs, "load_s": load_secs,
+        "lag_p99_s": p99, "lag_max_bytes": max_bytes, "drain_s": drain, "samples": samples}),
+    )
 }

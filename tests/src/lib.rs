@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 pub use netns::{sweep_stale_netns, NetnsPair};
 pub use pg::{
-    connect_tcp, load_sample_data, pg_bin, pg_bindir, table_digest, table_digest_at, PgCluster,
-    TestDir,
+    as_postgres, chown_postgres, connect_tcp, load_sample_data, pg_bin, pg_bindir, table_digest,
+    table_digest_at, PgCluster, TestDir,
 };
 pub use process::{bin_path, command_output, ChildGuard};
 

@@ -70,11 +70,11 @@ impl Drop for TestDir {
     }
 }
 
-fn chown_postgres(path: &Path) -> Result<()> {
+/// `chown postgres:postgres path`.
+pub fn chown_postgres(path: &Path) -> Result<()> {
     command_output(Command::new("chown").arg("postgres:postgres").arg(path)).map(|_| ())
 }
 
-/// As the postgres user (optionally inside a network namespace).
 /// `psql` as postgres to the cluster whose unix socket is in `socket_dir` on `port`.
 fn psql_at(netns: Option<&str>, socket_dir: &Path, port: u16) -> Command {
     let mut c = as_postgres(netns, &pg_bin("psql"));
@@ -84,7 +84,8 @@ fn psql_at(netns: Option<&str>, socket_dir: &Path, port: u16) -> Command {
     c
 }
 
-fn as_postgres(netns: Option<&str>, program: &Path) -> Command {
+/// As the postgres user (optionally inside a network namespace).
+pub fn as_postgres(netns: Option<&str>, program: &Path) -> Command {
     let mut c = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
