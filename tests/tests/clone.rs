@@ -4,15 +4,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
 use pgferry_tests::{
-    bin_path, free_tcp_port, free_udp_port, load_sample_data, pg_bin, wait_until, PgCluster,
-    TestDir,
+    bin_path, free_tcp_port, free_udp_port, load_sample_data, wait_until, PgCluster, TestDir,
 };
+use support::migration::{source_args, target_toml, write_secret_file, ClusterStopGuard};
 use support::{audit_events, details, Agent, Certs};
 
 fn clone(socket: &Path) -> (bool, String) {
@@ -31,35 +31,6 @@ fn clone(socket: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn secret_file(path: &Path, secret: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{secret}")?;
-    Ok(())
-}
-
-/// Stops the cloned cluster when the test ends, however it ends.
-struct StandbyGuard(PathBuf);
-impl Drop for StandbyGuard {
-    fn drop(&mut self) {
-        if self.0.join("postmaster.pid").exists() {
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(pg_bin("pg_ctl"))
-                .arg("-D")
-                .arg(&self.0)
-                .args(["-m", "immediate", "-w", "stop"])
-                .output();
-        }
-    }
-}
-
 #[test]
 fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let dir = TestDir::new()?;
@@ -69,9 +40,9 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     load_sample_data(&pg, 20)?;
     let certs = Certs::make(&dir.join("certs"))?;
     let source_pw = dir.join("source-pgpass");
-    secret_file(&source_pw, &pg.password)?;
+    write_secret_file(&source_pw, &pg.password)?;
     let repl_pw = dir.join("repl-pgpass");
-    secret_file(&repl_pw, "wrong password")?;
+    write_secret_file(&repl_pw, "wrong password")?;
 
     let udp = free_udp_port();
     let local = free_tcp_port();
@@ -81,35 +52,28 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let state_file = dir.join("target.state.json");
     std::fs::write(
         dir.join("target.toml"),
-        format!(
-            "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
-             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
-             [target]\ndata_dir = \"{}\"\nport = {target_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-             replication_user = \"postgres\"\nreplication_password_file = \"{}\"\nadmin_socket = \"{}\"\nstate_file = \"{}\"\nlag_sample_secs = 1\n",
-            data_dir.display(),
-            dir.path().display(),
-            repl_pw.display(),
-            socket.display(),
-            state_file.display()
+        target_toml(
+            udp,
+            local,
+            &data_dir,
+            target_port,
+            dir.path(),
+            &repl_pw,
+            &socket,
+            &format!(
+                "replication_user = \"postgres\"\nstate_file = \"{}\"\n",
+                state_file.display()
+            ),
         ),
     )?;
-    let standby_guard = StandbyGuard(data_dir.clone());
+    let standby_guard = ClusterStopGuard(data_dir.clone());
     let source = Agent::start(
         "source",
         "source",
         dir.path(),
         &certs,
         "source",
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{udp}"),
-            "--upstream".into(),
-            format!("127.0.0.1:{port}"),
-            "--pg-conninfo".into(),
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            "--pg-password-file".into(),
-            source_pw.to_string_lossy().into(),
-        ],
+        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
     )?;
     source.wait_for("listening on")?;
     let mut target = Agent::start(
@@ -138,7 +102,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(!ok && out.contains("move the file aside"), "{out}");
 
     // 2. Fixed: the clone runs through and leaves a standby streaming through the tunnel.
-    secret_file(&repl_pw, &pg.password)?;
+    write_secret_file(&repl_pw, &pg.password)?;
     std::fs::rename(&state_file, dir.join("old.state.json"))?;
     let (ok, out) = clone(&socket);
     assert!(ok, "{out}");
@@ -265,7 +229,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
     // Start over: stop the standby, clear its directory, set the state aside, clone again.
     drop(standby_guard);
-    let standby_guard = StandbyGuard(data_dir.clone());
+    let standby_guard = ClusterStopGuard(data_dir.clone());
     std::fs::remove_dir_all(&data_dir)?;
     std::fs::rename(&state_file, dir.join("old2.state.json"))?;
     let (ok, out) = clone(&socket);

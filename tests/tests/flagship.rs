@@ -17,7 +17,7 @@ use pgferry_tests::{
     bin_path, free_tcp_port, free_udp_port, load_sample_data, table_digest, table_digest_at,
     ChildGuard, PgCluster, TestDir,
 };
-use support::migration::{write_secret_file, ClusterStopGuard, Writer};
+use support::migration::{source_args, target_toml, write_secret_file, ClusterStopGuard, Writer};
 use support::{audit_cli, Agent, Certs};
 
 const MEGABYTES: u32 = 300;
@@ -49,15 +49,15 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     let data_dir = dir.join("new/data");
     std::fs::write(
         dir.join("target.toml"),
-        format!(
-            "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
-             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
-             [target]\ndata_dir = \"{}\"\nport = {new_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-             replication_password_file = \"{}\"\nadmin_socket = \"{}\"\nlag_sample_secs = 1\n",
-            data_dir.display(),
-            dir.path().display(),
-            repl_pw.display(),
-            socket.display(),
+        target_toml(
+            udp,
+            local,
+            &data_dir,
+            new_port,
+            dir.path(),
+            &repl_pw,
+            &socket,
+            "",
         ),
     )?;
     let _new_cluster = ClusterStopGuard(data_dir.clone());
@@ -67,16 +67,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
         dir.path(),
         &certs,
         "source",
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{udp}"),
-            "--upstream".into(),
-            format!("127.0.0.1:{port}"),
-            "--pg-conninfo".into(),
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            "--pg-password-file".into(),
-            source_pw.to_string_lossy().into(),
-        ],
+        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
     )?;
     source.wait_for("listening on")?;
     let target_args = [

@@ -11,7 +11,9 @@ use anyhow::Result;
 use pgferry_tests::{
     free_tcp_port, free_udp_port, load_sample_data, table_digest, wait_until, PgCluster, TestDir,
 };
-use support::migration::{number_after, target_cmd, write_secret_file, ClusterStopGuard, Writer};
+use support::migration::{
+    number_after, source_args, target_cmd, target_toml, write_secret_file, ClusterStopGuard, Writer,
+};
 use support::{audit_cli, Agent, Certs};
 
 #[test]
@@ -32,15 +34,15 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     let data_dir = dir.join("new/data");
     std::fs::write(
         dir.join("target.toml"),
-        format!(
-            "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
-             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
-             [target]\ndata_dir = \"{}\"\nport = {target_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-             replication_password_file = \"{}\"\nadmin_socket = \"{}\"\nlag_sample_secs = 1\n",
-            data_dir.display(),
-            dir.path().display(),
-            repl_pw.display(),
-            socket.display(),
+        target_toml(
+            udp,
+            local,
+            &data_dir,
+            target_port,
+            dir.path(),
+            &repl_pw,
+            &socket,
+            "",
         ),
     )?;
     let _standby = ClusterStopGuard(data_dir.clone());
@@ -50,16 +52,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         dir.path(),
         &certs,
         "source",
-        &[
-            "--listen".into(),
-            format!("127.0.0.1:{udp}"),
-            "--upstream".into(),
-            format!("127.0.0.1:{port}"),
-            "--pg-conninfo".into(),
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            "--pg-password-file".into(),
-            source_pw.to_string_lossy().into(),
-        ],
+        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
     )?;
     source.wait_for("listening on")?;
     let target_args = [

@@ -10,10 +10,11 @@ use std::time::Duration;
 use anyhow::Result;
 use pgferry_tests::{bin_path, connect_tcp, pg_bin};
 
-/// Writes `secret` as the first line of a new file with mode 0600.
+/// Writes `secret` as the first line of a file with mode 0600 (replacing it).
 pub fn write_secret_file(path: &Path, secret: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -125,4 +126,45 @@ pub fn number_after(text: &str, label: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The target agent's config for a migration over loopback: tunnel to `127.0.0.1:udp`, the
+/// postgres service on `127.0.0.1:local`, the new cluster in `data_dir` on `port` (socket in
+/// `socket_dir`, run as postgres), lag sampled every second; `extra` lines end `[target]`.
+#[allow(clippy::too_many_arguments)]
+pub fn target_toml(
+    udp: u16,
+    local: u16,
+    data_dir: &Path,
+    port: u16,
+    socket_dir: &Path,
+    repl_pw: &Path,
+    admin_socket: &Path,
+    extra: &str,
+) -> String {
+    format!(
+        "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
+         [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
+         [target]\ndata_dir = \"{}\"\nport = {port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
+         replication_password_file = \"{}\"\nadmin_socket = \"{}\"\nlag_sample_secs = 1\n{extra}",
+        data_dir.display(),
+        socket_dir.display(),
+        repl_pw.display(),
+        admin_socket.display(),
+    )
+}
+
+/// `pgferry-source run` arguments: listen on `listen`, forward to and control the cluster on
+/// 127.0.0.1:`pg_port` with the password in `password_file`.
+pub fn source_args(listen: &str, pg_port: u16, password_file: &Path) -> Vec<String> {
+    vec![
+        "--listen".into(),
+        listen.into(),
+        "--upstream".into(),
+        format!("127.0.0.1:{pg_port}"),
+        "--pg-conninfo".into(),
+        format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
+        "--pg-password-file".into(),
+        password_file.to_string_lossy().into(),
+    ]
 }
