@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,24 +11,10 @@ use anyhow::Result;
 use pgferry_tests::{
     bin_path, free_tcp_port, free_udp_port, load_sample_data, wait_until, PgCluster, TestDir,
 };
-use support::migration::{source_args, target_toml, write_secret_file, ClusterStopGuard};
+use support::migration::{
+    source_args, target_cmd, target_toml, write_secret_file, ClusterStopGuard,
+};
 use support::{audit_events, details, Agent, Certs};
-
-fn clone(socket: &Path) -> (bool, String) {
-    let out = Command::new(bin_path("pgferry-target"))
-        .arg("clone")
-        .arg("--admin-socket")
-        .arg(socket)
-        .output()
-        .expect("running pgferry-target clone");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    (out.status.success(), text)
-}
 
 #[test]
 fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
@@ -90,7 +75,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     target.wait_for("tunnel up")?;
 
     // 1. A wrong replication password: pg_basebackup fails, the clone rolls back, no slot stays.
-    let (ok, out) = clone(&socket);
+    let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("pg_basebackup failed"), "{out}");
     assert!(out.contains("rolled_back"), "{out}");
@@ -98,13 +83,13 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let state = std::fs::read_to_string(&state_file)?;
     assert!(state.contains("rolled_back"), "{state}");
     // A finished (rolled back) migration is not silently restarted.
-    let (ok, out) = clone(&socket);
+    let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(!ok && out.contains("move the file aside"), "{out}");
 
     // 2. Fixed: the clone runs through and leaves a standby streaming through the tunnel.
     write_secret_file(&repl_pw, &pg.password)?;
     std::fs::rename(&state_file, dir.join("old.state.json"))?;
-    let (ok, out) = clone(&socket);
+    let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(ok, "{out}");
     assert!(out.contains("pg_verifybackup"), "{out}");
     assert!(out.contains("catching_up"), "{out}");
@@ -176,22 +161,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(details(&sample)["lag_bytes"].is_u64(), "{sample}");
 
     // cutover --dry-run changes nothing.
-    let cutover = |args: &[&str]| {
-        let out = Command::new(bin_path("pgferry-target"))
-            .arg("cutover")
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&socket)
-            .output()
-            .expect("running cutover");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{text}");
-        (out.status.success(), text)
-    };
+    let cutover = |args: &[&str]| target_cmd("cutover", &socket, args);
     let (ok, out) = cutover(&["--dry-run"]);
     assert!(ok && out.contains("dry run"), "{out}");
     assert_eq!(
@@ -232,7 +202,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let standby_guard = ClusterStopGuard(data_dir.clone());
     std::fs::remove_dir_all(&data_dir)?;
     std::fs::rename(&state_file, dir.join("old2.state.json"))?;
-    let (ok, out) = clone(&socket);
+    let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(ok, "{out}");
 
     // `rollback` before promotion: standby stopped, slot dropped, state rolled back.
@@ -253,7 +223,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
     std::fs::remove_dir_all(&data_dir)?;
     std::fs::rename(&state_file, dir.join("old3.state.json"))?;
-    let (ok, out) = clone(&socket);
+    let (ok, out) = target_cmd("clone", &socket, &[]);
     assert!(ok, "{out}");
 
     // The cutover: fence, drain, verify, promote, writable, hook, slot dropped.

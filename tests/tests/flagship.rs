@@ -18,7 +18,7 @@ use pgferry_tests::{
     ChildGuard, PgCluster, TestDir,
 };
 use support::migration::{source_args, target_toml, write_secret_file, ClusterStopGuard, Writer};
-use support::{audit_cli, Agent, Certs};
+use support::{audit_verify_peer, Agent, Certs};
 
 const MEGABYTES: u32 = 300;
 
@@ -230,15 +230,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     target.stop()?;
     source.stop()?;
     // Both logs verify, and agree on every stream's digests in both directions.
-    let (ok, text) = audit_cli(
-        "source",
-        &[
-            std::ffi::OsStr::new("verify"),
-            source.audit.as_os_str(),
-            std::ffi::OsStr::new("--peer"),
-            target.audit.as_os_str(),
-        ],
-    );
+    let (ok, text) = audit_verify_peer("source", &source.audit, &target.audit);
     assert!(ok, "{text}");
     let agreed = support::migration::number_after(&text, "peer comparison: OK: ").unwrap_or(0);
     assert!(agreed >= 2, "{text}");

@@ -265,15 +265,7 @@ local = "127.0.0.1:{reset_local}"
     assert!(closed
         .iter()
         .any(|r| details(r)["service"] == "dead" && details(r)["outcome"] != "ok"));
-    let (ok, out) = support::audit_cli(
-        "source",
-        &[
-            std::ffi::OsStr::new("verify"),
-            source.audit.as_os_str(),
-            std::ffi::OsStr::new("--peer"),
-            target.audit.as_os_str(),
-        ],
-    );
+    let (ok, out) = support::audit_verify_peer("source", &source.audit, &target.audit);
     assert!(ok, "{out}");
     Ok(())
 }

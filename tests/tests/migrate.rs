@@ -14,7 +14,7 @@ use pgferry_tests::{
 use support::migration::{
     number_after, source_args, target_cmd, target_toml, write_secret_file, ClusterStopGuard, Writer,
 };
-use support::{audit_cli, Agent, Certs};
+use support::{audit_verify_peer, Agent, Certs};
 
 #[test]
 fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
@@ -138,15 +138,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     source.stop()?;
     // The source's log is closed and verifies; the killed target's log resumed and verifies;
     // both agree on every stream they both recorded.
-    let (ok, text) = audit_cli(
-        "source",
-        &[
-            std::ffi::OsStr::new("verify"),
-            source.audit.as_os_str(),
-            std::ffi::OsStr::new("--peer"),
-            target.audit.as_os_str(),
-        ],
-    );
+    let (ok, text) = audit_verify_peer("source", &source.audit, &target.audit);
     assert!(ok, "{text}");
     assert!(text.contains("peer comparison: OK"), "{text}");
     Ok(())

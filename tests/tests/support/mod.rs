@@ -203,6 +203,20 @@ pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `audit verify LOG --peer PEER_LOG` with `pgferry-<role>`: success and its output.
+pub fn audit_verify_peer(role: &str, log: &Path, peer: &Path) -> (bool, String) {
+    use std::ffi::OsStr;
+    audit_cli(
+        role,
+        &[
+            OsStr::new("verify"),
+            log.as_os_str(),
+            OsStr::new("--peer"),
+            peer.as_os_str(),
+        ],
+    )
+}
+
 /// Parsed records of an audit log.
 pub fn audit_records(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
