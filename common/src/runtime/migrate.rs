@@ -932,8 +932,8 @@ impl Executor<'_> {
                     let deadline = Instant::now() + Duration::from_secs(120);
                     let mut promoted_at = None;
                     loop {
-                        if promoted_at.is_none() {
-                            if let Ok(c) = connect_new_cluster(self.settings).await {
+                        if let Ok(c) = connect_new_cluster(self.settings).await {
+                            if promoted_at.is_none() {
                                 let in_recovery = c
                                     .query_one("SELECT pg_is_in_recovery()", &[])
                                     .await
@@ -961,27 +961,21 @@ impl Executor<'_> {
                                     Err(_) => {}
                                 }
                             }
-                        }
-                        if let Some(p) = promoted_at {
-                            report["phases"]["promote_ms"] = json!(p.as_millis() as u64);
-                        }
-                        let c = connect_new_cluster(self.settings).await;
-                        let w = match &c {
-                            Ok(c) => c
+                            let writable = c
                                 .query_one("SELECT pg_is_in_recovery(), txid_current()::text", &[])
                                 .await
-                                .map(|r| !r.get::<_, bool>(0))
-                                .unwrap_or(false),
-                            Err(_) => false,
-                        };
-                        if w {
-                            break;
+                                .is_ok_and(|r| !r.get::<_, bool>(0));
+                            if writable {
+                                break;
+                            }
                         }
                         if Instant::now() > deadline {
                             bail!("the new cluster did not accept a write within 120 s of its promotion; check its log; the cutover goes on (never back) when run again");
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
+                    let promoted = promoted_at.unwrap_or_else(|| t.elapsed());
+                    report["phases"]["promote_ms"] = json!(promoted.as_millis() as u64);
                     let at_ms = now_ms();
                     let State::Promoted { fence, .. } = &current else {
                         unreachable!()
