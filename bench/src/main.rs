@@ -10,8 +10,11 @@
 //! 2. Raw tunnel throughput, one stream and 8 streams, and CPU seconds per GB (both ends of
 //!    the tunnel: the two agents, or ssh and sshd), beside `ssh -L` and direct TCP.
 //!
-//! Writes `results.json` and `results.md` to `--out`, and checks the targets of issue 4.
+//! Writes `results.json`, `results.md` and PNG charts (`charts.rs`) to `--out`, and checks the
+//! targets of issue 4; `--charts-from FILE` redraws the charts of an existing results JSON.
 //! Needs root, PostgreSQL 15, OpenSSH and iproute2: `bench/run` installs them and runs this.
+
+mod charts;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -62,9 +65,13 @@ struct Args {
     /// Which links to measure: unlimited, limited, or both (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "unlimited,limited")]
     links: Vec<String>,
-    /// Directory for results.json and results.md.
+    /// Directory for results.json, results.md and the PNG charts.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Only draw the PNG charts of an existing results JSON into its directory, then exit
+    /// (no root needed).
+    #[arg(long, value_name = "FILE")]
+    charts_from: Option<PathBuf>,
     /// (internal) serve streams of mixed data on a loopback port.
     #[arg(long, hide = true)]
     serve_stream: bool,
@@ -87,6 +94,16 @@ fn main() {
             Ok(mbs) => println!("MBps {mbs}"),
             Err(e) => {
                 eprintln!("{e:#}");
+                std::process::exit(1)
+            }
+        }
+        return;
+    }
+    if let Some(file) = &args.charts_from {
+        match charts::render_from(file) {
+            Ok(written) => print_charts(&written),
+            Err(e) => {
+                eprintln!("pgferry-bench: error: {e:#}");
                 std::process::exit(1)
             }
         }
@@ -720,7 +737,20 @@ fn run(o: &Args) -> Result<()> {
         o.out.join("results.json").display(),
         o.out.join("results.md").display()
     );
+    let written = charts::render(&results, &o.out).with_context(|| {
+        format!(
+            "results are written, the charts are not (retry with --charts-from {})",
+            o.out.join("results.json").display()
+        )
+    })?;
+    print_charts(&written);
     Ok(())
+}
+
+fn print_charts(written: &[PathBuf]) {
+    for p in written {
+        println!("chart: {}", p.display());
+    }
 }
 
 fn find<'a>(rows: &'a Value, contender: &str) -> Option<&'a Value> {
