@@ -289,6 +289,22 @@ impl Frame {
         }
     }
 
+    /// Writes only the header of a DATA frame, so that the payload can follow as its own
+    /// buffer (no copy); [`Frame::encode`] writes both.
+    pub fn encode_data_header(c: &Chunk, buf: &mut impl BufMut) {
+        debug_assert!(c.payload.len() <= MAX_WIRE_LEN as usize);
+        debug_assert!(c.raw_len > 0 && c.raw_len <= MAX_RAW_LEN);
+        put_header(
+            buf,
+            KIND_DATA,
+            c.codec,
+            c.seq,
+            c.raw_len,
+            c.payload.len() as u32,
+            &c.digest,
+        );
+    }
+
     /// Number of bytes [`Frame::encode`] writes.
     pub fn encoded_len(&self) -> usize {
         HEADER_LEN
@@ -724,6 +740,20 @@ impl ChunkEncoder {
     /// If `raw` is empty or longer than [`MAX_RAW_LEN`]: the peer would reject such a chunk, so
     /// producing one is a bug in the caller.
     pub fn encode_chunk(&mut self, seq: u64, raw: &[u8]) -> Chunk {
+        self.encode(seq, raw, Bytes::copy_from_slice)
+    }
+
+    /// [`ChunkEncoder::encode_chunk`] of bytes the caller already holds as [`Bytes`]: a RAW
+    /// chunk's payload is `raw` itself, not a copy.
+    ///
+    /// # Panics
+    ///
+    /// As [`ChunkEncoder::encode_chunk`].
+    pub fn encode_bytes(&mut self, seq: u64, raw: &Bytes) -> Chunk {
+        self.encode(seq, raw, |_| raw.clone())
+    }
+
+    fn encode(&mut self, seq: u64, raw: &[u8], as_raw: impl FnOnce(&[u8]) -> Bytes) -> Chunk {
         assert!(
             !raw.is_empty() && raw.len() <= MAX_RAW_LEN as usize,
             "chunk of {} bytes: must be 1..={MAX_RAW_LEN}",
@@ -752,8 +782,29 @@ impl ChunkEncoder {
             codec: Codec::Raw,
             raw_len,
             digest,
-            payload: Bytes::copy_from_slice(raw),
+            payload: as_raw(raw),
         }
+    }
+}
+
+/// A RAW chunk of `raw` without trying compression (for a sender whose CPU, not its link, is
+/// the bound): digest = BLAKE3(raw), payload = `raw` itself.
+///
+/// # Panics
+///
+/// As [`ChunkEncoder::encode_chunk`].
+pub fn raw_chunk(seq: u64, raw: Bytes) -> Chunk {
+    assert!(
+        !raw.is_empty() && raw.len() <= MAX_RAW_LEN as usize,
+        "chunk of {} bytes: must be 1..={MAX_RAW_LEN}",
+        raw.len()
+    );
+    Chunk {
+        seq,
+        codec: Codec::Raw,
+        raw_len: raw.len() as u32,
+        digest: *blake3::hash(&raw).as_bytes(),
+        payload: raw,
     }
 }
 
@@ -1251,6 +1302,32 @@ mod tests {
         assert_eq!(c.raw_len as usize, raw.len());
         assert_eq!(c.digest, *blake3::hash(&raw).as_bytes());
         assert_eq!(ChunkDecoder::new().open(&c).unwrap(), &raw[..]);
+    }
+
+    #[test]
+    fn bytes_and_raw_chunks_send_the_caller_s_buffer_and_decode() {
+        let random = Bytes::from(pseudo_random(64 * 1024));
+        let c = ChunkEncoder::new(3).unwrap().encode_bytes(1, &random);
+        assert_eq!(c.codec, Codec::Raw);
+        assert_eq!(c.payload.as_ptr(), random.as_ptr(), "the payload is not a copy");
+        let text = Bytes::from(b"ferry harbour ".repeat(4096));
+        let z = ChunkEncoder::new(3).unwrap().encode_bytes(2, &text);
+        assert_eq!(z.codec, Codec::Zstd);
+        assert_eq!(ChunkDecoder::new().open(&z).unwrap(), &text[..]);
+        // RAW without trying: compressible or not, the bytes go as they are, digest first.
+        let r = raw_chunk(3, text.clone());
+        assert_eq!((r.codec, r.raw_len as usize), (Codec::Raw, text.len()));
+        assert_eq!(r.payload.as_ptr(), text.as_ptr());
+        assert_eq!(r.digest, *blake3::hash(&text).as_bytes());
+        // Header then payload as two buffers: the same bytes as the whole frame.
+        let mut split = BytesMut::new();
+        Frame::encode_data_header(&r, &mut split);
+        assert_eq!(split.len(), HEADER_LEN);
+        split.extend_from_slice(&r.payload);
+        let mut whole = BytesMut::new();
+        Frame::Data(r.clone()).encode(&mut whole);
+        assert_eq!(split, whole);
+        assert_eq!(decode(&mut split).unwrap(), Some(Frame::Data(r)));
     }
 
     #[test]
