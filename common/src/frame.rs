@@ -1309,7 +1309,11 @@ mod tests {
         let random = Bytes::from(pseudo_random(64 * 1024));
         let c = ChunkEncoder::new(3).unwrap().encode_bytes(1, &random);
         assert_eq!(c.codec, Codec::Raw);
-        assert_eq!(c.payload.as_ptr(), random.as_ptr(), "the payload is not a copy");
+        assert_eq!(
+            c.payload.as_ptr(),
+            random.as_ptr(),
+            "the payload is not a copy"
+        );
         let text = Bytes::from(b"ferry harbour ".repeat(4096));
         let z = ChunkEncoder::new(3).unwrap().encode_bytes(2, &text);
         assert_eq!(z.codec, Codec::Zstd);
