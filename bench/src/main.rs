@@ -603,14 +603,18 @@ fn run(o: &Args) -> Result<()> {
     let wal_part = o.wal_secs > 0 && o.rate > 0 && o.links.iter().any(|l| l == "limited");
     let mut standbys = Vec::new();
     if wal_part {
-        for (key, name, port) in [
-            ("ssh", "ssh -L", ssh_pg_port),
-            ("pgferry", "pgferry", pg_local),
-        ] {
-            if !chosen(key) {
-                continue;
-            }
-            standbys.push(make_standby(dir.path(), &net.b, name, port, &pg.password)?);
+        // The same tunnels as the base backups of ssh -L and pgferry (when chosen).
+        for b in backups
+            .iter()
+            .filter(|b| ["ssh", "pgferry"].contains(&b.key))
+        {
+            standbys.push(make_standby(
+                dir.path(),
+                &net.b,
+                b.name,
+                b.port,
+                &pg.password,
+            )?);
         }
     }
     let mut links = Vec::new();
@@ -1005,6 +1009,10 @@ fn pg_ctl(ns: &str, data: &Path, args: &[&str]) -> Result<String> {
 
 /// Runs a write load of `mb_per_s` MB/s of WAL on the source for `secs` seconds with the
 /// standby streaming through its contender; samples the lag every second, then the drain.
+/// Lag in bytes below which a standby counts as caught up: lag in seconds 0, the start of the
+/// load, the end of the drain.
+const CAUGHT_UP_BYTES: f64 = 64.0 * 1024.0;
+
 fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -> Result<Value> {
     pg_ctl(
         ns,
@@ -1027,7 +1035,7 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
                 s.slot
             ))?
             .parse()?;
-        let t: f64 = if b < 64.0 * 1024.0 {
+        let t: f64 = if b < CAUGHT_UP_BYTES {
             0.0
         } else {
             command_output(
@@ -1049,7 +1057,7 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
     pg.psql("CREATE TABLE IF NOT EXISTS ferry.wal_load (id bigserial PRIMARY KEY, payload jsonb, note text)")?;
     pg.psql("INSERT INTO ferry.wal_load (note) VALUES ('start')")?;
     let t = Instant::now();
-    while lag()?.0 >= 64.0 * 1024.0 {
+    while lag()?.0 >= CAUGHT_UP_BYTES {
         ensure!(
             t.elapsed() < Duration::from_secs(120),
             "standby via {} never caught up",
@@ -1103,7 +1111,7 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
             samples.push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
             next_sample += Duration::from_secs(1);
         }
-        if b < 64.0 * 1024.0 {
+        if b < CAUGHT_UP_BYTES {
             drain = Some(stop.elapsed().as_secs_f64());
             break;
         }

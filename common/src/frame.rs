@@ -754,11 +754,7 @@ impl ChunkEncoder {
     }
 
     fn encode(&mut self, seq: u64, raw: &[u8], as_raw: impl FnOnce(&[u8]) -> Bytes) -> Chunk {
-        assert!(
-            !raw.is_empty() && raw.len() <= MAX_RAW_LEN as usize,
-            "chunk of {} bytes: must be 1..={MAX_RAW_LEN}",
-            raw.len()
-        );
+        assert_chunk_len(raw);
         let digest = *blake3::hash(raw).as_bytes();
         let raw_len = raw.len() as u32;
         if raw.len() >= MIN_COMPRESS_LEN {
@@ -794,11 +790,7 @@ impl ChunkEncoder {
 ///
 /// As [`ChunkEncoder::encode_chunk`].
 pub fn raw_chunk(seq: u64, raw: Bytes) -> Chunk {
-    assert!(
-        !raw.is_empty() && raw.len() <= MAX_RAW_LEN as usize,
-        "chunk of {} bytes: must be 1..={MAX_RAW_LEN}",
-        raw.len()
-    );
+    assert_chunk_len(&raw);
     Chunk {
         seq,
         codec: Codec::Raw,
@@ -806,6 +798,15 @@ pub fn raw_chunk(seq: u64, raw: Bytes) -> Chunk {
         digest: *blake3::hash(&raw).as_bytes(),
         payload: raw,
     }
+}
+
+/// A chunk we produce must be one the peer accepts: producing another is a bug in the caller.
+fn assert_chunk_len(raw: &[u8]) {
+    assert!(
+        !raw.is_empty() && raw.len() <= MAX_RAW_LEN as usize,
+        "chunk of {} bytes: must be 1..={MAX_RAW_LEN}",
+        raw.len()
+    );
 }
 
 /// Turns received [`Chunk`]s back into raw bytes, never producing more than `raw_len` of them.

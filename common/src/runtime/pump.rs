@@ -615,12 +615,10 @@ impl LevelControl {
             }
         }
         if self.at != before {
+            let (from, to) = (level_name(self.ladder[before]), level_name(self.level()));
             tracing::debug!(
-                "compression level {} → {} ({:.1} MB/s at {})",
-                level_name(self.ladder[before]),
-                level_name(self.ladder[self.at]),
-                rate / 1e6,
-                level_name(self.ladder[before])
+                "compression level {from} → {to} ({:.1} MB/s at {from})",
+                rate / 1e6
             );
         }
     }
@@ -766,8 +764,7 @@ async fn inbound(
                     .write_all(&raw)
                     .await
                     .map_err(|e| Outcome::LocalError(format!("writing local socket: {e}")))?;
-                let wire = HEADER_LEN + chunk.payload.len();
-                stats.record(&raw, wire);
+                stats.record(&raw, HEADER_LEN + chunk.payload.len());
                 let _ = ack_tx.send(stats.next_seq());
             }
             Frame::Fin {
