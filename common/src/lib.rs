@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! ```text
+//!   admission what an unauthenticated peer may hold (pending handshakes), refusal rate limit
 //!   frame     bytes ⇄ Frame (DATA/FIN/ACK/RESET), chunk compression (zstd/RAW) and BLAKE3 checks
 //!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
 //!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
@@ -23,6 +24,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod audit;
 pub mod control;
 pub mod frame;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::BytesMut;
 use serde_json::{json, Value};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use super::admin;
@@ -31,6 +31,7 @@ use super::config::{AgentConfig, Endpoint, Service, Transport};
 use super::control_stream::{self, ControlClient};
 use super::pump::{self, LocalConn, Outcome, PumpOptions, StreamReport};
 use super::tls::{self, RefusalSlot, TlsIdentity};
+use crate::admission::{HandshakeLimits, PendingHandshakes, RefusalLimiter, Verdict};
 use crate::audit::{AuditLog, CheckpointSigner};
 use crate::control::{
     self, ControlMessage, Hello, StreamHeader, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
@@ -38,9 +39,16 @@ use crate::control::{
 use crate::frame::{DirectionStats, ResetCode};
 use crate::identity::{PeerIdentity, Policy, Role};
 
-/// Most simultaneous peer connections a listening agent serves (one is normal; a few allow a
-/// reconnect to overlap the old connection's close).
+/// Most authenticated peer certificates served at once (one is normal). A peer that
+/// reconnects replaces its own previous connection first, so it always gets in. Handshakes that
+/// have not authenticated yet are bounded apart ([`HandshakeLimits`]) and never count here.
 const MAX_PEER_CONNECTIONS: usize = 4;
+/// How often aggregated refusals are written ([`RefusalLimiter`] windows close every minute).
+const REFUSAL_FLUSH: Duration = Duration::from_secs(5);
+/// Longest wait between two dials of an unreachable peer. Short, because the dial is what
+/// brings the tunnel back after the peer restarts; one Initial packet every few seconds is
+/// nothing on any link.
+const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(2);
 /// Most concurrently forwarded connections per QUIC connection.
 const MAX_STREAMS: u32 = 512;
 /// Time allowed for the Hello exchange and for a data stream's header.
@@ -118,13 +126,24 @@ struct Shared {
     next_session: AtomicU64,
     shutting_down: watch::Sender<bool>,
     tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
-    /// Source: the live connection of each peer certificate. A peer that reconnects (a target
-    /// agent restarted after a crash) replaces its old connection at once, rather than when
-    /// the idle timeout notices; the old one's upstream sessions (a walsender holding the
-    /// replication slot) end with it.
+    /// The live connection of each authenticated peer certificate (see `serve_connection`: a
+    /// reconnecting peer replaces its old connection; at most [`MAX_PEER_CONNECTIONS`]).
     peers: Mutex<std::collections::HashMap<crate::identity::Fingerprint, quinn::Connection>>,
     /// Target: held while a clone, cutover or rollback runs; a second one is refused.
     job: tokio::sync::Mutex<()>,
+    /// Refusals of peers that did not authenticate: first one per address in full, then a
+    /// summary a minute (a flood must not become an unbounded write load on the audit log).
+    refusals: Mutex<RefusalLimiter>,
+}
+
+/// One refused or failed handshake, before the rate limit decides how it is written.
+struct HandshakeRefusal {
+    /// `handshake_refused` (a check refused the peer) or `handshake_failed`.
+    event: &'static str,
+    /// The check that refused it, or what failed (`timeout`, `tls`, `admission`, …).
+    check: String,
+    fingerprint: Option<String>,
+    reason: String,
 }
 
 #[derive(Clone)]
@@ -176,7 +195,10 @@ pub async fn run_agent(
     let mut listeners = Vec::new();
     if cfg.role == Role::Target {
         for s in &cfg.services {
-            listeners.push((s.clone(), bind_local(&s.endpoint).await?));
+            listeners.push((
+                s.clone(),
+                bind_local(&s.endpoint, cfg.allow_non_loopback_local).await?,
+            ));
         }
     }
 
@@ -202,6 +224,8 @@ pub async fn run_agent(
             "allowed_regions": cfg.allowed_regions.to_string(),
             "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
             "compression_level": cfg.compression_level,
+            "handshake_timeout_secs": cfg.handshake_timeout.as_secs(),
+            "allow_non_loopback_local": cfg.allow_non_loopback_local,
             "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
         }),
     );
@@ -239,6 +263,7 @@ pub async fn run_agent(
         tunnels: opts.tunnels,
         peers: Mutex::new(std::collections::HashMap::new()),
         job: tokio::sync::Mutex::new(()),
+        refusals: Mutex::new(RefusalLimiter::new()),
     });
 
     let endpoint = make_endpoint(&shared)?;
@@ -258,6 +283,10 @@ pub async fn run_agent(
         tasks.spawn(async move { serve_admin(sh, listener).await });
         let sh = shared.clone();
         tasks.spawn(async move { sample_lag(sh).await });
+    }
+    {
+        let sh = shared.clone();
+        tasks.spawn(async move { flush_refusals(sh).await });
     }
     for (service, l) in listeners {
         let sh = shared.clone();
@@ -309,6 +338,12 @@ pub async fn run_agent(
         while tasks.join_next().await.is_some() {}
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    let left_over = shared
+        .refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain();
+    write_refusal_summaries(&shared, left_over);
     for s in &shared.cfg.services {
         if let Endpoint::Unix(p) = &s.endpoint {
             if shared.cfg.role == Role::Target {
@@ -335,6 +370,10 @@ fn transport_config(cfg: &AgentConfig) -> Result<quinn::TransportConfig> {
     // target much smaller links. The send window is kept near that product rather than far
     // above it: data it buffers beyond what the link carries only delays the backpressure
     // that tells the sender the link, not the CPU, is the bound (pump::LevelControl).
+    // quinn's default initial RTT (333 ms) puts the first Initial retransmission a second after
+    // the first: a dial that races the peer's restart would wait that long. 100 ms is still
+    // above any EEA path's RTT.
+    t.initial_rtt(Duration::from_millis(100));
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(16 << 20);
@@ -375,7 +414,7 @@ fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
         Transport::Connect { .. } => None,
     };
     let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&shared.identity.key_pkcs8))),
         server,
         socket,
         Arc::new(quinn::TokioRuntime),
@@ -388,8 +427,43 @@ fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
     Ok(ep)
 }
 
+/// The key behind this agent's stateless reset tokens, derived from its private key, so that
+/// the same agent restarted after a crash still owns the tokens it handed out: the first packet
+/// the peer sends on the dead connection is answered with a reset the peer can verify, and the
+/// peer reconnects at once instead of after the idle timeout (RFC 9000 §10.3; quinn's default
+/// key is random per process, so a restarted agent's resets would be ignored). HKDF makes the
+/// derivation one-way: nothing about the private key can be learnt from a token.
+fn stateless_reset_key(key_pkcs8: &[u8]) -> ring::hmac::Key {
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pgferry stateless reset key v1")
+        .extract(key_pkcs8);
+    let okm = prk
+        .expand(&[b"quic-reset"], ring::hmac::HMAC_SHA256)
+        .expect("HMAC-SHA256 key length is a valid HKDF output length");
+    ring::hmac::Key::from(okm)
+}
+
+/// Gives back a pending-handshake slot when the handshake ends, whichever way.
+struct PendingSlot {
+    pending: Arc<Mutex<PendingHandshakes>>,
+    ip: std::net::IpAddr,
+}
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end(self.ip);
+    }
+}
+
+/// Accepts peers. Before any work is done for an address it must prove it receives our packets
+/// (QUIC Retry: stateless, so replayed or spoofed Initials cost one small packet and no state).
+/// A validated address then gets a pending-handshake slot, bounded per address and in all, for
+/// at most the handshake timeout; only an authenticated peer leaves that pool.
 async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
-    let limit = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let pending = Arc::new(Mutex::new(PendingHandshakes::new(
+        HandshakeLimits::default(),
+    )));
     let mut stop = shared.shutting_down.subscribe();
     // Connection tasks are kept so that shutdown waits for them to record `session_ended`.
     let mut conns = tokio::task::JoinSet::new();
@@ -400,14 +474,40 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             _ = stop.changed() => break,
         };
         let remote = incoming.remote_address();
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            warn!("refusing connection from {remote}: {MAX_PEER_CONNECTIONS} peer connections already open");
-            incoming.refuse();
+        if !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                // Cannot fail: may_retry() said a Retry is allowed for this Incoming.
+                let _ = incoming.retry();
+            } else {
+                // A token we issued did not validate (expired, or replayed from elsewhere).
+                incoming.ignore();
+            }
             continue;
+        }
+        let admitted = pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_begin(remote.ip());
+        if let Err(e) = admitted {
+            incoming.refuse();
+            note_refusal(
+                &shared,
+                remote,
+                HandshakeRefusal {
+                    event: "handshake_failed",
+                    check: "admission".into(),
+                    fingerprint: None,
+                    reason: format!("not admitted: {e}"),
+                },
+            );
+            continue;
+        }
+        let slot_guard = PendingSlot {
+            pending: pending.clone(),
+            ip: remote.ip(),
         };
         let sh = shared.clone();
         conns.spawn(async move {
-            let _permit = permit;
             let slot = RefusalSlot::new();
             let cfg = match sh.identity.server_config(&slot) {
                 Ok(mut c) => {
@@ -428,9 +528,14 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
                     return;
                 }
             };
-            match connecting.await {
-                Ok(conn) => serve_connection(sh, conn, false).await,
-                Err(e) => handshake_failed(&sh, remote, &slot, &e),
+            let handshake = tokio::time::timeout(sh.cfg.handshake_timeout, connecting).await;
+            // Authenticated or not, the handshake is over: its pending slot is free again.
+            drop(slot_guard);
+            match handshake {
+                Ok(Ok(conn)) => serve_connection(sh, conn, false).await,
+                Ok(Err(e)) => handshake_failed(&sh, remote, &slot, &e),
+                // Dropping `Connecting` closes the connection.
+                Err(_) => handshake_timed_out(&sh, remote),
             }
         });
     }
@@ -444,26 +549,23 @@ async fn dial_loop(
     addr: String,
     server_name: String,
 ) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Duration::from_millis(250);
     let mut stop = shared.shutting_down.subscribe();
     loop {
         if *stop.borrow() {
             return;
         }
-        let started = Instant::now();
         match dial_once(&shared, &endpoint, &addr, &server_name).await {
-            Ok(()) => {}
+            // A tunnel was up: the peer is there, come back quickly.
+            Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => warn!("connecting to {addr}: {e:#}"),
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(500);
         }
         info!("reconnecting to {addr} in {} ms", backoff.as_millis());
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(MAX_DIAL_BACKOFF);
     }
 }
 
@@ -482,15 +584,19 @@ async fn dial_once(
     let mut cc = shared.identity.client_config(&slot)?;
     cc.transport_config(Arc::new(transport_config(&shared.cfg)?));
     let connecting = endpoint.connect_with(cc, remote, server_name)?;
-    match connecting.await {
-        Ok(conn) => {
+    match tokio::time::timeout(shared.cfg.handshake_timeout, connecting).await {
+        Ok(Ok(conn)) => {
             serve_connection(shared.clone(), conn, true).await;
             Ok(())
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             handshake_failed(shared, remote, &slot, &e);
             Err(anyhow!("handshake failed"))
         }
+        Err(_) => Err(anyhow!(
+            "no handshake within {} s (peer down or unreachable)",
+            shared.cfg.handshake_timeout.as_secs()
+        )),
     }
 }
 
@@ -501,42 +607,124 @@ fn handshake_failed(
     slot: &RefusalSlot,
     e: &quinn::ConnectionError,
 ) {
-    match slot.take() {
-        Some(r) => {
-            let fp = r
-                .fingerprint
-                .as_ref()
-                .map_or_else(|| "none".to_string(), |f| f.to_string());
-            warn!(
-                "refused peer {remote}: check {}, certificate {fp}: {}",
-                r.check.as_str(),
-                r.reason
-            );
-            shared.audit.record(
-                "handshake_refused",
-                json!({"address": remote.to_string(), "check": r.check.as_str(), "fingerprint": fp, "reason": r.reason}),
-            );
-        }
+    let refusal = match slot.take() {
+        Some(r) => HandshakeRefusal {
+            event: "handshake_refused",
+            check: r.check.as_str().into(),
+            fingerprint: Some(
+                r.fingerprint
+                    .as_ref()
+                    .map_or_else(|| "none".to_string(), |f| f.to_string()),
+            ),
+            reason: r.reason,
+        },
         None => {
             let r = tls::classify_handshake_error(e);
             if r.check == crate::identity::Check::NoCertificate {
-                warn!(
-                    "refused peer {remote}: check {}, certificate none: {}",
-                    r.check.as_str(),
-                    r.reason
-                );
-                shared.audit.record(
-                    "handshake_refused",
-                    json!({"address": remote.to_string(), "check": r.check.as_str(), "fingerprint": "none", "reason": r.reason}),
-                );
+                HandshakeRefusal {
+                    event: "handshake_refused",
+                    check: r.check.as_str().into(),
+                    fingerprint: Some("none".into()),
+                    reason: r.reason,
+                }
             } else {
-                warn!("handshake with {remote} failed: {}", r.reason);
-                shared.audit.record(
-                    "handshake_failed",
-                    json!({"address": remote.to_string(), "reason": r.reason}),
-                );
+                HandshakeRefusal {
+                    event: "handshake_failed",
+                    check: "tls".into(),
+                    fingerprint: None,
+                    reason: r.reason,
+                }
             }
         }
+    };
+    note_refusal(shared, remote, refusal);
+}
+
+fn handshake_timed_out(shared: &Shared, remote: SocketAddr) {
+    note_refusal(
+        shared,
+        remote,
+        HandshakeRefusal {
+            event: "handshake_failed",
+            check: "timeout".into(),
+            fingerprint: None,
+            reason: format!(
+                "no authenticated handshake within {} s",
+                shared.cfg.handshake_timeout.as_secs()
+            ),
+        },
+    );
+}
+
+/// Logs and audits a refused or failed handshake, through the rate limit: the first from an
+/// address in full, the rest counted into that address's next summary.
+fn note_refusal(shared: &Shared, remote: SocketAddr, r: HandshakeRefusal) {
+    let verdict = shared
+        .refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .note(remote.ip(), &r.check, Instant::now());
+    if verdict == Verdict::Counted {
+        tracing::debug!("{} from {remote} ({}): {}", r.event, r.check, r.reason);
+        return;
+    }
+    let mut details = json!({"address": remote.to_string(), "reason": r.reason});
+    match &r.fingerprint {
+        Some(fp) => {
+            warn!(
+                "refused peer {remote}: check {}, certificate {fp}: {}",
+                r.check, r.reason
+            );
+            details["check"] = json!(r.check);
+            details["fingerprint"] = json!(fp);
+        }
+        None => {
+            warn!("handshake with {remote} failed ({}): {}", r.check, r.reason);
+            details["check"] = json!(r.check);
+        }
+    }
+    shared.audit.record(r.event, details);
+}
+
+/// Writes the refusal summaries whose window has closed, until the agent stops.
+async fn flush_refusals(shared: Arc<Shared>) {
+    let mut stop = shared.shutting_down.subscribe();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REFUSAL_FLUSH) => {}
+            _ = stop.changed() => return,
+        }
+        let due = shared
+            .refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .due(Instant::now());
+        write_refusal_summaries(&shared, due);
+    }
+}
+
+fn write_refusal_summaries(shared: &Shared, summaries: Vec<crate::admission::RefusalSummary>) {
+    for s in summaries {
+        let address = s
+            .address
+            .map_or_else(|| "other addresses".to_string(), |a| a.to_string());
+        let reasons: Vec<String> = s.reasons.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
+        warn!(
+            "{} more refused or failed handshakes from {address} in {} s ({})",
+            s.count,
+            s.span.as_secs(),
+            reasons.join(", ")
+        );
+        shared.audit.record(
+            "handshake_refusals_summary",
+            json!({
+                "address": address,
+                "count": s.count,
+                "span_ms": s.span.as_millis() as u64,
+                "window_secs": RefusalLimiter::WINDOW.as_secs(),
+                "reasons": s.reasons,
+            }),
+        );
     }
 }
 
@@ -625,22 +813,41 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         }),
     );
     let started = Instant::now();
-    if shared.cfg.role == Role::Source {
-        let old = shared
+    // A peer that reconnects (an agent restarted after a crash, or a path that changed)
+    // replaces its old connection at once, rather than when the idle timeout notices; the old
+    // one's sessions (a walsender holding the replication slot) end with it. This comes before
+    // the count, so an authenticated peer always gets in.
+    let (old, live_peers) = {
+        let mut peers = shared.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|_, c| c.close_reason().is_none());
+        let old = peers.insert(peer.fingerprint, conn.clone());
+        (old, peers.len())
+    };
+    if let Some(old) = old.filter(|o| o.stable_id() != conn.stable_id()) {
+        if old.close_reason().is_none() {
+            warn!(
+                "peer {} reconnected from {remote}: closing its previous connection from {}",
+                peer.fingerprint,
+                old.remote_address()
+            );
+            old.close(4u32.into(), b"replaced by a newer connection");
+        }
+    }
+    if live_peers > MAX_PEER_CONNECTIONS {
+        let reason =
+            format!("{MAX_PEER_CONNECTIONS} other authenticated peer certificates are connected");
+        warn!("refusing peer {remote} ({}): {reason}", peer.fingerprint);
+        shared.audit.record(
+            "handshake_refused",
+            json!({"address": remote.to_string(), "check": "peer-limit", "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
+        );
+        shared
             .peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer.fingerprint, conn.clone());
-        if let Some(old) = old.filter(|o| o.stable_id() != conn.stable_id()) {
-            if old.close_reason().is_none() {
-                warn!(
-                    "peer {} reconnected from {remote}: closing its previous connection from {}",
-                    peer.fingerprint,
-                    old.remote_address()
-                );
-                old.close(4u32.into(), b"replaced by a newer connection");
-            }
-        }
+            .remove(&peer.fingerprint);
+        conn.close(5u32.into(), b"too many peers");
+        return;
     }
     let stats = Arc::new(ConnStats::default());
     // The control stream carries the migration's typed requests: the target asks, the source
@@ -1350,13 +1557,22 @@ enum LocalListener {
     Unix(tokio::net::UnixListener),
 }
 
-async fn bind_local(ep: &Endpoint) -> Result<LocalListener> {
+async fn bind_local(ep: &Endpoint, allow_non_loopback: bool) -> Result<LocalListener> {
     match ep {
         Endpoint::Tcp(a) => {
             let l = tokio::net::TcpListener::bind(a.as_str())
                 .await
                 .with_context(|| format!("binding local endpoint {a} (is the port in use?)"))?;
-            info!("local endpoint {} (tcp)", l.local_addr()?);
+            let bound = l.local_addr()?;
+            // `localhost` passed the configuration check by name; hold what it resolved to
+            // to the same rule.
+            if !bound.ip().is_loopback() {
+                if !allow_non_loopback {
+                    bail!("local endpoint {a} bound {bound}, which is not a loopback address; refusing to expose the old cluster (see --allow-non-loopback-local)");
+                }
+                warn!("local endpoint {bound} is NOT loopback (--allow-non-loopback-local): whoever reaches it reaches the source cluster as a loopback client");
+            }
+            info!("local endpoint {bound} (tcp)");
             Ok(LocalListener::Tcp(l))
         }
         Endpoint::Unix(p) => {

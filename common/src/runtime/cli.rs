@@ -51,7 +51,7 @@ pub struct RunArgs {
     /// zstd level for chunks sent by this agent (1–19; default 3).
     #[arg(long, allow_negative_numbers = true)]
     pub compression_level: Option<i32>,
-    /// QUIC keep-alive interval in seconds (default 5).
+    /// QUIC keep-alive interval in seconds (default 1; also how soon a restarted peer is noticed).
     #[arg(long)]
     pub keep_alive_secs: Option<u64>,
     /// Close the tunnel after this many seconds without traffic from the peer (default 30).
@@ -60,6 +60,15 @@ pub struct RunArgs {
     /// On SIGTERM, wait this long for forwarded connections to finish (default 30).
     #[arg(long)]
     pub drain_timeout_secs: Option<u64>,
+    /// Abandon a QUIC/TLS handshake that has not authenticated the peer after this many seconds
+    /// (default 5; bounds what a peer without a certificate can hold).
+    #[arg(long)]
+    pub handshake_timeout_secs: Option<u64>,
+    /// Target only: DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback
+    /// (e.g. 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees
+    /// them as a loopback client. Written to the audit log.
+    #[arg(long)]
+    pub allow_non_loopback_local: bool,
     /// Source only: address of PostgreSQL for the `postgres` service (host:port or unix:/path;
     /// default 127.0.0.1:5432).
     #[arg(long, value_name = "ENDPOINT")]
@@ -327,6 +336,8 @@ pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
         keep_alive_secs: args.keep_alive_secs,
         idle_timeout_secs: args.idle_timeout_secs,
         drain_timeout_secs: args.drain_timeout_secs,
+        handshake_timeout_secs: args.handshake_timeout_secs,
+        allow_non_loopback_local: args.allow_non_loopback_local,
         allowed_regions: args.allowed_regions,
         audit_log: args.audit_log,
         compression_level: args.compression_level,

@@ -14,8 +14,9 @@
 //!
 //! [network]
 //! listen = "0.0.0.0:7443"                 # or: connect = "new-host.example:7443"
-//! keep_alive_secs = 5
+//! keep_alive_secs = 1
 //! idle_timeout_secs = 30
+//! handshake_timeout_secs = 5
 //!
 //! [policy]
 //! allowed_regions = ["DE", "FR", "NL"]    # default: the 30 EEA countries
@@ -47,10 +48,17 @@ use crate::identity::{Region, RegionSet, Role};
 /// Default zstd level: level 3 is zstd's own default and compresses our mixed sample data about
 /// as well as levels 5–6 at roughly twice their speed.
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
-/// QUIC keep-alive interval; well under common NAT UDP timeouts (30 s).
-pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 5;
+/// QUIC keep-alive interval, counted from the last packet received. It is also how soon a peer
+/// that restarted is noticed on an idle tunnel: the keep-alive reaches the new process, whose
+/// stateless reset (keyed from the agent's key, see `agent::stateless_reset_key`) ends the old
+/// connection at once. One small packet a second; well under NAT UDP timeouts (30 s).
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 1;
 /// A connection silent for this long is considered lost.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
+/// A handshake (QUIC + TLS, before the peer is authenticated) that takes longer is abandoned.
+/// A handshake takes 1–3 round trips (well under a second on any EEA path); the bound is what an
+/// unauthenticated peer can hold a pending-handshake slot for, separately from the idle timeout.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 5;
 /// How long SIGTERM waits for forwarded connections to finish before closing them.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 /// The PostgreSQL service forwarded when no `[[service]]` is configured.
@@ -204,6 +212,11 @@ pub struct NetworkSection {
     pub idle_timeout_secs: Option<u64>,
     /// How long a shutdown waits for open forwarded connections.
     pub drain_timeout_secs: Option<u64>,
+    /// Longest QUIC/TLS handshake, in seconds.
+    pub handshake_timeout_secs: Option<u64>,
+    /// Target: accept local endpoints that are not loopback (they expose the old cluster to
+    /// whoever reaches that address). Off by default; audited when on.
+    pub allow_non_loopback_local: Option<bool>,
 }
 
 /// `[policy]`
@@ -373,6 +386,10 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// Shutdown drain limit.
     pub drain_timeout: Duration,
+    /// Longest handshake before the peer is authenticated.
+    pub handshake_timeout: Duration,
+    /// Target: the operator allowed local endpoints that are not loopback (audited).
+    pub allow_non_loopback_local: bool,
     /// Allowed regions for the peer and for ourselves.
     pub allowed_regions: RegionSet,
     /// Audit log path.
@@ -411,6 +428,10 @@ pub struct Overrides {
     pub idle_timeout_secs: Option<u64>,
     /// `--drain-timeout-secs`
     pub drain_timeout_secs: Option<u64>,
+    /// `--handshake-timeout-secs`
+    pub handshake_timeout_secs: Option<u64>,
+    /// `--allow-non-loopback-local`
+    pub allow_non_loopback_local: bool,
     /// `--allowed-regions`
     pub allowed_regions: Option<Vec<String>>,
     /// `--audit-log`
@@ -493,6 +514,15 @@ impl AgentConfig {
             DEFAULT_DRAIN_TIMEOUT_SECS,
             "drain_timeout_secs",
         )?;
+        let handshake_timeout = secs(
+            flags
+                .handshake_timeout_secs
+                .or(file.network.handshake_timeout_secs),
+            DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+            "handshake_timeout_secs",
+        )?;
+        let allow_non_loopback_local =
+            flags.allow_non_loopback_local || file.network.allow_non_loopback_local == Some(true);
         if keep_alive >= idle_timeout {
             bail!(
                 "keep_alive_secs ({}) must be smaller than idle_timeout_secs ({}), or the connection times out between keep-alives",
@@ -531,6 +561,21 @@ impl AgentConfig {
         }
 
         let services = resolve_services(role, file.service, flags.postgres_endpoint)?;
+        if role == Role::Target && !allow_non_loopback_local {
+            for s in &services {
+                if let Err(e) = check_loopback_local(&s.endpoint) {
+                    bail!(
+                        "service {:?}: local endpoint {}: {e}. Local endpoints reach the OLD cluster without \
+                         any further check (PostgreSQL sees the tunnel's loopback address, so its \
+                         loopback `trust` rules apply): use 127.0.0.1:PORT, [::1]:PORT, localhost:PORT \
+                         or unix:/path. To expose it anyway, pass --allow-non-loopback-local \
+                         ([network] allow_non_loopback_local = true); that is written to the audit log",
+                        s.name,
+                        s.endpoint
+                    );
+                }
+            }
+        }
 
         let data_dir = flags.data_dir.or(file.target.data_dir);
         let bindir = flags.bindir.or(file.target.bindir);
@@ -604,6 +649,8 @@ impl AgentConfig {
             transport,
             keep_alive,
             idle_timeout,
+            handshake_timeout,
+            allow_non_loopback_local,
             drain_timeout,
             allowed_regions,
             audit_log,
@@ -673,6 +720,28 @@ fn resolve_services(
     Ok(out)
 }
 
+/// A local (target) TCP endpoint must be a loopback address or `localhost`; unix sockets are
+/// local by nature. The address actually bound is checked again when the agent binds it.
+pub fn check_loopback_local(ep: &Endpoint) -> Result<()> {
+    let Endpoint::Tcp(addr) = ep else {
+        return Ok(());
+    };
+    let host = host_part(addr);
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(());
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => Ok(()),
+        Ok(ip) if ip.is_unspecified() => {
+            bail!("{ip} listens on every interface, which opens the old cluster to the network")
+        }
+        Ok(ip) => bail!("{ip} is not a loopback address"),
+        Err(_) => bail!(
+            "{host:?} is a host name; local endpoints take a loopback IP address or `localhost`"
+        ),
+    }
+}
+
 /// `host` of `host:port`, without IPv6 brackets.
 fn host_part(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -709,6 +778,44 @@ pub(crate) fn read_password_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_endpoints_are_loopback_unless_explicitly_allowed() {
+        for ok in [
+            "127.0.0.1:5433",
+            "127.0.0.9:5433",
+            "[::1]:5433",
+            "localhost:5433",
+        ] {
+            check_loopback_local(&Endpoint::parse(ok).unwrap()).expect(ok);
+        }
+        check_loopback_local(&Endpoint::Unix("/run/x/.s.PGSQL.5433".into())).unwrap();
+        for bad in [
+            "0.0.0.0:5434",
+            "[::]:5434",
+            "10.0.0.1:5434",
+            "db.example:5434",
+        ] {
+            assert!(
+                check_loopback_local(&Endpoint::parse(bad).unwrap()).is_err(),
+                "{bad}"
+            );
+        }
+        let flags = |allow| Overrides {
+            postgres_endpoint: Some("0.0.0.0:5434".into()),
+            allow_non_loopback_local: allow,
+            ..minimal()
+        };
+        let err =
+            AgentConfig::resolve(Role::Target, ConfigFile::default(), flags(false)).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("0.0.0.0:5434"), "{msg}");
+        assert!(msg.contains("--allow-non-loopback-local"), "{msg}");
+        let cfg = AgentConfig::resolve(Role::Target, ConfigFile::default(), flags(true)).unwrap();
+        assert!(cfg.allow_non_loopback_local);
+        // The source's upstreams are not local endpoints: any address is allowed there.
+        AgentConfig::resolve(Role::Source, ConfigFile::default(), flags(false)).unwrap();
+    }
 
     fn minimal() -> Overrides {
         Overrides {

@@ -277,7 +277,7 @@ impl PolicyCheck {
             fingerprint: Some(Fingerprint::of_der(end_entity)),
             reason,
         });
-        e
+        generic_refusal()
     }
 
     /// The identity part: role, migration, region, revocation (re-read now), validity.
@@ -300,7 +300,7 @@ impl PolicyCheck {
                             path.display()
                         ),
                     });
-                    return Err(rustls::Error::General("revocation list unreadable".into()));
+                    return Err(generic_refusal());
                 }
             }
         }
@@ -309,24 +309,20 @@ impl PolicyCheck {
         match policy.check_peer_der(end_entity, now) {
             Ok(_) => Ok(()),
             Err(r) => {
-                let msg = r.to_string();
                 self.slot.set(r);
-                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-                    rustls::OtherError(Arc::new(PolicyError(msg))),
-                )))
+                Err(generic_refusal())
             }
         }
     }
 }
 
-#[derive(Debug)]
-struct PolicyError(String);
-impl std::fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// What a refused peer is told: one error for every check. rustls turns the error's text into
+/// the QUIC CONNECTION_CLOSE reason, which goes to a peer that has not authenticated: the real
+/// reason (which check, our allowed regions, the revocation note) stays in the [`RefusalSlot`],
+/// the log and the audit log. The alert is `access_denied` whatever failed.
+fn generic_refusal() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
 }
-impl std::error::Error for PolicyError {}
 
 #[derive(Debug)]
 struct PolicyClientVerifier {

@@ -45,12 +45,11 @@ impl ServerCertVerifier for TrustAnything {
     }
 }
 
-/// Dials `addr` presenting `cert_key` (PEM files) or no certificate; returns Ok if the agent
-/// accepted the handshake, Err(text) with the connection error otherwise.
-pub async fn dial(
-    addr: SocketAddr,
+/// A QUIC client configuration presenting `cert_key` (PEM files) or no certificate, trusting
+/// any server.
+pub fn client_config(
     cert_key: Option<(&std::path::Path, &std::path::Path)>,
-) -> Result<(), String> {
+) -> quinn::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -70,8 +69,26 @@ pub async fn dial(
     };
     tls.alpn_protocols = vec![b"pgferry/1".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// Dials `addr` from 127.0.0.1 presenting `cert_key` (PEM files) or no certificate; returns Ok
+/// if the agent accepted the handshake, Err(text) with the connection error otherwise.
+pub async fn dial(
+    addr: SocketAddr,
+    cert_key: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<(), String> {
+    dial_from("127.0.0.1:0".parse().unwrap(), addr, cert_key).await
+}
+
+/// [`dial`] from a socket bound to `bind` (another loopback address is another "host").
+pub async fn dial_from(
+    bind: SocketAddr,
+    addr: SocketAddr,
+    cert_key: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<(), String> {
+    let mut ep = quinn::Endpoint::client(bind).unwrap();
+    ep.set_default_client_config(client_config(cert_key));
     let res = tokio::time::timeout(Duration::from_secs(10), async {
         let conn = ep
             .connect(addr, "localhost")
