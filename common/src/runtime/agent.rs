@@ -413,12 +413,15 @@ fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
         }
         Transport::Connect { .. } => None,
     };
-    let mut ep = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&shared.identity.key_pkcs8))),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )?;
+    let mut ep_config =
+        quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&shared.identity.key_pkcs8)));
+    // quinn drops packets whose connection id its generator does not recognise, before any
+    // reset: the restarted agent must recognise the ids its previous run handed out.
+    let cid_key = connection_id_key(&shared.identity.key_pkcs8);
+    ep_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let mut ep = quinn::Endpoint::new(ep_config, server, socket, Arc::new(quinn::TokioRuntime))?;
     if let Transport::Connect { .. } = &shared.cfg.transport {
         let mut cc = shared.identity.client_config(&RefusalSlot::new())?;
         cc.transport_config(transport);
@@ -434,12 +437,33 @@ fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
 /// key is random per process, so a restarted agent's resets would be ignored). HKDF makes the
 /// derivation one-way: nothing about the private key can be learnt from a token.
 fn stateless_reset_key(key_pkcs8: &[u8]) -> ring::hmac::Key {
-    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pgferry stateless reset key v1")
-        .extract(key_pkcs8);
+    let prk = agent_key_prk(key_pkcs8);
     let okm = prk
         .expand(&[b"quic-reset"], ring::hmac::HMAC_SHA256)
         .expect("HMAC-SHA256 key length is a valid HKDF output length");
     ring::hmac::Key::from(okm)
+}
+
+/// The key that marks this agent's connection ids as its own (quinn's hashed generator), also
+/// derived from the agent's key so that it survives a restart; see [`stateless_reset_key`].
+fn connection_id_key(key_pkcs8: &[u8]) -> u64 {
+    struct Len8;
+    impl ring::hkdf::KeyType for Len8 {
+        fn len(&self) -> usize {
+            8
+        }
+    }
+    let mut out = [0u8; 8];
+    agent_key_prk(key_pkcs8)
+        .expand(&[b"quic-cid"], Len8)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("8 bytes is a valid HKDF output length");
+    u64::from_le_bytes(out)
+}
+
+fn agent_key_prk(key_pkcs8: &[u8]) -> ring::hkdf::Prk {
+    ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pgferry agent-key derivations v1")
+        .extract(key_pkcs8)
 }
 
 /// Gives back a pending-handshake slot when the handshake ends, whichever way.

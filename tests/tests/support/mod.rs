@@ -2,6 +2,7 @@
 //! agents started as real processes, audit-log helpers.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod migration;
 pub mod probe;
 
