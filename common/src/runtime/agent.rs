@@ -225,6 +225,7 @@ pub async fn run_agent(
             "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
             "compression_level": cfg.compression_level,
             "handshake_timeout_secs": cfg.handshake_timeout.as_secs(),
+            "congestion_control": cfg.congestion_control.to_string(),
             "allow_non_loopback_local": cfg.allow_non_loopback_local,
             "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
         }),
@@ -374,6 +375,13 @@ fn transport_config(cfg: &AgentConfig) -> Result<quinn::TransportConfig> {
     // the first: a dial that races the peer's restart would wait that long. 100 ms is still
     // above any EEA path's RTT.
     t.initial_rtt(Duration::from_millis(100));
+    use super::config::CongestionControl as Cc;
+    use quinn::congestion as cc;
+    match cfg.congestion_control {
+        Cc::Bbr => t.congestion_controller_factory(Arc::new(cc::BbrConfig::default())),
+        Cc::Cubic => t.congestion_controller_factory(Arc::new(cc::CubicConfig::default())),
+        Cc::NewReno => t.congestion_controller_factory(Arc::new(cc::NewRenoConfig::default())),
+    };
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(16 << 20);

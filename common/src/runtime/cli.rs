@@ -64,6 +64,9 @@ pub struct RunArgs {
     /// (default 5; bounds what a peer without a certificate can hold).
     #[arg(long)]
     pub handshake_timeout_secs: Option<u64>,
+    /// QUIC congestion control for what this agent sends: bbr (default), cubic or newreno.
+    #[arg(long, value_name = "bbr|cubic|newreno")]
+    pub congestion_control: Option<String>,
     /// Target only: DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback
     /// (e.g. 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees
     /// them as a loopback client. Written to the audit log.
@@ -337,6 +340,7 @@ pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
         idle_timeout_secs: args.idle_timeout_secs,
         drain_timeout_secs: args.drain_timeout_secs,
         handshake_timeout_secs: args.handshake_timeout_secs,
+        congestion_control: args.congestion_control,
         allow_non_loopback_local: args.allow_non_loopback_local,
         allowed_regions: args.allowed_regions,
         audit_log: args.audit_log,

@@ -214,6 +214,8 @@ pub struct NetworkSection {
     pub drain_timeout_secs: Option<u64>,
     /// Longest QUIC/TLS handshake, in seconds.
     pub handshake_timeout_secs: Option<u64>,
+    /// `bbr`, `cubic` or `newreno`.
+    pub congestion_control: Option<String>,
     /// Target: accept local endpoints that are not loopback (they expose the old cluster to
     /// whoever reaches that address). Off by default; audited when on.
     pub allow_non_loopback_local: Option<bool>,
@@ -342,6 +344,42 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// The QUIC congestion controller (quinn ships all three). It decides how fast the sender may
+/// go, so it matters on paths with delay and loss: a loss-based controller (Cubic, NewReno)
+/// reads every random loss as congestion and halves its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CongestionControl {
+    /// BBR: paces at the measured bottleneck bandwidth, does not back off on random loss.
+    #[default]
+    Bbr,
+    /// CUBIC (quinn's own default; loss-based).
+    Cubic,
+    /// NewReno (loss-based).
+    NewReno,
+}
+
+impl std::str::FromStr for CongestionControl {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "bbr" => Ok(Self::Bbr),
+            "cubic" => Ok(Self::Cubic),
+            "newreno" | "reno" => Ok(Self::NewReno),
+            _ => bail!("congestion_control {s:?} is not one of bbr, cubic, newreno"),
+        }
+    }
+}
+
+impl fmt::Display for CongestionControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Bbr => "bbr",
+            Self::Cubic => "cubic",
+            Self::NewReno => "newreno",
+        })
+    }
+}
+
 /// A resolved service.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -388,6 +426,8 @@ pub struct AgentConfig {
     pub drain_timeout: Duration,
     /// Longest handshake before the peer is authenticated.
     pub handshake_timeout: Duration,
+    /// QUIC congestion controller for what this agent sends.
+    pub congestion_control: CongestionControl,
     /// Target: the operator allowed local endpoints that are not loopback (audited).
     pub allow_non_loopback_local: bool,
     /// Allowed regions for the peer and for ourselves.
@@ -430,6 +470,8 @@ pub struct Overrides {
     pub drain_timeout_secs: Option<u64>,
     /// `--handshake-timeout-secs`
     pub handshake_timeout_secs: Option<u64>,
+    /// `--congestion-control`
+    pub congestion_control: Option<String>,
     /// `--allow-non-loopback-local`
     pub allow_non_loopback_local: bool,
     /// `--allowed-regions`
@@ -521,6 +563,11 @@ impl AgentConfig {
             DEFAULT_HANDSHAKE_TIMEOUT_SECS,
             "handshake_timeout_secs",
         )?;
+        let congestion_control = match flags.congestion_control.or(file.network.congestion_control)
+        {
+            None => CongestionControl::default(),
+            Some(name) => name.parse()?,
+        };
         let allow_non_loopback_local =
             flags.allow_non_loopback_local || file.network.allow_non_loopback_local == Some(true);
         if keep_alive >= idle_timeout {
@@ -650,6 +697,7 @@ impl AgentConfig {
             keep_alive,
             idle_timeout,
             handshake_timeout,
+            congestion_control,
             allow_non_loopback_local,
             drain_timeout,
             allowed_regions,
