@@ -34,11 +34,19 @@
 //!
 //! ```text
 //!   record   the format: canonical form, hashing, time, per-event schemas shared by both sides
-//!   writer   CheckpointSigner and AuditLog (open/verify/resume, append, checkpoint)
+//!   writer   CheckpointSigner and AuditLog (lock, open/verify/resume, append, checkpoint)
 //!   verify   verify_reader / verify_file → Verified (agents, streams, checkpoints)
 //!   peer     compare_peer: the two agents' logs must agree on every stream's digests
 //!   report   render_report: the plain-text report an auditor reads
 //! ```
+//!
+//! # One writer
+//!
+//! A log has one writer: [`AuditLog::open`] takes an exclusive flock(2) on `<log>.lock` (which
+//! holds the writer's pid) before it reads or writes the log, and holds it for the
+//! `AuditLog`'s lifetime; a second agent started on the same log fails at once ("another
+//! pgferry agent is writing this audit log … (pid N)") and leaves the log untouched. Readers
+//! (`audit verify`, `audit report`) take no lock.
 //!
 //! # What verification detects, and what it does not
 //!
@@ -96,6 +104,10 @@ pub use writer::{AuditLog, CheckpointSigner};
 
 use std::path::PathBuf;
 
+fn holder_text(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"))
+}
+
 /// Errors from writing an audit log. Verification failures are [`VerifyError`]s.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -108,6 +120,16 @@ pub enum AuditError {
         action: &'static str,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// Another process holds the log's lock: two writers would interleave their sequence
+    /// numbers and break the chain. Nothing was read from or written to the log.
+    #[error("another pgferry agent is writing this audit log {path} ({holder}); stop it, or give this agent its own --audit-log", holder = holder_text(*.pid))]
+    Locked {
+        /// The log file.
+        path: PathBuf,
+        /// The holder's process id as its lock file records it (`None`: unreadable, or the
+        /// holder has not written it yet).
+        pid: Option<u32>,
     },
     /// The existing log does not verify; appending would extend a broken chain.
     #[error("existing audit log {path} does not verify, refusing to append to it: {source} (move the file aside to start a new log)")]

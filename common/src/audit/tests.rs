@@ -877,3 +877,43 @@ fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
     log.checkpoint().unwrap();
     verify_file(log.path(), &live()).unwrap();
 }
+
+#[test]
+fn a_second_writer_is_refused_without_touching_the_log() {
+    let (_d, path, a) = sample("source");
+    let lock = super::writer::lock_path(&path);
+    let before = std::fs::read(&path).unwrap();
+    let first = AuditLog::open(&path, a.signer()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        format!("{}\n", std::process::id())
+    );
+    // Any second opener, even in the same process (flock locks belong to the open file).
+    let e = AuditLog::open(&path, a.signer()).unwrap_err();
+    assert!(
+        matches!(e, AuditError::Locked { pid: Some(p), .. } if p == std::process::id()),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "another pgferry agent is writing this audit log {} (pid {}); stop it, or give this agent its own --audit-log",
+            path.display(),
+            std::process::id()
+        )
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    // Readers need no lock, and reading (opening and closing the file) keeps the lock.
+    verify_file(&path, &live()).unwrap();
+    render_report(&path).unwrap();
+    assert!(matches!(
+        AuditLog::open(&path, a.signer()),
+        Err(AuditError::Locked { .. })
+    ));
+    drop(first);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+    let e = AuditLog::open(&path, a.signer()).map(drop);
+    assert!(e.is_ok(), "{e:?}");
+    // A crash tail is not a reason to wait for a lock: a killed agent's lock is gone with it.
+    verify_file(&path, &closed()).unwrap();
+}
