@@ -40,7 +40,7 @@
 //!   report   render_report: the plain-text report an auditor reads
 //! ```
 //!
-//! # One writer
+//! # One writer, one signer
 //!
 //! A log has one writer: [`AuditLog::open`] takes an exclusive flock(2) on `<log>.lock` (which
 //! holds the writer's pid) before it reads or writes the log, and holds it for the
@@ -48,13 +48,29 @@
 //! pgferry agent is writing this audit log … (pid N)") and leaves the log untouched. Readers
 //! (`audit verify`, `audit report`) take no lock.
 //!
+//! A log speaks for one agent, and every record for the certificate whose key signs it:
+//! - the first `agent_started` fixes the log's role and migration; a later `agent_started`
+//!   with another role or migration fails at its line. A renewed certificate (new key and
+//!   fingerprint, same role and migration; the region may change) starts a run like any other;
+//! - each `agent_started` must say what its embedded certificate's URI SANs say (role, region,
+//!   migration; the fingerprint is that certificate's), and each checkpoint is verified with the
+//!   key of the most recent `agent_started`'s certificate;
+//! - any record that states its writer's own `role`, `region` or `migration` (top-level in its
+//!   details) must agree with that certificate too. The peer's identity, nested under
+//!   `details.peer` in `handshake_accepted`, is not the writer's.
+//!
+//! So the target's key cannot write records that claim to be the source's (nor the other way
+//! round): it can only sign runs that say "target", which the source's log refuses.
+//!
 //! # What verification detects, and what it does not
 //!
 //! Detected, each naming the first line that reveals it: a modified, inserted, deleted or
 //! reordered line (hash, `prev` and `seq` break at that line); a line rewritten together with
 //! every hash after it (the next checkpoint's signature no longer matches); a log cut anywhere
-//! except just after an `agent_stopped` checkpoint (the last line is not that checkpoint); a checkpoint signed by
-//! another key; with `--ca`, an `agent_started` certificate not issued by the migration's CA.
+//! except just after an `agent_stopped` checkpoint (the last line is not that checkpoint); a
+//! checkpoint signed by another key; a record whose role, region or migration its signing
+//! certificate contradicts; a second role or migration in one log; with `--ca`, an
+//! `agent_started` certificate not issued by the migration's CA.
 //!
 //! Not detectable from one log alone:
 //! - A closed log (verified without `--allow-open`) must end with `agent_stopped` and its
@@ -67,8 +83,9 @@
 //!   past. An agent that crashes leaves such an unsigned tail; see `log_resumed` below.
 //! - The fields of the final checkpoint record other than the signed hash (its `time`) are only
 //!   covered by the next checkpoint.
-//! - Without `--ca`, anybody with *some* P-256 key can write a fresh, self-consistent log with
-//!   their own certificate in `agent_started`: pass the migration's CA to rule that out.
+//! - Without `--ca`, anybody with *some* P-256 key and a certificate that carries pgferry URI
+//!   SANs can write a fresh, self-consistent log with that certificate in `agent_started`:
+//!   pass the migration's CA to rule that out.
 //!   Certificate validity periods are not checked (an old log outlives its certificates).
 //!
 //! # Durability and crashes
@@ -131,6 +148,21 @@ pub enum AuditError {
         /// holder has not written it yet).
         pid: Option<u32>,
     },
+    /// The existing log was written by an agent of another role or migration: one log has one
+    /// writer, and a checkpoint signed with this agent's key would make the log fail
+    /// verification. Nothing was written.
+    #[error("audit log {path} belongs to the {log_writer} (agent_started at line {line}), but this agent's certificate is for the {ours}: give each agent its own log")]
+    WrongLog {
+        /// The log file.
+        path: PathBuf,
+        /// Role and migration the log's `agent_started` records name ("source agent of
+        /// migration m1").
+        log_writer: String,
+        /// Line of the log's first `agent_started`.
+        line: usize,
+        /// Role and migration of the signer's certificate ("target of migration m1").
+        ours: String,
+    },
     /// The existing log does not verify; appending would extend a broken chain.
     #[error("existing audit log {path} does not verify, refusing to append to it: {source} (move the file aside to start a new log)")]
     Broken {
@@ -162,6 +194,18 @@ pub enum AuditError {
     /// `checkpoint` and `log_resumed` records are written by the log itself.
     #[error("audit event {0:?} is written by the audit log itself and cannot be appended")]
     ReservedEvent(String),
+    /// A record names a role, region or migration other than the signer's certificate's.
+    #[error("audit record {event}: details.{field} is {value:?}, but the signing certificate says {certificate:?}")]
+    IdentityMismatch {
+        /// Event name.
+        event: String,
+        /// `role`, `region` or `migration`.
+        field: &'static str,
+        /// What the record says.
+        value: String,
+        /// What the certificate's URI SAN says.
+        certificate: String,
+    },
     /// An `agent_started` record names a certificate other than the checkpoint signer's.
     #[error("agent_started names a certificate other than the one checkpoints are signed with")]
     CertificateMismatch,

@@ -11,10 +11,16 @@ use serde_json::{json, Map, Value};
 use super::record::{checkpoint_message, hash_bytes, record_hash, sha256_hex, GENESIS_PREV};
 use super::*;
 
-/// A key pair and certificate as an agent holds them.
+/// The migration of the test kit's certificates.
+const MIGRATION: &str = "m-2026-orders";
+
+/// A key pair and certificate as an agent holds them, and the identity its URI SANs carry.
 struct Agent {
     key_der: Vec<u8>,
     cert_der: Vec<u8>,
+    role: String,
+    region: String,
+    migration: String,
 }
 
 struct Ca {
@@ -33,10 +39,29 @@ fn ca(name: &str) -> Ca {
     Ca { cert, key }
 }
 
-/// A P-256 leaf, self-signed or issued by `ca`.
-fn agent(ca: Option<&Ca>) -> Agent {
+/// A P-256 leaf for `role` in DE for [`MIGRATION`], self-signed or issued by `ca`.
+fn agent(ca: Option<&Ca>, role: &str) -> Agent {
+    agent_in(ca, role, "DE", MIGRATION)
+}
+
+/// A leaf with the pgferry URI SANs (as `pgferry-certs issue` writes them).
+fn agent_in(ca: Option<&Ca>, role: &str, region: &str, migration: &str) -> Agent {
+    let uris = [
+        format!("{}{migration}", crate::identity::URI_MIGRATION),
+        format!("{}{role}", crate::identity::URI_ROLE),
+        format!("{}{region}", crate::identity::URI_REGION),
+    ];
+    leaf(ca, &uris, role, region, migration)
+}
+
+fn leaf(ca: Option<&Ca>, uris: &[String], role: &str, region: &str, migration: &str) -> Agent {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["agent.pgferry".to_string()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["agent.pgferry".to_string()]).unwrap();
+    for u in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(u.as_str().try_into().unwrap()));
+    }
     let cert = match ca {
         Some(ca) => params.signed_by(&key, &ca.cert, &ca.key).unwrap(),
         None => params.self_signed(&key).unwrap(),
@@ -44,6 +69,9 @@ fn agent(ca: Option<&Ca>) -> Agent {
     Agent {
         key_der: key.serialize_der(),
         cert_der: cert.der().to_vec(),
+        role: role.to_string(),
+        region: region.to_string(),
+        migration: migration.to_string(),
     }
 }
 
@@ -54,16 +82,28 @@ impl Agent {
     fn fingerprint(&self) -> String {
         sha256_hex(&self.cert_der)
     }
-    fn started(&self, role: &str) -> Value {
+    /// `agent_started` details as the agent writes them, naming its certificate's identity.
+    fn started(&self) -> Value {
+        self.started_as(&self.role)
+    }
+    /// `agent_started` details claiming `role`, whatever the certificate says.
+    fn started_as(&self, role: &str) -> Value {
         json!({
             "certificate": base64::engine::general_purpose::STANDARD.encode(&self.cert_der),
             "fingerprint": self.fingerprint(),
             "role": role,
-            "region": "DE",
-            "migration": "m-2026-orders",
+            "region": self.region,
+            "migration": self.migration,
             "version": "0.1.0",
             "tls": {"protocol": "TLSv1.3", "cipher_suite": "TLS13_AES_256_GCM_SHA384", "kx_group": "X25519"},
         })
+    }
+    fn peer_role(&self) -> &'static str {
+        if self.role == "source" {
+            "target"
+        } else {
+            "source"
+        }
     }
 }
 
@@ -85,20 +125,33 @@ fn stream(session: &str, role: &str, outcome: &str) -> Value {
     json!({"session_id": session, "service": "postgres", "outcome": outcome, "detail": "", "duration_ms": 1234, "sent": sent, "received": received})
 }
 
-/// Writes the log of a run with two tunnel sessions, three streams and three checkpoints:
-/// lines 8, 14 and 16 are checkpoints.
-fn write_log(path: &Path, a: &Agent, role: &str) {
-    let peer_role = if role == "source" { "target" } else { "source" };
-    let mut log = AuditLog::open(path, a.signer()).unwrap();
-    let handshake = json!({
-        "address": "192.0.2.7:7443", "dialed": role == "target",
-        "peer": {"fingerprint": "ab".repeat(32), "role": peer_role, "region": "FR", "migration": "m-2026-orders"},
+/// `handshake_accepted` details naming the peer's certificate `peer_fp`.
+fn handshake(a: &Agent, peer_fp: &str) -> Value {
+    json!({
+        "address": "192.0.2.7:7443", "dialed": a.role == "target",
+        "peer": {"fingerprint": peer_fp, "role": a.peer_role(), "region": "FR", "migration": a.migration},
         "tls": {"protocol": "TLSv1.3", "cipher_suite": "TLS13_AES_256_GCM_SHA384", "kx_group": "X25519", "alpn": "pgferry/1"},
-    });
-    let ended =
-        json!({"address": "192.0.2.7:7443", "reason": "closed", "duration_ms": 5000, "streams": 2});
-    log.append("agent_started", a.started(role)).unwrap();
-    log.append("handshake_accepted", handshake.clone()).unwrap();
+    })
+}
+
+/// `session_ended` details as the agent writes them.
+fn ended(peer_fp: &str, streams: u64) -> Value {
+    json!({"address": "192.0.2.7:7443", "peer_fingerprint": peer_fp, "reason": "closed", "duration_ms": 5000, "streams": streams})
+}
+
+/// Writes the log of a run with two tunnel sessions, three streams and three checkpoints:
+/// lines 8, 14 and 16 are checkpoints. The peer's certificate is `ab…ab`.
+fn write_log(path: &Path, a: &Agent) {
+    write_log_with_peer(path, a, &"ab".repeat(32));
+}
+
+/// [`write_log`] with the peer's certificate fingerprint given.
+fn write_log_with_peer(path: &Path, a: &Agent, peer_fp: &str) {
+    let role = a.role.as_str();
+    let mut log = AuditLog::open(path, a.signer()).unwrap();
+    log.append("agent_started", a.started()).unwrap();
+    log.append("handshake_accepted", handshake(a, peer_fp))
+        .unwrap();
     for s in ["000000000a100001", "000000000a100002"] {
         log.append(
             "stream_opened",
@@ -107,9 +160,10 @@ fn write_log(path: &Path, a: &Agent, role: &str) {
         .unwrap();
         log.append("stream_closed", stream(s, role, "ok")).unwrap();
     }
-    log.append("session_ended", ended.clone()).unwrap();
+    log.append("session_ended", ended(peer_fp, 2)).unwrap();
     assert_eq!(log.checkpoint().unwrap(), 7);
-    log.append("handshake_accepted", handshake).unwrap();
+    log.append("handshake_accepted", handshake(a, peer_fp))
+        .unwrap();
     log.append(
         "stream_opened",
         json!({"session_id": "000000000a100003", "service": "postgres"}),
@@ -119,7 +173,7 @@ fn write_log(path: &Path, a: &Agent, role: &str) {
         .unwrap();
     log.append("error", json!({"message": "upstream slow"}))
         .unwrap();
-    log.append("session_ended", ended).unwrap();
+    log.append("session_ended", ended(peer_fp, 1)).unwrap();
     assert_eq!(log.checkpoint().unwrap(), 13);
     log.append("agent_stopped", json!({"drained": true, "streams_cut": 0}))
         .unwrap();
@@ -131,8 +185,8 @@ const CHECKPOINT_LINES: [usize; 3] = [8, 14, 16];
 fn sample(role: &str) -> (tempfile::TempDir, PathBuf, Agent) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{role}.audit.jsonl"));
-    let a = agent(None);
-    write_log(&path, &a, role);
+    let a = agent(None, role);
+    write_log(&path, &a);
     (dir, path, a)
 }
 
@@ -425,7 +479,7 @@ fn a_checkpoint_forged_with_another_key_fails() {
     let (_d, path, a) = sample("source");
     let mut lines = read_lines(&path);
     lines.pop();
-    let mallory = agent(None);
+    let mallory = agent(None, "source");
     // Claiming the agent's certificate.
     let mut bad = lines.clone();
     bad.push(forged_checkpoint(
@@ -490,8 +544,8 @@ fn the_ca_check_rejects_certificates_from_another_ca() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.jsonl");
     let (ca1, ca2) = (ca("migration CA"), ca("other CA"));
-    let a = agent(Some(&ca1));
-    write_log(&path, &a, "target");
+    let a = agent(Some(&ca1), "target");
+    write_log(&path, &a);
     let with = |ca: &Ca| VerifyOptions {
         allow_open: false,
         ca_der: Some(ca.cert.der().to_vec()),
@@ -504,7 +558,7 @@ fn the_ca_check_rejects_certificates_from_another_ca() {
     // A whole log written by an outsider with a self-signed certificate verifies on its own
     // (documented), and only the CA check rejects it.
     let outsider = dir.path().join("outsider.jsonl");
-    write_log(&outsider, &agent(None), "target");
+    write_log(&outsider, &agent(None, "target"));
     verify_file(&outsider, &closed()).unwrap();
     assert_eq!(verify_file(&outsider, &with(&ca1)).unwrap_err().line, 1);
 }
@@ -520,10 +574,7 @@ fn reopening_continues_the_chain() {
             15,
             "nothing new: no second checkpoint"
         );
-        assert_eq!(
-            log.append("agent_started", a.started("source")).unwrap(),
-            16
-        );
+        assert_eq!(log.append("agent_started", a.started()).unwrap(), 16);
         log.append("stream_closed", stream("000000000a100004", "source", "ok"))
             .unwrap();
         assert_eq!(log.checkpoint().unwrap(), 18);
@@ -541,15 +592,11 @@ fn reopening_after_a_crash_records_the_unsigned_tail() {
     lines.truncate(11); // killed after the third stream_closed: lines 9-11 unsigned
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     // A renewed certificate: the new key may sign only after announcing itself.
-    let renewed = agent(None);
+    let renewed = agent(None, "source");
     {
         let mut log = AuditLog::open(&path, renewed.signer()).unwrap();
         assert!(matches!(log.checkpoint(), Err(AuditError::NoAgentStarted)));
-        assert_eq!(
-            log.append("agent_started", renewed.started("source"))
-                .unwrap(),
-            12
-        );
+        assert_eq!(log.append("agent_started", renewed.started()).unwrap(), 12);
         assert_eq!(log.checkpoint().unwrap(), 13);
     }
     let lines = read_lines(&path);
@@ -611,11 +658,11 @@ fn a_broken_log_is_never_appended_to() {
 fn a_new_log_is_created_with_its_directory_and_mode_0640() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/agent.jsonl");
-    let a = agent(None);
+    let a = agent(None, "target");
     let mut log = AuditLog::open(&path, a.signer()).unwrap();
     assert_eq!(log.path(), path);
     assert!(matches!(log.checkpoint(), Err(AuditError::NoAgentStarted)));
-    log.append("agent_started", a.started("target")).unwrap();
+    log.append("agent_started", a.started()).unwrap();
     log.checkpoint().unwrap();
     #[cfg(unix)]
     {
@@ -630,7 +677,7 @@ fn a_new_log_is_created_with_its_directory_and_mode_0640() {
 #[test]
 fn the_writer_refuses_records_the_verifier_would_reject() {
     let dir = tempfile::tempdir().unwrap();
-    let a = agent(None);
+    let a = agent(None, "source");
     let mut log = AuditLog::open(&dir.path().join("l.jsonl"), a.signer()).unwrap();
     let e = log.append("error", json!({"load": 0.5})).unwrap_err();
     assert!(
@@ -654,12 +701,12 @@ fn the_writer_refuses_records_the_verifier_would_reject() {
         "{e}"
     );
     // agent_started: another certificate is refused; a missing one is filled in.
-    let other = agent(None);
+    let other = agent(None, "source");
     assert!(matches!(
-        log.append("agent_started", other.started("source")),
+        log.append("agent_started", other.started()),
         Err(AuditError::CertificateMismatch)
     ));
-    let mut started = a.started("source");
+    let mut started = a.started();
     started.as_object_mut().unwrap().remove("certificate");
     log.append("agent_started", started).unwrap();
     log.checkpoint().unwrap();
@@ -669,7 +716,7 @@ fn the_writer_refuses_records_the_verifier_would_reject() {
 
 #[test]
 fn a_signer_needs_the_key_of_its_certificate() {
-    let (a, b) = (agent(None), agent(None));
+    let (a, b) = (agent(None, "source"), agent(None, "source"));
     assert!(matches!(
         CheckpointSigner::new(&a.key_der, &b.cert_der),
         Err(AuditError::KeyMismatch)
@@ -746,8 +793,8 @@ fn malformed_lines_name_their_line() {
 fn peer_logs_agree_and_disagreements_name_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("s.jsonl"), dir.path().join("t.jsonl"));
-    write_log(&src, &agent(None), "source");
-    write_log(&tgt, &agent(None), "target");
+    write_log(&src, &agent(None, "source"));
+    write_log(&tgt, &agent(None, "target"));
     let (vs, vt) = (
         verify_file(&src, &closed()).unwrap(),
         verify_file(&tgt, &closed()).unwrap(),
@@ -814,6 +861,250 @@ fn peer_logs_agree_and_disagreements_name_the_session() {
     ));
 }
 
+/// Appends a record to `lines` as whoever can write the file can: seq, prev and hash right.
+fn push_record(lines: &mut Vec<String>, event: &str, details: Value) {
+    let prev = lines.last().map_or(GENESIS_PREV.to_string(), |l| {
+        parse(l)["hash"].as_str().unwrap().to_string()
+    });
+    let mut m = Map::new();
+    m.insert("details".into(), details);
+    m.insert("event".into(), event.into());
+    m.insert("prev".into(), prev.into());
+    m.insert("seq".into(), lines.len().into());
+    m.insert("time".into(), "2026-11-24T12:00:00.000Z".into());
+    let h = record_hash(&m);
+    m.insert("hash".into(), h.into());
+    lines.push(Value::Object(m).to_string());
+}
+
+/// Appends a whole run of `a`'s with its `agent_started` details `started`, signed with
+/// `a`'s key: what the holder of that key can write into any log it can reach.
+fn push_run(lines: &mut Vec<String>, a: &Agent, started: Value) {
+    push_record(lines, "agent_started", started);
+    push_record(
+        lines,
+        "stream_closed",
+        stream("000000000a100009", "source", "ok"),
+    );
+    push_record(
+        lines,
+        "agent_stopped",
+        json!({"drained": true, "streams_cut": 0}),
+    );
+    let cp = forged_checkpoint(lines, &a.key_der, &a.fingerprint());
+    lines.push(cp);
+}
+
+#[test]
+fn the_target_key_cannot_forge_a_run_of_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("source.jsonl");
+    let ca1 = ca("migration CA");
+    let (source, target) = (
+        agent(Some(&ca1), "source"),
+        agent_in(Some(&ca1), "target", "FR", MIGRATION),
+    );
+    write_log(&path, &source);
+    let with_ca = VerifyOptions {
+        allow_open: false,
+        ca_der: Some(ca1.cert.der().to_vec()),
+    };
+    verify_file(&path, &with_ca).unwrap();
+
+    // The forgery: a run that says "source" in every record, with the target's certificate
+    // (issued by the migration's CA) and checkpoints signed with the target's key.
+    let mut forged = read_lines(&path);
+    let mut claim = target.started_as("source");
+    claim["region"] = "DE".into();
+    push_run(&mut forged, &target, claim);
+    for opts in [closed(), with_ca.clone()] {
+        let e = verify_lines(&forged, &opts).unwrap_err();
+        assert_eq!(e.line, 17, "{e}");
+        assert_eq!(
+            e.reason,
+            format!("details.role is \"source\", but the certificate in details.certificate ({}) is issued for role \"target\": a record must match the certificate that signs it", target.fingerprint())
+        );
+    }
+    // Claiming the role but keeping the certificate's region names the region.
+    let mut forged = read_lines(&path);
+    push_run(&mut forged, &target, target.started_as("source"));
+    let e = verify_lines(&forged, &closed()).unwrap_err();
+    assert!(e.reason.starts_with("details.role"), "{e}");
+
+    // An honest run of the target's appended to the source's log: one log, one role.
+    let mut appended = read_lines(&path);
+    push_run(&mut appended, &target, target.started());
+    let e = verify_lines(&appended, &with_ca).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 17: agent_started for role target, but this log belongs to the source agent (agent_started at line 1): a log has one writer, so one role"
+    );
+
+    // The writer refuses both: it will not open the source's log with the target's key, nor
+    // write an agent_started that its certificate contradicts.
+    let before = std::fs::read(&path).unwrap();
+    let e = AuditLog::open(&path, target.signer()).unwrap_err();
+    assert!(matches!(e, AuditError::WrongLog { line: 1, .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("belongs to the source agent of migration m-2026-orders (agent_started at line 1), but this agent's certificate is for the target of migration m-2026-orders"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    let mut fresh = AuditLog::open(&dir.path().join("fresh.jsonl"), target.signer()).unwrap();
+    let e = fresh
+        .append("agent_started", target.started_as("source"))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("is issued for role \"target\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_log_has_one_migration() {
+    let (_d, path, source) = sample("source");
+    let other = agent_in(None, "source", "DE", "m-2026-other");
+    let mut lines = read_lines(&path);
+    push_run(&mut lines, &other, other.started());
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 17: agent_started for migration m-2026-other, but this log belongs to migration m-2026-orders (agent_started at line 1): a log has one migration"
+    );
+    assert!(matches!(
+        AuditLog::open(&path, other.signer()),
+        Err(AuditError::WrongLog { .. })
+    ));
+    let _ = source;
+}
+
+#[test]
+fn a_renewed_certificate_continues_the_log() {
+    // Same role and migration, a new key and fingerprint, even another region.
+    let (_d, path, old) = sample("source");
+    let renewed = agent_in(None, "source", "NL", MIGRATION);
+    {
+        let mut log = AuditLog::open(&path, renewed.signer()).unwrap();
+        log.append("agent_started", renewed.started()).unwrap();
+        log.append("agent_stopped", json!({"drained": true}))
+            .unwrap();
+        log.checkpoint().unwrap();
+    }
+    let v = verify_file(&path, &closed()).unwrap();
+    let fingerprints: Vec<&str> = v.agents.iter().map(|a| a.fingerprint.as_str()).collect();
+    assert_eq!(
+        fingerprints,
+        [old.fingerprint().as_str(), renewed.fingerprint().as_str()]
+    );
+    // A checkpoint of the renewed run signed with the old key is still refused.
+    let mut lines = read_lines(&path);
+    lines.pop();
+    let cp = forged_checkpoint(&lines, &old.key_der, &old.fingerprint());
+    lines.push(cp);
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(e.line, 19, "{e}");
+}
+
+#[test]
+fn records_that_name_their_writer_must_match_its_certificate() {
+    let (_d, path, a) = sample("source");
+    // The writer refuses them.
+    {
+        let mut log = AuditLog::open(&path, a.signer()).unwrap();
+        let e = log
+            .append("error", json!({"role": "target", "message": "x"}))
+            .unwrap_err();
+        assert!(
+            matches!(e, AuditError::IdentityMismatch { field: "role", .. }),
+            "{e:?}"
+        );
+        let e = log
+            .append("note", json!({"migration": "m-other"}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("details.migration is \"m-other\""),
+            "{e}"
+        );
+        // The peer's identity, nested under details.peer, is not the writer's.
+        log.append("note", json!({"peer": {"role": "target"}, "region": "DE"}))
+            .unwrap();
+        log.checkpoint().unwrap();
+    }
+    verify_file(&path, &live()).unwrap();
+    // Written anyway (by hand), the verifier names the line.
+    let mut lines = read_lines(&path);
+    push_record(&mut lines, "error", json!({"region": "US"}));
+    let e = verify_lines(&lines, &live()).unwrap_err();
+    assert_eq!(e.line, lines.len(), "{e}");
+    assert!(
+        e.reason.contains(&format!("error names region \"US\", but the certificate {} (agent_started at line 1) whose key signs it is issued for region \"DE\"", a.fingerprint())),
+        "{e}"
+    );
+    // Before the first agent_started: held to that agent_started's certificate.
+    let mut lines = Vec::new();
+    push_record(&mut lines, "error", json!({"role": "target"}));
+    push_record(&mut lines, "agent_started", a.started());
+    let e = verify_lines(&lines, &live()).unwrap_err();
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
+fn an_agent_started_certificate_without_a_pgferry_identity_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = leaf(None, &[], "source", "DE", MIGRATION);
+    let mut lines = Vec::new();
+    push_run(&mut lines, &bare, bare.started());
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(e.line, 1);
+    assert!(
+        e.reason
+            .contains("is not a pgferry agent certificate: certificate has no migration URI SAN"),
+        "{e}"
+    );
+    let mut log = AuditLog::open(&dir.path().join("l.jsonl"), bare.signer()).unwrap();
+    assert!(log.append("agent_started", bare.started()).is_err());
+}
+
+#[test]
+fn a_second_writer_is_refused_without_touching_the_log() {
+    let (_d, path, a) = sample("source");
+    let lock = super::writer::lock_path(&path);
+    let before = std::fs::read(&path).unwrap();
+    let first = AuditLog::open(&path, a.signer()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        format!("{}\n", std::process::id())
+    );
+    // Any second opener, even in the same process (flock locks belong to the open file).
+    let e = AuditLog::open(&path, a.signer()).unwrap_err();
+    assert!(
+        matches!(e, AuditError::Locked { pid: Some(p), .. } if p == std::process::id()),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "another pgferry agent is writing this audit log {} (pid {}); stop it, or give this agent its own --audit-log",
+            path.display(),
+            std::process::id()
+        )
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    // Readers need no lock, and reading (opening and closing the file) keeps the lock.
+    verify_file(&path, &live()).unwrap();
+    render_report(&path).unwrap();
+    assert!(matches!(
+        AuditLog::open(&path, a.signer()),
+        Err(AuditError::Locked { .. })
+    ));
+    drop(first);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+    let e = AuditLog::open(&path, a.signer()).map(drop);
+    assert!(e.is_ok(), "{e:?}");
+    // A crash tail is not a reason to wait for a lock: a killed agent's lock is gone with it.
+    verify_file(&path, &closed()).unwrap();
+}
+
 #[test]
 fn the_report_shows_agents_handshakes_streams_and_checkpoints() {
     let (_d, path, a) = sample("source");
@@ -858,7 +1149,7 @@ fn percentages_use_integer_arithmetic() {
 #[test]
 fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
     let dir = tempfile::tempdir().unwrap();
-    let a = agent(None);
+    let a = agent(None, "source");
     let mut log = AuditLog::open(&dir.path().join("l.jsonl"), a.signer()).unwrap();
     let colons = a
         .fingerprint()
@@ -868,52 +1159,12 @@ fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
         .map(|c| std::str::from_utf8(c).unwrap())
         .collect::<Vec<_>>()
         .join(":");
-    let mut started = a.started("source");
+    let mut started = a.started();
     started["fingerprint"] = format!("SHA256:{colons}").into();
     log.append("agent_started", started).unwrap();
-    let mut wrong = a.started("source");
+    let mut wrong = a.started();
     wrong["fingerprint"] = "ab".repeat(32).into();
     assert!(log.append("agent_started", wrong).is_err());
     log.checkpoint().unwrap();
     verify_file(log.path(), &live()).unwrap();
-}
-
-#[test]
-fn a_second_writer_is_refused_without_touching_the_log() {
-    let (_d, path, a) = sample("source");
-    let lock = super::writer::lock_path(&path);
-    let before = std::fs::read(&path).unwrap();
-    let first = AuditLog::open(&path, a.signer()).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(&lock).unwrap(),
-        format!("{}\n", std::process::id())
-    );
-    // Any second opener, even in the same process (flock locks belong to the open file).
-    let e = AuditLog::open(&path, a.signer()).unwrap_err();
-    assert!(
-        matches!(e, AuditError::Locked { pid: Some(p), .. } if p == std::process::id()),
-        "{e:?}"
-    );
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "another pgferry agent is writing this audit log {} (pid {}); stop it, or give this agent its own --audit-log",
-            path.display(),
-            std::process::id()
-        )
-    );
-    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
-    // Readers need no lock, and reading (opening and closing the file) keeps the lock.
-    verify_file(&path, &live()).unwrap();
-    render_report(&path).unwrap();
-    assert!(matches!(
-        AuditLog::open(&path, a.signer()),
-        Err(AuditError::Locked { .. })
-    ));
-    drop(first);
-    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
-    let e = AuditLog::open(&path, a.signer()).map(drop);
-    assert!(e.is_ok(), "{e:?}");
-    // A crash tail is not a reason to wait for a lock: a killed agent's lock is gone with it.
-    verify_file(&path, &closed()).unwrap();
 }

@@ -13,6 +13,7 @@ use super::record::{
     events, find_float, hash_bytes, normalize_fingerprint, parse_time, record_hash, CertKey,
     Fields, CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
 };
+use crate::identity::PeerIdentity;
 
 /// What [`verify_reader`] accepts beyond a complete, signed log.
 #[derive(Debug, Clone, Default)]
@@ -179,6 +180,17 @@ pub(crate) struct Tip {
     pub last_checkpoint_seq: Option<u64>,
     /// The certificate of the most recent `agent_started`.
     pub current_cert: Option<CertKey>,
+    /// Role and migration of the log's writer, from its first `agent_started`.
+    pub identity: Option<LogIdentity>,
+}
+
+/// The one role and the one migration of a log, fixed by its first `agent_started`.
+#[derive(Debug, Clone)]
+pub(crate) struct LogIdentity {
+    pub role: String,
+    pub migration: String,
+    /// Line of the first `agent_started`.
+    pub line: usize,
 }
 
 /// Verifies and hands every record to `visit` (the report keeps them; verify drops them).
@@ -237,6 +249,41 @@ struct Verifier {
     prev_event: String,
     /// Whether the last checkpoint so far signs an `agent_stopped` record.
     closed_by_stop: bool,
+    /// Role and migration of the log, from its first `agent_started`.
+    identity: Option<LogIdentity>,
+    /// What the most recent `agent_started` certificate says about its holder.
+    signer: Option<CertIdentity>,
+    /// Records before the first `agent_started` that name a role, region or migration: held to
+    /// the certificate of that `agent_started` (its key signs the checkpoint covering them).
+    unbound: Vec<SelfDescription>,
+}
+
+/// The identity URI SANs of an `agent_started` certificate.
+#[derive(Debug, Clone)]
+struct CertIdentity {
+    role: String,
+    region: String,
+    migration: String,
+    fingerprint: String,
+    line: usize,
+}
+
+/// The `role`, `region` and `migration` a record's details state about its writer.
+#[derive(Debug)]
+struct SelfDescription {
+    line: usize,
+    event: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+/// Top-level `details.role`, `details.region`, `details.migration` strings: what a record says
+/// about the agent that wrote it (`agent_started` does; `handshake_accepted` names the peer's
+/// under `details.peer`, which is not the writer's).
+pub(crate) fn self_description(details: &Map<String, Value>) -> Vec<(&'static str, String)> {
+    ["role", "region", "migration"]
+        .into_iter()
+        .filter_map(|k| Some((k, details.get(k)?.as_str()?.to_string())))
+        .collect()
 }
 
 const RECORD_KEYS: [&str; 6] = ["details", "event", "hash", "prev", "seq", "time"];
@@ -265,6 +312,9 @@ impl Verifier {
             integrity_failures: 0,
             prev_event: String::new(),
             closed_by_stop: false,
+            identity: None,
+            signer: None,
+            unbound: Vec::new(),
         })
     }
 
@@ -368,7 +418,20 @@ impl Verifier {
             events::INTEGRITY_FAILURE => self.integrity_failures += 1,
             _ => {}
         }
-
+        if event != events::AGENT_STARTED && event != events::CHECKPOINT {
+            let fields = self_description(&details);
+            if !fields.is_empty() {
+                let d = SelfDescription {
+                    line,
+                    event: event.clone(),
+                    fields,
+                };
+                match &self.signer {
+                    Some(signer) => check_self_description(&d, signer)?,
+                    None => self.unbound.push(d),
+                }
+            }
+        }
         if event == events::CHECKPOINT {
             self.closed_by_stop = self.prev_event == events::AGENT_STOPPED;
             self.since_checkpoint = 0;
@@ -395,7 +458,44 @@ impl Verifier {
         time: &str,
         details: &Map<String, Value>,
     ) -> Result<(), VerifyError> {
-        let a = parse_agent_started(details).map_err(|r| VerifyError::at(line, r))?;
+        let err = |reason: String| VerifyError::at(line, reason);
+        let a = parse_agent_started(details).map_err(err)?;
+        // One writer per log: its first agent_started fixes the role and the migration, and a
+        // certificate renewal (new fingerprint, same role and migration) is the only change.
+        match &self.identity {
+            None => {
+                self.identity = Some(LogIdentity {
+                    role: a.role.clone(),
+                    migration: a.migration.clone(),
+                    line,
+                })
+            }
+            Some(id) => {
+                if a.role != id.role {
+                    return Err(err(format!(
+                        "agent_started for role {}, but this log belongs to the {} agent (agent_started at line {}): a log has one writer, so one role",
+                        a.role, id.role, id.line
+                    )));
+                }
+                if a.migration != id.migration {
+                    return Err(err(format!(
+                        "agent_started for migration {}, but this log belongs to migration {} (agent_started at line {}): a log has one migration",
+                        a.migration, id.migration, id.line
+                    )));
+                }
+            }
+        }
+        let signer = CertIdentity {
+            role: a.role.clone(),
+            region: a.region.clone(),
+            migration: a.migration.clone(),
+            fingerprint: a.cert.fingerprint.clone(),
+            line,
+        };
+        for d in std::mem::take(&mut self.unbound) {
+            check_self_description(&d, &signer)?;
+        }
+        self.signer = Some(signer);
         if let Some(ca_der) = &self.ca {
             // Both parsed before: `new` checked the CA, `parse_agent_started` the certificate.
             let parsed = x509_parser::parse_x509_certificate(ca_der).and_then(|(_, ca)| {
@@ -523,6 +623,7 @@ impl Verifier {
             since_checkpoint: self.since_checkpoint,
             last_checkpoint_seq: self.last_checkpoint.map(|(_, s)| s),
             current_cert: self.current_cert.map(|(c, _)| c),
+            identity: self.identity,
         };
         Ok((verified, tip))
     }
@@ -561,13 +662,65 @@ pub(crate) fn parse_agent_started(details: &Map<String, Value>) -> Result<AgentS
             cert.fingerprint
         ));
     }
-    Ok(AgentStarted {
+    let started = AgentStarted {
         role: f.str("role")?.to_string(),
         region: f.str("region")?.to_string(),
         migration: f.str("migration")?.to_string(),
         version: f.str("version")?.to_string(),
         cert,
-    })
+    };
+    // The record speaks for the certificate whose key signs the checkpoints after it, so it
+    // must say what that certificate says: otherwise one agent's key could write a run that
+    // claims to be the other agent's.
+    let id = PeerIdentity::from_der(&started.cert.der).map_err(|e| {
+        format!(
+            "the certificate in details.certificate ({}) is not a pgferry agent certificate: {e}",
+            started.cert.fingerprint
+        )
+    })?;
+    for (field, claimed, certified) in [
+        ("role", &started.role, id.role.as_str()),
+        ("region", &started.region, id.region.as_str()),
+        ("migration", &started.migration, id.migration.as_str()),
+    ] {
+        if claimed != certified {
+            return Err(format!(
+                "details.{field} is {claimed:?}, but the certificate in details.certificate ({}) is issued for {field} {certified:?}: a record must match the certificate that signs it",
+                started.cert.fingerprint
+            ));
+        }
+    }
+    Ok(started)
+}
+
+/// The writer's identity as an `agent_started` certificate states it, for the writer's checks.
+pub(crate) fn certificate_identity(der: &[u8]) -> Option<(String, String, String)> {
+    let id = PeerIdentity::from_der(der).ok()?;
+    Some((
+        id.role.as_str().to_string(),
+        id.region.as_str().to_string(),
+        id.migration.as_str().to_string(),
+    ))
+}
+
+fn check_self_description(d: &SelfDescription, signer: &CertIdentity) -> Result<(), VerifyError> {
+    for (field, value) in &d.fields {
+        let certified = match *field {
+            "role" => &signer.role,
+            "region" => &signer.region,
+            _ => &signer.migration,
+        };
+        if value != certified {
+            return Err(VerifyError::at(
+                d.line,
+                format!(
+                    "{} names {field} {value:?}, but the certificate {} (agent_started at line {}) whose key signs it is issued for {field} {certified:?}",
+                    d.event, signer.fingerprint, signer.line
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_stream_closed(details: &Map<String, Value>) -> Result<StreamSummary, String> {

@@ -18,7 +18,9 @@ use super::record::{
     checkpoint_message, events, find_float, format_time, hash_bytes, record_hash, CertKey,
     CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
 };
-use super::verify::{check_event_details, verify_records, VerifyOptions};
+use super::verify::{
+    certificate_identity, check_event_details, self_description, verify_records, VerifyOptions,
+};
 use super::AuditError;
 
 /// The agent's TLS key and certificate, used to sign checkpoints.
@@ -158,6 +160,9 @@ pub struct AuditLog {
     announced: bool,
     /// A write failed part-way: the file may end in a partial line.
     poisoned: bool,
+    /// Role, region and migration of the signer's certificate (its URI SANs): every record
+    /// that names them must agree.
+    identity: Option<(String, String, String)>,
 }
 
 impl AuditLog {
@@ -165,7 +170,8 @@ impl AuditLog {
     ///
     /// First it takes the log's writer lock (`<path>.lock`, see [`AuditError::Locked`]):
     /// while another `AuditLog` (in any process) holds it, open fails without reading or
-    /// writing the log.
+    /// writing the log. A log whose `agent_started` records name another role or migration
+    /// than the signer's certificate is refused too ([`AuditError::WrongLog`]).
     ///
     /// An existing log is verified first (chain and checkpoint signatures; an unsigned tail is
     /// allowed): a log that fails is never appended to, and the error names the line. If it
@@ -205,7 +211,9 @@ impl AuditLog {
             last_checkpoint_seq: None,
             announced: false,
             poisoned: false,
+            identity: None,
         };
+        log.identity = certificate_identity(log.signer.certificate_der());
         if !existed {
             // Make the new directory entry durable, not only the data written later.
             if let Some(dir) = parent {
@@ -229,6 +237,16 @@ impl AuditLog {
                     source,
                 }
             })?;
+        if let (Some(theirs), Some((our_role, _, our_migration))) = (&tip.identity, &log.identity) {
+            if theirs.role != *our_role || theirs.migration != *our_migration {
+                return Err(AuditError::WrongLog {
+                    path: path.to_path_buf(),
+                    log_writer: format!("{} agent of migration {}", theirs.role, theirs.migration),
+                    line: theirs.line,
+                    ours: format!("{our_role} of migration {our_migration}"),
+                });
+            }
+        }
         log.next_seq = tip.next_seq;
         log.last_hash = tip.last_hash;
         log.since_checkpoint = tip.since_checkpoint;
@@ -296,6 +314,23 @@ impl AuditLog {
         }
         if let Value::Object(map) = &details {
             check_event_details(event, map).map_err(invalid)?;
+            if let Some((role, region, migration)) = &self.identity {
+                for (field, value) in self_description(map) {
+                    let certificate = match field {
+                        "role" => role,
+                        "region" => region,
+                        _ => migration,
+                    };
+                    if value != *certificate {
+                        return Err(AuditError::IdentityMismatch {
+                            event: event.to_string(),
+                            field,
+                            value,
+                            certificate: certificate.clone(),
+                        });
+                    }
+                }
+            }
         }
         let seq = self.write_record(event, details, time)?;
         if starting {
