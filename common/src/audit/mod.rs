@@ -35,8 +35,8 @@
 //! ```text
 //!   record   the format: canonical form, hashing, time, per-event schemas shared by both sides
 //!   writer   CheckpointSigner and AuditLog (lock, open/verify/resume, append, checkpoint)
-//!   verify   verify_reader / verify_file → Verified (agents, streams, checkpoints)
-//!   peer     compare_peer: the two agents' logs must agree on every stream's digests
+//!   verify   verify_reader / verify_file → Verified (agents, runs, tunnel sessions, streams)
+//!   peer     compare_peer: the two agents' logs describe the same sessions and the same bytes
 //!   report   render_report: the plain-text report an auditor reads
 //! ```
 //!
@@ -72,12 +72,21 @@
 //! certificate contradicts; a second role or migration in one log; with `--ca`, an
 //! `agent_started` certificate not issued by the migration's CA.
 //!
+//! With `--peer` (see the `peer` module for the exact rule): a stream whose digests or byte
+//! counts differ between the two logs; a tunnel session or a stream that ended `ok` present in
+//! one log only, unless the other agent could not have recorded it (before its log's first
+//! `agent_started`, while it was down after a crash, after the last record of a log that does
+//! not end with `agent_stopped`). That includes a whole later run cut from the end of a log.
+//!
 //! Not detectable from one log alone:
 //! - A closed log (verified without `--allow-open`) must end with `agent_stopped` and its
 //!   checkpoint, so a cut right after a session's checkpoint is detected too. A log that spans
 //!   several runs of the agent can still be cut right after an earlier run's final checkpoint
-//!   without a trace in that log alone: comparing with the peer's log (`--peer`: streams present
-//!   in only one log are reported) narrows this down.
+//!   without a trace in that log alone; `--peer` fails if the peer's log recorded a tunnel
+//!   session with the missing run (a run that never reached its peer leaves no trace there).
+//!   A log that ends open (`--allow-open`) may be cut after any checkpoint: `--peer` tolerates
+//!   what the peer recorded after such a log's last record, since its agent may still be
+//!   writing it.
 //! - The hashes are unkeyed: whoever can write the file can rewrite the records after the last
 //!   checkpoint, or remove them, together with their hashes. Only checkpoints (signed) pin the
 //!   past. An agent that crashes leaves such an unsigned tail; see `log_resumed` below.
@@ -85,8 +94,10 @@
 //!   covered by the next checkpoint.
 //! - Without `--ca`, anybody with *some* P-256 key and a certificate that carries pgferry URI
 //!   SANs can write a fresh, self-consistent log with that certificate in `agent_started`:
-//!   pass the migration's CA to rule that out.
-//!   Certificate validity periods are not checked (an old log outlives its certificates).
+//!   pass the migration's CA to rule that out. Certificate validity periods are not checked (an
+//!   old log outlives its certificates).
+//! - An agent's own key can rewrite its own log wholesale: the peer's log (`--peer`) is the
+//!   check on that.
 //!
 //! # Durability and crashes
 //!
@@ -110,12 +121,15 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use peer::{compare_peer, PeerComparison, PeerDirection, PeerMismatch, StreamMismatch};
+pub use peer::{
+    compare_peer, compare_peer_named, MissingKind, MissingRecord, PeerComparison, PeerDirection,
+    PeerMismatch, StreamMismatch, PEER_CLOCK_SLACK_MS,
+};
 pub use record::{events, CHECKPOINT_ALGORITHM, CHECKPOINT_DOMAIN};
 pub use report::render_report;
 pub use verify::{
-    verify_file, verify_reader, AgentInfo, Resume, StreamSummary, Verified, VerifyError,
-    VerifyOptions,
+    verify_file, verify_reader, AgentInfo, HandshakeFailure, Resume, Run, RunEnd, StreamSeen,
+    StreamSummary, TunnelSession, Verified, VerifyError, VerifyOptions,
 };
 pub use writer::{AuditLog, CheckpointSigner};
 

@@ -793,20 +793,25 @@ fn malformed_lines_name_their_line() {
 fn peer_logs_agree_and_disagreements_name_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("s.jsonl"), dir.path().join("t.jsonl"));
-    write_log(&src, &agent(None, "source"));
-    write_log(&tgt, &agent(None, "target"));
+    let (sa, ta) = (agent(None, "source"), agent(None, "target"));
+    write_log_with_peer(&src, &sa, &ta.fingerprint());
+    write_log_with_peer(&tgt, &ta, &sa.fingerprint());
     let (vs, vt) = (
         verify_file(&src, &closed()).unwrap(),
         verify_file(&tgt, &closed()).unwrap(),
     );
-    let c = compare_peer(&vt, &vs).unwrap();
+    let c = compare_peer_named(&vt, "t.jsonl", &vs, "s.jsonl").unwrap();
     assert_eq!(
         c,
         PeerComparison {
+            a_name: "t.jsonl".into(),
+            b_name: "s.jsonl".into(),
             compared: 3,
+            not_ok: 0,
+            unfinished: 0,
+            tunnel_sessions: 2,
             only_in_a: 0,
             only_in_b: 0,
-            not_ok: 0
         }
     );
     assert_eq!(compare_peer(&vs, &vt).unwrap().compared, 3);
@@ -814,8 +819,14 @@ fn peer_logs_agree_and_disagreements_name_the_session() {
     // The source delivered something else to the target than it reports.
     let mut vt2 = vt.clone();
     vt2.sessions[1].received_digest = "ee".repeat(32);
-    match compare_peer(&vs, &vt2).unwrap_err() {
+    match compare_peer_named(&vs, "s.jsonl", &vt2, "t.jsonl").unwrap_err() {
         PeerMismatch::Stream(m) => {
+            assert!(
+                m.to_string_named()
+                    .contains("sent by s.jsonl's agent (line 6)"),
+                "{}",
+                m.to_string_named()
+            );
             let StreamMismatch {
                 session_id,
                 direction,
@@ -843,22 +854,353 @@ fn peer_logs_agree_and_disagreements_name_the_session() {
     );
     assert!(m.to_string().contains("session 000000000a100003"), "{m}");
 
-    // Streams missing on one side or not ok are counted, not errors.
-    let mut vt4 = vt.clone();
-    vt4.sessions.remove(0);
-    vt4.sessions[0].outcome = "peer_reset".into();
-    vt4.sessions[0].received_digest = "00".repeat(32);
-    let c = compare_peer(&vs, &vt4).unwrap();
-    assert_eq!(
-        (c.compared, c.only_in_a, c.only_in_b, c.not_ok),
-        (1, 1, 0, 1)
-    );
-
     // Two logs of the same role are not peers.
     assert!(matches!(
         compare_peer(&vs, &vs),
         Err(PeerMismatch::NotPeers { .. })
     ));
+}
+
+impl StreamMismatch {
+    fn to_string_named(&self) -> String {
+        PeerMismatch::Stream(Box::new(self.clone())).to_string()
+    }
+}
+
+/// Removes every trace of a stream from a verified log.
+fn forget_stream(v: &mut Verified, id: &str) {
+    v.sessions.retain(|s| s.session_id != id);
+    v.streams_seen.retain(|s| s.session_id != id);
+}
+
+#[test]
+fn a_stream_missing_from_the_peer_log_fails() {
+    let rig = PeerRig::new();
+    let ids = ["000000000a100001", "000000000a100002"];
+    rig.source().start(0).session(10, 20, &ids).stop(30);
+    rig.target().start(0).session(10, 20, &ids).stop(30);
+    let vs = verify_file(&rig.source_log, &closed()).unwrap();
+    let vt = verify_file(&rig.target_log, &closed()).unwrap();
+    let mut vt2 = vt.clone();
+    forget_stream(&mut vt2, "000000000a100002");
+    let m = compare_peer_named(&vs, "source.jsonl", &vt2, "target.jsonl").unwrap_err();
+    let PeerMismatch::Missing(items) = &m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(items.len(), 1, "{m}");
+    assert_eq!(
+        (
+            items[0].present_in.as_str(),
+            items[0].line,
+            items[0].missing_from.as_str()
+        ),
+        ("source.jsonl", 6, "target.jsonl")
+    );
+    let text = m.to_string();
+    for needle in [
+        "the logs do not describe the same sessions: 1 record(s) in one log only",
+        "source.jsonl line 6 (2026-11-24T10:00:11.766Z, run started at line 1): stream 000000000a100002 (postgres, ended ok), not in target.jsonl: target.jsonl's agent was running then (run started at line 1) and has no record of it",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // The other way round too.
+    let m = compare_peer_named(&vt2, "target.jsonl", &vs, "source.jsonl").unwrap_err();
+    assert!(m.to_string().contains("source.jsonl line 6"), "{m}");
+
+    // The peer saw it begin and not end (its agent stopped or crashed first): not compared.
+    let mut vt3 = vt.clone();
+    vt3.sessions.retain(|s| s.session_id != "000000000a100002");
+    let c = compare_peer(&vs, &vt3).unwrap();
+    assert_eq!((c.compared, c.unfinished), (1, 1));
+    // A stream that did not end ok may never have reached the peer: tolerated.
+    let mut vs2 = vs.clone();
+    vs2.sessions[1].outcome = "tunnel_error".into();
+    let c = compare_peer(&vs2, &vt2).unwrap();
+    assert_eq!((c.compared, c.only_in_a), (1, 1));
+}
+
+/// A wall clock for scripted logs: `secs` after 10:00 on a fixed day.
+fn at(secs: i64) -> time::OffsetDateTime {
+    time::macros::datetime!(2026-11-24 10:00 UTC) + time::Duration::seconds(secs)
+}
+
+/// One agent writing its log in a scripted pair; times are [`at`] seconds.
+struct Side<'a> {
+    log: AuditLog,
+    me: &'a Agent,
+    peer_fp: String,
+}
+
+impl<'a> Side<'a> {
+    fn open(path: &Path, me: &'a Agent, peer: &Agent) -> Self {
+        Self {
+            log: AuditLog::open(path, me.signer()).unwrap(),
+            me,
+            peer_fp: peer.fingerprint(),
+        }
+    }
+    fn start(&mut self, t: i64) -> &mut Self {
+        self.log
+            .append_at("agent_started", self.me.started(), at(t))
+            .unwrap();
+        self
+    }
+    /// `handshake_accepted` at `t` (no `session_ended`: see [`Side::end`]).
+    fn accept(&mut self, t: i64) -> &mut Self {
+        let h = handshake(self.me, &self.peer_fp);
+        self.log.append_at("handshake_accepted", h, at(t)).unwrap();
+        self
+    }
+    /// A stream that ends ok, opened at `t`, closed at `t + 1`.
+    fn stream(&mut self, t: i64, id: &str) -> &mut Self {
+        let opened = json!({"session_id": id, "service": "postgres"});
+        self.log.append_at("stream_opened", opened, at(t)).unwrap();
+        let closed = stream(id, &self.me.role, "ok");
+        self.log
+            .append_at("stream_closed", closed, at(t + 1))
+            .unwrap();
+        self
+    }
+    fn end(&mut self, t: i64, streams: u64) -> &mut Self {
+        let e = ended(&self.peer_fp, streams);
+        self.log.append_at("session_ended", e, at(t)).unwrap();
+        self.log.checkpoint_at(at(t)).unwrap();
+        self
+    }
+    /// A whole tunnel session from `t0` to `t1` carrying the streams `ids`.
+    fn session(&mut self, t0: i64, t1: i64, ids: &[&str]) -> &mut Self {
+        self.accept(t0);
+        for (k, id) in ids.iter().enumerate() {
+            self.stream(t0 + 1 + k as i64, id);
+        }
+        self.end(t1, ids.len() as u64)
+    }
+    fn stop(&mut self, t: i64) {
+        let d = json!({"drained": true, "streams_cut": 0});
+        self.log.append_at("agent_stopped", d, at(t)).unwrap();
+        self.log.checkpoint_at(at(t)).unwrap();
+    }
+}
+
+/// Two agents of one migration and the paths of their logs.
+struct PeerRig {
+    _dir: tempfile::TempDir,
+    source: Agent,
+    target: Agent,
+    source_log: PathBuf,
+    target_log: PathBuf,
+}
+
+impl PeerRig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (source_log, target_log) = (
+            dir.path().join("source.jsonl"),
+            dir.path().join("target.jsonl"),
+        );
+        Self {
+            _dir: dir,
+            source: agent(None, "source"),
+            target: agent_in(None, "target", "FR", MIGRATION),
+            source_log,
+            target_log,
+        }
+    }
+    fn source(&self) -> Side<'_> {
+        Side::open(&self.source_log, &self.source, &self.target)
+    }
+    fn target(&self) -> Side<'_> {
+        Side::open(&self.target_log, &self.target, &self.source)
+    }
+    /// `compare_peer` of the source's log (A) with the target's (B), both verified as live.
+    fn compare(&self) -> Result<PeerComparison, PeerMismatch> {
+        let vs = verify_file(&self.source_log, &live()).unwrap();
+        let vt = verify_file(&self.target_log, &live()).unwrap();
+        compare_peer_named(&vs, "source.jsonl", &vt, "target.jsonl")
+    }
+}
+
+#[test]
+fn a_whole_run_cut_from_the_end_of_the_peer_log_fails() {
+    let rig = PeerRig::new();
+    for run in 0..2 {
+        let base = run * 100;
+        let id1 = format!("00000000000{run}0001");
+        rig.source()
+            .start(base)
+            .session(base + 1, base + 10, &[&id1])
+            .stop(base + 11);
+        rig.target()
+            .start(base)
+            .session(base + 1, base + 10, &[&id1])
+            .stop(base + 11);
+    }
+    let c = rig.compare().unwrap();
+    assert_eq!((c.tunnel_sessions, c.compared), (2, 2), "{c}");
+    assert_eq!((c.only_in_a, c.only_in_b), (0, 0), "{c}");
+
+    // The target's log loses its second run: cut right after run 1's final checkpoint, it
+    // still verifies on its own (documented) ...
+    let lines = read_lines(&rig.target_log);
+    assert_eq!(lines.len(), 16);
+    std::fs::write(&rig.target_log, lines[..8].join("\n") + "\n").unwrap();
+    verify_file(&rig.target_log, &closed()).unwrap();
+    // ... but the source's log recorded a session and a stream with the target after it.
+    let m = rig.compare().unwrap_err();
+    let PeerMismatch::Missing(items) = &m else {
+        panic!("{m:?}")
+    };
+    let text = m.to_string();
+    assert_eq!(items.len(), 2, "{text}");
+    assert_eq!((items[0].line, items[0].run_line), (10, Some(9)), "{text}");
+    assert!(
+        matches!(&items[0].kind, MissingKind::TunnelSession { peer_fingerprint } if *peer_fingerprint == rig.target.fingerprint()),
+        "{text}"
+    );
+    assert!(
+        matches!(&items[1].kind, MissingKind::Stream { session_id, .. } if session_id == "0000000000010001"),
+        "{text}"
+    );
+    for needle in [
+        "source.jsonl line 10 (2026-11-24T10:01:41.000Z, run started at line 9): tunnel session with certificate",
+        "not in target.jsonl: target.jsonl ends with its agent stopped at line 7 (2026-11-24T10:00:11.000Z): a later run of target.jsonl's agent is missing (was the log cut after that run's final checkpoint?)",
+        "source.jsonl line 12",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // Whichever log comes first.
+    let vs = verify_file(&rig.source_log, &closed()).unwrap();
+    let vt = verify_file(&rig.target_log, &closed()).unwrap();
+    assert!(matches!(
+        compare_peer(&vt, &vs),
+        Err(PeerMismatch::Missing(items)) if items.len() == 2
+    ));
+}
+
+#[test]
+fn records_where_the_peer_could_not_have_recorded_them_are_tolerated() {
+    let rig = PeerRig::new();
+    {
+        // The source's log begins with a run before the target's log begins (window 1).
+        let mut s = rig.source();
+        s.start(-100)
+            .session(-99, -90, &["00000000000f0001"])
+            .stop(-89);
+    }
+    {
+        let mut s = rig.source();
+        let mut t = rig.target();
+        s.start(0).accept(1).stream(2, "0000000000000001");
+        t.start(0).accept(1).stream(2, "0000000000000001");
+        // The target is killed at 4 after its last record at 3 (window 2): the source
+        // finishes a stream the target had no time to record, and sees the tunnel go only
+        // at its idle timeout.
+        s.stream(5, "0000000000000002").end(34, 2);
+        drop(t);
+        // Restarted (log_resumed), the target reconnects at 41.
+        let mut t = rig.target();
+        t.start(40).session(41, 50, &["0000000000000003"]);
+        s.session(41, 50, &["0000000000000003"]);
+        // The target is still running: its log ends open at 50 (window 3), and the source's
+        // next session has begun after that.
+        s.accept(52).stream(53, "0000000000000004").end(60, 1);
+    }
+    let c = rig.compare().unwrap();
+    assert_eq!(
+        (c.tunnel_sessions, c.compared, c.unfinished),
+        (2, 2, 0),
+        "{c}"
+    );
+    // Before the target's log: a session and a stream; while it was down: a stream; after
+    // its last record: a session and a stream.
+    assert_eq!((c.only_in_a, c.only_in_b), (5, 0), "{c}");
+    assert!(
+        c.to_string()
+            .contains("tolerated in one log only (the other agent was down or never saw them): 5 in source.jsonl, 0 in target.jsonl"),
+        "{c}"
+    );
+    let vt = verify_file(&rig.target_log, &live()).unwrap();
+    assert!(
+        matches!(vt.runs[0].end, RunEnd::Crashed { line: 4, .. }),
+        "{:?}",
+        vt.runs
+    );
+    assert!(
+        matches!(vt.runs[1].end, RunEnd::Open { .. }),
+        "{:?}",
+        vt.runs
+    );
+}
+
+#[test]
+fn a_session_while_the_peer_log_says_its_agent_was_stopped_fails() {
+    let rig = PeerRig::new();
+    {
+        let (mut s, mut t) = (rig.source(), rig.target());
+        s.start(0).session(1, 10, &[]);
+        t.start(0).session(1, 10, &[]).stop(11);
+        // The target's log says its agent was stopped from 11 to 100, yet the source had a
+        // tunnel with it at 50.
+        s.session(50, 60, &[]);
+    }
+    rig.target().start(100).stop(101);
+    let m = rig.compare().unwrap_err();
+    let text = m.to_string();
+    assert!(
+        text.contains("target.jsonl's agent was stopped then: its run from line 1 ended with agent_stopped at line 5 (2026-11-24T10:00:11.000Z), the next started at line 7 (2026-11-24T10:01:40.000Z)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_session_with_a_certificate_the_peer_never_ran_with_fails() {
+    let rig = PeerRig::new();
+    let impostor = agent_in(None, "target", "FR", MIGRATION);
+    {
+        let (mut s, mut t) = (rig.source(), rig.target());
+        s.start(0).session(1, 10, &[]);
+        t.start(0).session(1, 10, &[]);
+        s.peer_fp = impostor.fingerprint();
+        s.session(20, 30, &[]);
+        t.stop(40);
+    }
+    let text = rig.compare().unwrap_err().to_string();
+    assert!(
+        text.contains(&format!(
+            "tunnel session with certificate {}, not in target.jsonl: no run of target.jsonl's agent used that certificate",
+            impostor.fingerprint()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_session_the_dialer_could_not_complete_is_tolerated() {
+    for dialer_failed in [true, false] {
+        let rig = PeerRig::new();
+        {
+            let (mut s, mut t) = (rig.source(), rig.target());
+            s.start(0).session(1, 10, &[]);
+            t.start(0).session(1, 10, &[]);
+            // The source (listening) sent HelloAck and accepted; the target never got it.
+            s.session(20, 50, &[]);
+            if dialer_failed {
+                let f = json!({"address": "192.0.2.1:7443", "fingerprint": rig.source.fingerprint(), "reason": "connection closed before Hello: timed out"});
+                t.log.append_at("handshake_failed", f, at(50)).unwrap();
+            }
+            t.stop(60);
+            s.stop(61);
+        }
+        let r = rig.compare();
+        if dialer_failed {
+            let c = r.unwrap();
+            assert_eq!((c.tunnel_sessions, c.only_in_a), (1, 1), "{c}");
+        } else {
+            let text = r.unwrap_err().to_string();
+            assert!(text.contains("source.jsonl line 5"), "{text}");
+            assert!(text.contains("was running then"), "{text}");
+        }
+    }
 }
 
 /// Appends a record to `lines` as whoever can write the file can: seq, prev and hash right.
@@ -996,6 +1338,8 @@ fn a_renewed_certificate_continues_the_log() {
         fingerprints,
         [old.fingerprint().as_str(), renewed.fingerprint().as_str()]
     );
+    assert_eq!(v.runs.len(), 2);
+    assert!(matches!(v.runs[1].end, RunEnd::Stopped { line: 18, .. }));
     // A checkpoint of the renewed run signed with the old key is still refused.
     let mut lines = read_lines(&path);
     lines.pop();

@@ -124,6 +124,113 @@ pub struct Resume {
     pub unsigned_records: u64,
 }
 
+/// How a run of the agent ended, as far as its log tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The run's `agent_stopped` record: the agent stopped cleanly at this time.
+    Stopped {
+        /// Line of `agent_stopped`.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+    /// The next run (or a `log_resumed`) follows without an `agent_stopped`: the agent crashed
+    /// or was killed some time after this, its last record.
+    Crashed {
+        /// Line of the run's last record.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+    /// The log ends inside the run without an `agent_stopped`: the agent is still running, or
+    /// it crashed and has not been restarted since.
+    Open {
+        /// Line of the log's last record.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+}
+
+impl RunEnd {
+    /// Line of the run's last record (`agent_stopped` for a clean stop).
+    pub fn line(&self) -> usize {
+        match *self {
+            Self::Stopped { line, .. } | Self::Crashed { line, .. } | Self::Open { line, .. } => {
+                line
+            }
+        }
+    }
+    /// Time of that record.
+    pub fn time(&self) -> OffsetDateTime {
+        match *self {
+            Self::Stopped { time, .. } | Self::Crashed { time, .. } | Self::Open { time, .. } => {
+                time
+            }
+        }
+    }
+}
+
+/// One run of the agent: from an `agent_started` to the last record before the next run's
+/// first (`log_resumed` or `agent_started`), or to the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Line of the run's `agent_started`.
+    pub line: usize,
+    /// Its time.
+    pub start: OffsetDateTime,
+    /// The run's certificate (SHA-256, lowercase hex).
+    pub fingerprint: String,
+    /// How the run ended.
+    pub end: RunEnd,
+}
+
+/// A QUIC connection with the peer as this log records it: `handshake_accepted`, then
+/// `session_ended` with the same address (and peer fingerprint, when the record names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSession {
+    /// Line of `handshake_accepted`.
+    pub line: usize,
+    /// Its time.
+    pub start: OffsetDateTime,
+    /// `details.address`: the peer's UDP address.
+    pub address: String,
+    /// `details.peer.fingerprint`, in the log's form (lowercase hex).
+    pub peer_fingerprint: String,
+    /// This agent's certificate at the time: that of the run's `agent_started`.
+    pub own_fingerprint: String,
+    /// Index of the run in [`Verified::runs`].
+    pub run: usize,
+    /// Line and time of `session_ended`; `None` if the run ended first (crash, or still open).
+    pub end: Option<(usize, OffsetDateTime)>,
+    /// `details.streams` of `session_ended`: data streams the connection carried.
+    pub streams: Option<u64>,
+}
+
+/// A handshake that did not complete on this side although the peer may have accepted it
+/// (`handshake_failed` or `handshake_refused` naming the peer's certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeFailure {
+    /// Line of the record.
+    pub line: usize,
+    /// Its time.
+    pub time: OffsetDateTime,
+    /// `details.fingerprint`, in the log's form.
+    pub fingerprint: String,
+}
+
+/// A forwarded connection this agent saw begin (`stream_opened`, or `stream_refused` by the
+/// source), whether or not it recorded its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSeen {
+    /// `details.session_id`.
+    pub session_id: String,
+    /// Line of the record.
+    pub line: usize,
+    /// Its time.
+    pub time: OffsetDateTime,
+}
+
 /// A log that verified.
 #[derive(Debug, Clone)]
 pub struct Verified {
@@ -147,6 +254,14 @@ pub struct Verified {
     pub resumes: Vec<Resume>,
     /// Number of `integrity_failure` records.
     pub integrity_failures: usize,
+    /// The agent's runs, in log order (one per `agent_started`).
+    pub runs: Vec<Run>,
+    /// Every QUIC connection with the peer (`handshake_accepted`), in log order.
+    pub tunnel_sessions: Vec<TunnelSession>,
+    /// Handshakes that failed here and name the peer's certificate.
+    pub handshake_failures: Vec<HandshakeFailure>,
+    /// Every `stream_opened` and `stream_refused`, in log order.
+    pub streams_seen: Vec<StreamSeen>,
 }
 
 /// Verifies a whole log read from `r`; the first problem is returned with its line.
@@ -256,6 +371,15 @@ struct Verifier {
     /// Records before the first `agent_started` that name a role, region or migration: held to
     /// the certificate of that `agent_started` (its key signs the checkpoint covering them).
     unbound: Vec<SelfDescription>,
+    runs: Vec<Run>,
+    /// The current run's last record and whether it was `agent_stopped`.
+    run_last: Option<(usize, OffsetDateTime)>,
+    run_stopped: Option<(usize, OffsetDateTime)>,
+    /// Whether records since the last run began belong to it (false after a `log_resumed`).
+    in_run: bool,
+    tunnel_sessions: Vec<TunnelSession>,
+    handshake_failures: Vec<HandshakeFailure>,
+    streams_seen: Vec<StreamSeen>,
 }
 
 /// The identity URI SANs of an `agent_started` certificate.
@@ -315,6 +439,13 @@ impl Verifier {
             identity: None,
             signer: None,
             unbound: Vec::new(),
+            runs: Vec::new(),
+            run_last: None,
+            run_stopped: None,
+            in_run: false,
+            tunnel_sessions: Vec::new(),
+            handshake_failures: Vec::new(),
+            streams_seen: Vec::new(),
         })
     }
 
@@ -393,8 +524,12 @@ impl Verifier {
             return Err(err("field details must be an object".into()));
         };
 
+        if event == events::AGENT_STARTED || event == events::LOG_RESUMED {
+            // A new process: whatever the previous run wrote last is where it ended.
+            self.end_run(false);
+        }
         match event.as_str() {
-            events::AGENT_STARTED => self.agent_started(line, &time_text, &details)?,
+            events::AGENT_STARTED => self.agent_started(line, &time_text, time, &details)?,
             events::CHECKPOINT => self.checkpoint(line, seq, &details)?,
             events::LOG_RESUMED => {
                 let unsigned = parse_log_resumed(&details).map_err(err)?;
@@ -416,6 +551,52 @@ impl Verifier {
                 self.sessions.push(s);
             }
             events::INTEGRITY_FAILURE => self.integrity_failures += 1,
+            events::HANDSHAKE_ACCEPTED => {
+                let (address, peer_fingerprint) =
+                    parse_handshake_accepted(&details).map_err(err)?;
+                if self.in_run {
+                    let run = self.runs.len() - 1;
+                    self.tunnel_sessions.push(TunnelSession {
+                        line,
+                        start: time,
+                        address,
+                        peer_fingerprint: normalize_fingerprint(&peer_fingerprint),
+                        own_fingerprint: self.runs[run].fingerprint.clone(),
+                        run,
+                        end: None,
+                        streams: None,
+                    });
+                }
+            }
+            events::SESSION_ENDED => {
+                let ended = parse_session_ended(&details).map_err(err)?;
+                self.session_ended(line, time, &ended);
+            }
+            events::HANDSHAKE_FAILED | events::HANDSHAKE_REFUSED => {
+                let named = details
+                    .get("fingerprint")
+                    .and_then(Value::as_str)
+                    .map(normalize_fingerprint)
+                    .filter(|f| super::record::is_hash_hex(f));
+                if let Some(fingerprint) = named {
+                    self.handshake_failures.push(HandshakeFailure {
+                        line,
+                        time,
+                        fingerprint,
+                    });
+                }
+            }
+            events::STREAM_OPENED | events::STREAM_REFUSED => {
+                let session_id = Fields::new(&details, "details.")
+                    .str("session_id")
+                    .map_err(err)?
+                    .to_string();
+                self.streams_seen.push(StreamSeen {
+                    session_id,
+                    line,
+                    time,
+                });
+            }
             _ => {}
         }
         if event != events::AGENT_STARTED && event != events::CHECKPOINT {
@@ -432,6 +613,13 @@ impl Verifier {
                 }
             }
         }
+        if self.in_run {
+            self.run_last = Some((line, time));
+            if event == events::AGENT_STOPPED {
+                self.run_stopped = Some((line, time));
+            }
+        }
+
         if event == events::CHECKPOINT {
             self.closed_by_stop = self.prev_event == events::AGENT_STOPPED;
             self.since_checkpoint = 0;
@@ -456,6 +644,7 @@ impl Verifier {
         &mut self,
         line: usize,
         time: &str,
+        at: OffsetDateTime,
         details: &Map<String, Value>,
     ) -> Result<(), VerifyError> {
         let err = |reason: String| VerifyError::at(line, reason);
@@ -496,6 +685,13 @@ impl Verifier {
             check_self_description(&d, &signer)?;
         }
         self.signer = Some(signer);
+        self.runs.push(Run {
+            line,
+            start: at,
+            fingerprint: a.cert.fingerprint.clone(),
+            end: RunEnd::Open { line, time: at },
+        });
+        self.in_run = true;
         if let Some(ca_der) = &self.ca {
             // Both parsed before: `new` checked the CA, `parse_agent_started` the certificate.
             let parsed = x509_parser::parse_x509_certificate(ca_der).and_then(|(_, ca)| {
@@ -566,7 +762,42 @@ impl Verifier {
         Ok(())
     }
 
-    fn finish(self) -> Result<(Verified, Tip), VerifyError> {
+    /// Closes the current run: `Stopped` if it wrote `agent_stopped`, else `Crashed` (another
+    /// process follows) or `Open` (the log ends here).
+    fn end_run(&mut self, log_ends: bool) {
+        if !self.in_run {
+            return;
+        }
+        self.in_run = false;
+        let (Some(run), Some((line, time))) = (self.runs.last_mut(), self.run_last.take()) else {
+            return;
+        };
+        run.end = match (self.run_stopped.take(), log_ends) {
+            (Some((line, time)), _) => RunEnd::Stopped { line, time },
+            (None, false) => RunEnd::Crashed { line, time },
+            (None, true) => RunEnd::Open { line, time },
+        };
+    }
+
+    /// Pairs a `session_ended` with the earliest open session of this run to the same address.
+    fn session_ended(&mut self, line: usize, time: OffsetDateTime, ended: &SessionEnded) {
+        let Some(run) = self.in_run.then(|| self.runs.len() - 1) else {
+            return;
+        };
+        let peer = ended.peer_fingerprint.as_deref().map(normalize_fingerprint);
+        if let Some(s) = self.tunnel_sessions.iter_mut().find(|s| {
+            s.run == run
+                && s.end.is_none()
+                && s.address == ended.address
+                && peer.as_ref().is_none_or(|p| *p == s.peer_fingerprint)
+        }) {
+            s.end = Some((line, time));
+            s.streams = ended.streams;
+        }
+    }
+
+    fn finish(mut self) -> Result<(Verified, Tip), VerifyError> {
+        self.end_run(true);
         let (Some(first_time), Some(last_time)) = (self.first_time, self.last_time) else {
             return Err(VerifyError::at(0, "the log is empty (no records)"));
         };
@@ -616,6 +847,10 @@ impl Verifier {
             last_checkpoint_line: self.last_checkpoint.map(|(l, _)| l),
             resumes: self.resumes,
             integrity_failures: self.integrity_failures,
+            runs: self.runs,
+            tunnel_sessions: self.tunnel_sessions,
+            handshake_failures: self.handshake_failures,
+            streams_seen: self.streams_seen,
         };
         let tip = Tip {
             next_seq: self.next_seq,
@@ -637,6 +872,11 @@ pub(crate) fn check_event_details(event: &str, details: &Map<String, Value>) -> 
         events::STREAM_CLOSED => parse_stream_closed(details).map(drop),
         events::CHECKPOINT => parse_checkpoint(details).map(drop),
         events::LOG_RESUMED => parse_log_resumed(details).map(drop),
+        events::HANDSHAKE_ACCEPTED => parse_handshake_accepted(details).map(drop),
+        events::SESSION_ENDED => parse_session_ended(details).map(drop),
+        events::STREAM_OPENED | events::STREAM_REFUSED => {
+            Fields::new(details, "details.").str("session_id").map(drop)
+        }
         _ => Ok(()),
     }
 }
@@ -721,6 +961,30 @@ fn check_self_description(d: &SelfDescription, signer: &CertIdentity) -> Result<
         }
     }
     Ok(())
+}
+
+/// `handshake_accepted`: the peer's address and certificate fingerprint.
+fn parse_handshake_accepted(details: &Map<String, Value>) -> Result<(String, String), String> {
+    let f = Fields::new(details, "details.");
+    Ok((
+        f.str("address")?.to_string(),
+        f.object("peer")?.str("fingerprint")?.to_string(),
+    ))
+}
+
+pub(crate) struct SessionEnded {
+    pub address: String,
+    pub peer_fingerprint: Option<String>,
+    pub streams: Option<u64>,
+}
+
+fn parse_session_ended(details: &Map<String, Value>) -> Result<SessionEnded, String> {
+    let f = Fields::new(details, "details.");
+    Ok(SessionEnded {
+        address: f.str("address")?.to_string(),
+        peer_fingerprint: f.opt_str("peer_fingerprint").map(str::to_string),
+        streams: details.get("streams").and_then(Value::as_u64),
+    })
 }
 
 pub(crate) fn parse_stream_closed(details: &Map<String, Value>) -> Result<StreamSummary, String> {

@@ -344,6 +344,11 @@ impl AuditLog {
     /// checkpoint's `seq` (two checkpoints in a row would add nothing and would make a cut
     /// between them undetectable).
     pub fn checkpoint(&mut self) -> Result<u64, AuditError> {
+        self.checkpoint_at(OffsetDateTime::now_utc())
+    }
+
+    /// [`checkpoint`](Self::checkpoint) with the record's time given (tests).
+    pub(crate) fn checkpoint_at(&mut self, time: OffsetDateTime) -> Result<u64, AuditError> {
         if self.poisoned {
             return Err(AuditError::Poisoned(self.path.clone()));
         }
@@ -363,7 +368,7 @@ impl AuditLog {
             "signed_hash": self.last_hash,
             "signature": base64::engine::general_purpose::STANDARD.encode(signature),
         });
-        let seq = self.write_record(events::CHECKPOINT, details, OffsetDateTime::now_utc())?;
+        let seq = self.write_record(events::CHECKPOINT, details, time)?;
         self.file.sync_data().map_err(|source| AuditError::Io {
             path: self.path.clone(),
             action: "syncing after a checkpoint",
