@@ -34,34 +34,70 @@
 //!
 //! ```text
 //!   record   the format: canonical form, hashing, time, per-event schemas shared by both sides
-//!   writer   CheckpointSigner and AuditLog (open/verify/resume, append, checkpoint)
-//!   verify   verify_reader / verify_file → Verified (agents, streams, checkpoints)
-//!   peer     compare_peer: the two agents' logs must agree on every stream's digests
+//!   writer   CheckpointSigner and AuditLog (lock, open/verify/resume, append, checkpoint)
+//!   verify   verify_reader / verify_file → Verified (agents, runs, tunnel sessions, streams)
+//!   peer     compare_peer: the two agents' logs describe the same sessions and the same bytes
 //!   report   render_report: the plain-text report an auditor reads
 //! ```
+//!
+//! # One writer, one signer
+//!
+//! A log has one writer: [`AuditLog::open`] takes an exclusive flock(2) on `<log>.lock` (which
+//! holds the writer's pid) before it reads or writes the log, and holds it for the
+//! `AuditLog`'s lifetime; a second agent started on the same log fails at once ("another
+//! pgferry agent is writing this audit log … (pid N)") and leaves the log untouched. Readers
+//! (`audit verify`, `audit report`) take no lock.
+//!
+//! A log speaks for one agent, and every record for the certificate whose key signs it:
+//! - the first `agent_started` fixes the log's role and migration; a later `agent_started`
+//!   with another role or migration fails at its line. A renewed certificate (new key and
+//!   fingerprint, same role and migration; the region may change) starts a run like any other;
+//! - each `agent_started` must say what its embedded certificate's URI SANs say (role, region,
+//!   migration; the fingerprint is that certificate's), and each checkpoint is verified with the
+//!   key of the most recent `agent_started`'s certificate;
+//! - any record that states its writer's own `role`, `region` or `migration` (top-level in its
+//!   details) must agree with that certificate too. The peer's identity, nested under
+//!   `details.peer` in `handshake_accepted`, is not the writer's.
+//!
+//! So the target's key cannot write records that claim to be the source's (nor the other way
+//! round): it can only sign runs that say "target", which the source's log refuses.
 //!
 //! # What verification detects, and what it does not
 //!
 //! Detected, each naming the first line that reveals it: a modified, inserted, deleted or
 //! reordered line (hash, `prev` and `seq` break at that line); a line rewritten together with
 //! every hash after it (the next checkpoint's signature no longer matches); a log cut anywhere
-//! except just after an `agent_stopped` checkpoint (the last line is not that checkpoint); a checkpoint signed by
-//! another key; with `--ca`, an `agent_started` certificate not issued by the migration's CA.
+//! except just after an `agent_stopped` checkpoint (the last line is not that checkpoint); a
+//! checkpoint signed by another key; a record whose role, region or migration its signing
+//! certificate contradicts; a second role or migration in one log; with `--ca`, an
+//! `agent_started` certificate not issued by the migration's CA.
+//!
+//! With `--peer` (see the `peer` module for the exact rule): a stream whose digests or byte
+//! counts differ between the two logs; a tunnel session or a stream that ended `ok` present in
+//! one log only, unless the other agent could not have recorded it (before its log's first
+//! `agent_started`, while it was down after a crash, after the last record of a log that does
+//! not end with `agent_stopped`). That includes a whole later run cut from the end of a log.
 //!
 //! Not detectable from one log alone:
 //! - A closed log (verified without `--allow-open`) must end with `agent_stopped` and its
 //!   checkpoint, so a cut right after a session's checkpoint is detected too. A log that spans
 //!   several runs of the agent can still be cut right after an earlier run's final checkpoint
-//!   without a trace in that log alone: comparing with the peer's log (`--peer`: streams present
-//!   in only one log are reported) narrows this down.
+//!   without a trace in that log alone; `--peer` fails if the peer's log recorded a tunnel
+//!   session with the missing run (a run that never reached its peer leaves no trace there).
+//!   A log that ends open (`--allow-open`) may be cut after any checkpoint: `--peer` tolerates
+//!   what the peer recorded after such a log's last record, since its agent may still be
+//!   writing it.
 //! - The hashes are unkeyed: whoever can write the file can rewrite the records after the last
 //!   checkpoint, or remove them, together with their hashes. Only checkpoints (signed) pin the
 //!   past. An agent that crashes leaves such an unsigned tail; see `log_resumed` below.
 //! - The fields of the final checkpoint record other than the signed hash (its `time`) are only
 //!   covered by the next checkpoint.
-//! - Without `--ca`, anybody with *some* P-256 key can write a fresh, self-consistent log with
-//!   their own certificate in `agent_started`: pass the migration's CA to rule that out.
-//!   Certificate validity periods are not checked (an old log outlives its certificates).
+//! - Without `--ca`, anybody with *some* P-256 key and a certificate that carries pgferry URI
+//!   SANs can write a fresh, self-consistent log with that certificate in `agent_started`:
+//!   pass the migration's CA to rule that out. Certificate validity periods are not checked (an
+//!   old log outlives its certificates).
+//! - An agent's own key can rewrite its own log wholesale: the peer's log (`--peer`) is the
+//!   check on that.
 //!
 //! # Durability and crashes
 //!
@@ -85,16 +121,23 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use peer::{compare_peer, PeerComparison, PeerDirection, PeerMismatch, StreamMismatch};
+pub use peer::{
+    compare_peer, compare_peer_named, MissingKind, MissingRecord, PeerComparison, PeerDirection,
+    PeerMismatch, StreamMismatch, PEER_CLOCK_SLACK_MS,
+};
 pub use record::{events, CHECKPOINT_ALGORITHM, CHECKPOINT_DOMAIN};
 pub use report::render_report;
 pub use verify::{
-    verify_file, verify_reader, AgentInfo, Resume, StreamSummary, Verified, VerifyError,
-    VerifyOptions,
+    verify_file, verify_reader, AgentInfo, HandshakeFailure, Resume, Run, RunEnd, StreamSeen,
+    StreamSummary, TunnelSession, Verified, VerifyError, VerifyOptions,
 };
 pub use writer::{AuditLog, CheckpointSigner};
 
 use std::path::PathBuf;
+
+fn holder_text(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"))
+}
 
 /// Errors from writing an audit log. Verification failures are [`VerifyError`]s.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +151,31 @@ pub enum AuditError {
         action: &'static str,
         /// The underlying error.
         source: std::io::Error,
+    },
+    /// Another process holds the log's lock: two writers would interleave their sequence
+    /// numbers and break the chain. Nothing was read from or written to the log.
+    #[error("another pgferry agent is writing this audit log {path} ({holder}); stop it, or give this agent its own --audit-log", holder = holder_text(*.pid))]
+    Locked {
+        /// The log file.
+        path: PathBuf,
+        /// The holder's process id as its lock file records it (`None`: unreadable, or the
+        /// holder has not written it yet).
+        pid: Option<u32>,
+    },
+    /// The existing log was written by an agent of another role or migration: one log has one
+    /// writer, and a checkpoint signed with this agent's key would make the log fail
+    /// verification. Nothing was written.
+    #[error("audit log {path} belongs to the {log_writer} (agent_started at line {line}), but this agent's certificate is for the {ours}: give each agent its own log")]
+    WrongLog {
+        /// The log file.
+        path: PathBuf,
+        /// Role and migration the log's `agent_started` records name ("source agent of
+        /// migration m1").
+        log_writer: String,
+        /// Line of the log's first `agent_started`.
+        line: usize,
+        /// Role and migration of the signer's certificate ("target of migration m1").
+        ours: String,
     },
     /// The existing log does not verify; appending would extend a broken chain.
     #[error("existing audit log {path} does not verify, refusing to append to it: {source} (move the file aside to start a new log)")]
@@ -140,6 +208,18 @@ pub enum AuditError {
     /// `checkpoint` and `log_resumed` records are written by the log itself.
     #[error("audit event {0:?} is written by the audit log itself and cannot be appended")]
     ReservedEvent(String),
+    /// A record names a role, region or migration other than the signer's certificate's.
+    #[error("audit record {event}: details.{field} is {value:?}, but the signing certificate says {certificate:?}")]
+    IdentityMismatch {
+        /// Event name.
+        event: String,
+        /// `role`, `region` or `migration`.
+        field: &'static str,
+        /// What the record says.
+        value: String,
+        /// What the certificate's URI SAN says.
+        certificate: String,
+    },
     /// An `agent_started` record names a certificate other than the checkpoint signer's.
     #[error("agent_started names a certificate other than the one checkpoints are signed with")]
     CertificateMismatch,

@@ -30,6 +30,10 @@ pub mod events {
     pub const CHECKPOINT: &str = "checkpoint";
     /// Written by [`super::AuditLog::open`] after a crash; see the module docs.
     pub const LOG_RESUMED: &str = "log_resumed";
+    /// A forwarded connection began (both agents record it with the same `session_id`).
+    pub const STREAM_OPENED: &str = "stream_opened";
+    /// The source refused a forwarded connection (unknown service).
+    pub const STREAM_REFUSED: &str = "stream_refused";
     /// A forwarded connection ended; compared with the peer's log.
     pub const STREAM_CLOSED: &str = "stream_closed";
     /// A QUIC connection passed certificate and Hello checks.

@@ -11,10 +11,16 @@ use serde_json::{json, Map, Value};
 use super::record::{checkpoint_message, hash_bytes, record_hash, sha256_hex, GENESIS_PREV};
 use super::*;
 
-/// A key pair and certificate as an agent holds them.
+/// The migration of the test kit's certificates.
+const MIGRATION: &str = "m-2026-orders";
+
+/// A key pair and certificate as an agent holds them, and the identity its URI SANs carry.
 struct Agent {
     key_der: Vec<u8>,
     cert_der: Vec<u8>,
+    role: String,
+    region: String,
+    migration: String,
 }
 
 struct Ca {
@@ -33,10 +39,29 @@ fn ca(name: &str) -> Ca {
     Ca { cert, key }
 }
 
-/// A P-256 leaf, self-signed or issued by `ca`.
-fn agent(ca: Option<&Ca>) -> Agent {
+/// A P-256 leaf for `role` in DE for [`MIGRATION`], self-signed or issued by `ca`.
+fn agent(ca: Option<&Ca>, role: &str) -> Agent {
+    agent_in(ca, role, "DE", MIGRATION)
+}
+
+/// A leaf with the pgferry URI SANs (as `pgferry-certs issue` writes them).
+fn agent_in(ca: Option<&Ca>, role: &str, region: &str, migration: &str) -> Agent {
+    let uris = [
+        format!("{}{migration}", crate::identity::URI_MIGRATION),
+        format!("{}{role}", crate::identity::URI_ROLE),
+        format!("{}{region}", crate::identity::URI_REGION),
+    ];
+    leaf(ca, &uris, role, region, migration)
+}
+
+fn leaf(ca: Option<&Ca>, uris: &[String], role: &str, region: &str, migration: &str) -> Agent {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["agent.pgferry".to_string()]).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["agent.pgferry".to_string()]).unwrap();
+    for u in uris {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(u.as_str().try_into().unwrap()));
+    }
     let cert = match ca {
         Some(ca) => params.signed_by(&key, &ca.cert, &ca.key).unwrap(),
         None => params.self_signed(&key).unwrap(),
@@ -44,6 +69,9 @@ fn agent(ca: Option<&Ca>) -> Agent {
     Agent {
         key_der: key.serialize_der(),
         cert_der: cert.der().to_vec(),
+        role: role.to_string(),
+        region: region.to_string(),
+        migration: migration.to_string(),
     }
 }
 
@@ -54,16 +82,28 @@ impl Agent {
     fn fingerprint(&self) -> String {
         sha256_hex(&self.cert_der)
     }
-    fn started(&self, role: &str) -> Value {
+    /// `agent_started` details as the agent writes them, naming its certificate's identity.
+    fn started(&self) -> Value {
+        self.started_as(&self.role)
+    }
+    /// `agent_started` details claiming `role`, whatever the certificate says.
+    fn started_as(&self, role: &str) -> Value {
         json!({
             "certificate": base64::engine::general_purpose::STANDARD.encode(&self.cert_der),
             "fingerprint": self.fingerprint(),
             "role": role,
-            "region": "DE",
-            "migration": "m-2026-orders",
+            "region": self.region,
+            "migration": self.migration,
             "version": "0.1.0",
             "tls": {"protocol": "TLSv1.3", "cipher_suite": "TLS13_AES_256_GCM_SHA384", "kx_group": "X25519"},
         })
+    }
+    fn peer_role(&self) -> &'static str {
+        if self.role == "source" {
+            "target"
+        } else {
+            "source"
+        }
     }
 }
 
@@ -85,20 +125,33 @@ fn stream(session: &str, role: &str, outcome: &str) -> Value {
     json!({"session_id": session, "service": "postgres", "outcome": outcome, "detail": "", "duration_ms": 1234, "sent": sent, "received": received})
 }
 
-/// Writes the log of a run with two tunnel sessions, three streams and three checkpoints:
-/// lines 8, 14 and 16 are checkpoints.
-fn write_log(path: &Path, a: &Agent, role: &str) {
-    let peer_role = if role == "source" { "target" } else { "source" };
-    let mut log = AuditLog::open(path, a.signer()).unwrap();
-    let handshake = json!({
-        "address": "192.0.2.7:7443", "dialed": role == "target",
-        "peer": {"fingerprint": "ab".repeat(32), "role": peer_role, "region": "FR", "migration": "m-2026-orders"},
+/// `handshake_accepted` details naming the peer's certificate `peer_fp`.
+fn handshake(a: &Agent, peer_fp: &str) -> Value {
+    json!({
+        "address": "192.0.2.7:7443", "dialed": a.role == "target",
+        "peer": {"fingerprint": peer_fp, "role": a.peer_role(), "region": "FR", "migration": a.migration},
         "tls": {"protocol": "TLSv1.3", "cipher_suite": "TLS13_AES_256_GCM_SHA384", "kx_group": "X25519", "alpn": "pgferry/1"},
-    });
-    let ended =
-        json!({"address": "192.0.2.7:7443", "reason": "closed", "duration_ms": 5000, "streams": 2});
-    log.append("agent_started", a.started(role)).unwrap();
-    log.append("handshake_accepted", handshake.clone()).unwrap();
+    })
+}
+
+/// `session_ended` details as the agent writes them.
+fn ended(peer_fp: &str, streams: u64) -> Value {
+    json!({"address": "192.0.2.7:7443", "peer_fingerprint": peer_fp, "reason": "closed", "duration_ms": 5000, "streams": streams})
+}
+
+/// Writes the log of a run with two tunnel sessions, three streams and three checkpoints:
+/// lines 8, 14 and 16 are checkpoints. The peer's certificate is `ab…ab`.
+fn write_log(path: &Path, a: &Agent) {
+    write_log_with_peer(path, a, &"ab".repeat(32));
+}
+
+/// [`write_log`] with the peer's certificate fingerprint given.
+fn write_log_with_peer(path: &Path, a: &Agent, peer_fp: &str) {
+    let role = a.role.as_str();
+    let mut log = AuditLog::open(path, a.signer()).unwrap();
+    log.append("agent_started", a.started()).unwrap();
+    log.append("handshake_accepted", handshake(a, peer_fp))
+        .unwrap();
     for s in ["000000000a100001", "000000000a100002"] {
         log.append(
             "stream_opened",
@@ -107,9 +160,10 @@ fn write_log(path: &Path, a: &Agent, role: &str) {
         .unwrap();
         log.append("stream_closed", stream(s, role, "ok")).unwrap();
     }
-    log.append("session_ended", ended.clone()).unwrap();
+    log.append("session_ended", ended(peer_fp, 2)).unwrap();
     assert_eq!(log.checkpoint().unwrap(), 7);
-    log.append("handshake_accepted", handshake).unwrap();
+    log.append("handshake_accepted", handshake(a, peer_fp))
+        .unwrap();
     log.append(
         "stream_opened",
         json!({"session_id": "000000000a100003", "service": "postgres"}),
@@ -119,7 +173,7 @@ fn write_log(path: &Path, a: &Agent, role: &str) {
         .unwrap();
     log.append("error", json!({"message": "upstream slow"}))
         .unwrap();
-    log.append("session_ended", ended).unwrap();
+    log.append("session_ended", ended(peer_fp, 1)).unwrap();
     assert_eq!(log.checkpoint().unwrap(), 13);
     log.append("agent_stopped", json!({"drained": true, "streams_cut": 0}))
         .unwrap();
@@ -131,8 +185,8 @@ const CHECKPOINT_LINES: [usize; 3] = [8, 14, 16];
 fn sample(role: &str) -> (tempfile::TempDir, PathBuf, Agent) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{role}.audit.jsonl"));
-    let a = agent(None);
-    write_log(&path, &a, role);
+    let a = agent(None, role);
+    write_log(&path, &a);
     (dir, path, a)
 }
 
@@ -425,7 +479,7 @@ fn a_checkpoint_forged_with_another_key_fails() {
     let (_d, path, a) = sample("source");
     let mut lines = read_lines(&path);
     lines.pop();
-    let mallory = agent(None);
+    let mallory = agent(None, "source");
     // Claiming the agent's certificate.
     let mut bad = lines.clone();
     bad.push(forged_checkpoint(
@@ -490,8 +544,8 @@ fn the_ca_check_rejects_certificates_from_another_ca() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.jsonl");
     let (ca1, ca2) = (ca("migration CA"), ca("other CA"));
-    let a = agent(Some(&ca1));
-    write_log(&path, &a, "target");
+    let a = agent(Some(&ca1), "target");
+    write_log(&path, &a);
     let with = |ca: &Ca| VerifyOptions {
         allow_open: false,
         ca_der: Some(ca.cert.der().to_vec()),
@@ -504,7 +558,7 @@ fn the_ca_check_rejects_certificates_from_another_ca() {
     // A whole log written by an outsider with a self-signed certificate verifies on its own
     // (documented), and only the CA check rejects it.
     let outsider = dir.path().join("outsider.jsonl");
-    write_log(&outsider, &agent(None), "target");
+    write_log(&outsider, &agent(None, "target"));
     verify_file(&outsider, &closed()).unwrap();
     assert_eq!(verify_file(&outsider, &with(&ca1)).unwrap_err().line, 1);
 }
@@ -520,10 +574,7 @@ fn reopening_continues_the_chain() {
             15,
             "nothing new: no second checkpoint"
         );
-        assert_eq!(
-            log.append("agent_started", a.started("source")).unwrap(),
-            16
-        );
+        assert_eq!(log.append("agent_started", a.started()).unwrap(), 16);
         log.append("stream_closed", stream("000000000a100004", "source", "ok"))
             .unwrap();
         assert_eq!(log.checkpoint().unwrap(), 18);
@@ -541,15 +592,11 @@ fn reopening_after_a_crash_records_the_unsigned_tail() {
     lines.truncate(11); // killed after the third stream_closed: lines 9-11 unsigned
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     // A renewed certificate: the new key may sign only after announcing itself.
-    let renewed = agent(None);
+    let renewed = agent(None, "source");
     {
         let mut log = AuditLog::open(&path, renewed.signer()).unwrap();
         assert!(matches!(log.checkpoint(), Err(AuditError::NoAgentStarted)));
-        assert_eq!(
-            log.append("agent_started", renewed.started("source"))
-                .unwrap(),
-            12
-        );
+        assert_eq!(log.append("agent_started", renewed.started()).unwrap(), 12);
         assert_eq!(log.checkpoint().unwrap(), 13);
     }
     let lines = read_lines(&path);
@@ -611,11 +658,11 @@ fn a_broken_log_is_never_appended_to() {
 fn a_new_log_is_created_with_its_directory_and_mode_0640() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/agent.jsonl");
-    let a = agent(None);
+    let a = agent(None, "target");
     let mut log = AuditLog::open(&path, a.signer()).unwrap();
     assert_eq!(log.path(), path);
     assert!(matches!(log.checkpoint(), Err(AuditError::NoAgentStarted)));
-    log.append("agent_started", a.started("target")).unwrap();
+    log.append("agent_started", a.started()).unwrap();
     log.checkpoint().unwrap();
     #[cfg(unix)]
     {
@@ -630,7 +677,7 @@ fn a_new_log_is_created_with_its_directory_and_mode_0640() {
 #[test]
 fn the_writer_refuses_records_the_verifier_would_reject() {
     let dir = tempfile::tempdir().unwrap();
-    let a = agent(None);
+    let a = agent(None, "source");
     let mut log = AuditLog::open(&dir.path().join("l.jsonl"), a.signer()).unwrap();
     let e = log.append("error", json!({"load": 0.5})).unwrap_err();
     assert!(
@@ -654,12 +701,12 @@ fn the_writer_refuses_records_the_verifier_would_reject() {
         "{e}"
     );
     // agent_started: another certificate is refused; a missing one is filled in.
-    let other = agent(None);
+    let other = agent(None, "source");
     assert!(matches!(
-        log.append("agent_started", other.started("source")),
+        log.append("agent_started", other.started()),
         Err(AuditError::CertificateMismatch)
     ));
-    let mut started = a.started("source");
+    let mut started = a.started();
     started.as_object_mut().unwrap().remove("certificate");
     log.append("agent_started", started).unwrap();
     log.checkpoint().unwrap();
@@ -669,7 +716,7 @@ fn the_writer_refuses_records_the_verifier_would_reject() {
 
 #[test]
 fn a_signer_needs_the_key_of_its_certificate() {
-    let (a, b) = (agent(None), agent(None));
+    let (a, b) = (agent(None, "source"), agent(None, "source"));
     assert!(matches!(
         CheckpointSigner::new(&a.key_der, &b.cert_der),
         Err(AuditError::KeyMismatch)
@@ -746,20 +793,25 @@ fn malformed_lines_name_their_line() {
 fn peer_logs_agree_and_disagreements_name_the_session() {
     let dir = tempfile::tempdir().unwrap();
     let (src, tgt) = (dir.path().join("s.jsonl"), dir.path().join("t.jsonl"));
-    write_log(&src, &agent(None), "source");
-    write_log(&tgt, &agent(None), "target");
+    let (sa, ta) = (agent(None, "source"), agent(None, "target"));
+    write_log_with_peer(&src, &sa, &ta.fingerprint());
+    write_log_with_peer(&tgt, &ta, &sa.fingerprint());
     let (vs, vt) = (
         verify_file(&src, &closed()).unwrap(),
         verify_file(&tgt, &closed()).unwrap(),
     );
-    let c = compare_peer(&vt, &vs).unwrap();
+    let c = compare_peer_named(&vt, "t.jsonl", &vs, "s.jsonl").unwrap();
     assert_eq!(
         c,
         PeerComparison {
+            a_name: "t.jsonl".into(),
+            b_name: "s.jsonl".into(),
             compared: 3,
+            not_ok: 0,
+            unfinished: 0,
+            tunnel_sessions: 2,
             only_in_a: 0,
             only_in_b: 0,
-            not_ok: 0
         }
     );
     assert_eq!(compare_peer(&vs, &vt).unwrap().compared, 3);
@@ -767,8 +819,14 @@ fn peer_logs_agree_and_disagreements_name_the_session() {
     // The source delivered something else to the target than it reports.
     let mut vt2 = vt.clone();
     vt2.sessions[1].received_digest = "ee".repeat(32);
-    match compare_peer(&vs, &vt2).unwrap_err() {
+    match compare_peer_named(&vs, "s.jsonl", &vt2, "t.jsonl").unwrap_err() {
         PeerMismatch::Stream(m) => {
+            assert!(
+                m.to_string_named()
+                    .contains("sent by s.jsonl's agent (line 6)"),
+                "{}",
+                m.to_string_named()
+            );
             let StreamMismatch {
                 session_id,
                 direction,
@@ -796,22 +854,599 @@ fn peer_logs_agree_and_disagreements_name_the_session() {
     );
     assert!(m.to_string().contains("session 000000000a100003"), "{m}");
 
-    // Streams missing on one side or not ok are counted, not errors.
-    let mut vt4 = vt.clone();
-    vt4.sessions.remove(0);
-    vt4.sessions[0].outcome = "peer_reset".into();
-    vt4.sessions[0].received_digest = "00".repeat(32);
-    let c = compare_peer(&vs, &vt4).unwrap();
-    assert_eq!(
-        (c.compared, c.only_in_a, c.only_in_b, c.not_ok),
-        (1, 1, 0, 1)
-    );
-
     // Two logs of the same role are not peers.
     assert!(matches!(
         compare_peer(&vs, &vs),
         Err(PeerMismatch::NotPeers { .. })
     ));
+}
+
+impl StreamMismatch {
+    fn to_string_named(&self) -> String {
+        PeerMismatch::Stream(Box::new(self.clone())).to_string()
+    }
+}
+
+/// Removes every trace of a stream from a verified log.
+fn forget_stream(v: &mut Verified, id: &str) {
+    v.sessions.retain(|s| s.session_id != id);
+    v.streams_seen.retain(|s| s.session_id != id);
+}
+
+#[test]
+fn a_stream_missing_from_the_peer_log_fails() {
+    let rig = PeerRig::new();
+    let ids = ["000000000a100001", "000000000a100002"];
+    rig.source().start(0).session(10, 20, &ids).stop(30);
+    rig.target().start(0).session(10, 20, &ids).stop(30);
+    let vs = verify_file(&rig.source_log, &closed()).unwrap();
+    let vt = verify_file(&rig.target_log, &closed()).unwrap();
+    let mut vt2 = vt.clone();
+    forget_stream(&mut vt2, "000000000a100002");
+    let m = compare_peer_named(&vs, "source.jsonl", &vt2, "target.jsonl").unwrap_err();
+    let PeerMismatch::Missing(items) = &m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(items.len(), 1, "{m}");
+    assert_eq!(
+        (
+            items[0].present_in.as_str(),
+            items[0].line,
+            items[0].missing_from.as_str()
+        ),
+        ("source.jsonl", 6, "target.jsonl")
+    );
+    let text = m.to_string();
+    for needle in [
+        "the logs do not describe the same sessions: 1 record(s) in one log only",
+        "source.jsonl line 6 (2026-11-24T10:00:11.766Z, run started at line 1): stream 000000000a100002 (postgres, ended ok), not in target.jsonl: target.jsonl's agent was running then (run started at line 1) and has no record of it",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // The other way round too.
+    let m = compare_peer_named(&vt2, "target.jsonl", &vs, "source.jsonl").unwrap_err();
+    assert!(m.to_string().contains("source.jsonl line 6"), "{m}");
+
+    // The peer saw it begin and not end (its agent stopped or crashed first): not compared.
+    let mut vt3 = vt.clone();
+    vt3.sessions.retain(|s| s.session_id != "000000000a100002");
+    let c = compare_peer(&vs, &vt3).unwrap();
+    assert_eq!((c.compared, c.unfinished), (1, 1));
+    // A stream that did not end ok may never have reached the peer: tolerated.
+    let mut vs2 = vs.clone();
+    vs2.sessions[1].outcome = "tunnel_error".into();
+    let c = compare_peer(&vs2, &vt2).unwrap();
+    assert_eq!((c.compared, c.only_in_a), (1, 1));
+}
+
+/// A wall clock for scripted logs: `secs` after 10:00 on a fixed day.
+fn at(secs: i64) -> time::OffsetDateTime {
+    time::macros::datetime!(2026-11-24 10:00 UTC) + time::Duration::seconds(secs)
+}
+
+/// One agent writing its log in a scripted pair; times are [`at`] seconds.
+struct Side<'a> {
+    log: AuditLog,
+    me: &'a Agent,
+    peer_fp: String,
+}
+
+impl<'a> Side<'a> {
+    fn open(path: &Path, me: &'a Agent, peer: &Agent) -> Self {
+        Self {
+            log: AuditLog::open(path, me.signer()).unwrap(),
+            me,
+            peer_fp: peer.fingerprint(),
+        }
+    }
+    fn start(&mut self, t: i64) -> &mut Self {
+        self.log
+            .append_at("agent_started", self.me.started(), at(t))
+            .unwrap();
+        self
+    }
+    /// `handshake_accepted` at `t` (no `session_ended`: see [`Side::end`]).
+    fn accept(&mut self, t: i64) -> &mut Self {
+        let h = handshake(self.me, &self.peer_fp);
+        self.log.append_at("handshake_accepted", h, at(t)).unwrap();
+        self
+    }
+    /// A stream that ends ok, opened at `t`, closed at `t + 1`.
+    fn stream(&mut self, t: i64, id: &str) -> &mut Self {
+        let opened = json!({"session_id": id, "service": "postgres"});
+        self.log.append_at("stream_opened", opened, at(t)).unwrap();
+        let closed = stream(id, &self.me.role, "ok");
+        self.log
+            .append_at("stream_closed", closed, at(t + 1))
+            .unwrap();
+        self
+    }
+    fn end(&mut self, t: i64, streams: u64) -> &mut Self {
+        let e = ended(&self.peer_fp, streams);
+        self.log.append_at("session_ended", e, at(t)).unwrap();
+        self.log.checkpoint_at(at(t)).unwrap();
+        self
+    }
+    /// A whole tunnel session from `t0` to `t1` carrying the streams `ids`.
+    fn session(&mut self, t0: i64, t1: i64, ids: &[&str]) -> &mut Self {
+        self.accept(t0);
+        for (k, id) in ids.iter().enumerate() {
+            self.stream(t0 + 1 + k as i64, id);
+        }
+        self.end(t1, ids.len() as u64)
+    }
+    fn stop(&mut self, t: i64) {
+        let d = json!({"drained": true, "streams_cut": 0});
+        self.log.append_at("agent_stopped", d, at(t)).unwrap();
+        self.log.checkpoint_at(at(t)).unwrap();
+    }
+}
+
+/// Two agents of one migration and the paths of their logs.
+struct PeerRig {
+    _dir: tempfile::TempDir,
+    source: Agent,
+    target: Agent,
+    source_log: PathBuf,
+    target_log: PathBuf,
+}
+
+impl PeerRig {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (source_log, target_log) = (
+            dir.path().join("source.jsonl"),
+            dir.path().join("target.jsonl"),
+        );
+        Self {
+            _dir: dir,
+            source: agent(None, "source"),
+            target: agent_in(None, "target", "FR", MIGRATION),
+            source_log,
+            target_log,
+        }
+    }
+    fn source(&self) -> Side<'_> {
+        Side::open(&self.source_log, &self.source, &self.target)
+    }
+    fn target(&self) -> Side<'_> {
+        Side::open(&self.target_log, &self.target, &self.source)
+    }
+    /// `compare_peer` of the source's log (A) with the target's (B), both verified as live.
+    fn compare(&self) -> Result<PeerComparison, PeerMismatch> {
+        let vs = verify_file(&self.source_log, &live()).unwrap();
+        let vt = verify_file(&self.target_log, &live()).unwrap();
+        compare_peer_named(&vs, "source.jsonl", &vt, "target.jsonl")
+    }
+}
+
+#[test]
+fn a_whole_run_cut_from_the_end_of_the_peer_log_fails() {
+    let rig = PeerRig::new();
+    for run in 0..2 {
+        let base = run * 100;
+        let id1 = format!("00000000000{run}0001");
+        rig.source()
+            .start(base)
+            .session(base + 1, base + 10, &[&id1])
+            .stop(base + 11);
+        rig.target()
+            .start(base)
+            .session(base + 1, base + 10, &[&id1])
+            .stop(base + 11);
+    }
+    let c = rig.compare().unwrap();
+    assert_eq!((c.tunnel_sessions, c.compared), (2, 2), "{c}");
+    assert_eq!((c.only_in_a, c.only_in_b), (0, 0), "{c}");
+
+    // The target's log loses its second run: cut right after run 1's final checkpoint, it
+    // still verifies on its own (documented) ...
+    let lines = read_lines(&rig.target_log);
+    assert_eq!(lines.len(), 16);
+    std::fs::write(&rig.target_log, lines[..8].join("\n") + "\n").unwrap();
+    verify_file(&rig.target_log, &closed()).unwrap();
+    // ... but the source's log recorded a session and a stream with the target after it.
+    let m = rig.compare().unwrap_err();
+    let PeerMismatch::Missing(items) = &m else {
+        panic!("{m:?}")
+    };
+    let text = m.to_string();
+    assert_eq!(items.len(), 2, "{text}");
+    assert_eq!((items[0].line, items[0].run_line), (10, Some(9)), "{text}");
+    assert!(
+        matches!(&items[0].kind, MissingKind::TunnelSession { peer_fingerprint } if *peer_fingerprint == rig.target.fingerprint()),
+        "{text}"
+    );
+    assert!(
+        matches!(&items[1].kind, MissingKind::Stream { session_id, .. } if session_id == "0000000000010001"),
+        "{text}"
+    );
+    for needle in [
+        "source.jsonl line 10 (2026-11-24T10:01:41.000Z, run started at line 9): tunnel session with certificate",
+        "not in target.jsonl: target.jsonl ends with its agent stopped at line 7 (2026-11-24T10:00:11.000Z): a later run of target.jsonl's agent is missing (was the log cut after that run's final checkpoint?)",
+        "source.jsonl line 12",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    // Whichever log comes first.
+    let vs = verify_file(&rig.source_log, &closed()).unwrap();
+    let vt = verify_file(&rig.target_log, &closed()).unwrap();
+    assert!(matches!(
+        compare_peer(&vt, &vs),
+        Err(PeerMismatch::Missing(items)) if items.len() == 2
+    ));
+}
+
+#[test]
+fn records_where_the_peer_could_not_have_recorded_them_are_tolerated() {
+    let rig = PeerRig::new();
+    {
+        // The source's log begins with a run before the target's log begins (window 1).
+        let mut s = rig.source();
+        s.start(-100)
+            .session(-99, -90, &["00000000000f0001"])
+            .stop(-89);
+    }
+    {
+        let mut s = rig.source();
+        let mut t = rig.target();
+        s.start(0).accept(1).stream(2, "0000000000000001");
+        t.start(0).accept(1).stream(2, "0000000000000001");
+        // The target is killed at 4 after its last record at 3 (window 2): the source
+        // finishes a stream the target had no time to record, and sees the tunnel go only
+        // at its idle timeout.
+        s.stream(5, "0000000000000002").end(34, 2);
+        drop(t);
+        // Restarted (log_resumed), the target reconnects at 41.
+        let mut t = rig.target();
+        t.start(40).session(41, 50, &["0000000000000003"]);
+        s.session(41, 50, &["0000000000000003"]);
+        // The target is still running: its log ends open at 50 (window 3), and the source's
+        // next session has begun after that.
+        s.accept(52).stream(53, "0000000000000004").end(60, 1);
+    }
+    let c = rig.compare().unwrap();
+    assert_eq!(
+        (c.tunnel_sessions, c.compared, c.unfinished),
+        (2, 2, 0),
+        "{c}"
+    );
+    // Before the target's log: a session and a stream; while it was down: a stream; after
+    // its last record: a session and a stream.
+    assert_eq!((c.only_in_a, c.only_in_b), (5, 0), "{c}");
+    assert!(
+        c.to_string()
+            .contains("tolerated in one log only (the other agent was down or never saw them): 5 in source.jsonl, 0 in target.jsonl"),
+        "{c}"
+    );
+    let vt = verify_file(&rig.target_log, &live()).unwrap();
+    assert!(
+        matches!(vt.runs[0].end, RunEnd::Crashed { line: 4, .. }),
+        "{:?}",
+        vt.runs
+    );
+    assert!(
+        matches!(vt.runs[1].end, RunEnd::Open { .. }),
+        "{:?}",
+        vt.runs
+    );
+}
+
+#[test]
+fn a_session_while_the_peer_log_says_its_agent_was_stopped_fails() {
+    let rig = PeerRig::new();
+    {
+        let (mut s, mut t) = (rig.source(), rig.target());
+        s.start(0).session(1, 10, &[]);
+        t.start(0).session(1, 10, &[]).stop(11);
+        // The target's log says its agent was stopped from 11 to 100, yet the source had a
+        // tunnel with it at 50.
+        s.session(50, 60, &[]);
+    }
+    rig.target().start(100).stop(101);
+    let m = rig.compare().unwrap_err();
+    let text = m.to_string();
+    assert!(
+        text.contains("target.jsonl's agent was stopped then: its run from line 1 ended with agent_stopped at line 5 (2026-11-24T10:00:11.000Z), the next started at line 7 (2026-11-24T10:01:40.000Z)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_session_with_a_certificate_the_peer_never_ran_with_fails() {
+    let rig = PeerRig::new();
+    let impostor = agent_in(None, "target", "FR", MIGRATION);
+    {
+        let (mut s, mut t) = (rig.source(), rig.target());
+        s.start(0).session(1, 10, &[]);
+        t.start(0).session(1, 10, &[]);
+        s.peer_fp = impostor.fingerprint();
+        s.session(20, 30, &[]);
+        t.stop(40);
+    }
+    let text = rig.compare().unwrap_err().to_string();
+    assert!(
+        text.contains(&format!(
+            "tunnel session with certificate {}, not in target.jsonl: no run of target.jsonl's agent used that certificate",
+            impostor.fingerprint()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_session_the_dialer_could_not_complete_is_tolerated() {
+    for dialer_failed in [true, false] {
+        let rig = PeerRig::new();
+        {
+            let (mut s, mut t) = (rig.source(), rig.target());
+            s.start(0).session(1, 10, &[]);
+            t.start(0).session(1, 10, &[]);
+            // The source (listening) sent HelloAck and accepted; the target never got it.
+            s.session(20, 50, &[]);
+            if dialer_failed {
+                let f = json!({"address": "192.0.2.1:7443", "fingerprint": rig.source.fingerprint(), "reason": "connection closed before Hello: timed out"});
+                t.log.append_at("handshake_failed", f, at(50)).unwrap();
+            }
+            t.stop(60);
+            s.stop(61);
+        }
+        let r = rig.compare();
+        if dialer_failed {
+            let c = r.unwrap();
+            assert_eq!((c.tunnel_sessions, c.only_in_a), (1, 1), "{c}");
+        } else {
+            let text = r.unwrap_err().to_string();
+            assert!(text.contains("source.jsonl line 5"), "{text}");
+            assert!(text.contains("was running then"), "{text}");
+        }
+    }
+}
+
+/// Appends a record to `lines` as whoever can write the file can: seq, prev and hash right.
+fn push_record(lines: &mut Vec<String>, event: &str, details: Value) {
+    let prev = lines.last().map_or(GENESIS_PREV.to_string(), |l| {
+        parse(l)["hash"].as_str().unwrap().to_string()
+    });
+    let mut m = Map::new();
+    m.insert("details".into(), details);
+    m.insert("event".into(), event.into());
+    m.insert("prev".into(), prev.into());
+    m.insert("seq".into(), lines.len().into());
+    m.insert("time".into(), "2026-11-24T12:00:00.000Z".into());
+    let h = record_hash(&m);
+    m.insert("hash".into(), h.into());
+    lines.push(Value::Object(m).to_string());
+}
+
+/// Appends a whole run of `a`'s with its `agent_started` details `started`, signed with
+/// `a`'s key: what the holder of that key can write into any log it can reach.
+fn push_run(lines: &mut Vec<String>, a: &Agent, started: Value) {
+    push_record(lines, "agent_started", started);
+    push_record(
+        lines,
+        "stream_closed",
+        stream("000000000a100009", "source", "ok"),
+    );
+    push_record(
+        lines,
+        "agent_stopped",
+        json!({"drained": true, "streams_cut": 0}),
+    );
+    let cp = forged_checkpoint(lines, &a.key_der, &a.fingerprint());
+    lines.push(cp);
+}
+
+#[test]
+fn the_target_key_cannot_forge_a_run_of_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("source.jsonl");
+    let ca1 = ca("migration CA");
+    let (source, target) = (
+        agent(Some(&ca1), "source"),
+        agent_in(Some(&ca1), "target", "FR", MIGRATION),
+    );
+    write_log(&path, &source);
+    let with_ca = VerifyOptions {
+        allow_open: false,
+        ca_der: Some(ca1.cert.der().to_vec()),
+    };
+    verify_file(&path, &with_ca).unwrap();
+
+    // The forgery: a run that says "source" in every record, with the target's certificate
+    // (issued by the migration's CA) and checkpoints signed with the target's key.
+    let mut forged = read_lines(&path);
+    let mut claim = target.started_as("source");
+    claim["region"] = "DE".into();
+    push_run(&mut forged, &target, claim);
+    for opts in [closed(), with_ca.clone()] {
+        let e = verify_lines(&forged, &opts).unwrap_err();
+        assert_eq!(e.line, 17, "{e}");
+        assert_eq!(
+            e.reason,
+            format!("details.role is \"source\", but the certificate in details.certificate ({}) is issued for role \"target\": a record must match the certificate that signs it", target.fingerprint())
+        );
+    }
+    // Claiming the role but keeping the certificate's region names the region.
+    let mut forged = read_lines(&path);
+    push_run(&mut forged, &target, target.started_as("source"));
+    let e = verify_lines(&forged, &closed()).unwrap_err();
+    assert!(e.reason.starts_with("details.role"), "{e}");
+
+    // An honest run of the target's appended to the source's log: one log, one role.
+    let mut appended = read_lines(&path);
+    push_run(&mut appended, &target, target.started());
+    let e = verify_lines(&appended, &with_ca).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 17: agent_started for role target, but this log belongs to the source agent (agent_started at line 1): a log has one writer, so one role"
+    );
+
+    // The writer refuses both: it will not open the source's log with the target's key, nor
+    // write an agent_started that its certificate contradicts.
+    let before = std::fs::read(&path).unwrap();
+    let e = AuditLog::open(&path, target.signer()).unwrap_err();
+    assert!(matches!(e, AuditError::WrongLog { line: 1, .. }), "{e:?}");
+    assert!(
+        e.to_string().contains("belongs to the source agent of migration m-2026-orders (agent_started at line 1), but this agent's certificate is for the target of migration m-2026-orders"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    let mut fresh = AuditLog::open(&dir.path().join("fresh.jsonl"), target.signer()).unwrap();
+    let e = fresh
+        .append("agent_started", target.started_as("source"))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("is issued for role \"target\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_log_has_one_migration() {
+    let (_d, path, source) = sample("source");
+    let other = agent_in(None, "source", "DE", "m-2026-other");
+    let mut lines = read_lines(&path);
+    push_run(&mut lines, &other, other.started());
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 17: agent_started for migration m-2026-other, but this log belongs to migration m-2026-orders (agent_started at line 1): a log has one migration"
+    );
+    assert!(matches!(
+        AuditLog::open(&path, other.signer()),
+        Err(AuditError::WrongLog { .. })
+    ));
+    let _ = source;
+}
+
+#[test]
+fn a_renewed_certificate_continues_the_log() {
+    // Same role and migration, a new key and fingerprint, even another region.
+    let (_d, path, old) = sample("source");
+    let renewed = agent_in(None, "source", "NL", MIGRATION);
+    {
+        let mut log = AuditLog::open(&path, renewed.signer()).unwrap();
+        log.append("agent_started", renewed.started()).unwrap();
+        log.append("agent_stopped", json!({"drained": true}))
+            .unwrap();
+        log.checkpoint().unwrap();
+    }
+    let v = verify_file(&path, &closed()).unwrap();
+    let fingerprints: Vec<&str> = v.agents.iter().map(|a| a.fingerprint.as_str()).collect();
+    assert_eq!(
+        fingerprints,
+        [old.fingerprint().as_str(), renewed.fingerprint().as_str()]
+    );
+    assert_eq!(v.runs.len(), 2);
+    assert!(matches!(v.runs[1].end, RunEnd::Stopped { line: 18, .. }));
+    // A checkpoint of the renewed run signed with the old key is still refused.
+    let mut lines = read_lines(&path);
+    lines.pop();
+    let cp = forged_checkpoint(&lines, &old.key_der, &old.fingerprint());
+    lines.push(cp);
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(e.line, 19, "{e}");
+}
+
+#[test]
+fn records_that_name_their_writer_must_match_its_certificate() {
+    let (_d, path, a) = sample("source");
+    // The writer refuses them.
+    {
+        let mut log = AuditLog::open(&path, a.signer()).unwrap();
+        let e = log
+            .append("error", json!({"role": "target", "message": "x"}))
+            .unwrap_err();
+        assert!(
+            matches!(e, AuditError::IdentityMismatch { field: "role", .. }),
+            "{e:?}"
+        );
+        let e = log
+            .append("note", json!({"migration": "m-other"}))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("details.migration is \"m-other\""),
+            "{e}"
+        );
+        // The peer's identity, nested under details.peer, is not the writer's.
+        log.append("note", json!({"peer": {"role": "target"}, "region": "DE"}))
+            .unwrap();
+        log.checkpoint().unwrap();
+    }
+    verify_file(&path, &live()).unwrap();
+    // Written anyway (by hand), the verifier names the line.
+    let mut lines = read_lines(&path);
+    push_record(&mut lines, "error", json!({"region": "US"}));
+    let e = verify_lines(&lines, &live()).unwrap_err();
+    assert_eq!(e.line, lines.len(), "{e}");
+    assert!(
+        e.reason.contains(&format!("error names region \"US\", but the certificate {} (agent_started at line 1) whose key signs it is issued for region \"DE\"", a.fingerprint())),
+        "{e}"
+    );
+    // Before the first agent_started: held to that agent_started's certificate.
+    let mut lines = Vec::new();
+    push_record(&mut lines, "error", json!({"role": "target"}));
+    push_record(&mut lines, "agent_started", a.started());
+    let e = verify_lines(&lines, &live()).unwrap_err();
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
+fn an_agent_started_certificate_without_a_pgferry_identity_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = leaf(None, &[], "source", "DE", MIGRATION);
+    let mut lines = Vec::new();
+    push_run(&mut lines, &bare, bare.started());
+    let e = verify_lines(&lines, &closed()).unwrap_err();
+    assert_eq!(e.line, 1);
+    assert!(
+        e.reason
+            .contains("is not a pgferry agent certificate: certificate has no migration URI SAN"),
+        "{e}"
+    );
+    let mut log = AuditLog::open(&dir.path().join("l.jsonl"), bare.signer()).unwrap();
+    assert!(log.append("agent_started", bare.started()).is_err());
+}
+
+#[test]
+fn a_second_writer_is_refused_without_touching_the_log() {
+    let (_d, path, a) = sample("source");
+    let lock = super::writer::lock_path(&path);
+    let before = std::fs::read(&path).unwrap();
+    let first = AuditLog::open(&path, a.signer()).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        format!("{}\n", std::process::id())
+    );
+    // Any second opener, even in the same process (flock locks belong to the open file).
+    let e = AuditLog::open(&path, a.signer()).unwrap_err();
+    assert!(
+        matches!(e, AuditError::Locked { pid: Some(p), .. } if p == std::process::id()),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "another pgferry agent is writing this audit log {} (pid {}); stop it, or give this agent its own --audit-log",
+            path.display(),
+            std::process::id()
+        )
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
+    // Readers need no lock, and reading (opening and closing the file) keeps the lock.
+    verify_file(&path, &live()).unwrap();
+    render_report(&path).unwrap();
+    assert!(matches!(
+        AuditLog::open(&path, a.signer()),
+        Err(AuditError::Locked { .. })
+    ));
+    drop(first);
+    assert_eq!(std::fs::read_to_string(&lock).unwrap(), "");
+    let e = AuditLog::open(&path, a.signer()).map(drop);
+    assert!(e.is_ok(), "{e:?}");
+    // A crash tail is not a reason to wait for a lock: a killed agent's lock is gone with it.
+    verify_file(&path, &closed()).unwrap();
 }
 
 #[test]
@@ -858,7 +1493,7 @@ fn percentages_use_integer_arithmetic() {
 #[test]
 fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
     let dir = tempfile::tempdir().unwrap();
-    let a = agent(None);
+    let a = agent(None, "source");
     let mut log = AuditLog::open(&dir.path().join("l.jsonl"), a.signer()).unwrap();
     let colons = a
         .fingerprint()
@@ -868,10 +1503,10 @@ fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
         .map(|c| std::str::from_utf8(c).unwrap())
         .collect::<Vec<_>>()
         .join(":");
-    let mut started = a.started("source");
+    let mut started = a.started();
     started["fingerprint"] = format!("SHA256:{colons}").into();
     log.append("agent_started", started).unwrap();
-    let mut wrong = a.started("source");
+    let mut wrong = a.started();
     wrong["fingerprint"] = "ab".repeat(32).into();
     assert!(log.append("agent_started", wrong).is_err());
     log.checkpoint().unwrap();

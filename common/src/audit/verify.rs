@@ -13,6 +13,7 @@ use super::record::{
     events, find_float, hash_bytes, normalize_fingerprint, parse_time, record_hash, CertKey,
     Fields, CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
 };
+use crate::identity::PeerIdentity;
 
 /// What [`verify_reader`] accepts beyond a complete, signed log.
 #[derive(Debug, Clone, Default)]
@@ -123,6 +124,113 @@ pub struct Resume {
     pub unsigned_records: u64,
 }
 
+/// How a run of the agent ended, as far as its log tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The run's `agent_stopped` record: the agent stopped cleanly at this time.
+    Stopped {
+        /// Line of `agent_stopped`.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+    /// The next run (or a `log_resumed`) follows without an `agent_stopped`: the agent crashed
+    /// or was killed some time after this, its last record.
+    Crashed {
+        /// Line of the run's last record.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+    /// The log ends inside the run without an `agent_stopped`: the agent is still running, or
+    /// it crashed and has not been restarted since.
+    Open {
+        /// Line of the log's last record.
+        line: usize,
+        /// Its time.
+        time: OffsetDateTime,
+    },
+}
+
+impl RunEnd {
+    /// Line of the run's last record (`agent_stopped` for a clean stop).
+    pub fn line(&self) -> usize {
+        match *self {
+            Self::Stopped { line, .. } | Self::Crashed { line, .. } | Self::Open { line, .. } => {
+                line
+            }
+        }
+    }
+    /// Time of that record.
+    pub fn time(&self) -> OffsetDateTime {
+        match *self {
+            Self::Stopped { time, .. } | Self::Crashed { time, .. } | Self::Open { time, .. } => {
+                time
+            }
+        }
+    }
+}
+
+/// One run of the agent: from an `agent_started` to the last record before the next run's
+/// first (`log_resumed` or `agent_started`), or to the end of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Line of the run's `agent_started`.
+    pub line: usize,
+    /// Its time.
+    pub start: OffsetDateTime,
+    /// The run's certificate (SHA-256, lowercase hex).
+    pub fingerprint: String,
+    /// How the run ended.
+    pub end: RunEnd,
+}
+
+/// A QUIC connection with the peer as this log records it: `handshake_accepted`, then
+/// `session_ended` with the same address (and peer fingerprint, when the record names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelSession {
+    /// Line of `handshake_accepted`.
+    pub line: usize,
+    /// Its time.
+    pub start: OffsetDateTime,
+    /// `details.address`: the peer's UDP address.
+    pub address: String,
+    /// `details.peer.fingerprint`, in the log's form (lowercase hex).
+    pub peer_fingerprint: String,
+    /// This agent's certificate at the time: that of the run's `agent_started`.
+    pub own_fingerprint: String,
+    /// Index of the run in [`Verified::runs`].
+    pub run: usize,
+    /// Line and time of `session_ended`; `None` if the run ended first (crash, or still open).
+    pub end: Option<(usize, OffsetDateTime)>,
+    /// `details.streams` of `session_ended`: data streams the connection carried.
+    pub streams: Option<u64>,
+}
+
+/// A handshake that did not complete on this side although the peer may have accepted it
+/// (`handshake_failed` or `handshake_refused` naming the peer's certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeFailure {
+    /// Line of the record.
+    pub line: usize,
+    /// Its time.
+    pub time: OffsetDateTime,
+    /// `details.fingerprint`, in the log's form.
+    pub fingerprint: String,
+}
+
+/// A forwarded connection this agent saw begin (`stream_opened`, or `stream_refused` by the
+/// source), whether or not it recorded its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSeen {
+    /// `details.session_id`.
+    pub session_id: String,
+    /// Line of the record.
+    pub line: usize,
+    /// Its time.
+    pub time: OffsetDateTime,
+}
+
 /// A log that verified.
 #[derive(Debug, Clone)]
 pub struct Verified {
@@ -146,6 +254,14 @@ pub struct Verified {
     pub resumes: Vec<Resume>,
     /// Number of `integrity_failure` records.
     pub integrity_failures: usize,
+    /// The agent's runs, in log order (one per `agent_started`).
+    pub runs: Vec<Run>,
+    /// Every QUIC connection with the peer (`handshake_accepted`), in log order.
+    pub tunnel_sessions: Vec<TunnelSession>,
+    /// Handshakes that failed here and name the peer's certificate.
+    pub handshake_failures: Vec<HandshakeFailure>,
+    /// Every `stream_opened` and `stream_refused`, in log order.
+    pub streams_seen: Vec<StreamSeen>,
 }
 
 /// Verifies a whole log read from `r`; the first problem is returned with its line.
@@ -179,6 +295,17 @@ pub(crate) struct Tip {
     pub last_checkpoint_seq: Option<u64>,
     /// The certificate of the most recent `agent_started`.
     pub current_cert: Option<CertKey>,
+    /// Role and migration of the log's writer, from its first `agent_started`.
+    pub identity: Option<LogIdentity>,
+}
+
+/// The one role and the one migration of a log, fixed by its first `agent_started`.
+#[derive(Debug, Clone)]
+pub(crate) struct LogIdentity {
+    pub role: String,
+    pub migration: String,
+    /// Line of the first `agent_started`.
+    pub line: usize,
 }
 
 /// Verifies and hands every record to `visit` (the report keeps them; verify drops them).
@@ -237,6 +364,50 @@ struct Verifier {
     prev_event: String,
     /// Whether the last checkpoint so far signs an `agent_stopped` record.
     closed_by_stop: bool,
+    /// Role and migration of the log, from its first `agent_started`.
+    identity: Option<LogIdentity>,
+    /// What the most recent `agent_started` certificate says about its holder.
+    signer: Option<CertIdentity>,
+    /// Records before the first `agent_started` that name a role, region or migration: held to
+    /// the certificate of that `agent_started` (its key signs the checkpoint covering them).
+    unbound: Vec<SelfDescription>,
+    runs: Vec<Run>,
+    /// The current run's last record and whether it was `agent_stopped`.
+    run_last: Option<(usize, OffsetDateTime)>,
+    run_stopped: Option<(usize, OffsetDateTime)>,
+    /// Whether records since the last run began belong to it (false after a `log_resumed`).
+    in_run: bool,
+    tunnel_sessions: Vec<TunnelSession>,
+    handshake_failures: Vec<HandshakeFailure>,
+    streams_seen: Vec<StreamSeen>,
+}
+
+/// The identity URI SANs of an `agent_started` certificate.
+#[derive(Debug, Clone)]
+struct CertIdentity {
+    role: String,
+    region: String,
+    migration: String,
+    fingerprint: String,
+    line: usize,
+}
+
+/// The `role`, `region` and `migration` a record's details state about its writer.
+#[derive(Debug)]
+struct SelfDescription {
+    line: usize,
+    event: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+/// Top-level `details.role`, `details.region`, `details.migration` strings: what a record says
+/// about the agent that wrote it (`agent_started` does; `handshake_accepted` names the peer's
+/// under `details.peer`, which is not the writer's).
+pub(crate) fn self_description(details: &Map<String, Value>) -> Vec<(&'static str, String)> {
+    ["role", "region", "migration"]
+        .into_iter()
+        .filter_map(|k| Some((k, details.get(k)?.as_str()?.to_string())))
+        .collect()
 }
 
 const RECORD_KEYS: [&str; 6] = ["details", "event", "hash", "prev", "seq", "time"];
@@ -265,6 +436,16 @@ impl Verifier {
             integrity_failures: 0,
             prev_event: String::new(),
             closed_by_stop: false,
+            identity: None,
+            signer: None,
+            unbound: Vec::new(),
+            runs: Vec::new(),
+            run_last: None,
+            run_stopped: None,
+            in_run: false,
+            tunnel_sessions: Vec::new(),
+            handshake_failures: Vec::new(),
+            streams_seen: Vec::new(),
         })
     }
 
@@ -343,8 +524,12 @@ impl Verifier {
             return Err(err("field details must be an object".into()));
         };
 
+        if event == events::AGENT_STARTED || event == events::LOG_RESUMED {
+            // A new process: whatever the previous run wrote last is where it ended.
+            self.end_run(false);
+        }
         match event.as_str() {
-            events::AGENT_STARTED => self.agent_started(line, &time_text, &details)?,
+            events::AGENT_STARTED => self.agent_started(line, &time_text, time, &details)?,
             events::CHECKPOINT => self.checkpoint(line, seq, &details)?,
             events::LOG_RESUMED => {
                 let unsigned = parse_log_resumed(&details).map_err(err)?;
@@ -366,7 +551,73 @@ impl Verifier {
                 self.sessions.push(s);
             }
             events::INTEGRITY_FAILURE => self.integrity_failures += 1,
+            events::HANDSHAKE_ACCEPTED => {
+                let (address, peer_fingerprint) =
+                    parse_handshake_accepted(&details).map_err(err)?;
+                if self.in_run {
+                    let run = self.runs.len() - 1;
+                    self.tunnel_sessions.push(TunnelSession {
+                        line,
+                        start: time,
+                        address,
+                        peer_fingerprint: normalize_fingerprint(&peer_fingerprint),
+                        own_fingerprint: self.runs[run].fingerprint.clone(),
+                        run,
+                        end: None,
+                        streams: None,
+                    });
+                }
+            }
+            events::SESSION_ENDED => {
+                let ended = parse_session_ended(&details).map_err(err)?;
+                self.session_ended(line, time, &ended);
+            }
+            events::HANDSHAKE_FAILED | events::HANDSHAKE_REFUSED => {
+                let named = details
+                    .get("fingerprint")
+                    .and_then(Value::as_str)
+                    .map(normalize_fingerprint)
+                    .filter(|f| super::record::is_hash_hex(f));
+                if let Some(fingerprint) = named {
+                    self.handshake_failures.push(HandshakeFailure {
+                        line,
+                        time,
+                        fingerprint,
+                    });
+                }
+            }
+            events::STREAM_OPENED | events::STREAM_REFUSED => {
+                let session_id = Fields::new(&details, "details.")
+                    .str("session_id")
+                    .map_err(err)?
+                    .to_string();
+                self.streams_seen.push(StreamSeen {
+                    session_id,
+                    line,
+                    time,
+                });
+            }
             _ => {}
+        }
+        if event != events::AGENT_STARTED && event != events::CHECKPOINT {
+            let fields = self_description(&details);
+            if !fields.is_empty() {
+                let d = SelfDescription {
+                    line,
+                    event: event.clone(),
+                    fields,
+                };
+                match &self.signer {
+                    Some(signer) => check_self_description(&d, signer)?,
+                    None => self.unbound.push(d),
+                }
+            }
+        }
+        if self.in_run {
+            self.run_last = Some((line, time));
+            if event == events::AGENT_STOPPED {
+                self.run_stopped = Some((line, time));
+            }
         }
 
         if event == events::CHECKPOINT {
@@ -393,9 +644,54 @@ impl Verifier {
         &mut self,
         line: usize,
         time: &str,
+        at: OffsetDateTime,
         details: &Map<String, Value>,
     ) -> Result<(), VerifyError> {
-        let a = parse_agent_started(details).map_err(|r| VerifyError::at(line, r))?;
+        let err = |reason: String| VerifyError::at(line, reason);
+        let a = parse_agent_started(details).map_err(err)?;
+        // One writer per log: its first agent_started fixes the role and the migration, and a
+        // certificate renewal (new fingerprint, same role and migration) is the only change.
+        match &self.identity {
+            None => {
+                self.identity = Some(LogIdentity {
+                    role: a.role.clone(),
+                    migration: a.migration.clone(),
+                    line,
+                })
+            }
+            Some(id) => {
+                if a.role != id.role {
+                    return Err(err(format!(
+                        "agent_started for role {}, but this log belongs to the {} agent (agent_started at line {}): a log has one writer, so one role",
+                        a.role, id.role, id.line
+                    )));
+                }
+                if a.migration != id.migration {
+                    return Err(err(format!(
+                        "agent_started for migration {}, but this log belongs to migration {} (agent_started at line {}): a log has one migration",
+                        a.migration, id.migration, id.line
+                    )));
+                }
+            }
+        }
+        let signer = CertIdentity {
+            role: a.role.clone(),
+            region: a.region.clone(),
+            migration: a.migration.clone(),
+            fingerprint: a.cert.fingerprint.clone(),
+            line,
+        };
+        for d in std::mem::take(&mut self.unbound) {
+            check_self_description(&d, &signer)?;
+        }
+        self.signer = Some(signer);
+        self.runs.push(Run {
+            line,
+            start: at,
+            fingerprint: a.cert.fingerprint.clone(),
+            end: RunEnd::Open { line, time: at },
+        });
+        self.in_run = true;
         if let Some(ca_der) = &self.ca {
             // Both parsed before: `new` checked the CA, `parse_agent_started` the certificate.
             let parsed = x509_parser::parse_x509_certificate(ca_der).and_then(|(_, ca)| {
@@ -466,7 +762,42 @@ impl Verifier {
         Ok(())
     }
 
-    fn finish(self) -> Result<(Verified, Tip), VerifyError> {
+    /// Closes the current run: `Stopped` if it wrote `agent_stopped`, else `Crashed` (another
+    /// process follows) or `Open` (the log ends here).
+    fn end_run(&mut self, log_ends: bool) {
+        if !self.in_run {
+            return;
+        }
+        self.in_run = false;
+        let (Some(run), Some((line, time))) = (self.runs.last_mut(), self.run_last.take()) else {
+            return;
+        };
+        run.end = match (self.run_stopped.take(), log_ends) {
+            (Some((line, time)), _) => RunEnd::Stopped { line, time },
+            (None, false) => RunEnd::Crashed { line, time },
+            (None, true) => RunEnd::Open { line, time },
+        };
+    }
+
+    /// Pairs a `session_ended` with the earliest open session of this run to the same address.
+    fn session_ended(&mut self, line: usize, time: OffsetDateTime, ended: &SessionEnded) {
+        let Some(run) = self.in_run.then(|| self.runs.len() - 1) else {
+            return;
+        };
+        let peer = ended.peer_fingerprint.as_deref().map(normalize_fingerprint);
+        if let Some(s) = self.tunnel_sessions.iter_mut().find(|s| {
+            s.run == run
+                && s.end.is_none()
+                && s.address == ended.address
+                && peer.as_ref().is_none_or(|p| *p == s.peer_fingerprint)
+        }) {
+            s.end = Some((line, time));
+            s.streams = ended.streams;
+        }
+    }
+
+    fn finish(mut self) -> Result<(Verified, Tip), VerifyError> {
+        self.end_run(true);
         let (Some(first_time), Some(last_time)) = (self.first_time, self.last_time) else {
             return Err(VerifyError::at(0, "the log is empty (no records)"));
         };
@@ -516,6 +847,10 @@ impl Verifier {
             last_checkpoint_line: self.last_checkpoint.map(|(l, _)| l),
             resumes: self.resumes,
             integrity_failures: self.integrity_failures,
+            runs: self.runs,
+            tunnel_sessions: self.tunnel_sessions,
+            handshake_failures: self.handshake_failures,
+            streams_seen: self.streams_seen,
         };
         let tip = Tip {
             next_seq: self.next_seq,
@@ -523,6 +858,7 @@ impl Verifier {
             since_checkpoint: self.since_checkpoint,
             last_checkpoint_seq: self.last_checkpoint.map(|(_, s)| s),
             current_cert: self.current_cert.map(|(c, _)| c),
+            identity: self.identity,
         };
         Ok((verified, tip))
     }
@@ -536,6 +872,11 @@ pub(crate) fn check_event_details(event: &str, details: &Map<String, Value>) -> 
         events::STREAM_CLOSED => parse_stream_closed(details).map(drop),
         events::CHECKPOINT => parse_checkpoint(details).map(drop),
         events::LOG_RESUMED => parse_log_resumed(details).map(drop),
+        events::HANDSHAKE_ACCEPTED => parse_handshake_accepted(details).map(drop),
+        events::SESSION_ENDED => parse_session_ended(details).map(drop),
+        events::STREAM_OPENED | events::STREAM_REFUSED => {
+            Fields::new(details, "details.").str("session_id").map(drop)
+        }
         _ => Ok(()),
     }
 }
@@ -561,12 +902,88 @@ pub(crate) fn parse_agent_started(details: &Map<String, Value>) -> Result<AgentS
             cert.fingerprint
         ));
     }
-    Ok(AgentStarted {
+    let started = AgentStarted {
         role: f.str("role")?.to_string(),
         region: f.str("region")?.to_string(),
         migration: f.str("migration")?.to_string(),
         version: f.str("version")?.to_string(),
         cert,
+    };
+    // The record speaks for the certificate whose key signs the checkpoints after it, so it
+    // must say what that certificate says: otherwise one agent's key could write a run that
+    // claims to be the other agent's.
+    let id = PeerIdentity::from_der(&started.cert.der).map_err(|e| {
+        format!(
+            "the certificate in details.certificate ({}) is not a pgferry agent certificate: {e}",
+            started.cert.fingerprint
+        )
+    })?;
+    for (field, claimed, certified) in [
+        ("role", &started.role, id.role.as_str()),
+        ("region", &started.region, id.region.as_str()),
+        ("migration", &started.migration, id.migration.as_str()),
+    ] {
+        if claimed != certified {
+            return Err(format!(
+                "details.{field} is {claimed:?}, but the certificate in details.certificate ({}) is issued for {field} {certified:?}: a record must match the certificate that signs it",
+                started.cert.fingerprint
+            ));
+        }
+    }
+    Ok(started)
+}
+
+/// The writer's identity as an `agent_started` certificate states it, for the writer's checks.
+pub(crate) fn certificate_identity(der: &[u8]) -> Option<(String, String, String)> {
+    let id = PeerIdentity::from_der(der).ok()?;
+    Some((
+        id.role.as_str().to_string(),
+        id.region.as_str().to_string(),
+        id.migration.as_str().to_string(),
+    ))
+}
+
+fn check_self_description(d: &SelfDescription, signer: &CertIdentity) -> Result<(), VerifyError> {
+    for (field, value) in &d.fields {
+        let certified = match *field {
+            "role" => &signer.role,
+            "region" => &signer.region,
+            _ => &signer.migration,
+        };
+        if value != certified {
+            return Err(VerifyError::at(
+                d.line,
+                format!(
+                    "{} names {field} {value:?}, but the certificate {} (agent_started at line {}) whose key signs it is issued for {field} {certified:?}",
+                    d.event, signer.fingerprint, signer.line
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `handshake_accepted`: the peer's address and certificate fingerprint.
+fn parse_handshake_accepted(details: &Map<String, Value>) -> Result<(String, String), String> {
+    let f = Fields::new(details, "details.");
+    Ok((
+        f.str("address")?.to_string(),
+        f.object("peer")?.str("fingerprint")?.to_string(),
+    ))
+}
+
+pub(crate) struct SessionEnded {
+    pub address: String,
+    pub peer_fingerprint: Option<String>,
+    pub streams: Option<u64>,
+}
+
+fn parse_session_ended(details: &Map<String, Value>) -> Result<SessionEnded, String> {
+    let f = Fields::new(details, "details.");
+    Ok(SessionEnded {
+        address: f.str("address")?.to_string(),
+        peer_fingerprint: f.opt_str("peer_fingerprint").map(str::to_string),
+        streams: details.get("streams").and_then(Value::as_u64),
     })
 }
 

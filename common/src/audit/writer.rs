@@ -3,10 +3,12 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read as _, Write};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use ring::rand::SystemRandom;
 use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
 use serde_json::{json, Map, Value};
@@ -16,7 +18,9 @@ use super::record::{
     checkpoint_message, events, find_float, format_time, hash_bytes, record_hash, CertKey,
     CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
 };
-use super::verify::{check_event_details, verify_records, VerifyOptions};
+use super::verify::{
+    certificate_identity, check_event_details, self_description, verify_records, VerifyOptions,
+};
 use super::AuditError;
 
 /// The agent's TLS key and certificate, used to sign checkpoints.
@@ -67,12 +71,84 @@ impl CheckpointSigner {
     }
 }
 
-/// An open audit log. One process appends to a log at a time (nothing locks the file: give
-/// each agent its own log).
+/// The lock file next to a log: `<log>.lock`.
+pub(crate) fn lock_path(log: &Path) -> PathBuf {
+    let mut name = log.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    log.with_file_name(name)
+}
+
+/// What makes an [`AuditLog`] its file's only writer: an exclusive flock(2) on `<log>.lock`,
+/// which holds the holder's pid for the message the next opener gets.
+///
+/// flock locks belong to the open file description, not to the process: unlike POSIX `fcntl`
+/// record locks, which the process loses as soon as it closes *any* descriptor of the file,
+/// this one survives the agent (or `audit verify` in the same process) opening and closing the
+/// log or the lock file for reading. The descriptor is close-on-exec, so the processes an
+/// agent starts (pg_basebackup, a hook) do not inherit the lock. The kernel releases it when
+/// the holder exits, however it exits. The lock file is never removed: unlinking it would let
+/// a waiter lock the unlinked file while a newcomer locks a fresh one.
+#[derive(Debug)]
+struct WriterLock {
+    file: Flock<File>,
+}
+
+impl WriterLock {
+    /// Takes the lock without waiting, before the log itself is opened.
+    fn acquire(log: &Path) -> Result<Self, AuditError> {
+        let lock = lock_path(log);
+        let io = |action: &'static str| {
+            let path = lock.clone();
+            move |source| AuditError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        let mut options = OpenOptions::new();
+        // No truncation before the lock is ours: the holder's pid must stay readable.
+        options.read(true).write(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+        let file = options.open(&lock).map_err(io("opening the lock file"))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(file) => {
+                file.set_len(0)
+                    .and_then(|()| {
+                        (&*file).write_all(format!("{}\n", std::process::id()).as_bytes())
+                    })
+                    .map_err(io("writing the lock file"))?;
+                Ok(Self { file })
+            }
+            Err((mut file, Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                Err(AuditError::Locked {
+                    path: log.to_path_buf(),
+                    pid: holder.trim().parse().ok(),
+                })
+            }
+            Err((_, errno)) => Err(io("locking")(std::io::Error::from(errno))),
+        }
+    }
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        // The pid goes before the lock does (the field's own drop unlocks): a stale pid in an
+        // unlocked file would only mislead an operator reading it.
+        let _ = self.file.set_len(0);
+    }
+}
+
+/// An open audit log, and the only writer of its file: [`AuditLog::open`] takes an exclusive
+/// lock that lasts as long as the `AuditLog` (readers such as `audit verify` need no lock).
 #[derive(Debug)]
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    /// Held for the log's lifetime; dropped after `file`.
+    _lock: WriterLock,
     signer: CheckpointSigner,
     next_seq: u64,
     last_hash: String,
@@ -84,10 +160,18 @@ pub struct AuditLog {
     announced: bool,
     /// A write failed part-way: the file may end in a partial line.
     poisoned: bool,
+    /// Role, region and migration of the signer's certificate (its URI SANs): every record
+    /// that names them must agree.
+    identity: Option<(String, String, String)>,
 }
 
 impl AuditLog {
     /// Opens or creates (mode 0640, parent directories too) the log at `path`.
+    ///
+    /// First it takes the log's writer lock (`<path>.lock`, see [`AuditError::Locked`]):
+    /// while another `AuditLog` (in any process) holds it, open fails without reading or
+    /// writing the log. A log whose `agent_started` records name another role or migration
+    /// than the signer's certificate is refused too ([`AuditError::WrongLog`]).
     ///
     /// An existing log is verified first (chain and checkpoint signatures; an unsigned tail is
     /// allowed): a log that fails is never appended to, and the error names the line. If it
@@ -105,6 +189,9 @@ impl AuditLog {
         if let Some(dir) = parent {
             std::fs::create_dir_all(dir).map_err(io("creating the parent directory"))?;
         }
+        // Before the log is even opened: a second agent must not read a tail that the first is
+        // still writing, nor append its log_resumed.
+        let lock = WriterLock::acquire(path)?;
         let existed = path.exists();
         let mut options = OpenOptions::new();
         options.read(true).append(true).create(true);
@@ -116,6 +203,7 @@ impl AuditLog {
         let mut log = Self {
             path: path.to_path_buf(),
             file,
+            _lock: lock,
             signer,
             next_seq: 0,
             last_hash: GENESIS_PREV.to_string(),
@@ -123,7 +211,9 @@ impl AuditLog {
             last_checkpoint_seq: None,
             announced: false,
             poisoned: false,
+            identity: None,
         };
+        log.identity = certificate_identity(log.signer.certificate_der());
         if !existed {
             // Make the new directory entry durable, not only the data written later.
             if let Some(dir) = parent {
@@ -147,6 +237,16 @@ impl AuditLog {
                     source,
                 }
             })?;
+        if let (Some(theirs), Some((our_role, _, our_migration))) = (&tip.identity, &log.identity) {
+            if theirs.role != *our_role || theirs.migration != *our_migration {
+                return Err(AuditError::WrongLog {
+                    path: path.to_path_buf(),
+                    log_writer: format!("{} agent of migration {}", theirs.role, theirs.migration),
+                    line: theirs.line,
+                    ours: format!("{our_role} of migration {our_migration}"),
+                });
+            }
+        }
         log.next_seq = tip.next_seq;
         log.last_hash = tip.last_hash;
         log.since_checkpoint = tip.since_checkpoint;
@@ -214,6 +314,23 @@ impl AuditLog {
         }
         if let Value::Object(map) = &details {
             check_event_details(event, map).map_err(invalid)?;
+            if let Some((role, region, migration)) = &self.identity {
+                for (field, value) in self_description(map) {
+                    let certificate = match field {
+                        "role" => role,
+                        "region" => region,
+                        _ => migration,
+                    };
+                    if value != *certificate {
+                        return Err(AuditError::IdentityMismatch {
+                            event: event.to_string(),
+                            field,
+                            value,
+                            certificate: certificate.clone(),
+                        });
+                    }
+                }
+            }
         }
         let seq = self.write_record(event, details, time)?;
         if starting {
@@ -227,6 +344,11 @@ impl AuditLog {
     /// checkpoint's `seq` (two checkpoints in a row would add nothing and would make a cut
     /// between them undetectable).
     pub fn checkpoint(&mut self) -> Result<u64, AuditError> {
+        self.checkpoint_at(OffsetDateTime::now_utc())
+    }
+
+    /// [`checkpoint`](Self::checkpoint) with the record's time given (tests).
+    pub(crate) fn checkpoint_at(&mut self, time: OffsetDateTime) -> Result<u64, AuditError> {
         if self.poisoned {
             return Err(AuditError::Poisoned(self.path.clone()));
         }
@@ -246,7 +368,7 @@ impl AuditLog {
             "signed_hash": self.last_hash,
             "signature": base64::engine::general_purpose::STANDARD.encode(signature),
         });
-        let seq = self.write_record(events::CHECKPOINT, details, OffsetDateTime::now_utc())?;
+        let seq = self.write_record(events::CHECKPOINT, details, time)?;
         self.file.sync_data().map_err(|source| AuditError::Io {
             path: self.path.clone(),
             action: "syncing after a checkpoint",

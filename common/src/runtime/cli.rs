@@ -106,7 +106,8 @@ pub enum AuditCommand {
     Verify {
         /// The audit log to check.
         log: PathBuf,
-        /// The other agent's log: the digests of every stream both logs record must agree.
+        /// The other agent's log: both logs must describe the same tunnel sessions and streams
+        /// (outside the windows where one agent was down), with the same digests.
         #[arg(long, value_name = "OTHER_LOG")]
         peer: Option<PathBuf>,
         /// Also check that the certificates embedded in the log were issued by this CA.
@@ -423,7 +424,8 @@ fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
                     theirs.checkpoints,
                     theirs.sessions.len()
                 );
-                match audit::compare_peer(&ours, &theirs) {
+                let (a, b) = (log.display().to_string(), peer_path.display().to_string());
+                match audit::compare_peer_named(&ours, &a, &theirs, &b) {
                     Ok(c) => println!("peer comparison: OK: {c}"),
                     Err(m) => {
                         println!("peer comparison: FAILED: {m}");
