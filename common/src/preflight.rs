@@ -36,8 +36,9 @@ pub struct SourceFacts {
     pub now_ms: u64,
     /// What could defeat the fence or the drain at cutover; `None` from a source agent older
     /// than these checks.
+    /// (Boxed: it is most of the size of the control messages that carry it.)
     #[serde(default)]
-    pub fence: Option<FenceFacts>,
+    pub fence: Option<Box<FenceFacts>>,
 }
 
 /// What the source agent found that bears on the fence (`docs/fence.md`) and the drain.
@@ -537,11 +538,11 @@ mod tests {
                 database_bytes: 10 << 30,
                 in_recovery: false,
                 now_ms: 1_000_000,
-                fence: Some(FenceFacts {
+                fence: Some(Box::new(FenceFacts {
                     superuser: Some(true),
                     hba_file: Some("/etc/postgresql/15/main/pg_hba.conf".into()),
                     ..FenceFacts::default()
-                }),
+                })),
             },
             TargetFacts {
                 major_version: 15,
@@ -644,7 +645,7 @@ mod tests {
     #[test]
     fn what_could_defeat_the_fence_is_named_with_a_fix() {
         let (s0, t) = good();
-        let f0 = s0.fence.clone().unwrap();
+        let f0 = *s0.fence.clone().unwrap();
         type Case = (&'static str, bool, fn(&mut FenceFacts), &'static str);
         let cases: [Case; 11] = [
             (
@@ -743,7 +744,7 @@ mod tests {
             let mut s = s0.clone();
             let mut f = f0.clone();
             break_it(&mut f);
-            s.fence = Some(f);
+            s.fence = Some(Box::new(f));
             if fails {
                 assert_eq!(failing(&s, &t), vec![name.to_string()], "{name}");
             } else {

@@ -140,7 +140,7 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
         database_bytes: row.get::<_, i64>(7).max(0) as u64,
         in_recovery: row.get(8),
         now_ms: row.get::<_, i64>(9).max(0) as u64,
-        fence: Some(super::fence::fence_facts(client).await),
+        fence: Some(Box::new(super::fence::fence_facts(client).await)),
     })
 }
 
