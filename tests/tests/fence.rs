@@ -2,7 +2,8 @@
 //! unfence called directly): sessions open at the fence (idle, mid-transaction, logical
 //! replication), connections still authenticating under the old rules, new connections of every
 //! kind (superuser and ordinary role, TCP and unix socket, logical replication), prepared
-//! transactions. Physical replication and pgferry's own control route still get in. Unfence
+//! transactions. Physical replication and pgferry's own control route still get in; an enabled
+//! subscription makes the fence refuse; preflight names what it found. Unfence
 //! puts `pg_hba.conf` and `postgresql.auto.conf` back byte for byte.
 
 use std::io::{Read, Write};
@@ -13,11 +14,23 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use pgferry_common::control::FenceMode;
 use pgferry_common::fence::{is_fenced, replication_records, ORIGINAL_SUFFIX};
+use pgferry_common::preflight::{evaluate, TargetFacts};
 use pgferry_common::runtime::fence::connect_from_control_addr;
 use pgferry_common::runtime::pg;
 use pgferry_tests::{as_postgres, free_tcp_port, pg_bin, wait_until, PgCluster, TestDir};
 
 const REFUSED: &str = "pg_hba.conf rejects connection";
+
+fn target_facts(now_ms: u64) -> TargetFacts {
+    TargetFacts {
+        major_version: 15,
+        data_dir: "/srv/new".into(),
+        data_dir_empty: None,
+        free_bytes: 100 << 30,
+        now_ms,
+        round_trip_ms: 2,
+    }
+}
 
 /// A PostgreSQL v3 startup packet for `user` into `postgres`.
 fn startup_packet(user: &str) -> Vec<u8> {
@@ -216,8 +229,50 @@ fn the_fence_refuses_every_other_client_and_unfence_restores_the_files() -> Resu
             || (postmaster_children_forked_not_started(&pg) > forked_before).then_some(()),
         )?;
 
-        // The fence, on pgferry's own session.
+        // The fence, on pgferry's own session. First what preflight says about this source.
         let own = client(&pg, "postgres", &pw, false).await?;
+        own.batch_execute("SELECT pg_create_physical_replication_slot('dr_standby')")
+            .await?;
+        let facts = pg::source_facts(&own).await?;
+        let f = facts.fence.clone().context("fence facts")?;
+        assert_eq!(f.superuser, Some(true));
+        assert!(
+            f.files_unwritable.is_none() && f.no_reconnect.is_none(),
+            "{f:?}"
+        );
+        assert_eq!(f.prepared_transactions[0].gid, "p1", "{f:?}");
+        assert_eq!(f.replication_slots[0].name, "dr_standby", "{f:?}");
+        assert!(f.wal_senders.iter().any(|w| w.database.is_some()), "{f:?}");
+        let warned: Vec<String> = evaluate(&facts, &target_facts(facts.now_ms))
+            .into_iter()
+            .filter(|c| c.ok && c.warning)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            warned,
+            ["prepared_transactions", "replication_slots", "wal_senders"],
+            "{f:?}"
+        );
+        own.batch_execute("SELECT pg_drop_replication_slot('dr_standby')")
+            .await?;
+        // An enabled subscription commits without any client connection: the fence refuses
+        // before it changes anything.
+        own.batch_execute(
+            "CREATE SUBSCRIPTION from_erp CONNECTION 'host=127.0.0.1 port=1 dbname=erp'
+               PUBLICATION erp WITH (connect = false);
+             ALTER SUBSCRIPTION from_erp ENABLE",
+        )
+        .await?;
+        let e = pg::fence(&own, FenceMode::ReadOnly).await.unwrap_err();
+        assert!(format!("{e:#}").contains("from_erp"), "{e:#}");
+        assert_eq!(std::fs::read(&hba_path)?, hba_before);
+        assert!(!copy(&hba_path).exists());
+        own.batch_execute(
+            "ALTER SUBSCRIPTION from_erp DISABLE;
+             ALTER SUBSCRIPTION from_erp SET (slot_name = NONE);
+             DROP SUBSCRIPTION from_erp",
+        )
+        .await?;
         let (lsn, report) = pg::fence(&own, FenceMode::ReadOnly).await?;
         eprintln!("fenced at {lsn}: {report:?}");
         assert!(report.sessions_ended >= 4, "{report:?}");
