@@ -179,7 +179,9 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FenceMode {
-    /// `default_transaction_read_only = on`, reload, and end sessions that could still write.
+    /// `pg_hba.conf` admits only pgferry (its control connection and physical replication),
+    /// `default_transaction_read_only = on`, reload, and every other session and connection
+    /// attempt ended (see `docs/fence.md`).
     ReadOnly,
     /// Read-only now (so both sides can still be verified at the fence LSN); the source
     /// cluster is shut down (fast) once the target accepts writes.
@@ -205,6 +207,9 @@ pub enum Response {
     },
     Fenced {
         lsn: crate::migration::Lsn,
+        /// What the fence did (absent from a source agent older than this field).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        report: Option<FenceReport>,
     },
     Unfenced,
     ClusterStopped,
@@ -215,6 +220,24 @@ pub enum Response {
     Error {
         message: String,
     },
+}
+
+/// What a fence did on the source, for the cutover report and the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceReport {
+    /// The `pg_hba.conf` the fence replaced (its original is beside it, `.pgferry-orig`).
+    pub hba_file: String,
+    /// Physical-replication records kept from the original.
+    pub replication_records: u32,
+    /// Whether the fenced file admits the source agent's control connection from its own
+    /// loopback address, so that a restarted source agent can still unfence.
+    pub control_rule: bool,
+    /// Sessions ended (`pg_terminate_backend`): clients, logical walsenders, their workers.
+    pub sessions_ended: u32,
+    /// Connections ended while still authenticating under the old rules (by signal: they are
+    /// not in `pg_stat_activity` yet).
+    pub connecting_ended: u32,
 }
 
 /// Source-side replication status.

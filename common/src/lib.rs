@@ -16,6 +16,7 @@
 //!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   preflight source/target facts → checks with what to fix (pure)
+//!   fence     the fenced pg_hba.conf, what to save and restore, which processes are connecting
 //!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
 //!
 //!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
@@ -27,6 +28,7 @@
 pub mod admission;
 pub mod audit;
 pub mod control;
+pub mod fence;
 pub mod frame;
 pub mod identity;
 pub mod migration;

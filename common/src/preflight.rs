@@ -34,7 +34,93 @@ pub struct SourceFacts {
     pub in_recovery: bool,
     /// Source clock, ms since the epoch, when the facts were taken.
     pub now_ms: u64,
+    /// What could defeat the fence or the drain at cutover; `None` from a source agent older
+    /// than these checks.
+    /// (Boxed: it is most of the size of the control messages that carry it.)
+    #[serde(default)]
+    pub fence: Option<Box<FenceFacts>>,
 }
+
+/// What the source agent found that bears on the fence (`docs/fence.md`) and the drain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FenceFacts {
+    /// Whether the agent's role is a superuser (the fence ends superuser sessions and uses
+    /// `ALTER SYSTEM`); `None` when unknown.
+    pub superuser: Option<bool>,
+    /// `hba_file`, when the role may read it.
+    pub hba_file: Option<String>,
+    /// Why the source agent could not replace `pg_hba.conf` or `postgresql.auto.conf` (it
+    /// writes a copy beside each and renames); `None` when it can.
+    pub files_unwritable: Option<String>,
+    /// Why a source agent restarted during the fence could not reconnect to unfence; `None`
+    /// when it could.
+    pub no_reconnect: Option<String>,
+    /// `pg_prepared_xacts`.
+    pub prepared_transactions: Vec<PreparedTransaction>,
+    /// `pg_replication_slots` (all of them: pgferry's own does not exist yet at preflight).
+    pub replication_slots: Vec<SlotFact>,
+    /// `pg_stat_replication`: WAL senders connected now.
+    pub wal_senders: Vec<WalSenderFact>,
+    /// `synchronous_standby_names`.
+    pub synchronous_standby_names: String,
+    /// Client sessions whose transaction has been open longer than [`LONG_TRANSACTION_SECS`].
+    pub long_transactions: Vec<LongTransaction>,
+    /// Enabled subscriptions: their apply workers commit on the source without a client
+    /// connection, which no `pg_hba.conf` can stop.
+    pub subscriptions: Vec<String>,
+    /// Background workers of extensions (`backend_type`s beyond PostgreSQL's own): they run
+    /// inside the server, not through `pg_hba.conf`.
+    pub background_workers: Vec<String>,
+}
+
+/// A prepared transaction (`pg_prepared_xacts`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreparedTransaction {
+    pub gid: String,
+    pub owner: String,
+    pub database: String,
+    pub age_secs: u64,
+}
+
+/// A replication slot on the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotFact {
+    pub name: String,
+    /// `physical` or `logical`.
+    pub slot_type: String,
+    pub active: bool,
+    pub database: Option<String>,
+    pub plugin: Option<String>,
+}
+
+/// A connected WAL sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSenderFact {
+    pub application_name: String,
+    pub client: String,
+    /// The database of a logical replication connection; `None` for physical replication.
+    pub database: Option<String>,
+    /// `async`, `potential`, `sync` or `quorum`.
+    pub sync_state: String,
+}
+
+/// A client session with a long-open transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LongTransaction {
+    pub pid: i32,
+    pub user: String,
+    pub database: String,
+    pub state: String,
+    pub age_secs: u64,
+}
+
+/// A transaction open this long at preflight is named: the fence would end it.
+pub const LONG_TRANSACTION_SECS: u64 = 60;
 
 /// What the target agent knows about its own host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +144,9 @@ pub struct Check {
     /// Short stable name (`wal_level`, `free_disk`, …).
     pub name: String,
     pub ok: bool,
+    /// Passes, but names something the operator should settle before the cutover (with a fix).
+    #[serde(default)]
+    pub warning: bool,
     /// What was found.
     pub detail: String,
     /// What to change, and where (empty when ok).
@@ -77,6 +166,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
         out.push(Check {
             name: name.into(),
             ok,
+            warning: false,
             detail,
             fix: if ok { String::new() } else { fix },
         })
@@ -215,6 +305,203 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
         "synchronise both hosts with NTP (e.g. systemctl enable --now systemd-timesyncd or chrony)"
             .into(),
     );
+    if let Some(f) = &s.fence {
+        out.extend(fence_checks(f));
+    }
+    out
+}
+
+/// Severity of a fence check.
+enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// What could defeat the fence or the drain (`docs/fence.md`), each with a fix. Failures stop
+/// the migration before it starts; warnings are things to settle before the cutover.
+fn fence_checks(f: &FenceFacts) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut check = |name: &str, verdict: Verdict, detail: String, fix: String| {
+        let (ok, warning) = match verdict {
+            Verdict::Ok => (true, false),
+            Verdict::Warn => (true, true),
+            Verdict::Fail => (false, false),
+        };
+        out.push(Check {
+            name: name.into(),
+            ok,
+            warning,
+            detail,
+            fix: if ok && !warning { String::new() } else { fix },
+        })
+    };
+    let some = |v: bool| if v { Verdict::Fail } else { Verdict::Ok };
+    match f.superuser {
+        Some(su) => check(
+            "fence_superuser",
+            some(!su),
+            format!(
+                "the source agent's role {} a superuser",
+                if su { "is" } else { "is not" }
+            ),
+            "the fence ends every other session (superusers' too) and uses ALTER SYSTEM: connect the source agent as a superuser ([source] conninfo user=postgres)".into(),
+        ),
+        None => check(
+            "fence_superuser",
+            Verdict::Fail,
+            "could not tell whether the source agent's role is a superuser".into(),
+            "connect the source agent as a superuser ([source] conninfo user=postgres)".into(),
+        ),
+    }
+    let hba = f.hba_file.as_deref().unwrap_or("pg_hba.conf");
+    check(
+        "fence_files",
+        some(f.files_unwritable.is_some() || f.hba_file.is_none()),
+        match &f.files_unwritable {
+            None if f.hba_file.is_some() => format!(
+                "the source agent can replace {hba} and postgresql.auto.conf (keeping a copy of each beside it)"
+            ),
+            None => "hba_file is not readable by the source agent's role".into(),
+            Some(why) => why.clone(),
+        },
+        format!(
+            "the fence rewrites {hba} and keeps its original beside it: run pgferry-source on the source host as the cluster's OS user (postgres) or root, with write access to the directories of {hba} and of the data directory"
+        ),
+    );
+    check(
+        "fence_reconnect",
+        if f.no_reconnect.is_some() { Verdict::Warn } else { Verdict::Ok },
+        match &f.no_reconnect {
+            None => format!(
+                "a restarted source agent can reconnect while fenced (from {})",
+                crate::fence::CONTROL_ADDR
+            ),
+            Some(why) => format!("a source agent restarted during the fence could not reconnect: {why}"),
+        },
+        format!(
+            "give the agent's role a password (ALTER ROLE … PASSWORD, and [source] password_file) and let PostgreSQL listen on 127.0.0.1; otherwise, if the source agent dies while fenced, undo the fence by hand: mv {hba}{suffix} {hba}; mv <data directory>/postgresql.auto.conf{suffix} <data directory>/postgresql.auto.conf; SELECT pg_reload_conf()",
+            suffix = crate::fence::ORIGINAL_SUFFIX
+        ),
+    );
+    let list = |items: Vec<String>| {
+        let n = items.len();
+        let mut shown: Vec<String> = items.into_iter().take(5).collect();
+        if n > 5 {
+            shown.push(format!("and {} more", n - 5));
+        }
+        shown.join(", ")
+    };
+    let prepared = &f.prepared_transactions;
+    check(
+        "prepared_transactions",
+        if prepared.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if prepared.is_empty() {
+            "no prepared transactions".into()
+        } else {
+            format!(
+                "{} prepared transaction(s): {}",
+                prepared.len(),
+                list(prepared.iter().map(|p| format!("'{}' ({} in {}, {} s old)", p.gid, p.owner, p.database, p.age_secs)).collect())
+            )
+        },
+        "finish them before the cutover (COMMIT PREPARED 'gid' or ROLLBACK PREPARED 'gid'): nobody can commit them on the fenced source, and they move to the new cluster still prepared, holding their locks".into(),
+    );
+    let logical: Vec<&SlotFact> = f
+        .replication_slots
+        .iter()
+        .filter(|s| s.slot_type == "logical")
+        .collect();
+    check(
+        "replication_slots",
+        if f.replication_slots.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if f.replication_slots.is_empty() {
+            "no replication slots".into()
+        } else {
+            format!(
+                "{} slot(s) besides pgferry's, {} logical: {}",
+                f.replication_slots.len(),
+                logical.len(),
+                list(f.replication_slots.iter().map(|s| format!("{} ({}{}{})", s.name, s.slot_type, s.database.as_ref().map(|d| format!(" on {d}")).unwrap_or_default(), if s.active { ", active" } else { ", inactive" })).collect())
+            )
+        },
+        "slots are not copied to the new cluster: a logical slot's consumer is cut off at the fence (its connection is refused) and must be set up again on the new cluster; drop slots nobody uses (SELECT pg_drop_replication_slot('name')): an inactive slot retains WAL".into(),
+    );
+    check(
+        "wal_senders",
+        if f.wal_senders.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if f.wal_senders.is_empty() {
+            "no other WAL senders".into()
+        } else {
+            format!(
+                "{} WAL sender(s) connected: {}",
+                f.wal_senders.len(),
+                list(f.wal_senders.iter().map(|w| format!("{} from {} ({}, {})", if w.application_name.is_empty() { "?" } else { &w.application_name }, w.client, w.database.as_ref().map(|d| format!("logical on {d}")).unwrap_or_else(|| "physical".into()), w.sync_state)).collect())
+            )
+        },
+        "the fence ends logical replication connections (they can run SQL) and keeps physical ones (they cannot write); move their consumers to the new cluster after the cutover".into(),
+    );
+    let sync = f.synchronous_standby_names.trim();
+    let sync_connected = f
+        .wal_senders
+        .iter()
+        .any(|w| w.sync_state == "sync" || w.sync_state == "quorum");
+    check(
+        "synchronous_standby_names",
+        match (sync.is_empty(), sync_connected) {
+            (true, _) => Verdict::Ok,
+            (false, true) => Verdict::Warn,
+            (false, false) => Verdict::Fail,
+        },
+        if sync.is_empty() {
+            "synchronous_standby_names is empty".into()
+        } else {
+            format!(
+                "synchronous_standby_names = '{sync}'; {}",
+                if sync_connected {
+                    "a synchronous standby is connected"
+                } else {
+                    "no synchronous standby is connected, so every commit on the source waits"
+                }
+            )
+        },
+        "commits wait for the standbys named there; if they are gone, writers hang instead of failing and the drain never ends: set synchronous_standby_names = '' for the migration (ALTER SYSTEM SET synchronous_standby_names = ''; SELECT pg_reload_conf()), or keep those standbys connected".into(),
+    );
+    let long = &f.long_transactions;
+    check(
+        "long_transactions",
+        if long.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if long.is_empty() {
+            format!("no transaction open longer than {LONG_TRANSACTION_SECS} s")
+        } else {
+            format!(
+                "{} transaction(s) open longer than {LONG_TRANSACTION_SECS} s: {}",
+                long.len(),
+                list(long.iter().map(|l| format!("pid {} ({} in {}, {}, {} s)", l.pid, l.user, l.database, l.state, l.age_secs)).collect())
+            )
+        },
+        "the fence ends every session: an open transaction is rolled back and its client gets an error; finish or stop them before the cutover (SELECT pg_terminate_backend(pid))".into(),
+    );
+    check(
+        "subscriptions",
+        if f.subscriptions.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if f.subscriptions.is_empty() {
+            "no enabled subscriptions".into()
+        } else {
+            format!("enabled subscription(s): {}", list(f.subscriptions.clone()))
+        },
+        "their apply workers commit on the source without a client connection, so the cutover refuses to fence while one is enabled: ALTER SUBSCRIPTION name DISABLE before the cutover (and create it on the new cluster afterwards)".into(),
+    );
+    check(
+        "background_workers",
+        if f.background_workers.is_empty() { Verdict::Ok } else { Verdict::Warn },
+        if f.background_workers.is_empty() {
+            "no extension background workers".into()
+        } else {
+            format!("extension background worker(s): {}", list(f.background_workers.clone()))
+        },
+        "they run inside the server, not through pg_hba.conf: the fence's read-only default stops their plain writes, but not one that asks for a read-write transaction; stop their jobs for the cutover (e.g. pg_cron: unschedule or pause them)".into(),
+    );
     out
 }
 
@@ -251,6 +538,11 @@ mod tests {
                 database_bytes: 10 << 30,
                 in_recovery: false,
                 now_ms: 1_000_000,
+                fence: Some(Box::new(FenceFacts {
+                    superuser: Some(true),
+                    hba_file: Some("/etc/postgresql/15/main/pg_hba.conf".into()),
+                    ..FenceFacts::default()
+                })),
             },
             TargetFacts {
                 major_version: 15,
@@ -340,6 +632,152 @@ mod tests {
                 .unwrap();
             assert!(c.fix.contains(fix_mentions), "{name}: {}", c.fix);
         }
+    }
+
+    fn warnings(s: &SourceFacts, t: &TargetFacts) -> Vec<String> {
+        evaluate(s, t)
+            .into_iter()
+            .filter(|c| c.warning)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    #[test]
+    fn what_could_defeat_the_fence_is_named_with_a_fix() {
+        let (s0, t) = good();
+        let f0 = *s0.fence.clone().unwrap();
+        type Case = (&'static str, bool, fn(&mut FenceFacts), &'static str);
+        let cases: [Case; 11] = [
+            (
+                "fence_superuser",
+                true,
+                |f| f.superuser = Some(false),
+                "superuser",
+            ),
+            (
+                "fence_files",
+                true,
+                |f| f.files_unwritable = Some("read-only fs".into()),
+                "OS user",
+            ),
+            ("fence_files", true, |f| f.hba_file = None, "OS user"),
+            (
+                "fence_reconnect",
+                false,
+                |f| f.no_reconnect = Some("no password".into()),
+                "mv /etc/postgresql/15/main/pg_hba.conf.pgferry-orig",
+            ),
+            (
+                "prepared_transactions",
+                false,
+                |f| {
+                    f.prepared_transactions = vec![PreparedTransaction {
+                        gid: "tx1".into(),
+                        owner: "app".into(),
+                        database: "shop".into(),
+                        age_secs: 3,
+                    }]
+                },
+                "COMMIT PREPARED",
+            ),
+            (
+                "replication_slots",
+                false,
+                |f| {
+                    f.replication_slots = vec![SlotFact {
+                        name: "cdc".into(),
+                        slot_type: "logical".into(),
+                        active: true,
+                        database: Some("shop".into()),
+                        plugin: Some("pgoutput".into()),
+                    }]
+                },
+                "not copied",
+            ),
+            (
+                "wal_senders",
+                false,
+                |f| {
+                    f.wal_senders = vec![WalSenderFact {
+                        application_name: "debezium".into(),
+                        client: "10.0.0.7".into(),
+                        database: Some("shop".into()),
+                        sync_state: "async".into(),
+                    }]
+                },
+                "logical replication",
+            ),
+            (
+                "synchronous_standby_names",
+                true,
+                |f| f.synchronous_standby_names = "dr1".into(),
+                "synchronous_standby_names = ''",
+            ),
+            (
+                "long_transactions",
+                false,
+                |f| {
+                    f.long_transactions = vec![LongTransaction {
+                        pid: 7,
+                        user: "app".into(),
+                        database: "shop".into(),
+                        state: "idle in transaction".into(),
+                        age_secs: 900,
+                    }]
+                },
+                "rolled back",
+            ),
+            (
+                "subscriptions",
+                false,
+                |f| f.subscriptions = vec!["from_erp".into()],
+                "DISABLE",
+            ),
+            (
+                "background_workers",
+                false,
+                |f| f.background_workers = vec!["pg_cron launcher".into()],
+                "pg_cron",
+            ),
+        ];
+        for (name, fails, break_it, fix_mentions) in cases {
+            let mut s = s0.clone();
+            let mut f = f0.clone();
+            break_it(&mut f);
+            s.fence = Some(Box::new(f));
+            if fails {
+                assert_eq!(failing(&s, &t), vec![name.to_string()], "{name}");
+            } else {
+                assert!(failing(&s, &t).is_empty(), "{name}");
+                assert_eq!(warnings(&s, &t), vec![name.to_string()], "{name}");
+            }
+            let c = evaluate(&s, &t)
+                .into_iter()
+                .find(|c| c.name == name)
+                .unwrap();
+            assert!(c.fix.contains(fix_mentions), "{name}: {}", c.fix);
+        }
+        // A synchronous standby that is connected: commits do not hang, but it is named.
+        let mut s = s0.clone();
+        let f = s.fence.as_mut().unwrap();
+        f.synchronous_standby_names = "dr1".into();
+        f.wal_senders = vec![WalSenderFact {
+            application_name: "dr1".into(),
+            client: "10.0.0.8".into(),
+            database: None,
+            sync_state: "sync".into(),
+        }];
+        assert!(failing(&s, &t).is_empty());
+        assert_eq!(
+            warnings(&s, &t),
+            ["wal_senders", "synchronous_standby_names"]
+        );
+        // An older source agent sends no fence facts: no fence checks.
+        let mut s = s0.clone();
+        s.fence = None;
+        assert!(!evaluate(&s, &t)
+            .iter()
+            .any(|c| c.name.starts_with("fence_")));
     }
 
     #[test]

@@ -233,6 +233,27 @@ impl PgCluster {
         Ok(())
     }
 
+    /// After a completed cutover the old cluster stays fenced (`pg_hba.conf` admits only
+    /// pgferry). What an operator does to read it again: the original `pg_hba.conf` back
+    /// (`pg_hba.conf.pgferry-orig`), reload; `default_transaction_read_only` stays on.
+    pub fn reopen_after_fence(&self) -> Result<()> {
+        let hba = self.datadir.join("pg_hba.conf");
+        std::fs::rename(self.datadir.join("pg_hba.conf.pgferry-orig"), &hba)
+            .with_context(|| format!("putting {} back", hba.display()))?;
+        command_output(
+            as_postgres(self.netns.as_deref(), &pg_bin("pg_ctl"))
+                .arg("-D")
+                .arg(&self.datadir)
+                .arg("reload"),
+        )?;
+        crate::wait_until(
+            "the reopened source to take connections",
+            std::time::Duration::from_secs(20),
+            || self.psql("SELECT 1").ok(),
+        )?;
+        Ok(())
+    }
+
     fn psql_cmd(&self) -> Command {
         psql_at(self.netns.as_deref(), &self.root, self.port)
     }

@@ -255,6 +255,14 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("phase completed"), "{text}");
     // The source refuses writes; the new cluster takes them; contents are equal.
+    // The old cluster stays fenced: no client gets in. Then, as an operator would to read it,
+    // its pg_hba.conf put back: still read-only.
+    let err = pg.psql("SELECT 1").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("pg_hba.conf rejects connection"),
+        "{err:#}"
+    );
+    pg.reopen_after_fence()?;
     let err = pg
         .psql("INSERT INTO ferry.after_clone VALUES (1)")
         .unwrap_err();

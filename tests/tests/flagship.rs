@@ -183,6 +183,14 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     );
 
     // The source refuses writes (fenced since the fence LSN, so its tables are as they were).
+    // The old cluster stays fenced: no client gets in. Then, as an operator would to read it,
+    // its pg_hba.conf put back: still read-only.
+    let err = pg.psql("SELECT 1").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("pg_hba.conf rejects connection"),
+        "{err:#}"
+    );
+    pg.reopen_after_fence()?;
     let err = pg
         .psql("INSERT INTO ferry.writes (n) VALUES (-2)")
         .unwrap_err();

@@ -112,6 +112,14 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         anyhow::Ok(rows.iter().map(|r| r.get::<_, i32>(0)).collect())
     })?;
     assert_eq!(on_target, committed, "committed writes on the target");
+    // The old cluster stays fenced: no client gets in. Then, as an operator would to read it,
+    // its pg_hba.conf put back: still read-only.
+    let err = pg.psql("SELECT 1").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("pg_hba.conf rejects connection"),
+        "{err:#}"
+    );
+    pg.reopen_after_fence()?;
     let err = pg
         .psql("INSERT INTO ferry.writes (n) VALUES (-2)")
         .unwrap_err();

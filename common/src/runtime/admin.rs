@@ -350,17 +350,27 @@ pub fn render(verb: &str, answer: &Value) -> String {
                 serde_json::from_value(answer["checks"].clone()).unwrap_or_default();
             for c in &checks {
                 out.push_str(&format!(
-                    "  {:<4}  {:<22} {}\n",
-                    if c.ok { "ok" } else { "FAIL" },
+                    "  {:<4}  {:<25} {}\n",
+                    match (c.ok, c.warning) {
+                        (false, _) => "FAIL",
+                        (true, true) => "warn",
+                        (true, false) => "ok",
+                    },
                     c.name,
                     c.detail
                 ));
-                if !c.ok {
-                    out.push_str(&format!("        {:<22} fix: {}\n", "", c.fix));
+                if !c.ok || c.warning {
+                    out.push_str(&format!("        {:<25} fix: {}\n", "", c.fix));
                 }
             }
             let failed = checks.iter().filter(|c| !c.ok).count();
-            if failed == 0 {
+            let warned = checks.iter().filter(|c| c.warning).count();
+            if failed == 0 && warned > 0 {
+                out.push_str(&format!(
+                    "preflight: all {} checks passed, {warned} with a warning to settle before the cutover\n",
+                    checks.len()
+                ));
+            } else if failed == 0 {
                 out.push_str(&format!("preflight: all {} checks passed\n", checks.len()));
             } else {
                 out.push_str(&format!(

@@ -11,7 +11,7 @@
 //! its result (never the password or any SQL) in its audit log.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -243,6 +243,14 @@ async fn ensure_client<'a>(
     Ok(slot.as_ref().expect("set above"))
 }
 
+/// Whether the last control connection that worked came from [`crate::fence::CONTROL_ADDR`]
+/// (the source is fenced): the next one tries that route first.
+static FROM_CONTROL_ADDR: AtomicBool = AtomicBool::new(false);
+
+/// Opens a control connection: the ordinary route of `[source] conninfo`, or — when PostgreSQL
+/// refuses it in `pg_hba.conf` (SQLSTATE 28000), as a fenced source does — from pgferry's own
+/// loopback address, which the fenced file admits for this role (a source agent restarted
+/// while the source is fenced can still unfence it).
 async fn connect(cfg: &SourcePg) -> Result<tokio_postgres::Client> {
     let mut pgc: tokio_postgres::Config = cfg
         .conninfo
@@ -252,14 +260,44 @@ async fn connect(cfg: &SourcePg) -> Result<tokio_postgres::Client> {
         pgc.password(super::config::read_password_file(path)?);
     }
     pgc.connect_timeout(Duration::from_secs(10));
-    let (client, conn) = pgc
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("connecting to the source PostgreSQL for control requests")?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            warn!("source PostgreSQL control connection: {e}");
+    let refused_by_hba = |e: &tokio_postgres::Error| {
+        e.code() == Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    };
+    if FROM_CONTROL_ADDR.load(Ordering::SeqCst) {
+        match super::fence::connect_from_control_addr(&pgc).await {
+            Ok(c) => return Ok(c),
+            // Unfenced since: the ordinary route again.
+            Err(_) => FROM_CONTROL_ADDR.store(false, Ordering::SeqCst),
         }
-    });
-    Ok(client)
+    }
+    match pgc.connect(tokio_postgres::NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    warn!("source PostgreSQL control connection: {e}");
+                }
+            });
+            Ok(client)
+        }
+        Err(e) if refused_by_hba(&e) => {
+            match super::fence::connect_from_control_addr(&pgc).await {
+                Ok(c) => {
+                    FROM_CONTROL_ADDR.store(true, Ordering::SeqCst);
+                    info!(
+                        "control connection from {} (pg_hba.conf refuses the ordinary route: the source is fenced)",
+                        crate::fence::CONTROL_ADDR
+                    );
+                    Ok(c)
+                }
+                Err(e2) => Err(anyhow::Error::new(e).context(format!(
+                    "connecting to the source PostgreSQL for control requests (also tried from {}: {e2:#})",
+                    crate::fence::CONTROL_ADDR
+                ))),
+            }
+        }
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context("connecting to the source PostgreSQL for control requests"))
+        }
+    }
 }

@@ -791,8 +791,8 @@ impl Executor<'_> {
                     ));
                     // The write downtime starts as the fence begins.
                     let at_ms = now_ms();
-                    let lsn = match self.ask(Request::Fence { mode: opts.fence }).await? {
-                        Response::Fenced { lsn } => lsn,
+                    let (lsn, fenced) = match self.ask(Request::Fence { mode: opts.fence }).await? {
+                        Response::Fenced { lsn, report } => (lsn, report),
                         other => bail!("unexpected answer {other:?}"),
                     };
                     let fence = crate::migration::Fence {
@@ -800,7 +800,18 @@ impl Executor<'_> {
                         at_ms,
                         stop_source: opts.fence == FenceMode::Stop,
                     };
-                    (self.progress)(format!("source fenced at LSN {lsn}"));
+                    match &fenced {
+                        Some(f) => (self.progress)(format!(
+                            "source fenced at LSN {lsn}: {} admits only pgferry (original kept beside it); {} session(s) and {} connection(s) still authenticating ended",
+                            f.hba_file, f.sessions_ended, f.connecting_ended
+                        )),
+                        None => (self.progress)(format!("source fenced at LSN {lsn}")),
+                    }
+                    report["fence"] = json!(fenced);
+                    (self.audit)(
+                        "source_fenced",
+                        json!({"lsn": lsn.to_string(), "fence": fenced}),
+                    );
                     report["phases"]["fence_ms"] = json!(t.elapsed().as_millis() as u64);
                     self.advance(ready, Event::Fenced { fence })?
                 }
@@ -1107,8 +1118,10 @@ impl Executor<'_> {
 
 fn fence_name(mode: FenceMode) -> &'static str {
     match mode {
-        FenceMode::ReadOnly => "read-only",
-        FenceMode::Stop => "read-only, shut down once the target is writable",
+        FenceMode::ReadOnly => "pg_hba.conf admits only pgferry, read-only",
+        FenceMode::Stop => {
+            "pg_hba.conf admits only pgferry, read-only, shut down once the target is writable"
+        }
     }
 }
 

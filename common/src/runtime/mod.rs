@@ -11,6 +11,7 @@
 //!   migrate the executor: performs each step, persisting the state first; rolls back
 //!   state_store  the migration state, persisted atomically before each step
 //!   pg      typed control requests → fixed SQL on the source; table digests for both sides
+//!   fence   the source's fence: pg_hba.conf, read-only, sessions ended; undone byte for byte
 //! ```
 //!
 //! Agents are embeddable: [`agent::run_agent`] takes its configuration and a shutdown future,
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod control_stream;
+pub mod fence;
 pub mod migrate;
 pub mod pg;
 pub mod pump;

@@ -2,7 +2,8 @@
 //! fixed statements here, with names passed as parameters or quoted identifiers checked by
 //! [`crate::control::Request::validate`] first. No SQL text ever arrives from the network.
 //!
-//! Table digests are used by both agents (each on its own cluster) during cutover.
+//! Table digests are used by both agents (each on its own cluster) during cutover. The fence
+//! and its undoing are in [`super::fence`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,9 +14,8 @@ use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use tokio_postgres::Client;
 
-use crate::control::{
-    FenceMode, ReplicationRow, Request, Response, SlotRow, SourceStatus, TableDigest,
-};
+pub use super::fence::{fence, unfence};
+use crate::control::{ReplicationRow, Request, Response, SlotRow, SourceStatus, TableDigest};
 use crate::migration::Lsn;
 use crate::preflight::SourceFacts;
 
@@ -64,9 +64,14 @@ pub async fn handle_request(
         Request::Status { slot } => status(client, slot.as_deref())
             .await
             .map(|status| Response::Status { status }),
-        Request::Fence { mode } => fence(client, *mode)
-            .await
-            .map(|lsn| Response::Fenced { lsn }),
+        Request::Fence { mode } => {
+            fence(client, *mode)
+                .await
+                .map(|(lsn, report)| Response::Fenced {
+                    lsn,
+                    report: Some(report),
+                })
+        }
         Request::Unfence => unfence(client).await.map(|()| Response::Unfenced),
         Request::StopCluster => stop_cluster(client)
             .await
@@ -135,6 +140,7 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
         database_bytes: row.get::<_, i64>(7).max(0) as u64,
         in_recovery: row.get(8),
         now_ms: row.get::<_, i64>(9).max(0) as u64,
+        fence: Some(Box::new(super::fence::fence_facts(client).await)),
     })
 }
 
@@ -243,107 +249,40 @@ pub async fn status(client: &Client, slot: Option<&str>) -> Result<SourceStatus>
     })
 }
 
-/// Fences the source: no new writes from now on. Read-only mode sets
-/// `default_transaction_read_only`, reloads, and ends every other client session (a session
-/// that began before the reload could still write); replication connections are kept. Returns
-/// the LSN after which the source writes nothing.
-pub async fn fence(client: &Client, mode: FenceMode) -> Result<Lsn> {
-    match mode {
-        // `stop` fences read-only too: the shutdown comes after promotion (`StopCluster`).
-        FenceMode::ReadOnly | FenceMode::Stop => {
-            client
-                .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
-                .await
-                .context("ALTER SYSTEM SET default_transaction_read_only (needs superuser)")?;
-            client.batch_execute("SELECT pg_reload_conf()").await?;
-            client
-                .batch_execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-                )
-                .await
-                .context("ending sessions that could still write")?;
-            // A record written after the fence marks its end: the standby's replay LSN reaches
-            // exactly this value once everything before it is replayed. (The insert position
-            // itself can sit past a page header that no record ends at, so a standby would
-            // only reach it after the next unrelated WAL record, seconds later.)
-            // Written in a committed transaction with synchronous_commit on, so it is flushed
-            // (and streamed) at once rather than at the WAL writer's next round.
-            let marker = async {
-                client
-                    .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE")
-                    .await?;
-                let row = client
-                    .query_one(
-                        "SELECT pg_logical_emit_message(true, 'pgferry', 'fence')::text",
-                        &[],
-                    )
-                    .await
-                    .context("writing the fence marker")?;
-                client.batch_execute("COMMIT").await?;
-                lsn(&row.get::<_, String>(0))
-            };
-            match marker.await {
-                Ok(l) => Ok(l),
-                Err(e) => {
-                    // Leave the session usable for the unfence that follows.
-                    let _ = client.batch_execute("ROLLBACK").await;
-                    Err(e)
-                }
-            }
-        }
-    }
-}
-
 /// Shuts the fenced source cluster down (fast shutdown: sessions end, a shutdown checkpoint
 /// is written) by signalling its postmaster, as `pg_ctl stop -m fast` does, and waits until it
 /// has exited. Refused while the source is not fenced. The agent must run on the cluster's host
-/// as its OS user or root (it reads `postmaster.pid` in the data directory).
+/// as its OS user or root (it reads `postmaster.pid` in the data directory). The fence stays on
+/// disk: started again, the old cluster is still fenced.
 pub async fn stop_cluster(client: &Client) -> Result<()> {
-    // Fenced means the server-wide setting our fence wrote (postgresql.auto.conf), not a
-    // session, role or database setting.
-    let row = client
+    // Fenced means our fence's pg_hba.conf with its original saved beside it, and the
+    // server-wide setting it wrote (postgresql.auto.conf) — not a session, role or database
+    // setting.
+    let read_only: Option<bool> = client
         .query_one(
-            "SELECT (SELECT reset_val = 'on' AND source = 'configuration file'
-                       AND sourcefile LIKE '%postgresql.auto.conf'
-                       FROM pg_settings WHERE name = 'default_transaction_read_only'),
-                    current_setting('data_directory'), current_setting('port'),
-                    extract(epoch FROM pg_postmaster_start_time())::int8",
+            "SELECT reset_val = 'on' AND source = 'configuration file'
+                    AND sourcefile LIKE '%postgresql.auto.conf'
+               FROM pg_settings WHERE name = 'default_transaction_read_only'",
             &[],
         )
         .await
-        .context(
-            "reading the fence, data_directory and port (needs superuser or pg_read_all_settings)",
-        )?;
-    let (fenced, data_dir, port, started): (Option<bool>, String, String, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    if fenced != Some(true) {
-        bail!("the source is not fenced (default_transaction_read_only is not on in postgresql.auto.conf); refusing to stop it");
-    }
-    let pidfile = std::path::Path::new(&data_dir).join("postmaster.pid");
-    let text = tokio::fs::read_to_string(&pidfile).await.with_context(|| {
-        format!(
-            "reading {} to find the postmaster (run pgferry-source as the cluster's OS user or root, or stop the source yourself: pg_ctl stop -m fast)",
-            pidfile.display()
-        )
-    })?;
-    // postmaster.pid: PID, data directory, start time (epoch), port, … — it must describe the
-    // server we are connected to, not another one (a container, another cluster).
-    let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    let pid: i32 = lines
-        .first()
-        .and_then(|l| l.parse().ok())
-        .filter(|p| *p > 1)
-        .with_context(|| format!("{} does not start with a PID", pidfile.display()))?;
-    let file_start: Option<i64> = lines.get(2).and_then(|l| l.parse().ok());
-    if lines.get(3) != Some(&port.as_str()) || file_start.is_none_or(|s| (s - started).abs() > 2) {
+        .context("reading the fence (needs superuser or pg_read_all_settings)")?
+        .get(0);
+    let hba = super::fence::fenced_on_disk(client).await?;
+    if read_only != Some(true) || !hba {
         bail!(
-            "{} describes another server (port {:?}, started {:?}; connected to port {port}, started {started}); stop the source yourself",
-            pidfile.display(),
-            lines.get(3),
-            file_start
+            "the source is not fenced ({}); refusing to stop it",
+            if hba {
+                "default_transaction_read_only is not on in postgresql.auto.conf"
+            } else {
+                "pg_hba.conf is not pgferry's fence"
+            }
         );
     }
+    let pid = super::fence::postmaster(client)
+        .await
+        .context("finding the postmaster (or stop the source yourself: pg_ctl stop -m fast)")?
+        .pid;
     let pid = nix::unistd::Pid::from_raw(pid);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
         .with_context(|| format!("signalling the postmaster (pid {pid}) to shut down"))?;
@@ -354,16 +293,6 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Ok(())
-}
-
-/// Undoes a read-only fence.
-pub async fn unfence(client: &Client) -> Result<()> {
-    client
-        .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
-        .await
-        .context("ALTER SYSTEM RESET default_transaction_read_only")?;
-    client.batch_execute("SELECT pg_reload_conf()").await?;
     Ok(())
 }
 
