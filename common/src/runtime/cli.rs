@@ -64,7 +64,7 @@ pub struct RunArgs {
     /// (default 5; bounds what a peer without a certificate can hold).
     #[arg(long)]
     pub handshake_timeout_secs: Option<u64>,
-    /// QUIC congestion control for what this agent sends: bbr (default), cubic or newreno.
+    /// QUIC congestion control for what this agent sends: bbr, cubic (default) or newreno.
     #[arg(long, value_name = "bbr|cubic|newreno")]
     pub congestion_control: Option<String>,
     /// Target only: DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback

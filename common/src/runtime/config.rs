@@ -350,9 +350,10 @@ impl fmt::Display for Endpoint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CongestionControl {
     /// BBR: paces at the measured bottleneck bandwidth, does not back off on random loss.
-    #[default]
     Bbr,
-    /// CUBIC (quinn's own default; loss-based).
+    /// CUBIC (quinn's own default; loss-based). Still the default here until the lossy-path
+    /// benchmark (bench/wan-emulator.py) has measured the others through pgferry.
+    #[default]
     Cubic,
     /// NewReno (loss-based).
     NewReno,
