@@ -9,7 +9,7 @@
 //! # Layout
 //!
 //! ```text
-//!   admission what an unauthenticated peer may hold (pending handshakes), refusal rate limit
+//!   admission what a peer that has not authenticated may hold (pending handshakes); refusal rate limit
 //!   frame     bytes ⇄ Frame (DATA/FIN/ACK/RESET), chunk compression (zstd/RAW) and BLAKE3 checks
 //!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
 //!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
