@@ -700,20 +700,16 @@ fn note_refusal(shared: &Shared, remote: SocketAddr, r: HandshakeRefusal) {
         tracing::debug!("{} from {remote} ({}): {}", r.event, r.check, r.reason);
         return;
     }
-    let mut details = json!({"address": remote.to_string(), "reason": r.reason});
+    let mut details = json!({"address": remote.to_string(), "check": r.check, "reason": r.reason});
     match &r.fingerprint {
         Some(fp) => {
             warn!(
                 "refused peer {remote}: check {}, certificate {fp}: {}",
                 r.check, r.reason
             );
-            details["check"] = json!(r.check);
             details["fingerprint"] = json!(fp);
         }
-        None => {
-            warn!("handshake with {remote} failed ({}): {}", r.check, r.reason);
-            details["check"] = json!(r.check);
-        }
+        None => warn!("handshake with {remote} failed ({}): {}", r.check, r.reason),
     }
     shared.audit.record(r.event, details);
 }
