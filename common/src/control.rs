@@ -173,6 +173,52 @@ pub enum Request {
     TableDigests {
         tables: Vec<String>,
     },
+    /// Starts a verification pre-pass: the WAL insert position, then the xmax of a snapshot
+    /// taken after it (see [`crate::verify`]).
+    PrepassBegin,
+    /// Whether every transaction with an xid below `xmax` has ended; when it has, a WAL
+    /// marker is written and its LSN returned (the standby digests once it has replayed it).
+    PrepassWait {
+        xmax: u64,
+    },
+    /// Digests of block ranges ([`crate::verify::RANGE_BLOCKS`] blocks each) of tables.
+    BlockDigests {
+        tables: Vec<BlockRanges>,
+    },
+}
+
+/// Ranges of one table to digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockRanges {
+    pub table: String,
+    pub ranges: Vec<u32>,
+}
+
+/// One table's range digests, with the storage they were read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableBlocks {
+    pub table: String,
+    /// `pg_relation_filenode` when digested (a rewrite changes it).
+    pub filenode: u32,
+    /// Blocks in the relation's main fork when digested.
+    pub blocks: u64,
+    pub digests: Vec<crate::verify::RangeDigest>,
+}
+
+/// A transaction the pre-pass waits for (no query text: it may hold secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenTransaction {
+    /// Backend pid; 0 for a prepared transaction.
+    pub pid: i32,
+    pub user: String,
+    pub application: String,
+    /// Seconds since the transaction began (since it was prepared, for a prepared one).
+    pub open_secs: u64,
+    /// `pg_stat_activity.state`, or `prepared <gid>`.
+    pub state: String,
 }
 
 /// How the source is fenced at cutover.
@@ -215,6 +261,21 @@ pub enum Response {
     ClusterStopped,
     TableDigests {
         digests: Vec<TableDigest>,
+    },
+    PrepassBegun {
+        lsn: crate::migration::Lsn,
+        xmax: u64,
+    },
+    PrepassWaited {
+        /// Every transaction below `xmax` has ended.
+        ended: bool,
+        /// The marker's LSN when `ended`, else the current insert position.
+        lsn: crate::migration::Lsn,
+        /// The oldest of those still open (a few).
+        open: Vec<OpenTransaction>,
+    },
+    BlockDigests {
+        tables: Vec<TableBlocks>,
     },
     /// The request failed; the message says why and what to do.
     Error {
@@ -316,6 +377,28 @@ impl Request {
             }
             Request::Status { slot: Some(slot) } if !valid_slot_name(slot) => {
                 Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
+            }
+            Request::BlockDigests { tables } => {
+                if tables.len() > MAX_TABLES_PER_REQUEST {
+                    return Err(format!(
+                        "{} tables requested; at most {MAX_TABLES_PER_REQUEST} per request",
+                        tables.len()
+                    ));
+                }
+                let ranges: usize = tables.iter().map(|t| t.ranges.len()).sum();
+                if ranges > crate::verify::MAX_RANGES_PER_REQUEST {
+                    return Err(format!(
+                        "{ranges} block ranges requested; at most {} per request",
+                        crate::verify::MAX_RANGES_PER_REQUEST
+                    ));
+                }
+                match tables.iter().find(|t| !valid_table_name(&t.table)) {
+                    Some(t) => Err(format!(
+                        "invalid table name {:?}: use schema.table with plain identifiers",
+                        t.table
+                    )),
+                    None => Ok(()),
+                }
             }
             Request::TableDigests { tables } => {
                 if tables.len() > MAX_TABLES_PER_REQUEST {

@@ -17,6 +17,7 @@
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   preflight source/target facts → checks with what to fix (pure)
 //!   fence     the fenced pg_hba.conf, what to save and restore, which processes are connecting
+//!   verify    block-range digests, pg_waldump lines → ranges changed since their digest
 //!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
 //!
 //!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
@@ -33,6 +34,7 @@ pub mod frame;
 pub mod identity;
 pub mod migration;
 pub mod preflight;
+pub mod verify;
 
 #[cfg(feature = "runtime")]
 pub mod runtime;

@@ -405,7 +405,7 @@ pub fn render(verb: &str, answer: &Value) -> String {
                     .collect();
                 if !skipped.is_empty() {
                     out.push_str(&format!(
-                        "NOT verified (over the time budget; --all-tables or --tables next time): {}\n",
+                        "NOT VERIFIED (unlogged, an unusual name, or over the fence's time budget; --all-tables or --tables next time): {}\n",
                         skipped.join(", ")
                     ));
                 }

@@ -199,17 +199,28 @@ pub struct RollbackArgs {
 pub struct CutoverArgs {
     #[command(flatten)]
     pub admin: AdminArgs,
-    /// Verify only these tables (schema.table, comma-separated).
+    /// Verify only these tables (schema.table, comma-separated). Default: every user table.
     #[arg(long, value_delimiter = ',', conflicts_with = "all_tables")]
     pub tables: Option<Vec<String>>,
-    /// Verify every user table, however long it takes (writes stay fenced meanwhile). Without
-    /// this or --tables: every user table whose estimated digest time fits --verify-budget-secs
-    /// (smallest first); the report names the tables left out.
+    /// Verify every table whatever the fence's share costs: no --verify-budget-secs limit.
     #[arg(long)]
     pub all_tables: bool,
-    /// Time budget (estimated seconds) for the default choice of tables to verify.
+    /// Every table is digested per block range before the fence, while writes go on; at the
+    /// fence only the ranges written since are digested again. This budget (estimated seconds,
+    /// at the speed the pre-pass measured) limits that work; tables whose changed ranges do
+    /// not fit are reported NOT VERIFIED. With --verify-at-fence: the budget for whole tables.
     #[arg(long, default_value_t = super::migrate::DEFAULT_VERIFY_BUDGET_SECS, value_name = "SECS")]
     pub verify_budget_secs: u64,
+    /// Skip the pre-pass: digest whole tables (ordered by primary key) while writes are fenced,
+    /// the smallest first within --verify-budget-secs (or all with --all-tables). Longer
+    /// downtime; for comparison, or where TID range scans are missing (PostgreSQL < 14).
+    #[arg(long)]
+    pub verify_at_fence: bool,
+    /// How long the pre-pass waits for transactions that were open when it began (their
+    /// earlier writes become visible only when they commit) before the cutover gives up,
+    /// naming them, with nothing fenced.
+    #[arg(long, default_value_t = super::verify::DEFAULT_PREPASS_WAIT_SECS, value_name = "SECS")]
+    pub prepass_wait_secs: u64,
     /// How to fence the source: read-only (default_transaction_read_only, sessions ended), or
     /// stop (read-only until the target is writable, then the source cluster is shut down).
     #[arg(long, default_value = "read-only", value_parser = ["read-only", "stop"])]
@@ -463,6 +474,8 @@ impl CutoverArgs {
             tables: self.tables.clone(),
             all_tables: self.all_tables,
             verify_budget_secs: self.verify_budget_secs,
+            verify_at_fence: self.verify_at_fence,
+            prepass_wait_secs: self.prepass_wait_secs,
             fence: if self.fence == "stop" {
                 crate::control::FenceMode::Stop
             } else {

@@ -78,7 +78,7 @@ impl Executor<'_> {
         self.ask_within(request, REQUEST_TIMEOUT).await
     }
 
-    async fn ask_within(&self, request: Request, timeout: Duration) -> Result<Response> {
+    pub(super) async fn ask_within(&self, request: Request, timeout: Duration) -> Result<Response> {
         match self.control.request(request, timeout).await? {
             Response::Error { message } => bail!("the source agent: {message}"),
             r => Ok(r),
@@ -256,7 +256,7 @@ impl Executor<'_> {
         self.advance(state, Event::RollbackDone)
     }
 
-    fn data_dir(&self) -> Result<&Path> {
+    pub(super) fn data_dir(&self) -> Result<&Path> {
         self.settings
             .data_dir
             .as_deref()
@@ -264,7 +264,7 @@ impl Executor<'_> {
     }
 
     /// A PostgreSQL tool, run as the cluster's OS user when the agent runs as root.
-    fn pg_tool(&self, name: &str) -> tokio::process::Command {
+    pub(super) fn pg_tool(&self, name: &str) -> tokio::process::Command {
         let program = self.settings.bindir.join(name);
         match &self.settings.os_user {
             Some(user) if running_as_root() => {
@@ -578,9 +578,14 @@ pub struct CutoverOptions {
     pub tables: Option<Vec<String>>,
     /// Verify every user table however long it takes.
     pub all_tables: bool,
-    /// Without `tables` or `all_tables`: verify the user tables whose estimated digest time
-    /// fits in this many seconds (the smallest first); the report names those left out.
+    /// The most seconds (estimated) of digests while fenced: the ranges changed since the
+    /// pre-pass, or with `verify_at_fence` whole tables (the smallest first). The report names
+    /// the tables left out, in capitals.
     pub verify_budget_secs: u64,
+    /// No pre-pass: digest whole tables at the fence (the method before block ranges).
+    pub verify_at_fence: bool,
+    /// Longest wait for transactions open when the pre-pass began.
+    pub prepass_wait_secs: u64,
     /// How the source is fenced.
     pub fence: FenceMode,
     /// Roll back when the standby has not replayed the fence LSN within this many seconds.
@@ -599,6 +604,8 @@ impl Default for CutoverOptions {
             tables: None,
             all_tables: false,
             verify_budget_secs: DEFAULT_VERIFY_BUDGET_SECS,
+            verify_at_fence: false,
+            prepass_wait_secs: super::verify::DEFAULT_PREPASS_WAIT_SECS,
             fence: FenceMode::ReadOnly,
             replay_timeout_secs: DEFAULT_REPLAY_TIMEOUT_SECS,
             max_lag: DEFAULT_MAX_LAG,
@@ -713,6 +720,9 @@ impl Executor<'_> {
     ) -> Result<()> {
         let standby = connect_new_cluster(self.settings).await?;
         let t_start = Instant::now();
+        // The pre-pass's digests (in memory: a cutover resumed after a restart of this agent
+        // digests whole tables at the fence instead).
+        let mut prepass: Option<super::verify::Prepass> = None;
         loop {
             let current = state.clone();
             let t = Instant::now();
@@ -757,10 +767,20 @@ impl Executor<'_> {
                             opts.max_lag
                         );
                     }
-                    let plan = self.tables(&standby, opts).await?;
+                    let block_ranges =
+                        !opts.verify_at_fence && supports_tid_range_scans(&standby).await?;
+                    let plan = if block_ranges {
+                        let all = CutoverOptions {
+                            all_tables: true,
+                            ..opts.clone()
+                        };
+                        self.tables(&standby, &all).await?
+                    } else {
+                        self.tables(&standby, opts).await?
+                    };
                     report["tables"] = json!(plan.verify);
                     report["tables_skipped"] = json!(plan.skipped);
-                    if plan.verify.is_empty() && !plan.skipped.is_empty() {
+                    if !block_ranges && plan.verify.is_empty() && !plan.skipped.is_empty() {
                         bail!(
                             "no table fits the verification budget of {} s ({} table(s) over it): pass --all-tables, --tables LIST or a larger --verify-budget-secs",
                             opts.verify_budget_secs,
@@ -768,17 +788,53 @@ impl Executor<'_> {
                         );
                     }
                     if opts.dry_run {
+                        let how = if block_ranges {
+                            format!(
+                                "digest {} table(s) ({} MB) per block range before the fence while writes go on, fence the source ({}), wait for the standby, digest again only the ranges written since{}, promote",
+                                plan.verify.len(),
+                                plan.bytes / (1024 * 1024),
+                                fence_name(opts.fence),
+                                skipped_note(&plan),
+                            )
+                        } else {
+                            format!(
+                                "fence the source ({}), wait for the standby, verify {} table(s) ({} MB, about {:.1} s){}, promote",
+                                fence_name(opts.fence),
+                                plan.verify.len(),
+                                plan.bytes / (1024 * 1024),
+                                plan.estimated_secs,
+                                skipped_note(&plan),
+                            )
+                        };
                         (self.progress)(format!(
-                            "dry run: lag {lag} bytes ≤ {}; would fence the source ({}), wait for the standby, verify {} table(s) ({} MB, about {:.1} s){}, promote",
-                            opts.max_lag,
-                            fence_name(opts.fence),
-                            plan.verify.len(),
-                            plan.bytes / (1024 * 1024),
-                            plan.estimated_secs,
-                            skipped_note(&plan),
+                            "dry run: lag {lag} bytes ≤ {}; would {how}",
+                            opts.max_lag
                         ));
                         report["dry_run"] = json!(true);
                         return Ok(());
+                    }
+                    if block_ranges {
+                        let t_pre = Instant::now();
+                        let pre = self
+                            .prepass(&standby, &plan.verify, opts.prepass_wait_secs)
+                            .await?;
+                        (self.progress)(format!(
+                            "pre-pass done in {:.1} s: {} table(s), {} MB at {:.0} MB/s on both sides, {} round(s), {} WAL record(s) read",
+                            t_pre.elapsed().as_secs_f64(),
+                            pre.report.tables,
+                            pre.report.bytes / (1024 * 1024),
+                            pre.report.bytes_per_sec as f64 / 1048576.0,
+                            pre.report.rounds,
+                            pre.report.wal_records
+                        ));
+                        (self.audit)("verification_prepass", json!(pre.report));
+                        report["prepass"] = json!(pre.report);
+                        report["phases"]["prepass_ms"] = json!(t_pre.elapsed().as_millis() as u64);
+                        prepass = Some(pre);
+                        // The pre-pass loaded both clusters: let the standby catch up again
+                        // so that the drain inside the window stays short.
+                        self.wait_for_lag(&standby, CAUGHT_UP_BYTES, Duration::from_secs(60))
+                            .await?;
                     }
                     let ready = if matches!(current, State::CatchingUp { .. }) {
                         self.advance(current, Event::CaughtUp)?
@@ -791,6 +847,7 @@ impl Executor<'_> {
                     ));
                     // The write downtime starts as the fence begins.
                     let at_ms = now_ms();
+                    let t_fence = Instant::now();
                     let (lsn, fenced) = match self.ask(Request::Fence { mode: opts.fence }).await? {
                         Response::Fenced { lsn, report } => (lsn, report),
                         other => bail!("unexpected answer {other:?}"),
@@ -812,7 +869,7 @@ impl Executor<'_> {
                         "source_fenced",
                         json!({"lsn": lsn.to_string(), "fence": fenced}),
                     );
-                    report["phases"]["fence_ms"] = json!(t.elapsed().as_millis() as u64);
+                    report["phases"]["fence_ms"] = json!(t_fence.elapsed().as_millis() as u64);
                     self.advance(ready, Event::Fenced { fence })?
                 }
                 State::Fenced { fence, .. } => {
@@ -847,6 +904,37 @@ impl Executor<'_> {
                     self.advance(current, Event::Replayed { lsn: replayed })?
                 }
                 State::Drained { .. } => {
+                    if let Some(pre) = prepass.as_mut() {
+                        let all = CutoverOptions {
+                            all_tables: true,
+                            ..opts.clone()
+                        };
+                        let plan = self.tables(&standby, &all).await?;
+                        let budget = (!opts.all_tables && opts.tables.is_none())
+                            .then_some(opts.verify_budget_secs);
+                        let (ours, not_verified, at_fence) = self
+                            .verify_at_fence(&standby, pre, &plan.verify, budget)
+                            .await?;
+                        let mut skipped = plan.skipped.clone();
+                        skipped.extend(not_verified.iter().cloned());
+                        (self.audit)(
+                            "tables_verified",
+                            json!({"tables": ours, "mismatched": [], "not_verified": skipped, "method": "block_ranges", "at_fence": at_fence}),
+                        );
+                        if !skipped.is_empty() {
+                            (self.progress)(format!("NOT VERIFIED: {}", skipped.join(", ")));
+                        }
+                        report["verified_rows"] = json!(ours.iter().map(|d| d.rows).sum::<u64>());
+                        report["tables"] =
+                            json!(ours.iter().map(|d| d.table.clone()).collect::<Vec<_>>());
+                        report["tables_skipped"] = json!(skipped);
+                        report["verification"] =
+                            json!({"method": "block_ranges", "at_fence": at_fence});
+                        report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);
+                        let n = ours.len() as u32;
+                        *state = self.advance(current, Event::TablesVerified { tables: n })?;
+                        continue;
+                    }
                     let plan = self.tables(&standby, opts).await?;
                     let tables = plan.verify.clone();
                     (self.progress)(format!(
@@ -1116,6 +1204,46 @@ impl Executor<'_> {
     }
 }
 
+/// Lag (bytes) under which the standby counts as caught up before the fence.
+const CAUGHT_UP_BYTES: u64 = 1024 * 1024;
+
+impl Executor<'_> {
+    /// Waits (at most `within`) until the standby has replayed to within `bytes` of the
+    /// source's current position; after that the fence goes ahead anyway (the drain waits).
+    async fn wait_for_lag(
+        &self,
+        standby: &tokio_postgres::Client,
+        bytes: u64,
+        within: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let current = match self.ask(Request::Status { slot: None }).await? {
+                Response::Status { status } => status.current_lsn,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            let replay = standby_status(standby)
+                .await?
+                .replay_lsn
+                .unwrap_or_default();
+            let lag = current.0.saturating_sub(replay.0);
+            if lag <= bytes || Instant::now() > deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// TID range scans (the pre-pass's block ranges) exist from PostgreSQL 14.
+async fn supports_tid_range_scans(c: &tokio_postgres::Client) -> Result<bool> {
+    let v: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await?
+        .get(0);
+    Ok(v >= 140000)
+}
+
 fn fence_name(mode: FenceMode) -> &'static str {
     match mode {
         FenceMode::ReadOnly => "pg_hba.conf admits only pgferry, read-only",
@@ -1130,7 +1258,7 @@ fn skipped_note(plan: &TablePlan) -> String {
         String::new()
     } else {
         format!(
-            "; NOT verified (over the time budget; use --all-tables or --tables): {}",
+            "; NOT VERIFIED (over the time budget; use --all-tables or --tables): {}",
             plan.skipped.join(", ")
         )
     }

@@ -12,6 +12,7 @@
 //!   state_store  the migration state, persisted atomically before each step
 //!   pg      typed control requests → fixed SQL on the source; table digests for both sides
 //!   fence   the source's fence: pg_hba.conf, read-only, sessions ended; undone byte for byte
+//!   verify  the cutover's block-range pre-pass before the fence and its remainder at the fence
 //! ```
 //!
 //! Agents are embeddable: [`agent::run_agent`] takes its configuration and a shutdown future,
@@ -28,6 +29,7 @@ pub mod pg;
 pub mod pump;
 pub mod state_store;
 pub mod tls;
+pub mod verify;
 
 pub use agent::{run_agent, RunOptions};
 pub use config::AgentConfig;

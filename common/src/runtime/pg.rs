@@ -15,7 +15,10 @@ use futures_util::StreamExt;
 use tokio_postgres::Client;
 
 pub use super::fence::{fence, unfence};
-use crate::control::{ReplicationRow, Request, Response, SlotRow, SourceStatus, TableDigest};
+use crate::control::{
+    BlockRanges, OpenTransaction, ReplicationRow, Request, Response, SlotRow, SourceStatus,
+    TableBlocks, TableDigest,
+};
 use crate::migration::Lsn;
 use crate::preflight::SourceFacts;
 
@@ -80,6 +83,15 @@ pub async fn handle_request(
             table_digests(client, connect, tables, digest_parallelism())
                 .await
                 .map(|digests| Response::TableDigests { digests })
+        }
+        Request::PrepassBegin => prepass_begin(client)
+            .await
+            .map(|(lsn, xmax)| Response::PrepassBegun { lsn, xmax }),
+        Request::PrepassWait { xmax } => prepass_wait(client, *xmax).await,
+        Request::BlockDigests { tables } => {
+            block_digests(client, connect, tables, digest_parallelism())
+                .await
+                .map(|tables| Response::BlockDigests { tables })
         }
     };
     result.unwrap_or_else(|e| Response::Error {
@@ -395,4 +407,233 @@ pub async fn table_digest(client: &Client, table: &str) -> Result<TableDigest> {
         rows,
         blake3: hasher.finalize().to_hex().to_string(),
     })
+}
+
+/// The start of a verification pre-pass: the WAL insert position first, then the xmax of a
+/// snapshot taken after it. Every transaction that could have written before that position
+/// has an xid below the xmax (see [`crate::verify`]).
+pub async fn prepass_begin(client: &Client) -> Result<(Lsn, u64)> {
+    let at = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .context("reading the WAL insert position")?;
+    let xmax = client
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+            &[],
+        )
+        .await
+        .context("reading the current snapshot")?;
+    Ok((lsn(&at.get::<_, String>(0))?, xmax.get::<_, i64>(0) as u64))
+}
+
+/// Whether every transaction with an xid below `xmax` has ended. When they have, writes a
+/// WAL marker (committed and flushed at once, like the fence's) so that the standby has a
+/// position to reach: everything that ended before it is replayed by then.
+pub async fn prepass_wait(client: &Client, xmax: u64) -> Result<Response> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 >= $1,
+                    pg_current_wal_insert_lsn()::text",
+            &[&(xmax as i64)],
+        )
+        .await
+        .context("reading the current snapshot")?;
+    if row.get::<_, bool>(0) {
+        client
+            .batch_execute("SET synchronous_commit = local; BEGIN READ WRITE")
+            .await?;
+        let marker = client
+            .query_one(
+                "SELECT pg_logical_emit_message(true, 'pgferry', 'verification pre-pass')::text",
+                &[],
+            )
+            .await
+            .context("writing the pre-pass marker");
+        let marker = match marker {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(e);
+            }
+        };
+        client
+            .batch_execute("COMMIT; RESET synchronous_commit")
+            .await?;
+        return Ok(Response::PrepassWaited {
+            ended: true,
+            lsn: lsn(&marker.get::<_, String>(0))?,
+            open: Vec::new(),
+        });
+    }
+    let open = client
+        .query(
+            "SELECT pid, coalesce(usename::text, ''), coalesce(application_name, ''),
+                    coalesce(extract(epoch FROM now() - xact_start), 0)::int8,
+                    coalesce(state, '')
+               FROM pg_stat_activity
+              WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+             UNION ALL
+             SELECT 0, owner::text, '', extract(epoch FROM now() - prepared)::int8,
+                    'prepared ' || gid
+               FROM pg_prepared_xacts
+              ORDER BY 4 DESC LIMIT 5",
+            &[],
+        )
+        .await
+        .context("listing open transactions")?
+        .iter()
+        .map(|r| OpenTransaction {
+            pid: r.get(0),
+            user: r.get(1),
+            application: r.get(2),
+            open_secs: r.get::<_, i64>(3).max(0) as u64,
+            state: r.get(4),
+        })
+        .collect();
+    Ok(Response::PrepassWaited {
+        ended: false,
+        lsn: lsn(&row.get::<_, String>(1))?,
+        open,
+    })
+}
+
+/// Range digests of `tables` (see [`crate::verify`]): `client` and up to `parallel - 1`
+/// further connections from `connect` each take the next run of ranges. A statement that a
+/// standby cancels for a conflict with recovery is retried.
+pub async fn block_digests(
+    client: &Client,
+    connect: Option<Connect<'_>>,
+    tables: &[BlockRanges],
+    parallel: usize,
+) -> Result<Vec<TableBlocks>> {
+    let mut out = Vec::with_capacity(tables.len());
+    let mut work = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let qualified = qualified(&t.table)?;
+        let row = client
+            .query_one(
+                "SELECT pg_relation_filenode(c.oid)::text::int8,
+                        (pg_relation_size(c.oid) / current_setting('block_size')::int8)
+                   FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&qualified],
+            )
+            .await
+            .with_context(|| format!("looking up table {}", t.table))?;
+        out.push(TableBlocks {
+            table: t.table.clone(),
+            filenode: row.get::<_, Option<i64>>(0).unwrap_or(0) as u32,
+            blocks: row.get::<_, i64>(1).max(0) as u64,
+            digests: Vec::new(),
+        });
+        for (first, count) in crate::verify::runs(&t.ranges, crate::verify::MAX_RUN_RANGES) {
+            work.push((i, qualified.clone(), first, count));
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::new());
+    let extra = match connect {
+        Some(_) => parallel.saturating_sub(1).min(work.len().saturating_sub(1)),
+        None => 0,
+    };
+    let mut workers: Vec<Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>> =
+        vec![Box::pin(block_worker(client, tables, &work, &next, &done))];
+    if let Some(connect) = connect {
+        for _ in 0..extra {
+            let (work, next, done) = (&work, &next, &done);
+            workers.push(Box::pin(async move {
+                let c = connect().await?;
+                block_worker(&c, tables, work, next, done).await
+            }));
+        }
+    }
+    futures_util::future::try_join_all(workers).await?;
+    for (t, d) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        out[t].digests.extend(d);
+    }
+    for t in &mut out {
+        t.digests.sort_by_key(|d| d.range);
+    }
+    Ok(out)
+}
+
+/// One run of ranges to digest: table index, quoted name, first range, count.
+type Run = (usize, String, u32, u32);
+
+async fn block_worker(
+    client: &Client,
+    tables: &[BlockRanges],
+    work: &[Run],
+    next: &AtomicUsize,
+    done: &Mutex<Vec<(usize, Vec<crate::verify::RangeDigest>)>>,
+) -> Result<()> {
+    loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some((t, qualified, first, count)) = work.get(i) else {
+            return Ok(());
+        };
+        let d = range_digests(client, qualified, *first, *count)
+            .await
+            .with_context(|| {
+                format!(
+                    "digesting {} block ranges {first}..{}",
+                    tables[*t].table,
+                    first + count
+                )
+            })?;
+        done.lock().unwrap_or_else(|e| e.into_inner()).push((*t, d));
+    }
+}
+
+fn qualified(table: &str) -> Result<String> {
+    let (schema, name) = table
+        .split_once('.')
+        .with_context(|| format!("table {table:?} is not schema.table"))?;
+    Ok(format!("{}.{}", quote_ident(schema), quote_ident(name)))
+}
+
+/// One run of ranges by a TID range scan: `COPY (SELECT ctid, * …)` split into ranges.
+async fn range_digests(
+    client: &Client,
+    qualified: &str,
+    first: u32,
+    count: u32,
+) -> Result<Vec<crate::verify::RangeDigest>> {
+    let (lo, hi) = crate::verify::tid_bounds(first, count);
+    let upper = hi.map_or(String::new(), |hi| format!(" AND ctid < '({hi},0)'::tid"));
+    let sql = format!(
+        "COPY (SELECT ctid, * FROM {qualified} t WHERE ctid >= '({lo},0)'::tid{upper}) TO STDOUT"
+    );
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match range_copy(client, &sql, first, count).await {
+            Err(e) if attempt < 5 && is_recovery_conflict(&e) => {
+                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn range_copy(
+    client: &Client,
+    sql: &str,
+    first: u32,
+    count: u32,
+) -> Result<Vec<crate::verify::RangeDigest>> {
+    let stream = client.copy_out(sql).await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut split = crate::verify::RangeSplitter::new(first, count);
+    while let Some(chunk) = stream.next().await {
+        split.push(&chunk?)?;
+    }
+    Ok(split.finish()?)
+}
+
+/// A statement a hot standby cancelled because replay needed what it held.
+fn is_recovery_conflict(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
 }

@@ -1,0 +1,696 @@
+//! The cutover's verification outside the write-downtime window (design: `docs/verify.md`,
+//! pure parts in [`crate::verify`]).
+//!
+//! ```text
+//!   before the fence (writes go on):
+//!     round: source PrepassBegin → L0, xmax; PrepassWait until xids < xmax ended → marker LSN
+//!            standby replays the marker; both sides digest the ranges (TID range scans)
+//!     pg_waldump on the standby's pg_wal from L0: ranges touched since their round → refresh round
+//!   at the fence (standby paused at ≥ the fence LSN):
+//!     pg_waldump up to the replay LSN; digest again only the ranges touched since their round
+//!     (and tables rewritten meanwhile, whole); compare every range of every table
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tokio::io::AsyncBufReadExt;
+use tokio_postgres::Client;
+
+use super::migrate::{connect_new_cluster, standby_status, Executor};
+use crate::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
+use crate::migration::Lsn;
+use crate::verify::{
+    ranges_for, ChangeMap, RangeDigest, RelKey, MAX_RANGES_PER_REQUEST, RANGE_BLOCKS,
+};
+
+/// Bytes of table one range covers (8 KiB blocks).
+const RANGE_BYTES: u64 = RANGE_BLOCKS as u64 * 8192;
+/// Longest wait for the transactions open at a round's start.
+pub const DEFAULT_PREPASS_WAIT_SECS: u64 = 300;
+/// Refresh rounds before the fence at most; one more is run only while the ranges touched
+/// since their digest are more than [`REFRESH_ABOVE_RANGES`].
+const MAX_REFRESH_ROUNDS: u32 = 3;
+const REFRESH_ABOVE_RANGES: usize = 8;
+/// Longest wait for one digest request to the source.
+const DIGEST_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// One table as the pre-pass left it.
+#[derive(Debug, Clone)]
+struct Tracked {
+    /// The standby's storage of the table when digested.
+    key: RelKey,
+    /// Digest the whole table at the fence (the source digested other storage).
+    whole: bool,
+    /// Per range: the round's start LSN, the source's and the standby's digest.
+    since: Vec<Lsn>,
+    src: Vec<RangeDigest>,
+    std: Vec<RangeDigest>,
+}
+
+/// What the pre-pass did, for the report and the audit log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PrepassReport {
+    pub tables: usize,
+    pub ranges: u64,
+    pub bytes: u64,
+    pub ms: u64,
+    /// Table bytes digested per second on both sides together (the speed the fence's
+    /// estimate uses).
+    pub bytes_per_sec: u64,
+    pub rounds: u32,
+    /// Ranges digested again by refresh rounds.
+    pub refreshed_ranges: u64,
+    /// Time spent waiting for transactions open at a round's start.
+    pub waited_ms: u64,
+    pub start_lsn: String,
+    pub wal_records: u64,
+}
+
+/// What the verification at the fence did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FenceReport {
+    pub wal_records: u64,
+    /// Ranges digested at the fence (touched since their round, or of rewritten tables).
+    pub ranges: u64,
+    pub bytes: u64,
+    pub estimated_ms: u64,
+    pub digest_ms: u64,
+    /// Digested whole: created, rewritten or truncated since the pre-pass.
+    pub tables_whole: Vec<String>,
+    /// Dropped since the pre-pass.
+    pub tables_dropped: Vec<String>,
+}
+
+/// The pre-pass's results, kept until the fence.
+pub struct Prepass {
+    tables: BTreeMap<String, Tracked>,
+    changes: ChangeMap,
+    wal: WalReader,
+    pub report: PrepassReport,
+}
+
+/// Reads the standby's own WAL with `pg_waldump`, from where it stopped last.
+struct WalReader {
+    pg_wal: PathBuf,
+    timeline: u32,
+    next: Lsn,
+}
+
+impl Executor<'_> {
+    /// Digests every range of `tables` on both sides while writes go on, then refreshes the
+    /// ranges written meanwhile until few are left.
+    pub(super) async fn prepass(
+        &self,
+        standby: &Client,
+        tables: &[String],
+        wait_secs: u64,
+    ) -> Result<Prepass> {
+        let t0 = Instant::now();
+        let (start, waited) = self.round_start(standby, wait_secs).await?;
+        let timeline: i64 = standby
+            .query_one(
+                "SELECT coalesce((SELECT received_tli::int8 FROM pg_stat_wal_receiver),
+                                 (SELECT timeline_id::int8 FROM pg_control_checkpoint()))",
+                &[],
+            )
+            .await
+            .context("reading the standby's timeline")?
+            .get(0);
+        let mut pre = Prepass {
+            tables: BTreeMap::new(),
+            changes: ChangeMap::default(),
+            wal: WalReader {
+                pg_wal: self.data_dir()?.join("pg_wal"),
+                timeline: timeline as u32,
+                next: start,
+            },
+            report: PrepassReport {
+                tables: tables.len(),
+                waited_ms: waited.as_millis() as u64,
+                start_lsn: start.to_string(),
+                rounds: 1,
+                ..Default::default()
+            },
+        };
+        let storage = relation_storage(standby, tables).await?;
+        let mut items = Vec::new();
+        for (table, (key, blocks)) in tables.iter().zip(&storage) {
+            let n = ranges_for(*blocks);
+            pre.changes.watch(*key, n);
+            items.push(BlockRanges {
+                table: table.clone(),
+                ranges: (0..n).collect(),
+            });
+        }
+        let total: u64 = items.iter().map(|i| i.ranges.len() as u64).sum();
+        (self.progress)(format!(
+            "pre-pass: digesting {} table(s), {} MB, on both sides while writes go on",
+            tables.len(),
+            total * RANGE_BYTES / (1024 * 1024)
+        ));
+        let t_digest = Instant::now();
+        let (src, std) = self.digest_both(standby, &items, Some(&mut pre)).await?;
+        let secs = t_digest.elapsed().as_secs_f64().max(0.001);
+        for ((table, key), (s, d)) in tables
+            .iter()
+            .zip(storage.iter().map(|(k, _)| *k))
+            .zip(src.into_iter().zip(std))
+        {
+            let n = s.digests.len().max(d.digests.len());
+            pre.tables.insert(
+                table.clone(),
+                Tracked {
+                    key,
+                    whole: s.filenode != key.rel || d.filenode != key.rel,
+                    since: vec![start; n],
+                    src: s.digests,
+                    std: d.digests,
+                },
+            );
+        }
+        let actual: u64 = storage.iter().map(|(_, b)| b * 8192).sum();
+        pre.report.ranges = total;
+        pre.report.bytes = actual;
+        pre.report.bytes_per_sec = (actual as f64 / secs) as u64;
+
+        // Refresh what was written meanwhile, so that the fence has little left.
+        for _ in 0..MAX_REFRESH_ROUNDS {
+            let replay = standby_status(standby)
+                .await?
+                .replay_lsn
+                .unwrap_or_default();
+            self.read_wal(&mut pre, replay).await?;
+            let stale = pre.stale();
+            let n: usize = stale.iter().map(|s| s.ranges.len()).sum();
+            if n <= REFRESH_ABOVE_RANGES {
+                break;
+            }
+            (self.progress)(format!(
+                "pre-pass: {n} range(s) ({} MB) written meanwhile; digesting them again",
+                n as u64 * RANGE_BYTES / (1024 * 1024)
+            ));
+            let (l0, waited) = self.round_start(standby, wait_secs).await?;
+            pre.report.waited_ms += waited.as_millis() as u64;
+            let (src, std) = self.digest_both(standby, &stale, Some(&mut pre)).await?;
+            pre.apply(l0, src, std);
+            pre.report.rounds += 1;
+            pre.report.refreshed_ranges += n as u64;
+        }
+        pre.report.ms = t0.elapsed().as_millis() as u64;
+        pre.report.wal_records = pre.changes.records;
+        Ok(pre)
+    }
+
+    /// Starts a round on the source and waits until every transaction open at its start has
+    /// ended and the standby has replayed past that point; returns the round's start LSN.
+    async fn round_start(&self, standby: &Client, wait_secs: u64) -> Result<(Lsn, Duration)> {
+        let (start, xmax) = match self
+            .ask_within(Request::PrepassBegin, Duration::from_secs(60))
+            .await?
+        {
+            Response::PrepassBegun { lsn, xmax } => (lsn, xmax),
+            other => bail!("unexpected answer {other:?}"),
+        };
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(wait_secs);
+        let mut said = Instant::now() - Duration::from_secs(60);
+        let marker = loop {
+            match self
+                .ask_within(Request::PrepassWait { xmax }, Duration::from_secs(60))
+                .await?
+            {
+                Response::PrepassWaited {
+                    ended: true, lsn, ..
+                } => break lsn,
+                Response::PrepassWaited { open, .. } => {
+                    let who = open
+                        .iter()
+                        .map(|o| {
+                            format!(
+                                "pid {} (user {}, application {:?}, {}, open {} s)",
+                                o.pid, o.user, o.application, o.state, o.open_secs
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if Instant::now() > deadline {
+                        bail!(
+                            "transactions open since before the verification pre-pass did not end within {wait_secs} s (--prepass-wait-secs): {who}. Commit or end them (pg_terminate_backend(pid); COMMIT/ROLLBACK PREPARED for a prepared one) and run the cutover again; nothing was fenced"
+                        );
+                    }
+                    if said.elapsed() >= Duration::from_secs(10) {
+                        (self.progress)(format!(
+                            "pre-pass: waiting for transactions open since it began to end (their earlier writes become visible only when they commit): {who}"
+                        ));
+                        said = Instant::now();
+                    }
+                }
+                other => bail!("unexpected answer {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let waited = t.elapsed();
+        // The standby digests only once it has replayed the marker.
+        let deadline = Instant::now() + Duration::from_secs(wait_secs.max(60));
+        loop {
+            let st = standby_status(standby).await?;
+            if st.replay_lsn.is_some_and(|r| r >= marker) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the standby did not replay the pre-pass marker {marker} within {} s; check the new cluster's log", wait_secs.max(60));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok((start, waited))
+    }
+
+    /// Digests `items` on the source (by requests) and on the standby (here) at once; reads
+    /// the WAL between requests when `pre` is given, so that the reader keeps up.
+    async fn digest_both(
+        &self,
+        standby: &Client,
+        items: &[BlockRanges],
+        mut pre: Option<&mut Prepass>,
+    ) -> Result<(Vec<TableBlocks>, Vec<TableBlocks>)> {
+        let mut src: Vec<TableBlocks> = Vec::new();
+        let mut std: Vec<TableBlocks> = Vec::new();
+        let total: usize = items.iter().map(|i| i.ranges.len()).sum();
+        let mut done = 0usize;
+        let mut said = Instant::now();
+        let t = Instant::now();
+        let settings = self.settings.clone();
+        let more = move || -> super::pg::ConnectFuture {
+            let settings = settings.clone();
+            Box::pin(async move { connect_new_cluster(&settings).await })
+        };
+        // Batches of about 8 × the parallelism in 16 MiB runs: a few seconds each.
+        let per_batch =
+            (super::pg::digest_parallelism() * 8 * crate::verify::MAX_RUN_RANGES as usize)
+                .min(MAX_RANGES_PER_REQUEST);
+        for batch in batches(items, per_batch) {
+            let theirs = async {
+                match self
+                    .ask_within(
+                        Request::BlockDigests {
+                            tables: batch.clone(),
+                        },
+                        DIGEST_REQUEST_TIMEOUT,
+                    )
+                    .await?
+                {
+                    Response::BlockDigests { tables } => Ok(tables),
+                    other => bail!("unexpected answer {other:?}"),
+                }
+            };
+            let ours = super::pg::block_digests(
+                standby,
+                Some(&more),
+                &batch,
+                super::pg::digest_parallelism(),
+            );
+            let (theirs, ours) = tokio::try_join!(theirs, ours)?;
+            if theirs.len() != batch.len() || ours.len() != batch.len() {
+                bail!(
+                    "the source agent answered for {} table(s), {} asked",
+                    theirs.len(),
+                    batch.len()
+                );
+            }
+            merge(&mut src, theirs);
+            merge(&mut std, ours);
+            done += batch.iter().map(|b| b.ranges.len()).sum::<usize>();
+            if let Some(pre) = pre.as_deref_mut() {
+                let replay = standby_status(standby)
+                    .await?
+                    .replay_lsn
+                    .unwrap_or_default();
+                self.read_wal(pre, replay).await?;
+            }
+            if said.elapsed() >= Duration::from_secs(5) {
+                let secs = t.elapsed().as_secs_f64().max(0.001);
+                (self.progress)(format!(
+                    "digested {done}/{total} MB on both sides ({:.0} MB/s)",
+                    done as f64 / secs
+                ));
+                said = Instant::now();
+            }
+        }
+        Ok((src, std))
+    }
+
+    /// Runs `pg_waldump` on the standby's WAL from where the last read stopped up to `end`
+    /// (a replayed position, so the files are there), noting the ranges each record touched.
+    async fn read_wal(&self, pre: &mut Prepass, end: Lsn) -> Result<()> {
+        if end <= pre.wal.next {
+            return Ok(());
+        }
+        let mut cmd = self.pg_tool("pg_waldump");
+        cmd.arg("-p")
+            .arg(&pre.wal.pg_wal)
+            .arg("-t")
+            .arg(pre.wal.timeline.to_string())
+            .arg("-s")
+            .arg(pre.wal.next.to_string())
+            .arg("-e")
+            .arg(end.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .context("running pg_waldump on the standby's WAL")?;
+        let stdout = child.stdout.take().context("pg_waldump stdout")?;
+        let mut lines = tokio::io::BufReader::with_capacity(1 << 20, stdout).lines();
+        let before = pre.changes.records;
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rec) = crate::verify::parse_waldump_line(&line) {
+                pre.changes.note(&rec);
+            }
+        }
+        let out = child.wait_with_output().await?;
+        if !out.status.success() {
+            bail!(
+                "pg_waldump could not read the standby's WAL from {} to {end} in {}: {} (the WAL may have been recycled: run the cutover again)",
+                pre.wal.next,
+                pre.wal.pg_wal.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        if pre.changes.records == before {
+            bail!(
+                "pg_waldump printed no record from {} to {end}",
+                pre.wal.next
+            );
+        }
+        // The last record is read again next time: it may have been the last one printed
+        // before `end` cut the next one.
+        pre.wal.next = pre.changes.last.unwrap_or(pre.wal.next);
+        Ok(())
+    }
+
+    /// At the fence (the standby paused at ≥ the fence LSN): digests again what changed since
+    /// the pre-pass and compares every range. `budget`: the most seconds the fence's digests
+    /// may take by the pre-pass's speed (`None`: no limit); tables whose changed ranges do not
+    /// fit are reported NOT VERIFIED.
+    pub(super) async fn verify_at_fence(
+        &self,
+        standby: &Client,
+        pre: &mut Prepass,
+        current: &[String],
+        budget_secs: Option<u64>,
+    ) -> Result<(Vec<TableDigest>, Vec<String>, FenceReport)> {
+        let mut report = FenceReport::default();
+        let replay = standby_status(standby)
+            .await?
+            .replay_lsn
+            .unwrap_or_default();
+        let before = pre.changes.records;
+        self.read_wal(pre, replay).await?;
+        report.wal_records = pre.changes.records - before;
+        // The tables now: those dropped since the pre-pass are gone, those created since are
+        // digested whole, and so are those rewritten since (TRUNCATE, VACUUM FULL, CLUSTER…).
+        pre.tables.retain(|name, _| {
+            let keep = current.contains(name);
+            if !keep {
+                report.tables_dropped.push(name.clone());
+            }
+            keep
+        });
+        let storage = relation_storage(standby, current).await?;
+        for (name, (key, blocks)) in current.iter().zip(&storage) {
+            let t = pre.tables.entry(name.clone()).or_insert_with(|| Tracked {
+                key: *key,
+                whole: true,
+                since: Vec::new(),
+                src: Vec::new(),
+                std: Vec::new(),
+            });
+            if t.whole || *key != t.key {
+                t.whole = true;
+                t.key = *key;
+                t.since.clear();
+                t.src.clear();
+                t.std.clear();
+                report.tables_whole.push(name.clone());
+            }
+            let n = ranges_for(*blocks) as usize;
+            // Ranges past the digested end are digested too (empty unless written, and then
+            // the WAL says so anyway).
+            if t.since.len() < n {
+                t.since.resize(n, Lsn(0));
+            }
+        }
+        let mut stale = pre.stale();
+        let rate = pre.report.bytes_per_sec.max(1) as f64;
+        let bytes = |s: &BlockRanges| s.ranges.len() as u64 * RANGE_BYTES;
+        let mut not_verified = Vec::new();
+        if let Some(budget) = budget_secs {
+            // Leave out the tables with the most to digest until the rest fits.
+            stale.sort_by_key(|s| std::cmp::Reverse(s.ranges.len()));
+            while stale.iter().map(bytes).sum::<u64>() as f64 / rate > budget as f64 {
+                let s = stale.remove(0);
+                not_verified.push(s.table);
+            }
+        }
+        report.ranges = stale.iter().map(|s| s.ranges.len() as u64).sum();
+        report.bytes = report.ranges * RANGE_BYTES;
+        report.estimated_ms = (report.bytes as f64 / rate * 1000.0) as u64;
+        (self.progress)(format!(
+            "verifying at the fence: {} WAL record(s) since the pre-pass's last read; {} range(s) ({} MB, about {:.1} s at the pre-pass's {:.0} MB/s) to digest again; every other range's digest stands",
+            report.wal_records,
+            report.ranges,
+            report.bytes / (1024 * 1024),
+            report.estimated_ms as f64 / 1000.0,
+            rate / 1048576.0
+        ));
+        let t = Instant::now();
+        let (src, std) = self.digest_both(standby, &stale, None).await?;
+        report.digest_ms = t.elapsed().as_millis() as u64;
+        pre.apply(Lsn(u64::MAX), src, std);
+
+        let mut digests = Vec::new();
+        let mut mismatched = Vec::new();
+        for (name, t) in &pre.tables {
+            if not_verified.contains(name) {
+                continue;
+            }
+            let n = t.src.len().max(t.std.len()).max(t.since.len());
+            let mut bad = Vec::new();
+            for r in 0..n {
+                match (t.src.get(r), t.std.get(r)) {
+                    (Some(a), Some(b)) if a == b => {}
+                    (a, b) => bad.push((r, a.map(|d| d.rows), b.map(|d| d.rows))),
+                }
+            }
+            let rows: u64 = t.std.iter().map(|d| d.rows).sum();
+            let mut h = blake3::Hasher::new();
+            for d in &t.std {
+                h.update(d.blake3.as_bytes());
+            }
+            if !bad.is_empty() {
+                let (src_rows, std_rows): (u64, u64) = (t.src.iter().map(|d| d.rows).sum(), rows);
+                mismatched.push(format!(
+                    "{name} (source {src_rows} rows, target {std_rows} rows; {} block range(s) differ, first: blocks {}..{})",
+                    bad.len(),
+                    bad[0].0 as u64 * RANGE_BLOCKS as u64,
+                    (bad[0].0 as u64 + 1) * RANGE_BLOCKS as u64
+                ));
+            }
+            digests.push(TableDigest {
+                table: name.clone(),
+                rows,
+                blake3: h.finalize().to_hex().to_string(),
+            });
+        }
+        if !mismatched.is_empty() {
+            (self.audit)(
+                "tables_verified",
+                serde_json::json!({"tables": digests, "mismatched": mismatched, "not_verified": not_verified, "method": "block_ranges", "fence": report}),
+            );
+            bail!(
+                "table contents differ after the fence: {}",
+                mismatched.join(", ")
+            );
+        }
+        Ok((digests, not_verified, report))
+    }
+}
+
+impl Prepass {
+    /// The ranges touched since their digest, per table (whole tables where marked).
+    fn stale(&self) -> Vec<BlockRanges> {
+        let mut out = Vec::new();
+        for (name, t) in &self.tables {
+            let ranges: Vec<u32> = if t.whole {
+                (0..t.since.len() as u32).collect()
+            } else {
+                let mut r = self.changes.stale(&t.key, &t.since);
+                // Ranges never digested (past the end then).
+                r.extend((0..t.since.len() as u32).filter(|&i| t.since[i as usize] == Lsn(0)));
+                r.sort_unstable();
+                r.dedup();
+                r
+            };
+            if !ranges.is_empty() {
+                out.push(BlockRanges {
+                    table: name.clone(),
+                    ranges,
+                });
+            }
+        }
+        out
+    }
+
+    /// Takes new digests of a round that started at `since`.
+    fn apply(&mut self, since: Lsn, src: Vec<TableBlocks>, std: Vec<TableBlocks>) {
+        for (s, d) in src.into_iter().zip(std) {
+            let Some(t) = self.tables.get_mut(&s.table) else {
+                continue;
+            };
+            if s.filenode != t.key.rel || d.filenode != t.key.rel {
+                // Rewritten during the round: whole at the fence.
+                t.whole = true;
+            }
+            for (list, digests) in [(&mut t.src, s.digests), (&mut t.std, d.digests)] {
+                for dg in digests {
+                    let r = dg.range as usize;
+                    if list.len() <= r {
+                        list.resize(
+                            r + 1,
+                            RangeDigest {
+                                range: u32::MAX,
+                                rows: 0,
+                                blake3: String::new(),
+                            },
+                        );
+                    }
+                    list[r] = dg;
+                }
+            }
+            let n = t.src.len().max(t.std.len());
+            if t.since.len() < n {
+                t.since.resize(n, Lsn(0));
+            }
+            for d in &t.std {
+                if d.range != u32::MAX {
+                    t.since[d.range as usize] = t.since[d.range as usize].max(since);
+                }
+            }
+            if since == Lsn(u64::MAX) {
+                // At the fence: nothing is written any more.
+                t.whole = false;
+            }
+            self.changes.watch(t.key, n as u32);
+        }
+    }
+}
+
+/// Splits `items` into requests of at most `per` ranges.
+fn batches(items: &[BlockRanges], per: usize) -> Vec<Vec<BlockRanges>> {
+    let mut out: Vec<Vec<BlockRanges>> = vec![Vec::new()];
+    let mut n = 0;
+    for item in items {
+        for chunk in item.ranges.chunks(per.max(1)) {
+            if n + chunk.len() > per && n > 0 {
+                out.push(Vec::new());
+                n = 0;
+            }
+            out.last_mut().expect("one").push(BlockRanges {
+                table: item.table.clone(),
+                ranges: chunk.to_vec(),
+            });
+            n += chunk.len();
+        }
+    }
+    out.retain(|b| !b.is_empty());
+    out
+}
+
+/// Adds a batch's answers (a table may come in several batches).
+fn merge(into: &mut Vec<TableBlocks>, batch: Vec<TableBlocks>) {
+    for t in batch {
+        match into.iter_mut().find(|x| x.table == t.table) {
+            Some(x) => {
+                x.filenode = if x.filenode == t.filenode {
+                    x.filenode
+                } else {
+                    0
+                };
+                x.blocks = x.blocks.max(t.blocks);
+                x.digests.extend(t.digests);
+            }
+            None => into.push(t),
+        }
+    }
+}
+
+/// Each table's storage on the standby (tablespace, database, relfilenode) and its blocks.
+async fn relation_storage(standby: &Client, tables: &[String]) -> Result<Vec<(RelKey, u64)>> {
+    let mut out = Vec::with_capacity(tables.len());
+    for table in tables {
+        let (schema, name) = table
+            .split_once('.')
+            .with_context(|| format!("table {table:?} is not schema.table"))?;
+        let qualified = format!(
+            "\"{}\".\"{}\"",
+            schema.replace('"', "\"\""),
+            name.replace('"', "\"\"")
+        );
+        let row = standby
+            .query_one(
+                "SELECT coalesce(nullif(c.reltablespace, 0), d.dattablespace)::int8,
+                        d.oid::int8, pg_relation_filenode(c.oid)::text::int8,
+                        (pg_relation_size(c.oid) / current_setting('block_size')::int8)
+                   FROM pg_class c, pg_database d
+                  WHERE c.oid = $1::text::regclass AND d.datname = current_database()",
+                &[&qualified],
+            )
+            .await
+            .with_context(|| format!("looking up table {table} on the new cluster"))?;
+        out.push((
+            RelKey {
+                spc: row.get::<_, i64>(0) as u32,
+                db: row.get::<_, i64>(1) as u32,
+                rel: row.get::<_, i64>(2) as u32,
+            },
+            row.get::<_, i64>(3).max(0) as u64,
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_tables_and_keep_every_range_once() {
+        let items = vec![
+            BlockRanges {
+                table: "a.x".into(),
+                ranges: (0..10).collect(),
+            },
+            BlockRanges {
+                table: "a.y".into(),
+                ranges: vec![3],
+            },
+        ];
+        let b = batches(&items, 4);
+        assert!(b
+            .iter()
+            .all(|b| b.iter().map(|i| i.ranges.len()).sum::<usize>() <= 4));
+        let mut all: Vec<(String, u32)> = b
+            .iter()
+            .flatten()
+            .flat_map(|i| i.ranges.iter().map(|r| (i.table.clone(), *r)))
+            .collect();
+        all.sort();
+        assert_eq!(all.len(), 11);
+        assert!(batches(&[], 4).is_empty());
+    }
+}
