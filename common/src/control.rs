@@ -173,8 +173,8 @@ pub enum Request {
     TableDigests {
         tables: Vec<String>,
     },
-    /// Starts a verification pre-pass: the WAL insert position, then the xmax of a snapshot
-    /// taken after it (see [`crate::verify`]).
+    /// Starts a verification pre-pass: the WAL insert position, then an xid assigned after
+    /// it (`xmax`; see [`crate::verify`]).
     PrepassBegin,
     /// Whether every transaction with an xid below `xmax` has ended; when it has, a WAL
     /// marker is written and its LSN returned (the standby digests once it has replayed it).

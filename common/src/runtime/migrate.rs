@@ -928,6 +928,7 @@ impl Executor<'_> {
                         report["tables"] =
                             json!(ours.iter().map(|d| d.table.clone()).collect::<Vec<_>>());
                         report["tables_skipped"] = json!(skipped);
+                        report["digests"] = json!(ours);
                         report["verification"] =
                             json!({"method": "block_ranges", "at_fence": at_fence});
                         report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);

@@ -409,22 +409,23 @@ pub async fn table_digest(client: &Client, table: &str) -> Result<TableDigest> {
     })
 }
 
-/// The start of a verification pre-pass: the WAL insert position first, then the xmax of a
-/// snapshot taken after it. Every transaction that could have written before that position
-/// has an xid below the xmax (see [`crate::verify`]).
+/// The start of a verification pre-pass: the WAL insert position first, then a new xid
+/// (assigned in a transaction rolled back at once). Every transaction that could have written
+/// before that position has a smaller xid, and once ours has ended every running xid below it
+/// shows in a snapshot's xmin (see [`crate::verify`]). A snapshot's own xmax is not enough:
+/// an xid assigned after the last transaction ended is at or above it, and never listed.
 pub async fn prepass_begin(client: &Client) -> Result<(Lsn, u64)> {
     let at = client
         .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
         .await
         .context("reading the WAL insert position")?;
-    let xmax = client
-        .query_one(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
-            &[],
-        )
+    client.batch_execute("BEGIN READ WRITE").await?;
+    let xid = client
+        .query_one("SELECT pg_current_xact_id()::text::int8", &[])
         .await
-        .context("reading the current snapshot")?;
-    Ok((lsn(&at.get::<_, String>(0))?, xmax.get::<_, i64>(0) as u64))
+        .context("assigning the pre-pass's xid");
+    client.batch_execute("ROLLBACK").await?;
+    Ok((lsn(&at.get::<_, String>(0))?, xid?.get::<_, i64>(0) as u64))
 }
 
 /// Whether every transaction with an xid below `xmax` has ended. When they have, writes a
