@@ -4,7 +4,8 @@
 //! test itself: the target is promoted and writable; the source refuses writes; the target's
 //! timeline forked at or after the fence LSN; every table on the target equals the source's
 //! (the source has been read-only since the fence); every transaction the writer saw committed
-//! is on the target; the report's downtime is measured and under 5 s; both audit logs verify
+//! is on the target; the report's downtime is measured and under 1 s with every table
+//! verified by pgferry; both audit logs verify
 //! and agree on every stream's digests. Prints the figures for the release notes.
 
 mod support;
@@ -22,6 +23,66 @@ use support::{audit_verify_peer, Agent, Certs};
 
 const MEGABYTES: u32 = 300;
 
+/// For the release figures, not for CI: `PGFERRY_FLAGSHIP_MB` (a larger source) and
+/// `PGFERRY_FLAGSHIP_CUTOVER_ARGS` (e.g. `--verify-at-fence --all-tables`, the method before
+/// the pre-pass; the downtime bound then only has to hold for the default method).
+fn knobs() -> (u32, Vec<String>) {
+    let mb = std::env::var("PGFERRY_FLAGSHIP_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MEGABYTES)
+        .max(MEGABYTES);
+    let args = std::env::var("PGFERRY_FLAGSHIP_CUTOVER_ARGS")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    (mb, args)
+}
+
+type Updater = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<u64>,
+);
+
+/// With `PGFERRY_FLAGSHIP_UPDATES=N`: N single-row updates a second at random rows of
+/// `ferry.orders` (the writes that touch the most block ranges), until stopped; errors (the
+/// fence) end them.
+fn scattered_updates(rt: &tokio::runtime::Runtime, pg: &PgCluster) -> Result<Option<Updater>> {
+    let Some(rate) = std::env::var("PGFERRY_FLAGSHIP_UPDATES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|r| *r > 0)
+    else {
+        return Ok(None);
+    };
+    let max: i64 = pg.psql("SELECT max(id) FROM ferry.orders")?.parse()?;
+    let client = rt.block_on(pg.connect("127.0.0.1", pg.port))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        let (mut n, mut x) = (0u64, 0x9E37_79B9_7F4A_7C15u64);
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) && n < 10_000_000 {
+            tick.tick().await;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = 1 + (x % max as u64) as i64;
+            match client
+                .execute(
+                    "UPDATE ferry.orders SET status = 'updated' WHERE id = $1",
+                    &[&id],
+                )
+                .await
+            {
+                Ok(_) => n += 1,
+                Err(_) => break,
+            }
+        }
+        n
+    });
+    Ok(Some((stop, task)))
+}
+
 #[test]
 fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     let dir = TestDir::new()?;
@@ -29,7 +90,9 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
     pg.start()?;
     let t = Instant::now();
-    load_sample_data(&pg, MEGABYTES)?;
+    let (megabytes, cutover_args) = knobs();
+    let at_fence = cutover_args.iter().any(|a| a == "--verify-at-fence");
+    load_sample_data(&pg, megabytes)?;
     let db_mb: u64 = pg
         .psql("SELECT pg_database_size('postgres') / 1048576")?
         .parse()?;
@@ -37,7 +100,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
         "flagship: source database {db_mb} MB, loaded in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    assert!(db_mb >= u64::from(MEGABYTES), "{db_mb} MB");
+    assert!(db_mb >= u64::from(megabytes), "{db_mb} MB");
     pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")?;
 
     let certs = Certs::make(&dir.join("certs"))?;
@@ -90,6 +153,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let writer = Writer::start(&rt, port, &pg.password, "ferry.writes")?;
+    let updater = scattered_updates(&rt, &pg)?;
     let migrate = |name: &str| -> Result<ChildGuard> {
         let mut cmd = Command::new(bin_path("pgferry-target"));
         cmd.arg("migrate").arg("--admin-socket").arg(&socket).args([
@@ -97,12 +161,8 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
             "--max-lag",
             "2000000",
             "--json",
-            // Both clusters and both agents share this machine's 2 cores: digesting all
-            // 287 MB inside the fenced window takes ~4 s here (4.1 s of downtime measured
-            // with --all-tables). Keep pgferry's check to ~2 s; the test checks every table.
-            "--verify-budget-secs",
-            "2",
         ]);
+        cmd.args(&cutover_args);
         ChildGuard::spawn(name, cmd)
     };
 
@@ -129,6 +189,11 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     assert!(status.success(), "{output}");
     let migrate_secs = t_second.elapsed().as_secs_f64();
     let writes = writer.stop(&rt);
+    if let Some((stop, task)) = updater {
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let updates = rt.block_on(task)?;
+        eprintln!("flagship: {updates} scattered updates committed on ferry.orders");
+    }
     let answer: serde_json::Value = output
         .lines()
         .rev()
@@ -141,12 +206,20 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     assert!(output.contains("resuming from phase"), "{output}");
     assert!(writes.len() > 100, "{} writes", writes.len());
 
-    // The report: downtime measured and short; every table verified by pgferry too.
+    // The report: downtime measured and under a second, with every table verified by pgferry
+    // (digested per block range before the fence, only the ranges written since at the fence).
     let downtime = report["downtime_ms"].as_u64().context("downtime_ms")?;
-    assert!(downtime > 0 && downtime < 5_000, "downtime {downtime} ms");
+    if !at_fence {
+        assert!(
+            downtime > 0 && downtime < 1_000,
+            "downtime {downtime} ms: {report}"
+        );
+        assert_eq!(report["verification"]["method"], "block_ranges", "{report}");
+    }
     let verified = report["tables"].as_array().context("tables")?;
     let skipped = report["tables_skipped"].as_array().context("skipped")?;
-    assert_eq!(verified.len() + skipped.len(), 4, "{report}");
+    assert!(skipped.is_empty(), "{report}");
+    assert_eq!(verified.len(), 4, "{report}");
     assert!(verified.iter().any(|t| t == "ferry.writes"), "{report}");
     let timeline = report["timeline"].as_array().context("timeline")?;
     let phase_ms = |phase: &str| -> Option<u64> {
@@ -221,12 +294,14 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     eprintln!(
         "flagship: {db_mb} MB, {} writes committed; resumed migrate {migrate_secs:.1} s; \
          write downtime {downtime} ms; pgferry verified {} ({} rows), skipped {}; phases {}; \
-         timeline {}; the test's own table check {check_secs:.1} s",
+         pre-pass {}; at the fence {}; timeline {}; the test's own table check {check_secs:.1} s",
         writes.len(),
         report["tables"],
         report["verified_rows"],
         report["tables_skipped"],
         report["phases"],
+        report["prepass"],
+        report["verification"]["at_fence"],
         timeline
             .iter()
             .map(|t| format!("{}={}", t["phase"].as_str().unwrap_or("?"), t["ms"]))
