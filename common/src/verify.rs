@@ -413,10 +413,10 @@ mod tests {
         m.note(&parse_waldump_line(UPDATE).unwrap()); // blocks 833 (range 6) and 0 (range 0)
         let at = |s: &str| -> Lsn { s.parse().unwrap() };
         // Digested before the record: both stale; after it: neither.
-        assert_eq!(m.stale(&key(16384), &vec![at("0/1"); 10]), vec![0, 6]);
-        assert!(m.stale(&key(16384), &vec![at("0/024A5648"); 10]).is_empty());
+        assert_eq!(m.stale(&key(16384), &[at("0/1"); 10]), vec![0, 6]);
+        assert!(m.stale(&key(16384), &[at("0/024A5648"); 10]).is_empty());
         // A range never digested (beyond `since`) that was touched is stale.
-        assert_eq!(m.stale(&key(16384), &vec![at("0/FFFFFFFF"); 3]), vec![6]);
+        assert_eq!(m.stale(&key(16384), &[at("0/FFFFFFFF"); 3]), vec![6]);
         // Other relations are not watched.
         let mut other = parse_waldump_line(UPDATE).unwrap();
         other.blocks = vec![(key(1), 0)];
@@ -429,7 +429,7 @@ mod tests {
             truncated: Some((key(16384), 200)),
         });
         assert_eq!(
-            m.stale(&key(16384), &vec![at("0/04000000"); 10]),
+            m.stale(&key(16384), &[at("0/04000000"); 10]),
             (1..10).collect::<Vec<_>>()
         );
         assert_eq!(m.records, 3);

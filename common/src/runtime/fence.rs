@@ -172,28 +172,7 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<(Lsn, FenceReport
     // after the next unrelated WAL record, seconds later.) Committed with synchronous_commit
     // `local`: flushed (and streamed) at once rather than at the WAL writer's next round, and
     // never waiting for a synchronous standby that may be gone.
-    let marker = async {
-        client
-            .batch_execute("SET synchronous_commit = local; BEGIN READ WRITE")
-            .await?;
-        let row = client
-            .query_one(
-                "SELECT pg_logical_emit_message(true, 'pgferry', 'fence')::text",
-                &[],
-            )
-            .await
-            .context("writing the fence marker")?;
-        client.batch_execute("COMMIT").await?;
-        lsn(&row.get::<_, String>(0))
-    };
-    let lsn = match marker.await {
-        Ok(l) => l,
-        Err(e) => {
-            // Leave the session usable for the unfence that follows.
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e);
-        }
-    };
+    let lsn = wal_marker(client, "fence").await?;
     let report = FenceReport {
         hba_file: files.hba.display().to_string(),
         replication_records: fenced.replication_records as u32,
@@ -421,6 +400,34 @@ fn now_text() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// Writes a logical message `label` in its own transaction, committed with
+/// `synchronous_commit = local` (set for the session), and returns its LSN: a standby's replay
+/// LSN reaches exactly this value once everything before it is replayed. On failure the
+/// transaction is rolled back so the session stays usable.
+pub async fn wal_marker(client: &Client, label: &str) -> Result<Lsn> {
+    let marker = async {
+        client
+            .batch_execute("SET synchronous_commit = local; BEGIN READ WRITE")
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT pg_logical_emit_message(true, 'pgferry', $1)::text",
+                &[&label],
+            )
+            .await
+            .with_context(|| format!("writing the {label} marker"))?;
+        client.batch_execute("COMMIT").await?;
+        lsn(&row.get::<_, String>(0))
+    };
+    match marker.await {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
 }
 
 fn lsn(text: &str) -> Result<Lsn> {

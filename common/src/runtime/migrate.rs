@@ -514,6 +514,17 @@ async fn run_with_progress(
 }
 
 /// A connection to the new cluster (the standby, later the promoted primary) on 127.0.0.1.
+/// Opens further connections to the new cluster (for digests in parallel).
+pub(super) fn new_cluster_connector(
+    settings: &TargetSettings,
+) -> impl Fn() -> super::pg::ConnectFuture + Send + Sync {
+    let settings = settings.clone();
+    move || {
+        let settings = settings.clone();
+        Box::pin(async move { connect_new_cluster(&settings).await })
+    }
+}
+
 pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_postgres::Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host("127.0.0.1")
@@ -959,11 +970,7 @@ impl Executor<'_> {
                             other => bail!("unexpected answer {other:?}"),
                         }
                     };
-                    let settings = self.settings.clone();
-                    let more = move || -> super::pg::ConnectFuture {
-                        let settings = settings.clone();
-                        Box::pin(async move { connect_new_cluster(&settings).await })
-                    };
+                    let more = new_cluster_connector(self.settings);
                     let ours = super::pg::table_digests(
                         &standby,
                         Some(&more),

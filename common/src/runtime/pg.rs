@@ -367,10 +367,7 @@ async fn digest_worker(
 /// Row count and BLAKE3 of a table's contents in a deterministic order: by primary key when
 /// there is one, else by the whole row's text.
 pub async fn table_digest(client: &Client, table: &str) -> Result<TableDigest> {
-    let (schema, name) = table
-        .split_once('.')
-        .with_context(|| format!("table {table:?} is not schema.table"))?;
-    let qualified = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    let qualified = qualified(table)?;
     let pk: Vec<String> = client
         .query(
             "SELECT a.attname::text FROM pg_index i
@@ -441,29 +438,11 @@ pub async fn prepass_wait(client: &Client, xmax: u64) -> Result<Response> {
         .await
         .context("reading the current snapshot")?;
     if row.get::<_, bool>(0) {
-        client
-            .batch_execute("SET synchronous_commit = local; BEGIN READ WRITE")
-            .await?;
-        let marker = client
-            .query_one(
-                "SELECT pg_logical_emit_message(true, 'pgferry', 'verification pre-pass')::text",
-                &[],
-            )
-            .await
-            .context("writing the pre-pass marker");
-        let marker = match marker {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(e);
-            }
-        };
-        client
-            .batch_execute("COMMIT; RESET synchronous_commit")
-            .await?;
+        let marker = super::fence::wal_marker(client, "verification pre-pass").await?;
+        client.batch_execute("RESET synchronous_commit").await?;
         return Ok(Response::PrepassWaited {
             ended: true,
-            lsn: lsn(&marker.get::<_, String>(0))?,
+            lsn: marker,
             open: Vec::new(),
         });
     }
@@ -586,7 +565,8 @@ async fn block_worker(
     }
 }
 
-fn qualified(table: &str) -> Result<String> {
+/// `schema.table` as a quoted identifier pair.
+pub(super) fn qualified(table: &str) -> Result<String> {
     let (schema, name) = table
         .split_once('.')
         .with_context(|| format!("table {table:?} is not schema.table"))?;

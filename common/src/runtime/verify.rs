@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tokio_postgres::Client;
 
-use super::migrate::{connect_new_cluster, standby_status, Executor};
+use super::migrate::{new_cluster_connector, standby_status, Executor};
 use crate::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
 use crate::migration::Lsn;
 use crate::verify::{
@@ -283,11 +283,7 @@ impl Executor<'_> {
         let mut done = 0usize;
         let mut said = Instant::now();
         let t = Instant::now();
-        let settings = self.settings.clone();
-        let more = move || -> super::pg::ConnectFuture {
-            let settings = settings.clone();
-            Box::pin(async move { connect_new_cluster(&settings).await })
-        };
+        let more = new_cluster_connector(self.settings);
         // Batches of about 8 × the parallelism in 16 MiB runs: a few seconds each.
         let per_batch =
             (super::pg::digest_parallelism() * 8 * crate::verify::MAX_RUN_RANGES as usize)
@@ -633,14 +629,7 @@ fn merge(into: &mut Vec<TableBlocks>, batch: Vec<TableBlocks>) {
 async fn relation_storage(standby: &Client, tables: &[String]) -> Result<Vec<(RelKey, u64)>> {
     let mut out = Vec::with_capacity(tables.len());
     for table in tables {
-        let (schema, name) = table
-            .split_once('.')
-            .with_context(|| format!("table {table:?} is not schema.table"))?;
-        let qualified = format!(
-            "\"{}\".\"{}\"",
-            schema.replace('"', "\"\""),
-            name.replace('"', "\"\"")
-        );
+        let qualified = super::pg::qualified(table)?;
         let row = standby
             .query_one(
                 "SELECT coalesce(nullif(c.reltablespace, 0), d.dattablespace)::int8,
