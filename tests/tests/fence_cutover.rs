@@ -490,7 +490,12 @@ fn cutover_stuck_after_the_fence(
             .await?;
         anyhow::Ok(())
     })?;
-    let cutover = rig.spawn_cmd("cutover", &["--replay-timeout-secs", replay_timeout])?;
+    // Whole-table digests at the fence: the block-range pre-pass would wait for the paused
+    // standby to replay its marker and never reach the fence.
+    let cutover = rig.spawn_cmd(
+        "cutover",
+        &["--replay-timeout-secs", replay_timeout, "--verify-at-fence"],
+    )?;
     rig.wait_for_phase("fenced", Duration::from_secs(60))?;
     Ok(cutover)
 }
