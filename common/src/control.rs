@@ -600,6 +600,14 @@ mod tests {
             Request::TableDigests {
                 tables: vec!["public.orders".into(), "ferry.docs".into()],
             },
+            Request::PrepassBegin,
+            Request::PrepassWait { xmax: 1 << 40 },
+            Request::BlockDigests {
+                tables: vec![BlockRanges {
+                    table: "ferry.docs".into(),
+                    ranges: vec![0, 1, 7],
+                }],
+            },
         ];
         for (id, request) in reqs.into_iter().enumerate() {
             request.validate().unwrap();
@@ -625,6 +633,25 @@ mod tests {
             Request::TableDigests {
                 tables: vec!["\"public\".\"orders\"".into()],
             },
+            Request::BlockDigests {
+                tables: vec![BlockRanges {
+                    table: "x; DROP TABLE y".into(),
+                    ranges: vec![0],
+                }],
+            },
+            // Too many ranges in all, even split over tables.
+            Request::BlockDigests {
+                tables: vec![
+                    BlockRanges {
+                        table: "a.b".into(),
+                        ranges: (0..crate::verify::MAX_RANGES_PER_REQUEST as u32).collect(),
+                    },
+                    BlockRanges {
+                        table: "a.c".into(),
+                        ranges: vec![0],
+                    },
+                ],
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
@@ -637,6 +664,31 @@ mod tests {
             decode_message(&mut buf),
             Err(ControlError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn the_largest_block_digest_answer_fits_a_control_message() {
+        let digests = (0..crate::verify::MAX_RANGES_PER_REQUEST as u32)
+            .map(|range| crate::verify::RangeDigest {
+                range: u32::MAX - range,
+                rows: u64::MAX,
+                blake3: "f".repeat(64),
+            })
+            .collect();
+        let msg = ControlMessage::Response {
+            id: u64::MAX,
+            response: Response::BlockDigests {
+                tables: vec![TableBlocks {
+                    table: format!("{}.{}", "s".repeat(63), "t".repeat(63)),
+                    filenode: u32::MAX,
+                    blocks: u64::MAX,
+                    digests,
+                }],
+            },
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&msg, &mut wire).unwrap();
+        assert!(wire.len() < MAX_CONTROL_MESSAGE, "{} bytes", wire.len());
     }
 
     #[test]

@@ -186,7 +186,21 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
             .await?;
         anyhow::Ok(())
     })?;
-    let (ok, out) = cutover(&["--replay-timeout-secs", "2"]);
+    // The block-range pre-pass refuses a paused standby at once, before fencing.
+    let t = std::time::Instant::now();
+    let (ok, out) = cutover(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("replay is paused") && out.contains("nothing was fenced"),
+        "{out}"
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(60), "{out}");
+    assert_eq!(
+        pg.psql("SELECT current_setting('default_transaction_read_only')")?,
+        "off"
+    );
+    // Whole-table digests at the fence instead, to fail after the fence.
+    let (ok, out) = cutover(&["--replay-timeout-secs", "2", "--verify-at-fence"]);
     assert!(!ok, "{out}");
     assert!(out.contains("rolled back"), "{out}");
     assert!(out.contains("did not replay the fence LSN"), "{out}");

@@ -261,6 +261,17 @@ impl Executor<'_> {
             if st.replay_lsn.is_some_and(|r| r >= marker) {
                 break;
             }
+            let paused: bool = standby
+                .query_one(
+                    "SELECT pg_get_wal_replay_pause_state() <> 'not paused'",
+                    &[],
+                )
+                .await
+                .context("reading the standby's replay state")?
+                .get(0);
+            if paused {
+                bail!("replay is paused on the new cluster, so it cannot reach the pre-pass marker {marker}: resume it (SELECT pg_wal_replay_resume()) and run the cutover again; nothing was fenced");
+            }
             if Instant::now() > deadline {
                 bail!("the standby did not replay the pre-pass marker {marker} within {} s; check the new cluster's log", wait_secs.max(60));
             }
