@@ -154,8 +154,78 @@ fn a_row_corrupted_on_the_standby_fails_the_cutover_which_rolls_back() -> Result
     assert!(out.contains("block range(s) differ"), "{out}");
     assert!(!out.contains("ferry.late ("), "{out}");
     assert_eq!(rig.phase().as_deref(), Some("rolled_back"), "{out}");
+    // The auditor sees one verification record, with the mismatch in it.
+    let log = std::fs::read_to_string(&rig.target.audit)?;
+    let verified: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["event"] == "tables_verified")
+        .collect();
+    assert_eq!(verified.len(), 1, "{log}");
+    let mismatched = verified[0]["details"]["mismatched"].to_string();
+    assert!(mismatched.contains("ferry.fixed"), "{}", verified[0]);
     rig.pg
         .psql("INSERT INTO ferry.late VALUES (-1, 'after rollback')")?;
     assert_eq!(rig.pg.psql("SHOW default_transaction_read_only")?, "off");
+    Ok(())
+}
+
+/// The source agent killed (SIGKILL) while the pre-pass waits on it: the cutover gives up
+/// before the fence, the source's files are as they were and it takes writes, and the next
+/// cutover completes.
+#[test]
+fn the_source_agent_killed_during_the_prepass_fences_nothing_and_the_cutover_runs_again(
+) -> Result<()> {
+    let mut rig = MigrationRig::start(5, prepare)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (ok, out) = rig.cmd("clone", &[]);
+    assert!(ok, "{out}");
+    let data = rig.pg.datadir.clone();
+    let files = ["pg_hba.conf", "postgresql.auto.conf"];
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(data.join(f)))
+        .collect::<std::io::Result<_>>()?;
+
+    // An open transaction holds the pre-pass in its wait, on the source agent.
+    let open = rt.block_on(rig.pg.connect("127.0.0.1", rig.pg.port))?;
+    rt.block_on(
+        open.batch_execute("BEGIN; INSERT INTO ferry.late VALUES (1, 'open across the pre-pass')"),
+    )?;
+    let mut cutover = rig.spawn_cmd("cutover", &["--json"])?;
+    cutover
+        .wait_for_output(
+            "waiting for transactions open since it began",
+            Duration::from_secs(120),
+        )
+        .context("the pre-pass did not wait for the open transaction")?;
+    rig.kill_and_restart_source()?;
+    rt.block_on(open.batch_execute("COMMIT"))?;
+
+    let status = cutover.wait(Duration::from_secs(120))?;
+    let output = cutover.output();
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("nothing was fenced"), "{output}");
+    assert!(
+        matches!(rig.phase().as_deref(), Some("catching_up" | "ready")),
+        "{:?}\n{output}",
+        rig.phase()
+    );
+    for (f, was) in files.iter().zip(&before) {
+        assert_eq!(&std::fs::read(data.join(f))?, was, "{f} changed\n{output}");
+    }
+    assert_eq!(rig.pg.psql("SHOW default_transaction_read_only")?, "off");
+    rig.pg
+        .psql("INSERT INTO ferry.late VALUES (2, 'after the failed pre-pass')")?;
+
+    // Once the tunnel is back, the cutover runs to the end.
+    pgferry_tests::wait_until("the tunnel back", Duration::from_secs(60), || {
+        (rig.target.child.output().matches("tunnel up").count() >= 2).then_some(())
+    })?;
+    let (ok, out) = rig.cmd("cutover", &["--json"]);
+    assert!(ok, "{out}");
+    let a = answer(&out)?;
+    assert_eq!(a["report"]["phase"], "completed", "{out}");
+    assert_eq!(digest_rows(&a["report"], "ferry.late"), Some(2), "{out}");
     Ok(())
 }

@@ -828,7 +828,8 @@ impl Executor<'_> {
                         let t_pre = Instant::now();
                         let pre = self
                             .prepass(&standby, &plan.verify, opts.prepass_wait_secs)
-                            .await?;
+                            .await
+                            .context("verification pre-pass, before the fence (nothing was fenced; the source is unchanged and the cutover can run again)")?;
                         (self.progress)(format!(
                             "pre-pass done in {:.1} s: {} table(s), {} MB at {:.0} MB/s on both sides, {} round(s), {} WAL record(s) read",
                             t_pre.elapsed().as_secs_f64(),
@@ -923,15 +924,23 @@ impl Executor<'_> {
                         let plan = self.tables(&standby, &all).await?;
                         let budget = (!opts.all_tables && opts.tables.is_none())
                             .then_some(opts.verify_budget_secs);
-                        let (ours, not_verified, at_fence) = self
+                        let checked = self
                             .verify_at_fence(&standby, pre, &plan.verify, budget)
                             .await?;
+                        let (ours, at_fence) = (checked.digests, checked.report);
                         let mut skipped = plan.skipped.clone();
-                        skipped.extend(not_verified.iter().cloned());
+                        skipped.extend(checked.not_verified.iter().cloned());
+                        // One record, whatever the outcome.
                         (self.audit)(
                             "tables_verified",
-                            json!({"tables": ours, "mismatched": [], "not_verified": skipped, "method": "block_ranges", "at_fence": at_fence}),
+                            json!({"tables": ours, "mismatched": checked.mismatched, "not_verified": skipped, "method": "block_ranges", "at_fence": at_fence}),
                         );
+                        if !checked.mismatched.is_empty() {
+                            bail!(
+                                "table contents differ after the fence: {}",
+                                checked.mismatched.join(", ")
+                            );
+                        }
                         if !skipped.is_empty() {
                             (self.progress)(format!("NOT VERIFIED: {}", skipped.join(", ")));
                         }

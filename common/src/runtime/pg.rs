@@ -506,8 +506,8 @@ pub async fn block_digests(
             blocks: row.get::<_, i64>(1).max(0) as u64,
             digests: Vec::new(),
         });
-        for (first, count) in crate::verify::runs(&t.ranges, crate::verify::MAX_RUN_RANGES) {
-            work.push((i, qualified.clone(), first, count));
+        for runs in crate::verify::statements(&t.ranges) {
+            work.push((i, qualified.clone(), runs));
         }
     }
     let next = AtomicUsize::new(0);
@@ -537,28 +537,31 @@ pub async fn block_digests(
     Ok(out)
 }
 
-/// One run of ranges to digest: table index, quoted name, first range, count.
-type Run = (usize, String, u32, u32);
+/// One statement's ranges to digest: table index, quoted name, runs `(first, count)`.
+type Statement = (usize, String, Vec<(u32, u32)>);
 
 async fn block_worker(
     client: &Client,
     tables: &[BlockRanges],
-    work: &[Run],
+    work: &[Statement],
     next: &AtomicUsize,
     done: &Mutex<Vec<(usize, Vec<crate::verify::RangeDigest>)>>,
 ) -> Result<()> {
     loop {
         let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some((t, qualified, first, count)) = work.get(i) else {
+        let Some((t, qualified, runs)) = work.get(i) else {
             return Ok(());
         };
-        let d = range_digests(client, qualified, *first, *count)
+        let d = range_digests(client, qualified, runs)
             .await
             .with_context(|| {
+                let (first, last) = (runs[0], runs[runs.len() - 1]);
                 format!(
-                    "digesting {} block ranges {first}..{}",
+                    "digesting {} block ranges {}..{} ({} run(s))",
                     tables[*t].table,
-                    first + count
+                    first.0,
+                    last.0 + last.1,
+                    runs.len()
                 )
             })?;
         done.lock().unwrap_or_else(|e| e.into_inner()).push((*t, d));
@@ -573,22 +576,26 @@ pub(super) fn qualified(table: &str) -> Result<String> {
     Ok(format!("{}.{}", quote_ident(schema), quote_ident(name)))
 }
 
-/// One run of ranges by a TID range scan: `COPY (SELECT ctid, * …)` split into ranges.
+/// Runs of ranges by TID range scans, one per run (`UNION ALL`): `COPY (SELECT ctid, * …)`
+/// split into ranges.
 async fn range_digests(
     client: &Client,
     qualified: &str,
-    first: u32,
-    count: u32,
+    runs: &[(u32, u32)],
 ) -> Result<Vec<crate::verify::RangeDigest>> {
-    let (lo, hi) = crate::verify::tid_bounds(first, count);
-    let upper = hi.map_or(String::new(), |hi| format!(" AND ctid < '({hi},0)'::tid"));
-    let sql = format!(
-        "COPY (SELECT ctid, * FROM {qualified} t WHERE ctid >= '({lo},0)'::tid{upper}) TO STDOUT"
-    );
+    let scans: Vec<String> = runs
+        .iter()
+        .map(|&(first, count)| {
+            let (lo, hi) = crate::verify::tid_bounds(first, count);
+            let upper = hi.map_or(String::new(), |hi| format!(" AND ctid < '({hi},0)'::tid"));
+            format!("SELECT ctid, * FROM {qualified} t WHERE ctid >= '({lo},0)'::tid{upper}")
+        })
+        .collect();
+    let sql = format!("COPY ({}) TO STDOUT", scans.join(" UNION ALL "));
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match range_copy(client, &sql, first, count).await {
+        match range_copy(client, &sql, runs).await {
             Err(e) if attempt < 5 && is_recovery_conflict(&e) => {
                 tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
             }
@@ -600,12 +607,11 @@ async fn range_digests(
 async fn range_copy(
     client: &Client,
     sql: &str,
-    first: u32,
-    count: u32,
+    runs: &[(u32, u32)],
 ) -> Result<Vec<crate::verify::RangeDigest>> {
     let stream = client.copy_out(sql).await?;
     let mut stream = std::pin::pin!(stream);
-    let mut split = crate::verify::RangeSplitter::new(first, count);
+    let mut split = crate::verify::RangeSplitter::new(runs);
     while let Some(chunk) = stream.next().await {
         split.push(&chunk?)?;
     }
