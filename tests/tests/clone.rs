@@ -292,7 +292,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         new.batch_execute("INSERT INTO ferry.after_clone VALUES (7)")
             .await?;
         for t in ["ferry.orders", "ferry.events", "ferry.docs"] {
-            let a = pgferry_common::runtime::pg::table_digest(&new, t).await?;
+            let a = pgferry_common::runtime::digest::table_digest(&new, t).await?;
             assert_eq!(
                 (a.rows, a.blake3.clone()),
                 pgferry_tests::table_digest(&pg, t)?,

@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use pgferry_common::identity::Role;
 use pgferry_common::runtime::cli::{resolve_config, RunArgs};
 use pgferry_common::runtime::pump::FaultInjection;
-use pgferry_common::runtime::{run_agent, RunOptions};
+use pgferry_common::runtime::RunOptions;
 use pgferry_tests::{free_tcp_port, free_udp_port, TestDir};
 use support::{audit_events, details, Certs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -133,7 +133,7 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
             let _ = rx.wait_for(|s| *s).await;
         };
         let (ready_tx, ready_rx) = oneshot::channel();
-        let source = tokio::spawn(run_agent(
+        let source = tokio::spawn(pgferry_source::run(
             source_cfg,
             stopped(stop_rx.clone()),
             RunOptions {
@@ -143,13 +143,14 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
         ));
         ready_rx.await.context("source agent did not come up")?;
         let fault = Arc::new(FaultInjection::corrupt_chunk_containing(MARKER));
-        let target = tokio::spawn(run_agent(
+        let target = tokio::spawn(pgferry_target::run(
             target_cfg,
             stopped(stop_rx.clone()),
             RunOptions {
                 fault: Some(fault.clone()),
                 ..Default::default()
             },
+            pgferry_target::TargetOptions::default(),
         ));
 
         // A stream opened before the corruption, kept open across it.

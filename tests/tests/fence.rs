@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use pgferry_common::control::FenceMode;
 use pgferry_common::fence::{is_fenced, replication_records, ORIGINAL_SUFFIX};
 use pgferry_common::preflight::{evaluate, TargetFacts};
-use pgferry_common::runtime::fence::connect_from_control_addr;
-use pgferry_common::runtime::pg;
+use pgferry_source::fence::connect_from_control_addr;
+use pgferry_source::pg;
 use pgferry_tests::{as_postgres, free_tcp_port, pg_bin, wait_until, PgCluster, TestDir};
 
 const REFUSED: &str = "pg_hba.conf rejects connection";

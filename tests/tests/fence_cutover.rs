@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use pgferry_common::fence::is_fenced;
-use pgferry_common::runtime::fence::{connect_from_control_addr, copy_path};
+use pgferry_source::fence::{connect_from_control_addr, copy_path};
 use pgferry_tests::{pg_bin, PgCluster};
 use support::migration::MigrationRig;
 

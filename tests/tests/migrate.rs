@@ -130,7 +130,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         let src = table_digest(&pg, t)?;
         let new = rt.block_on(async {
             let c = pg.connect("127.0.0.1", target_port).await?;
-            pgferry_common::runtime::pg::table_digest(&c, t).await
+            pgferry_common::runtime::digest::table_digest(&c, t).await
         })?;
         assert_eq!((new.rows, new.blake3), src, "{t}");
     }

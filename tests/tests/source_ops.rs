@@ -10,8 +10,9 @@ use pgferry_common::control::{FenceMode, Request, Response};
 use pgferry_common::identity::Role;
 use pgferry_common::preflight::{evaluate, TargetFacts};
 use pgferry_common::runtime::cli::{resolve_config, RunArgs};
-use pgferry_common::runtime::pg;
-use pgferry_common::runtime::{run_agent, RunOptions};
+use pgferry_common::runtime::digest;
+use pgferry_common::runtime::RunOptions;
+use pgferry_source::pg;
 use pgferry_tests::free_udp_port;
 use pgferry_tests::{free_tcp_port, load_sample_data, table_digest, PgCluster, TestDir};
 use support::{audit_events, details, Certs};
@@ -78,7 +79,7 @@ fn typed_requests_on_a_real_source() -> Result<()> {
 
         // Digests agree with the test kit's independent computation (psql COPY … ORDER BY 1).
         for t in ["ferry.orders", "ferry.events", "ferry.docs"] {
-            let d = pg::table_digest(&c, t).await?;
+            let d = digest::table_digest(&c, t).await?;
             assert_eq!((d.rows, d.blake3), table_digest(&pgc, t)?, "{t}");
         }
         // In parallel on several connections: the same digests, in the order asked.
@@ -93,7 +94,7 @@ fn typed_requests_on_a_real_source() -> Result<()> {
             let pw = pgc.password.clone();
             Box::pin(async move { pgferry_tests::connect_tcp("127.0.0.1", port, &pw).await })
         };
-        let parallel = pg::table_digests(&c, Some(&connect), &tables, 3).await?;
+        let parallel = digest::table_digests(&c, Some(&connect), &tables, 3).await?;
         assert_eq!(opened.into_inner(), 2, "two more connections");
         for (d, t) in parallel.iter().zip(&tables) {
             assert_eq!(&d.table, t);
@@ -222,7 +223,7 @@ fn requests_cross_the_tunnel_and_are_audited() -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let source = tokio::spawn(run_agent(
+        let source = tokio::spawn(pgferry_source::run(
             source_cfg,
             stopped(stop_rx.clone()),
             RunOptions {
@@ -232,12 +233,12 @@ fn requests_cross_the_tunnel_and_are_audited() -> Result<()> {
         ));
         ready_rx.await.context("source did not come up")?;
         let (tunnels_tx, mut tunnels_rx) = tokio::sync::mpsc::unbounded_channel();
-        let target = tokio::spawn(run_agent(
+        let target = tokio::spawn(pgferry_target::run(
             target_cfg,
             stopped(stop_rx.clone()),
-            RunOptions {
+            RunOptions::default(),
+            pgferry_target::TargetOptions {
                 tunnels: Some(tunnels_tx),
-                ..Default::default()
             },
         ));
         let control = tokio::time::timeout(Duration::from_secs(20), tunnels_rx.recv())

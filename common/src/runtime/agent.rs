@@ -1,15 +1,19 @@
-//! The agent: QUIC endpoint, handshake and policy, control stream, forwarded streams, audit.
+//! The tunnel both agents share: QUIC endpoint, handshake and policy, Hello, peer re-checks,
+//! drain, and the audit of sessions and streams. What a role does with a connection is its
+//! [`RoleDriver`]'s business (`pgferry-source` and `pgferry-target` each have one); this file
+//! never branches on the role.
 //!
 //! ```text
-//!   run_agent(config, shutdown)
+//!   run_agent(config, role, shutdown)
 //!     ├─ TlsIdentity::load ── own certificate must pass the policy, or no start
-//!     ├─ AuditLog::open ───── agent_started (own certificate embedded)
+//!     ├─ AuditLog::open ───── role.prepare (binds what must fail the start) ─ agent_started
 //!     ├─ QUIC endpoint ────── listen: accept loop │ connect: dial loop with back-off
-//!     │    └─ per connection: handshake (refusals audited) → Hello/HelloAck → serve
-//!     │          source: accept data streams → connect upstream → pump
-//!     │          target: publish the connection for the local listeners
-//!     ├─ target: local listeners (TCP / unix) → open data stream → pump
-//!     └─ shutdown: stop accepting, drain streams (bounded), close, agent_stopped + checkpoint
+//!     │    └─ per connection: handshake (refusals audited) → Hello/HelloAck → role.serve
+//!     │          source: answers requests, accepts data streams → upstream → pump
+//!     │          target: publishes the connection for its listeners and its migration
+//!     ├─ role.start ───────── the role's own tasks (target: local listeners, admin socket)
+//!     └─ shutdown: stop accepting, drain streams (bounded), close, role.stopped,
+//!                  agent_stopped + checkpoint
 //! ```
 //!
 //! Roles come from certificates, not from who dials: either agent may listen or connect.
@@ -26,17 +30,15 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
-use super::admin;
-use super::config::{AgentConfig, Endpoint, Service, Transport};
-use super::control_stream::{self, ControlClient};
-use super::pump::{self, LocalConn, Outcome, PumpOptions, StreamReport};
+use super::config::{AgentConfig, Transport};
+use super::pump::{self, Outcome, PumpOptions, StreamReport};
 use super::tls::{self, RefusalSlot, TlsIdentity};
 use crate::admission::{HandshakeLimits, PendingHandshakes, RefusalLimiter, Verdict};
 use crate::audit::{AuditLog, CheckpointSigner};
 use crate::control::{
-    self, ControlMessage, Hello, StreamHeader, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
+    self, ControlMessage, Hello, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
 };
-use crate::frame::{DirectionStats, ResetCode};
+use crate::frame::DirectionStats;
 use crate::identity::{PeerIdentity, Policy, Role};
 
 /// Most authenticated peer certificates served at once (one is normal). A peer that
@@ -52,11 +54,7 @@ const MAX_DIAL_BACKOFF: Duration = Duration::from_secs(2);
 /// Most concurrently forwarded connections per QUIC connection.
 const MAX_STREAMS: u32 = 512;
 /// Time allowed for the Hello exchange and for a data stream's header.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a local client waits for the tunnel to come up before it is closed.
-const TUNNEL_WAIT: Duration = Duration::from_secs(15);
-/// Upstream connect timeout.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a live tunnel re-checks its peer against the revocation list and its validity.
 const PEER_RECHECK: Duration = Duration::from_secs(2);
 
@@ -68,9 +66,79 @@ pub struct RunOptions {
     /// Test-only fault injection.
     #[cfg(feature = "test-hooks")]
     pub fault: Option<Arc<pump::FaultInjection>>,
-    /// Target: receives the control client of every tunnel that comes up (the migration driver
-    /// sends its typed requests through it).
-    pub tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
+}
+
+/// A role's part of the agent. The tunnel calls into it and never branches on the role:
+/// `pgferry-source` answers requests and forwards to PostgreSQL, `pgferry-target` offers local
+/// endpoints and drives the migration.
+pub trait RoleDriver: Send + Sync + Sized + 'static {
+    /// The role this driver plays; the agent's certificate must name the same.
+    fn role(&self) -> Role;
+    /// Binds what must fail the start (local endpoints, an admin socket), after the audit log
+    /// is open and before `agent_started` is recorded.
+    fn prepare(&mut self, cfg: &AgentConfig) -> impl Future<Output = Result<()>> + Send;
+    /// Starts the role's own tasks once the endpoint is up; they end when
+    /// [`Tunnel::shutting_down`] says so.
+    fn start(self: &Arc<Self>, tunnel: &Tunnel, tasks: &mut tokio::task::JoinSet<()>);
+    /// Serves one authenticated connection after Hello, with the control stream; returns why
+    /// the connection ended.
+    fn serve(
+        self: Arc<Self>,
+        tunnel: Tunnel,
+        conn: PeerConn,
+        control: ControlStream,
+    ) -> impl Future<Output = String> + Send;
+    /// After the drain, before `agent_stopped`: removes what `prepare` made (sockets).
+    fn stopped(&self, cfg: &AgentConfig);
+}
+
+/// The control stream after Hello: both halves and the bytes already read past the Hello.
+pub struct ControlStream {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub buf: BytesMut,
+}
+
+/// The shared tunnel as a role sees it: configuration, audit log, pump options, the stream
+/// count the drain waits for, the shutdown signal.
+#[derive(Clone)]
+pub struct Tunnel(Arc<Shared>);
+
+impl Tunnel {
+    pub fn cfg(&self) -> &AgentConfig {
+        &self.0.cfg
+    }
+    /// This agent's own certificate identity.
+    pub fn own(&self) -> &PeerIdentity {
+        &self.0.identity.own
+    }
+    /// Appends an audit record (a failure to write is logged; the agent keeps serving).
+    pub fn audit(&self, event: &str, details: Value) {
+        self.0.audit.record(event, details)
+    }
+    pub fn pump_options(&self) -> &PumpOptions {
+        &self.0.pump
+    }
+    /// Counts a forwarded stream until dropped: shutdown drains these.
+    pub fn stream_guard(&self) -> StreamGuard {
+        StreamGuard::new(&self.0.activity)
+    }
+    /// Forwarded streams running now.
+    pub fn streams_running(&self) -> usize {
+        self.0.activity.streams.load(Ordering::SeqCst)
+    }
+    /// A new forwarded session's id (unique per run and across runs).
+    pub fn next_session_id(&self) -> u64 {
+        self.0.next_session.fetch_add(1, Ordering::SeqCst)
+    }
+    /// Becomes `true` when the agent starts shutting down.
+    pub fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.0.shutting_down.subscribe()
+    }
+    /// Logs and audits the end of a forwarded stream.
+    pub fn record_closed(&self, session: &str, service: &str, r: &StreamReport) {
+        record_closed(&self.0, session, service, r)
+    }
 }
 
 /// Audit log shared by all tasks. A failure to write is logged; the agent keeps serving.
@@ -99,7 +167,8 @@ struct Activity {
     idle: Notify,
 }
 
-struct StreamGuard(Arc<Activity>);
+/// Held by each forwarded stream: the drain at shutdown waits until none is left.
+pub struct StreamGuard(Arc<Activity>);
 impl StreamGuard {
     fn new(a: &Arc<Activity>) -> Self {
         a.streams.fetch_add(1, Ordering::SeqCst);
@@ -121,16 +190,11 @@ struct Shared {
     hello: Hello,
     pump: PumpOptions,
     activity: Arc<Activity>,
-    /// Target: the connection local clients are forwarded over.
-    current: watch::Sender<Option<PeerConn>>,
     next_session: AtomicU64,
     shutting_down: watch::Sender<bool>,
-    tunnels: Option<tokio::sync::mpsc::UnboundedSender<Arc<ControlClient>>>,
     /// The live connection of each authenticated peer certificate (see `serve_connection`: a
     /// reconnecting peer replaces its old connection; at most [`MAX_PEER_CONNECTIONS`]).
     peers: Mutex<std::collections::HashMap<crate::identity::Fingerprint, quinn::Connection>>,
-    /// Target: held while a clone, cutover or rollback runs; a second one is refused.
-    job: tokio::sync::Mutex<()>,
     /// Refusals of peers that did not authenticate: first one per address in full, then a
     /// summary a minute (a flood must not become an unbounded write load on the audit log).
     refusals: Mutex<RefusalLimiter>,
@@ -146,19 +210,19 @@ struct HandshakeRefusal {
     reason: String,
 }
 
+/// One authenticated connection to the peer agent.
 #[derive(Clone)]
-struct PeerConn {
-    conn: quinn::Connection,
-    peer: Arc<PeerIdentity>,
+pub struct PeerConn {
+    pub conn: quinn::Connection,
+    pub peer: Arc<PeerIdentity>,
     /// Data streams carried by this connection (for `session_ended`).
-    stats: Arc<ConnStats>,
-    /// Target: typed requests to the source agent.
-    control: Option<Arc<ControlClient>>,
+    pub stats: Arc<ConnStats>,
 }
 
 /// Runs an agent until `shutdown` resolves, then drains and stops.
-pub async fn run_agent(
+pub async fn run_agent<R: RoleDriver>(
     cfg: AgentConfig,
+    mut role: R,
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
 ) -> Result<()> {
@@ -191,16 +255,17 @@ pub async fn run_agent(
         .with_context(|| format!("opening audit log {}", cfg.audit_log.display()))?;
     let audit = Audit(Arc::new(Mutex::new(log)));
 
-    // Target: bind local endpoints before anything else, so a port in use fails the start.
-    let mut listeners = Vec::new();
-    if cfg.role == Role::Target {
-        for s in &cfg.services {
-            listeners.push((
-                s.clone(),
-                bind_local(&s.endpoint, cfg.allow_non_loopback_local).await?,
-            ));
-        }
+    if role.role() != cfg.role {
+        bail!(
+            "this is the {} agent, but its configuration is for the {} role",
+            role.role(),
+            cfg.role
+        );
     }
+    // What the role binds (local endpoints, admin socket) comes first, so that a port in use
+    // fails the start.
+    role.prepare(&cfg).await?;
+    let role = Arc::new(role);
 
     let transport_desc = match &cfg.transport {
         Transport::Listen(a) => json!({"listen": a.to_string()}),
@@ -258,14 +323,12 @@ pub async fn run_agent(
         audit: audit.clone(),
         hello,
         activity: Arc::new(Activity::default()),
-        current: watch::channel(None).0,
         next_session: AtomicU64::new(session_base),
         shutting_down: watch::channel(false).0,
-        tunnels: opts.tunnels,
         peers: Mutex::new(std::collections::HashMap::new()),
-        job: tokio::sync::Mutex::new(()),
         refusals: Mutex::new(RefusalLimiter::new()),
     });
+    let tunnel = Tunnel(shared.clone());
 
     let endpoint = make_endpoint(&shared)?;
     let local_addr = endpoint.local_addr()?;
@@ -278,28 +341,19 @@ pub async fn run_agent(
     }
 
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(t) = &shared.cfg.target {
-        let listener = bind_admin(&t.admin_socket)?;
-        let sh = shared.clone();
-        tasks.spawn(async move { serve_admin(sh, listener).await });
-        let sh = shared.clone();
-        tasks.spawn(async move { sample_lag(sh).await });
-    }
+    role.start(&tunnel, &mut tasks);
     {
         let sh = shared.clone();
         tasks.spawn(async move { flush_refusals(sh).await });
     }
-    for (service, l) in listeners {
-        let sh = shared.clone();
-        tasks.spawn(async move { serve_local(sh, service, l).await });
-    }
     {
         let sh = shared.clone();
         let ep = endpoint.clone();
+        let role = role.clone();
         match sh.cfg.transport.clone() {
-            Transport::Listen(_) => tasks.spawn(async move { accept_loop(sh, ep).await }),
+            Transport::Listen(_) => tasks.spawn(async move { accept_loop(sh, role, ep).await }),
             Transport::Connect { addr, server_name } => {
-                tasks.spawn(async move { dial_loop(sh, ep, addr, server_name).await })
+                tasks.spawn(async move { dial_loop(sh, role, ep, addr, server_name).await })
             }
         };
     }
@@ -345,13 +399,7 @@ pub async fn run_agent(
         .unwrap_or_else(|e| e.into_inner())
         .drain();
     write_refusal_summaries(&shared, left_over);
-    for s in &shared.cfg.services {
-        if let Endpoint::Unix(p) = &s.endpoint {
-            if shared.cfg.role == Role::Target {
-                let _ = std::fs::remove_file(p);
-            }
-        }
-    }
+    role.stopped(&shared.cfg);
     audit.record(
         "agent_stopped",
         json!({"drained": drained, "streams_cut": if drained { 0 } else { left }}),
@@ -492,7 +540,7 @@ impl Drop for PendingSlot {
 /// (QUIC Retry: stateless, so replayed or spoofed Initials cost one small packet and no state).
 /// A validated address then gets a pending-handshake slot, bounded per address and in all, for
 /// at most the handshake timeout; only an authenticated peer leaves that pool.
-async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+async fn accept_loop<R: RoleDriver>(shared: Arc<Shared>, role: Arc<R>, endpoint: quinn::Endpoint) {
     let pending = Arc::new(Mutex::new(PendingHandshakes::new(
         HandshakeLimits::default(),
     )));
@@ -539,6 +587,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             ip: remote.ip(),
         };
         let sh = shared.clone();
+        let role = role.clone();
         conns.spawn(async move {
             let slot = RefusalSlot::new();
             let cfg = match sh.identity.server_config(&slot) {
@@ -564,7 +613,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
             // Authenticated or not, the handshake is over: its pending slot is free again.
             drop(slot_guard);
             match handshake {
-                Ok(Ok(conn)) => serve_connection(sh, conn, false).await,
+                Ok(Ok(conn)) => serve_connection(sh, role, conn, false).await,
                 Ok(Err(e)) => handshake_failed(&sh, remote, &slot, &e),
                 // Dropping `Connecting` closes the connection.
                 Err(_) => handshake_timed_out(&sh, remote),
@@ -575,8 +624,9 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while conns.join_next().await.is_some() {}
 }
 
-async fn dial_loop(
+async fn dial_loop<R: RoleDriver>(
     shared: Arc<Shared>,
+    role: Arc<R>,
     endpoint: quinn::Endpoint,
     addr: String,
     server_name: String,
@@ -587,7 +637,7 @@ async fn dial_loop(
         if *stop.borrow() {
             return;
         }
-        match dial_once(&shared, &endpoint, &addr, &server_name).await {
+        match dial_once(&shared, &role, &endpoint, &addr, &server_name).await {
             // A tunnel was up: the peer is there, come back quickly.
             Ok(()) => backoff = Duration::from_millis(250),
             Err(e) => warn!("connecting to {addr}: {e:#}"),
@@ -601,8 +651,9 @@ async fn dial_loop(
     }
 }
 
-async fn dial_once(
+async fn dial_once<R: RoleDriver>(
     shared: &Arc<Shared>,
+    role: &Arc<R>,
     endpoint: &quinn::Endpoint,
     addr: &str,
     server_name: &str,
@@ -618,7 +669,7 @@ async fn dial_once(
     let connecting = endpoint.connect_with(cc, remote, server_name)?;
     match tokio::time::timeout(shared.cfg.handshake_timeout, connecting).await {
         Ok(Ok(conn)) => {
-            serve_connection(shared.clone(), conn, true).await;
+            serve_connection(shared.clone(), role.clone(), conn, true).await;
             Ok(())
         }
         Ok(Err(e)) => {
@@ -766,7 +817,12 @@ fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
     Ok(PeerIdentity::from_der(leaf)?)
 }
 
-async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: bool) {
+async fn serve_connection<R: RoleDriver>(
+    shared: Arc<Shared>,
+    role: Arc<R>,
+    conn: quinn::Connection,
+    dialed: bool,
+) {
     let remote = conn.remote_address();
     let peer = match peer_identity(&conn) {
         Ok(p) => Arc::new(p),
@@ -878,71 +934,23 @@ async fn serve_connection(shared: Arc<Shared>, conn: quinn::Connection, dialed: 
         return;
     }
     let stats = Arc::new(ConnStats::default());
-    // The control stream carries the migration's typed requests: the target asks, the source
-    // answers (whichever side dialed and opened the stream).
-    let (control_send, control_recv, control_buf) = control;
-    let (control_task, control_client) = match shared.cfg.role {
-        Role::Source => {
-            let sh = shared.clone();
-            let task = tokio::spawn(control_stream::serve_requests(
-                control_send,
-                control_recv,
-                control_buf,
-                shared.cfg.source_pg.clone(),
-                move |event, details| sh.audit.record(event, details),
-            ));
-            (task, None)
-        }
-        Role::Target => {
-            let client = Arc::new(ControlClient::new(control_send));
-            if let Some(tx) = &shared.tunnels {
-                let _ = tx.send(client.clone());
-            }
-            let task = tokio::spawn(control_stream::read_responses(
-                client.clone(),
-                control_recv,
-                control_buf,
-            ));
-            (task, Some(client))
-        }
-    };
+    let (send, recv, buf) = control;
     let pc = PeerConn {
         conn: conn.clone(),
         peer: peer.clone(),
         stats: stats.clone(),
-        control: control_client,
     };
-    if shared.cfg.role == Role::Target {
-        shared.current.send_replace(Some(pc.clone()));
-    }
     let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
-    let reason = match shared.cfg.role {
-        Role::Source => accept_data_streams(&shared, &pc, &stats).await,
-        Role::Target => {
-            // Any stream the source opens is a protocol violation: we never serve it.
-            loop {
-                match conn.accept_bi().await {
-                    Ok((mut s, mut r)) => {
-                        warn!("peer {remote} opened a stream; only the target opens data streams");
-                        let _ = s.reset(pump::codes::PROTOCOL.into());
-                        let _ = r.stop(pump::codes::PROTOCOL.into());
-                    }
-                    Err(e) => break e.to_string(),
-                }
-            }
-        }
-    };
-    if shared.cfg.role == Role::Target {
-        shared.current.send_if_modified(|c| match c {
-            Some(cur) if cur.conn.stable_id() == conn.stable_id() => {
-                *c = None;
-                true
-            }
-            _ => false,
-        });
-    }
+    // The role serves the connection: the control stream's typed requests (the target asks,
+    // the source answers, whichever side dialed) and the data streams.
+    let reason = role
+        .serve(
+            Tunnel(shared.clone()),
+            pc,
+            ControlStream { send, recv, buf },
+        )
+        .await;
     watcher.abort();
-    control_task.abort();
     let qs = conn.stats();
     info!("tunnel with {remote} closed: {reason}");
     shared.audit.record(
@@ -1013,9 +1021,11 @@ async fn watch_peer(shared: Arc<Shared>, conn: quinn::Connection, peer: Arc<Peer
     }
 }
 
+/// What the tunnel counts per connection.
 #[derive(Default, Debug)]
-struct ConnStats {
-    streams: AtomicU64,
+pub struct ConnStats {
+    /// Data streams opened or accepted on it.
+    pub streams: AtomicU64,
 }
 
 async fn exchange_hello(
@@ -1080,125 +1090,6 @@ async fn exchange_hello(
     }
 }
 
-/// Source side: every bidirectional stream after the control stream is a forwarded connection.
-async fn accept_data_streams(
-    shared: &Arc<Shared>,
-    pc: &PeerConn,
-    stats: &Arc<ConnStats>,
-) -> String {
-    let mut stop = shared.shutting_down.subscribe();
-    loop {
-        let (send, recv) = tokio::select! {
-            s = pc.conn.accept_bi() => match s {
-                Ok(s) => s,
-                Err(e) => return e.to_string(),
-            },
-            _ = stop.changed() => {
-                // Stop taking new streams; running ones drain, then the endpoint closes.
-                return pc.conn.closed().await.to_string();
-            }
-        };
-        stats.streams.fetch_add(1, Ordering::SeqCst);
-        let sh = shared.clone();
-        let pc = pc.clone();
-        let guard = StreamGuard::new(&shared.activity);
-        tokio::spawn(async move {
-            let _guard = guard;
-            source_stream(sh, pc, send, recv).await;
-        });
-    }
-}
-
-async fn source_stream(
-    shared: Arc<Shared>,
-    pc: PeerConn,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) {
-    let remote = pc.conn.remote_address();
-    let mut buf = BytesMut::new();
-    let header = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let tag = pump::read_tag(&mut recv, &mut buf).await?;
-        if StreamKind::from_tag(tag) != Some(StreamKind::Data) {
-            bail!("stream tag {tag} is not a data stream");
-        }
-        pump::read_until(&mut recv, &mut buf, 128, StreamHeader::decode).await
-    })
-    .await;
-    let header = match header {
-        Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            warn!("peer {remote}: bad data stream: {e:#}");
-            let _ = send.reset(pump::codes::PROTOCOL.into());
-            let _ = recv.stop(pump::codes::PROTOCOL.into());
-            return;
-        }
-        Err(_) => {
-            let _ = send.reset(pump::codes::PROTOCOL.into());
-            let _ = recv.stop(pump::codes::PROTOCOL.into());
-            return;
-        }
-    };
-    let session = format!("{:016x}", header.session_id);
-    let Some(service) = shared
-        .cfg
-        .services
-        .iter()
-        .find(|s| s.name == header.service)
-    else {
-        let msg = format!(
-            "service {:?} is not configured on the source agent",
-            header.service
-        );
-        warn!("session {session}: {msg}");
-        shared.audit.record(
-            "stream_refused",
-            json!({"session_id": session, "service": header.service, "reason": msg}),
-        );
-        pump::send_reset(&mut send, 0, ResetCode::Refused, &msg).await;
-        let _ = recv.stop(pump::codes::PROTOCOL.into());
-        return;
-    };
-    shared.audit.record(
-        "stream_opened",
-        json!({"session_id": session, "service": service.name, "upstream": service.endpoint.to_string(), "peer_fingerprint": pc.peer.fingerprint.to_string()}),
-    );
-    let local = match connect_upstream(&service.endpoint).await {
-        Ok(l) => l,
-        Err(e) => {
-            let msg = format!(
-                "connecting to upstream {} of service {}: {e:#}",
-                service.endpoint, service.name
-            );
-            warn!("session {session}: {msg}");
-            pump::send_reset(&mut send, 0, ResetCode::UpstreamConnectFailed, &msg).await;
-            let _ = recv.stop(pump::codes::LOCAL.into());
-            let report = StreamReport {
-                outcome: Outcome::LocalError(msg),
-                sent: DirectionStats::default(),
-                received: DirectionStats::default(),
-                started: Instant::now(),
-            };
-            record_closed(&shared, &session, &service.name, &report);
-            return;
-        }
-    };
-    let report = pump::pump(local, send, recv, buf, &shared.pump).await;
-    record_closed(&shared, &session, &service.name, &report);
-}
-
-async fn connect_upstream(ep: &Endpoint) -> Result<LocalConn> {
-    let fut = async {
-        Ok::<_, anyhow::Error>(match ep {
-            Endpoint::Tcp(a) => LocalConn::tcp(tokio::net::TcpStream::connect(a.as_str()).await?),
-            Endpoint::Unix(p) => LocalConn::unix(tokio::net::UnixStream::connect(p).await?),
-        })
-    };
-    tokio::time::timeout(UPSTREAM_TIMEOUT, fut)
-        .await
-        .map_err(|_| anyhow!("timed out after {} s", UPSTREAM_TIMEOUT.as_secs()))?
-}
-
 fn direction_json(d: &DirectionStats) -> Value {
     json!({
         "raw_bytes": d.raw_bytes,
@@ -1206,344 +1097,6 @@ fn direction_json(d: &DirectionStats) -> Value {
         "chunks": d.chunks,
         "digest": hex::encode(d.digest()),
     })
-}
-
-fn bind_admin(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "admin socket {} is in use: another pgferry-target runs with it",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale admin socket {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding admin socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 600 {}", path.display()))?;
-    info!("admin socket {}", path.display());
-    Ok(l)
-}
-
-/// Serves admin connections (one request each) until shutdown.
-async fn serve_admin(shared: Arc<Shared>, listener: tokio::net::UnixListener) {
-    let mut stop = shared.shutting_down.subscribe();
-    loop {
-        let mut stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => { warn!("admin socket: {e}"); continue; }
-            },
-            _ = stop.changed() => break,
-        };
-        let sh = shared.clone();
-        tokio::spawn(async move {
-            let answer = match admin::read_request(&mut stream).await {
-                Ok(req) => match req["verb"].as_str().unwrap_or("") {
-                    "clone" => admin_execute(&sh, &mut stream, Job::Clone).await,
-                    "rollback" => {
-                        let keep_slot = req["options"]["keep_slot"].as_bool().unwrap_or(false);
-                        admin_execute(&sh, &mut stream, Job::Rollback { keep_slot }).await
-                    }
-                    "cutover" => match serde_json::from_value(req["options"].clone()) {
-                        Ok(opts) => admin_execute(&sh, &mut stream, Job::Cutover(opts)).await,
-                        Err(e) => json!({"ok": false, "error": format!("cutover options: {e}")}),
-                    },
-                    verb => admin_verb(&sh, verb).await,
-                },
-                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
-            };
-            let _ = write_admin_line(&mut stream, &answer).await;
-        });
-    }
-    if let Some(t) = &shared.cfg.target {
-        let _ = std::fs::remove_file(&t.admin_socket);
-    }
-}
-
-async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let mut line = v.to_string();
-    line.push('\n');
-    stream.write_all(line.as_bytes()).await
-}
-
-/// A long admin verb, run by the executor.
-enum Job {
-    Clone,
-    Cutover(super::migrate::CutoverOptions),
-    Rollback { keep_slot: bool },
-}
-
-/// Runs a [`Job`], streaming its progress lines to the admin client.
-async fn admin_execute(
-    shared: &Arc<Shared>,
-    stream: &mut tokio::net::UnixStream,
-    job: Job,
-) -> Value {
-    // One migration step at a time: a second clone/cutover/rollback (an impatient retry from
-    // another terminal) must not race the first.
-    let Ok(_job) = shared.job.try_lock() else {
-        return json!({"ok": false, "error": "another clone, cutover or rollback is running on this agent; wait for it (pgferry-target status shows the phase)"});
-    };
-    let Some(pc) = shared.current.borrow().clone() else {
-        return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
-    };
-    let Some(control) = pc.control.clone() else {
-        return json!({"ok": false, "error": "no control stream"});
-    };
-    let settings = shared.cfg.target.clone().expect("target settings");
-    let local = shared.cfg.services.iter().find_map(|s| match &s.endpoint {
-        Endpoint::Tcp(a) if s.name == crate::runtime::config::DEFAULT_SERVICE => a
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?))),
-        _ => None,
-    });
-    let Some(local) = local else {
-        return json!({"ok": false, "error": "clone needs a TCP local endpoint for the postgres service"});
-    };
-    let migration = shared.identity.own.migration.to_string();
-    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let sh = shared.clone();
-    let work = async move {
-        let progress = move |line: String| {
-            info!("migration: {line}");
-            let _ = tx.send(line);
-        };
-        let audit = |event: &str, details: Value| sh.audit.record(event, details);
-        let exec = super::migrate::Executor {
-            control: &control,
-            settings: &settings,
-            migration: &migration,
-            local,
-            store,
-            audit: &audit,
-            progress: &progress,
-        };
-        let check = async {
-            let v = admin_verb(&sh, "preflight").await;
-            if v["ok"] == true {
-                Ok(())
-            } else if let Some(e) = v["error"].as_str() {
-                Err(anyhow!("preflight: {e}"))
-            } else {
-                let failed: Vec<String> = v["checks"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| c["ok"] == false)
-                    .map(|c| {
-                        format!(
-                            "{}: {} (fix: {})",
-                            c["name"].as_str().unwrap_or(""),
-                            c["detail"].as_str().unwrap_or(""),
-                            c["fix"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect();
-                Err(anyhow!("preflight failed: {}", failed.join("; ")))
-            }
-        };
-        let r = match &job {
-            Job::Clone => exec
-                .clone_standby(check)
-                .await
-                .map(|s| json!({"phase": s.phase()})),
-            Job::Cutover(opts) => exec.cutover(opts).await,
-            Job::Rollback { keep_slot } => exec.rollback_requested(*keep_slot).await,
-        };
-        let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");
-        (r, phase)
-    };
-    let forward = async {
-        while let Some(line) = rx.recv().await {
-            let _ = write_admin_line(stream, &json!({"progress": line})).await;
-        }
-    };
-    let ((result, phase), ()) = tokio::join!(work, forward);
-    match result {
-        Ok(report) => json!({"ok": true, "phase": phase, "report": report}),
-        Err(e) => json!({"ok": false, "error": format!("{e:#}"), "phase": phase}),
-    }
-}
-
-/// While the standby catches up, records the lag from both ends in the audit log.
-async fn sample_lag(shared: Arc<Shared>) {
-    let settings = shared.cfg.target.clone().expect("target settings");
-    let migration = shared.identity.own.migration.to_string();
-    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
-    let mut stop = shared.shutting_down.subscribe();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(settings.lag_sample) => {}
-            _ = stop.changed() => return,
-        }
-        let catching_up = matches!(
-            store.load(),
-            Ok(crate::migration::State::CatchingUp { .. } | crate::migration::State::Ready { .. })
-        );
-        if !catching_up {
-            continue;
-        }
-        let current = shared.current.borrow().clone();
-        let st = admin_status(&shared, current).await;
-        shared.audit.record(
-            "lag_sample",
-            json!({
-                "lag_bytes": st["lag_bytes"],
-                "source_lsn": st["source"]["current_lsn"],
-                "replay_lsn": st["new_cluster"]["replay_lsn"],
-                "replay_lag_ms": st["source"]["replication"][0]["replay_lag_ms"],
-                "tunnel": st["tunnel"]["state"],
-                "udp_bytes_received": st["tunnel"]["udp_bytes_received"],
-            }),
-        );
-    }
-}
-
-/// `status`: tunnel, migration phase, and lag from both ends.
-async fn admin_status(shared: &Arc<Shared>, current: Option<PeerConn>) -> Value {
-    let settings = shared.cfg.target.clone().expect("target settings");
-    let migration = shared.identity.own.migration.to_string();
-    let store = super::state_store::StateStore::new(settings.state_file.clone(), &migration);
-    let state = store.load();
-    let phase = match &state {
-        Ok(s) => json!(s),
-        Err(e) => json!({"phase": "unknown", "error": format!("{e:#}")}),
-    };
-    let Some(pc) = current else {
-        return json!({"ok": false, "tunnel": {"state": "down"}, "migration": phase, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
-    };
-    let qs = pc.conn.stats();
-    let mut out = json!({
-        "ok": true,
-        "tunnel": {
-            "state": "up",
-            "peer": {
-                "address": pc.conn.remote_address().to_string(),
-                "role": pc.peer.role.to_string(),
-                "region": pc.peer.region.to_string(),
-                "migration": pc.peer.migration.to_string(),
-                "fingerprint": pc.peer.fingerprint.to_string(),
-            },
-            "streams": pc.stats.streams.load(Ordering::SeqCst),
-            "rtt_ms": pc.conn.rtt().as_millis() as u64,
-            "udp_bytes_received": qs.udp_rx.bytes,
-            "udp_bytes_sent": qs.udp_tx.bytes,
-        },
-        "migration": phase,
-    });
-    use crate::migration::State as S;
-    let slot = state.ok().and_then(|s| match s {
-        S::SlotCreated { slot }
-        | S::BaseBackupDone { slot }
-        | S::StandbyStarted { slot }
-        | S::CatchingUp { slot }
-        | S::Ready { slot } => Some(slot),
-        _ => None,
-    });
-    if let Some(control) = &pc.control {
-        match control
-            .request(
-                crate::control::Request::Status { slot },
-                Duration::from_secs(20),
-            )
-            .await
-        {
-            Ok(crate::control::Response::Status { status }) => out["source"] = json!(status),
-            Ok(other) => out["source"] = json!({"error": format!("{other:?}")}),
-            Err(e) => out["source"] = json!({"error": format!("{e:#}")}),
-        }
-    }
-    let running = settings
-        .data_dir
-        .as_ref()
-        .is_some_and(|d| d.join("postmaster.pid").exists());
-    if running {
-        let standby = match super::migrate::connect_new_cluster(&settings).await {
-            Ok(c) => super::migrate::standby_status(&c).await,
-            Err(e) => Err(e),
-        };
-        match standby {
-            Ok(st) => {
-                let src = out["source"]["current_lsn"]
-                    .as_str()
-                    .and_then(|s| s.parse::<crate::migration::Lsn>().ok());
-                if let (Some(src), Some(replay)) = (src, st.replay_lsn) {
-                    out["lag_bytes"] = json!(src.0.saturating_sub(replay.0));
-                }
-                if let Some(ms) = out["source"]["replication"][0]["replay_lag_ms"].as_u64() {
-                    out["lag_ms_source"] = json!(ms);
-                }
-                out["new_cluster"] = json!(st);
-            }
-            Err(e) => out["new_cluster"] = json!({"error": format!("{e:#}")}),
-        }
-    }
-    out
-}
-
-async fn admin_verb(shared: &Arc<Shared>, verb: &str) -> Value {
-    let current = shared.current.borrow().clone();
-    match verb {
-        "status" => admin_status(shared, current).await,
-        "preflight" => {
-            let Some(pc) = current else {
-                return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
-            };
-            let Some(control) = pc.control.clone() else {
-                return json!({"ok": false, "error": "no control stream"});
-            };
-            let t0 = Instant::now();
-            let r = control
-                .request(
-                    crate::control::Request::PreflightFacts,
-                    Duration::from_secs(60),
-                )
-                .await;
-            let rtt_ms = t0.elapsed().as_millis() as u64;
-            let facts = match r {
-                Ok(crate::control::Response::Facts { facts }) => facts,
-                Ok(crate::control::Response::Error { message }) => {
-                    return json!({"ok": false, "error": format!("the source agent could not gather its facts: {message}")})
-                }
-                Ok(other) => {
-                    return json!({"ok": false, "error": format!("unexpected answer {other:?}")})
-                }
-                Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
-            };
-            let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-            let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
-            let settings = shared.cfg.target.clone().expect("target settings");
-            let tf = match tokio::task::spawn_blocking(move || {
-                admin::target_facts(&settings, now_ms, rtt_ms)
-            })
-            .await
-            {
-                Ok(Ok(tf)) => tf,
-                Ok(Err(e)) => return json!({"ok": false, "error": format!("{e:#}")}),
-                Err(e) => return json!({"ok": false, "error": e.to_string()}),
-            };
-            let checks = crate::preflight::evaluate(&facts, &tf);
-            let ok = checks.iter().all(|c| c.ok);
-            shared.audit.record(
-                "preflight",
-                json!({
-                    "ok": ok,
-                    "failed": checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect::<Vec<_>>(),
-                    "checks": checks.len() as u64,
-                }),
-            );
-            json!({"ok": ok, "checks": checks, "source": facts, "target": tf})
-        }
-        other => {
-            json!({"ok": false, "error": format!("unknown verb {other:?}; known: {}", admin::VERBS.join(", "))})
-        }
-    }
 }
 
 fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport) {
@@ -1578,129 +1131,4 @@ fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport
             "received": direction_json(&r.received),
         }),
     );
-}
-
-enum LocalListener {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener),
-}
-
-async fn bind_local(ep: &Endpoint, allow_non_loopback: bool) -> Result<LocalListener> {
-    match ep {
-        Endpoint::Tcp(a) => {
-            let l = tokio::net::TcpListener::bind(a.as_str())
-                .await
-                .with_context(|| format!("binding local endpoint {a} (is the port in use?)"))?;
-            let bound = l.local_addr()?;
-            // `localhost` passed the configuration check by name; hold what it resolved to
-            // to the same rule.
-            if !bound.ip().is_loopback() {
-                if !allow_non_loopback {
-                    bail!("local endpoint {a} bound {bound}, which is not a loopback address; refusing to expose the old cluster (see --allow-non-loopback-local)");
-                }
-                warn!("local endpoint {bound} is NOT loopback (--allow-non-loopback-local): whoever reaches it reaches the source cluster as a loopback client");
-            }
-            info!("local endpoint {bound} (tcp)");
-            Ok(LocalListener::Tcp(l))
-        }
-        Endpoint::Unix(p) => {
-            if p.exists() {
-                // A stale socket from a killed agent: remove it only if nobody answers on it.
-                if std::os::unix::net::UnixStream::connect(p).is_ok() {
-                    bail!("unix socket {} is in use by another process", p.display());
-                }
-                std::fs::remove_file(p)
-                    .with_context(|| format!("removing stale socket {}", p.display()))?;
-            }
-            let l = tokio::net::UnixListener::bind(p)
-                .with_context(|| format!("binding local endpoint unix:{}", p.display()))?;
-            // Only this agent's user may connect (connecting needs write permission). Put the
-            // socket in a 0700 directory as well to close the window between bind and chmod.
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("chmod 600 {}", p.display()))?;
-            }
-            info!("local endpoint unix:{}", p.display());
-            Ok(LocalListener::Unix(l))
-        }
-    }
-}
-
-async fn serve_local(shared: Arc<Shared>, service: Service, listener: LocalListener) {
-    let mut stop = shared.shutting_down.subscribe();
-    loop {
-        let (local, peer_desc) = tokio::select! {
-            r = async {
-                match &listener {
-                    LocalListener::Tcp(l) => l.accept().await.map(|(s, a)| (LocalConn::tcp(s), a.to_string())),
-                    LocalListener::Unix(l) => l.accept().await.map(|(s, _)| (LocalConn::unix(s), "unix".to_string())),
-                }
-            } => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!("accepting on {}: {e}", service.endpoint);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let sh = shared.clone();
-        let service = service.clone();
-        let guard = StreamGuard::new(&shared.activity);
-        tokio::spawn(async move {
-            let _guard = guard;
-            target_stream(sh, service, local, peer_desc).await;
-        });
-    }
-}
-
-async fn target_stream(shared: Arc<Shared>, service: Service, local: LocalConn, client: String) {
-    let session_id = shared.next_session.fetch_add(1, Ordering::SeqCst);
-    let session = format!("{session_id:016x}");
-    // Wait (bounded) for the tunnel: a client arriving during a reconnect is not refused at once.
-    let mut rx = shared.current.subscribe();
-    let pc = match tokio::time::timeout(TUNNEL_WAIT, rx.wait_for(|c| c.is_some())).await {
-        Ok(Ok(c)) => c.clone().expect("checked"),
-        _ => {
-            warn!(
-                "session {session}: closing client {client} of {}: tunnel to the source is not connected",
-                service.name
-            );
-            local.abort();
-            return;
-        }
-    };
-    let opened = async {
-        let (mut send, recv) = pc.conn.open_bi().await?;
-        pc.stats.streams.fetch_add(1, Ordering::SeqCst);
-        let mut out = BytesMut::new();
-        out.extend_from_slice(&[StreamKind::Data as u8]);
-        StreamHeader {
-            session_id,
-            service: service.name.clone(),
-        }
-        .encode(&mut out);
-        send.write_all(&out).await?;
-        Ok::<_, anyhow::Error>((send, recv))
-    }
-    .await;
-    let (send, recv) = match opened {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("session {session}: opening a stream for {client}: {e:#}");
-            local.abort();
-            return;
-        }
-    };
-    shared.audit.record(
-        "stream_opened",
-        json!({"session_id": session, "service": service.name, "client": client, "peer_fingerprint": pc.peer.fingerprint.to_string()}),
-    );
-    let report = pump::pump(local, send, recv, BytesMut::new(), &shared.pump).await;
-    if let Outcome::PeerReset { code, message } = &report.outcome {
-        warn!("session {session}: source reset the connection ({code:?}): {message}");
-    }
-    record_closed(&shared, &session, &service.name, &report);
 }

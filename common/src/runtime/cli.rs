@@ -1,15 +1,13 @@
-//! Command-line surface shared by `pgferry-source` and `pgferry-target`: the `run` flags, the
-//! `audit` subcommands, logging set-up and signal handling. The binaries' `main.rs` only pick
-//! their role and call [`agent_main`].
+//! Command-line pieces both agent binaries use: the `run` flags and their resolution into an
+//! [`AgentConfig`], the `audit` subcommands, logging set-up and signal handling. Each binary
+//! has its own clap tree (`agent-source/src/main.rs`, `agent-target/src/cli.rs`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
-use serde_json::Value;
+use clap::{Args, Subcommand};
 
-use super::agent::{run_agent, RunOptions};
 use super::config::{AgentConfig, ConfigFile, Overrides};
 use crate::audit::{self, VerifyOptions};
 use crate::identity::Role;
@@ -124,192 +122,8 @@ pub enum AuditCommand {
     },
 }
 
-/// Top-level CLI of an agent binary.
-#[derive(Debug, Parser)]
-pub struct AgentCli {
-    #[command(subcommand)]
-    command: AgentCommand,
-    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
-    #[arg(
-        long = "log",
-        id = "log_filter",
-        global = true,
-        env = "PGFERRY_LOG",
-        default_value = "info",
-        value_name = "FILTER"
-    )]
-    log_filter: String,
-}
-
-#[derive(Debug, Subcommand)]
-enum AgentCommand {
-    /// Run the agent: tunnel, forwarding and audit log, until SIGTERM or Ctrl-C.
-    Run(Box<RunArgs>),
-    /// Audit log tools.
-    #[command(subcommand)]
-    Audit(AuditCommand),
-    /// Check both clusters before a migration: prints each check and what to fix; changes
-    /// nothing. Talks to the running target agent (`pgferry-target run`).
-    Preflight(AdminArgs),
-    /// Show the tunnel and migration state of the running target agent.
-    Status(AdminArgs),
-    /// Clone the source into the new cluster: replication slot, pg_basebackup through the
-    /// tunnel with progress, pg_verifybackup, standby settings, start. Resumes from the
-    /// persisted state; before promotion a failure rolls back (slot dropped).
-    Clone(AdminArgs),
-    /// Switch over: refuse above --max-lag, fence the source, wait until the standby replayed
-    /// the fence LSN, verify tables on both sides, promote, check writable, report the
-    /// downtime. Before promotion any failure rolls back (source unfenced).
-    Cutover(CutoverArgs),
-    /// Stop the migration before promotion: unfence the source, stop the standby, drop the
-    /// slot (unless --keep-slot). Refused after promotion (the point of no return).
-    Rollback(RollbackArgs),
-    /// The whole migration: clone, wait until the standby has caught up (lag ≤ --max-lag),
-    /// then cut over (with --auto-cutover, or after the operator confirms on a terminal).
-    /// Run it again after an interruption: it resumes from the persisted state.
-    Migrate(MigrateArgs),
-}
-
-/// `migrate` options.
-#[derive(Debug, Args)]
-pub struct MigrateArgs {
-    #[command(flatten)]
-    pub cutover: CutoverArgs,
-    /// Cut over as soon as the standby has caught up, without asking.
-    #[arg(long)]
-    pub auto_cutover: bool,
-    /// Give up waiting for the catch-up after this many seconds (the standby keeps streaming).
-    #[arg(long, default_value_t = 3600)]
-    pub catch_up_timeout_secs: u64,
-}
-
-/// `rollback` options.
-#[derive(Debug, Args)]
-pub struct RollbackArgs {
-    #[command(flatten)]
-    pub admin: AdminArgs,
-    /// Keep the replication slot on the source (it retains WAL until dropped or reused by the
-    /// next migration of the same name). Also `[target] keep_slot_on_rollback = true`.
-    #[arg(long)]
-    pub keep_slot: bool,
-}
-
-/// `cutover` options.
-#[derive(Debug, Args)]
-pub struct CutoverArgs {
-    #[command(flatten)]
-    pub admin: AdminArgs,
-    /// Verify only these tables (schema.table, comma-separated). Default: every user table.
-    #[arg(long, value_delimiter = ',', conflicts_with = "all_tables")]
-    pub tables: Option<Vec<String>>,
-    /// Verify every table whatever the fence's share costs: no --verify-budget-secs limit.
-    #[arg(long)]
-    pub all_tables: bool,
-    /// Every table is digested per block range before the fence, while writes go on; at the
-    /// fence only the ranges written since are digested again. This budget (estimated seconds,
-    /// at the speed the pre-pass measured) limits that work; tables whose changed ranges do
-    /// not fit are reported NOT VERIFIED. With --verify-at-fence: the budget for whole tables.
-    #[arg(long, default_value_t = super::migrate::DEFAULT_VERIFY_BUDGET_SECS, value_name = "SECS")]
-    pub verify_budget_secs: u64,
-    /// Skip the pre-pass: digest whole tables (ordered by primary key) while writes are fenced,
-    /// the smallest first within --verify-budget-secs (or all with --all-tables). Longer
-    /// downtime; for comparison, or where TID range scans are missing (PostgreSQL < 14).
-    #[arg(long)]
-    pub verify_at_fence: bool,
-    /// How long the pre-pass waits for transactions that were open when it began (their
-    /// earlier writes become visible only when they commit) before the cutover gives up,
-    /// naming them, with nothing fenced.
-    #[arg(long, default_value_t = super::verify::DEFAULT_PREPASS_WAIT_SECS, value_name = "SECS")]
-    pub prepass_wait_secs: u64,
-    /// How to fence the source: read-only (default_transaction_read_only, sessions ended), or
-    /// stop (read-only until the target is writable, then the source cluster is shut down).
-    #[arg(long, default_value = "read-only", value_parser = ["read-only", "stop"])]
-    pub fence: String,
-    /// Refuse to start while the standby is more than this many bytes behind.
-    #[arg(long, default_value_t = super::migrate::DEFAULT_MAX_LAG)]
-    pub max_lag: u64,
-    /// Roll back (unfence the source) when the standby has not replayed the fence LSN within
-    /// this many seconds.
-    #[arg(long, default_value_t = super::migrate::DEFAULT_REPLAY_TIMEOUT_SECS, value_name = "SECS")]
-    pub replay_timeout_secs: u64,
-    /// Shell command to run once the new cluster accepts writes (repoint the application).
-    #[arg(long, value_name = "CMD")]
-    pub on_promoted: Option<String>,
-    /// Check the lag and list the tables; change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-/// How a CLI verb finds the running target agent.
-#[derive(Debug, Args)]
-pub struct AdminArgs {
-    /// The agent's admin socket.
-    #[arg(long, value_name = "PATH")]
-    pub admin_socket: Option<PathBuf>,
-    /// The agent's config file (its [target] admin_socket, or the socket next to its audit log).
-    #[arg(short, long, env = "PGFERRY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// `status` only: refresh every 2 s until interrupted.
-    #[arg(long)]
-    pub watch: bool,
-}
-
-/// Subcommands only `pgferry-target` has; `pgferry-source` hides them.
-pub const TARGET_ONLY_COMMANDS: &[&str] = &[
-    "preflight",
-    "status",
-    "clone",
-    "cutover",
-    "rollback",
-    "migrate",
-];
-
-/// Runs an agent binary for `role`; returns the process exit code.
-pub fn agent_main(role: Role, cli: AgentCli) -> ExitCode {
-    init_logging(&cli.log_filter);
-    let result = match cli.command {
-        AgentCommand::Run(args) => run(role, *args).map(|()| ExitCode::SUCCESS),
-        AgentCommand::Audit(cmd) => audit_command(cmd),
-        AgentCommand::Preflight(_)
-        | AgentCommand::Status(_)
-        | AgentCommand::Clone(_)
-        | AgentCommand::Cutover(_)
-        | AgentCommand::Rollback(_)
-        | AgentCommand::Migrate(_)
-            if role == Role::Source =>
-        {
-            Err(anyhow::anyhow!(
-                "this is a pgferry-target command; run it on the new host"
-            ))
-        }
-        AgentCommand::Preflight(a) => super::admin::cli_verb("preflight", &a, Value::Null),
-        AgentCommand::Clone(a) => super::admin::cli_verb("clone", &a, Value::Null),
-        AgentCommand::Rollback(r) => super::admin::cli_verb(
-            "rollback",
-            &r.admin,
-            serde_json::json!({"keep_slot": r.keep_slot}),
-        ),
-        AgentCommand::Status(a) => super::admin::cli_verb("status", &a, Value::Null),
-        AgentCommand::Migrate(m) => super::admin::cli_migrate(&m),
-        AgentCommand::Cutover(c) => super::admin::cli_verb(
-            "cutover",
-            &c.admin,
-            serde_json::to_value(c.options()).unwrap_or_default(),
-        ),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("pgferry-{role}: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_logging(filter: &str) {
+/// Logging to stderr with a tracing filter (`--log`, `PGFERRY_LOG`).
+pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -371,15 +185,6 @@ pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
     AgentConfig::resolve(role, file, flags).with_context(|| format!("configuration ({what})"))
 }
 
-fn run(role: Role, args: RunArgs) -> Result<()> {
-    let cfg = resolve_config(role, args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(run_agent(cfg, shutdown_signal(), RunOptions::default()))
-}
-
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -393,7 +198,8 @@ pub async fn shutdown_signal() {
     }
 }
 
-fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
+/// `audit verify|report`: the exit code says whether the log (and its peer) verified.
+pub fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
     match cmd {
         AuditCommand::Verify {
             log,
@@ -467,41 +273,27 @@ fn read_pem_cert(path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(der.to_vec())
 }
 
-impl CutoverArgs {
-    /// What the agent's executor gets.
-    pub fn options(&self) -> super::migrate::CutoverOptions {
-        super::migrate::CutoverOptions {
-            tables: self.tables.clone(),
-            all_tables: self.all_tables,
-            verify_budget_secs: self.verify_budget_secs,
-            verify_at_fence: self.verify_at_fence,
-            prepass_wait_secs: self.prepass_wait_secs,
-            fence: if self.fence == "stop" {
-                crate::control::FenceMode::Stop
-            } else {
-                crate::control::FenceMode::ReadOnly
-            },
-            max_lag: self.max_lag,
-            replay_timeout_secs: self.replay_timeout_secs,
-            on_promoted: self.on_promoted.clone(),
-            dry_run: self.dry_run,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Probe {
+        #[command(subcommand)]
+        audit: AuditCommand,
+    }
 
     #[test]
-    fn cli_definition_is_consistent() {
-        AgentCli::command().debug_assert();
-        let cli =
-            AgentCli::try_parse_from(["pgferry-target", "audit", "verify", "x.jsonl"]).unwrap();
+    fn shared_flags_are_consistent() {
+        Probe::command().debug_assert();
+        let p = Probe::try_parse_from(["x", "verify", "x.jsonl", "--allow-open"]).unwrap();
         assert!(matches!(
-            cli.command,
-            AgentCommand::Audit(AuditCommand::Verify { .. })
+            p.audit,
+            AuditCommand::Verify {
+                allow_open: true,
+                ..
+            }
         ));
     }
 }

@@ -817,7 +817,7 @@ pub(crate) fn check_private_file(path: &Path, what: &str) -> Result<()> {
 }
 
 /// The password in the first line of a password file (mode 0600; its contents never logged).
-pub(crate) fn read_password_file(path: &Path) -> Result<String> {
+pub fn read_password_file(path: &Path) -> Result<String> {
     check_private_file(path, "password file")?;
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading password file {}", path.display()))?;

@@ -1,5 +1,5 @@
 //! The cutover's verification outside the write-downtime window (design: `docs/verify.md`,
-//! pure parts in [`crate::verify`]).
+//! pure parts in [`pgferry_common::verify`]).
 //!
 //! ```text
 //!   before the fence (writes go on):
@@ -20,10 +20,10 @@ use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tokio_postgres::Client;
 
-use super::migrate::{new_cluster_connector, standby_status, Executor};
-use crate::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
-use crate::migration::Lsn;
-use crate::verify::{
+use crate::migrate::{new_cluster_connector, standby_status, Executor};
+use pgferry_common::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
+use pgferry_common::migration::Lsn;
+use pgferry_common::verify::{
     ranges_for, ChangeMap, RangeDigest, RelKey, MAX_RANGES_PER_REQUEST, RANGE_BLOCKS,
 };
 
@@ -357,9 +357,10 @@ impl Executor<'_> {
         let t = Instant::now();
         let more = new_cluster_connector(self.settings);
         // Batches of about 8 × the parallelism in 16 MiB runs: a few seconds each.
-        let per_batch =
-            (super::pg::digest_parallelism() * 8 * crate::verify::MAX_RUN_RANGES as usize)
-                .min(MAX_RANGES_PER_REQUEST);
+        let per_batch = (pgferry_common::runtime::digest::digest_parallelism()
+            * 8
+            * pgferry_common::verify::MAX_RUN_RANGES as usize)
+            .min(MAX_RANGES_PER_REQUEST);
         for batch in batches(items, per_batch) {
             let theirs = async {
                 match self
@@ -375,11 +376,11 @@ impl Executor<'_> {
                     other => bail!("unexpected answer {other:?}"),
                 }
             };
-            let ours = super::pg::block_digests(
+            let ours = pgferry_common::runtime::digest::block_digests(
                 standby,
                 Some(&more),
                 &batch,
-                super::pg::digest_parallelism(),
+                pgferry_common::runtime::digest::digest_parallelism(),
             );
             let (theirs, ours) = tokio::try_join!(theirs, ours)?;
             if theirs.len() != batch.len() || ours.len() != batch.len() {
@@ -436,7 +437,7 @@ impl Executor<'_> {
         let mut lines = tokio::io::BufReader::with_capacity(1 << 20, stdout).lines();
         let before = pre.changes.records;
         while let Some(line) = lines.next_line().await? {
-            if let Some(rec) = crate::verify::parse_waldump_line(&line) {
+            if let Some(rec) = pgferry_common::verify::parse_waldump_line(&line) {
                 pre.changes.note(&rec);
             }
         }
@@ -713,7 +714,7 @@ fn merge(into: &mut Vec<TableBlocks>, batch: Vec<TableBlocks>) {
 async fn relation_storage(standby: &Client, tables: &[String]) -> Result<Vec<(RelKey, u64)>> {
     let mut out = Vec::with_capacity(tables.len());
     for table in tables {
-        let qualified = super::pg::qualified(table)?;
+        let qualified = pgferry_common::runtime::digest::qualified(table)?;
         let row = standby
             .query_one(
                 "SELECT coalesce(nullif(c.reltablespace, 0), d.dattablespace)::int8,

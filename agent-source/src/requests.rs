@@ -1,141 +1,28 @@
-//! Typed requests over the control stream, after Hello.
+//! The source's side of the control stream: typed requests from the target, answered one at
+//! a time with fixed statements (no SQL crosses the wire) on the agent's own PostgreSQL
+//! connection (`[source] conninfo`). Each request and its result (never the password or any
+//! SQL) go to the audit log.
 //!
 //! ```text
-//!   target: ControlClient::request ─► Request{id} ══ control stream ══► source: responder
-//!           (pending[id] ◄─ reader) ◄─ Response{id} ◄═══════════════════  └─ runtime::pg on its
+//!   target: ControlClient::request ─► Request{id} ══ control stream ══► serve_requests
+//!                                   ◄─ Response{id} ◄═══════════════════  └─ crate::pg on its
 //!                                                                            own PostgreSQL link
 //! ```
-//!
-//! The source answers one request at a time, each with fixed statements (no SQL crosses the
-//! wire) on its own PostgreSQL connection (`[source] conninfo`), and records each request and
-//! its result (never the password or any SQL) in its audit log.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use bytes::BytesMut;
-use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::config::SourcePg;
-use super::pg;
-use super::pump;
-use crate::control::{self, ControlMessage, Request, Response, MAX_CONTROL_MESSAGE};
-
-/// The target's side of the control stream: send a request, await its response.
-pub struct ControlClient {
-    send: tokio::sync::Mutex<quinn::SendStream>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
-    next_id: AtomicU64,
-}
-
-impl std::fmt::Debug for ControlClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlClient").finish_non_exhaustive()
-    }
-}
-
-impl ControlClient {
-    pub(crate) fn new(send: quinn::SendStream) -> Self {
-        Self {
-            send: tokio::sync::Mutex::new(send),
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-        }
-    }
-
-    /// Sends `request` and waits up to `timeout` for the source's answer.
-    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response> {
-        request.validate().map_err(|e| anyhow!(e))?;
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
-        let mut out = BytesMut::new();
-        control::encode_message(&ControlMessage::Request { id, request }, &mut out)?;
-        {
-            let mut send = self.send.lock().await;
-            send.write_all(&out)
-                .await
-                .context("sending a request to the source agent")?;
-        }
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => bail!("the tunnel closed before the source agent answered"),
-            Err(_) => {
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
-                bail!(
-                    "the source agent did not answer within {} s",
-                    timeout.as_secs()
-                )
-            }
-        }
-    }
-
-    fn deliver(&self, id: u64, response: Response) -> bool {
-        match self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        {
-            Some(tx) => {
-                let _ = tx.send(response);
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-/// Target: reads responses until the stream ends; pending requests then fail.
-pub(crate) async fn read_responses(
-    client: std::sync::Arc<ControlClient>,
-    mut recv: quinn::RecvStream,
-    mut buf: BytesMut,
-) {
-    loop {
-        let msg = match pump::read_until(
-            &mut recv,
-            &mut buf,
-            MAX_CONTROL_MESSAGE + 4,
-            control::decode_message,
-        )
-        .await
-        {
-            Ok(m) => m,
-            Err(_) => break,
-        };
-        match msg {
-            ControlMessage::Response { id, response } => {
-                if !client.deliver(id, response) {
-                    warn!("control stream: response to unknown request {id} ignored");
-                }
-            }
-            other => {
-                warn!("control stream: unexpected message from the source: {other:?}");
-                break;
-            }
-        }
-    }
-    // Dropping the senders makes every waiting request fail with "tunnel closed".
-    client
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
-}
+use pgferry_common::control::{self, ControlMessage, Response, MAX_CONTROL_MESSAGE};
+use pgferry_common::runtime::config::SourcePg;
+use pgferry_common::runtime::digest::ConnectFuture;
+use pgferry_common::runtime::pump;
 
 /// Source: answers requests one at a time until the stream ends.
-pub(crate) async fn serve_requests(
+pub async fn serve_requests(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     mut buf: BytesMut,
@@ -169,11 +56,11 @@ pub(crate) async fn serve_requests(
             },
             Some(cfg) => match ensure_client(&mut client, cfg).await {
                 Ok(c) => {
-                    let more = || -> pg::ConnectFuture {
+                    let more = || -> ConnectFuture {
                         let cfg = cfg.clone();
                         Box::pin(async move { connect(&cfg).await })
                     };
-                    pg::handle_request(c, Some(&more), &request).await
+                    crate::pg::handle_request(c, Some(&more), &request).await
                 }
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
@@ -243,7 +130,7 @@ async fn ensure_client<'a>(
     Ok(slot.as_ref().expect("set above"))
 }
 
-/// Whether the last control connection that worked came from [`crate::fence::CONTROL_ADDR`]
+/// Whether the last control connection that worked came from [`pgferry_common::fence::CONTROL_ADDR`]
 /// (the source is fenced): the next one tries that route first.
 static FROM_CONTROL_ADDR: AtomicBool = AtomicBool::new(false);
 
@@ -257,14 +144,14 @@ async fn connect(cfg: &SourcePg) -> Result<tokio_postgres::Client> {
         .parse()
         .context("[source] conninfo is not a valid connection string")?;
     if let Some(path) = &cfg.password_file {
-        pgc.password(super::config::read_password_file(path)?);
+        pgc.password(pgferry_common::runtime::config::read_password_file(path)?);
     }
     pgc.connect_timeout(Duration::from_secs(10));
     let refused_by_hba = |e: &tokio_postgres::Error| {
         e.code() == Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
     };
     if FROM_CONTROL_ADDR.load(Ordering::SeqCst) {
-        match super::fence::connect_from_control_addr(&pgc).await {
+        match crate::fence::connect_from_control_addr(&pgc).await {
             Ok(c) => return Ok(c),
             // Unfenced since: the ordinary route again.
             Err(_) => FROM_CONTROL_ADDR.store(false, Ordering::SeqCst),
@@ -280,18 +167,18 @@ async fn connect(cfg: &SourcePg) -> Result<tokio_postgres::Client> {
             Ok(client)
         }
         Err(e) if refused_by_hba(&e) => {
-            match super::fence::connect_from_control_addr(&pgc).await {
+            match crate::fence::connect_from_control_addr(&pgc).await {
                 Ok(c) => {
                     FROM_CONTROL_ADDR.store(true, Ordering::SeqCst);
                     info!(
                         "control connection from {} (pg_hba.conf refuses the ordinary route: the source is fenced)",
-                        crate::fence::CONTROL_ADDR
+                        pgferry_common::fence::CONTROL_ADDR
                     );
                     Ok(c)
                 }
                 Err(e2) => Err(anyhow::Error::new(e).context(format!(
                     "connecting to the source PostgreSQL for control requests (also tried from {}: {e2:#})",
-                    crate::fence::CONTROL_ADDR
+                    pgferry_common::fence::CONTROL_ADDR
                 ))),
             }
         }

@@ -5,7 +5,7 @@
 //!   fence    refuse while a subscription is enabled (its apply worker needs no connection)
 //!            save pg_hba.conf.pgferry-orig and postgresql.auto.conf.pgferry-orig
 //!                                        (write, fsync, rename, fsync dir; once per fence)
-//!            write the fenced pg_hba.conf (crate::fence::fenced_hba), check pg_hba_file_rules
+//!            write the fenced pg_hba.conf (pgferry_common::fence::fenced_hba), check pg_hba_file_rules
 //!            ALTER SYSTEM SET default_transaction_read_only = on        (defence in depth)
 //!            pg_reload_conf(); wait until this session has reloaded: the postmaster has, and
 //!                                        everything it forks from now on gets the fenced rules
@@ -31,14 +31,14 @@ use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use crate::control::{FenceMode, FenceReport};
-use crate::fence::{
+use pgferry_common::control::{FenceMode, FenceReport};
+use pgferry_common::fence::{
     connection_in_startup, fenced_hba, hba_before_fence, hba_restore, is_fenced,
     settings_before_fence, settings_restore, BeforeFence, ControlRule, CopyError, PasswordMethod,
     Restore, CONTROL_ADDR, ORIGINAL_SUFFIX,
 };
-use crate::migration::Lsn;
-use crate::preflight::{
+use pgferry_common::migration::Lsn;
+use pgferry_common::preflight::{
     FenceFacts, LongTransaction, PreparedTransaction, SlotFact, WalSenderFact,
     LONG_TRANSACTION_SECS,
 };
@@ -128,7 +128,7 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<(Lsn, FenceReport
     let note = [
         format!(
             "Written by pgferry-source {} at {}.",
-            crate::AGENT_VERSION,
+            pgferry_common::AGENT_VERSION,
             now_text()
         ),
         format!("The original is {copy}; pgferry-target rollback puts it back byte for byte."),

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::migration::State;
+use pgferry_common::migration::State;
 
 /// Version of the state file layout (2 added `history`; files of format 1 are still read).
 pub const STATE_FORMAT: u32 = 2;
@@ -163,7 +163,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::Event;
+    use pgferry_common::migration::Event;
 
     #[test]
     fn save_load_round_trip_and_checks() {

@@ -18,9 +18,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::cli::AdminArgs;
-use super::config::{ConfigFile, TargetSettings};
-use crate::preflight::{Check, TargetFacts};
+use crate::cli::AdminArgs;
+use pgferry_common::preflight::{Check, TargetFacts};
+use pgferry_common::runtime::config::{ConfigFile, TargetSettings};
 
 /// Longest admin request line accepted by the agent.
 pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
@@ -130,7 +130,7 @@ fn socket_of(args: &AdminArgs) -> Result<PathBuf> {
 }
 
 /// `migrate`: clone (or resume), wait for the catch-up, cut over.
-pub fn cli_migrate(m: &super::cli::MigrateArgs) -> Result<ExitCode> {
+pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
     let c = &m.cutover;
     let socket = socket_of(&c.admin)?;
     let status = request(&socket, "status", &Value::Null, Duration::from_secs(60))?;

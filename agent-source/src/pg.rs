@@ -1,42 +1,22 @@
-//! The PostgreSQL side of the typed control requests: each [`crate::control::Request`] maps to
-//! fixed statements here, with names passed as parameters or quoted identifiers checked by
-//! [`crate::control::Request::validate`] first. No SQL text ever arrives from the network.
+//! The PostgreSQL side of the typed control requests: each
+//! [`pgferry_common::control::Request`] maps to fixed statements here, with names passed as
+//! parameters or quoted identifiers checked by
+//! [`pgferry_common::control::Request::validate`] first. No SQL text ever arrives from the
+//! network.
 //!
-//! Table digests are used by both agents (each on its own cluster) during cutover. The fence
-//! and its undoing are in [`super::fence`].
-
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+//! Table digests are computed by the same code on both sides
+//! ([`pgferry_common::runtime::digest`]). The fence and its undoing are in [`crate::fence`].
 
 use anyhow::{bail, Context, Result};
-use futures_util::StreamExt;
 use tokio_postgres::Client;
 
-pub use super::fence::{fence, unfence};
-use crate::control::{
-    BlockRanges, OpenTransaction, ReplicationRow, Request, Response, SlotRow, SourceStatus,
-    TableBlocks, TableDigest,
+pub use crate::fence::{fence, unfence};
+use pgferry_common::control::{
+    OpenTransaction, ReplicationRow, Request, Response, SlotRow, SourceStatus,
 };
-use crate::migration::Lsn;
-use crate::preflight::SourceFacts;
-
-/// Opens one more connection to the same cluster (for digests in parallel).
-pub type Connect<'a> = &'a (dyn Fn() -> ConnectFuture + Send + Sync);
-/// A connection being opened.
-pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<Client>> + Send>>;
-
-/// Most connections one side uses for table digests.
-pub const MAX_DIGEST_PARALLELISM: usize = 4;
-
-/// Connections for table digests here: one per core, at most [`MAX_DIGEST_PARALLELISM`]
-/// (each is a PostgreSQL backend formatting rows: CPU-bound).
-pub fn digest_parallelism() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, MAX_DIGEST_PARALLELISM)
-}
+use pgferry_common::migration::Lsn;
+use pgferry_common::preflight::SourceFacts;
+use pgferry_common::runtime::digest::{block_digests, digest_parallelism, table_digests, Connect};
 
 /// Runs one request against the source cluster; errors become [`Response::Error`]. `connect`
 /// opens further connections for digests in parallel (without it they run one by one on
@@ -152,7 +132,7 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
         database_bytes: row.get::<_, i64>(7).max(0) as u64,
         in_recovery: row.get(8),
         now_ms: row.get::<_, i64>(9).max(0) as u64,
-        fence: Some(Box::new(super::fence::fence_facts(client).await)),
+        fence: Some(Box::new(crate::fence::fence_facts(client).await)),
     })
 }
 
@@ -280,7 +260,7 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
         .await
         .context("reading the fence (needs superuser or pg_read_all_settings)")?
         .get(0);
-    let hba = super::fence::fenced_on_disk(client).await?;
+    let hba = crate::fence::fenced_on_disk(client).await?;
     if read_only != Some(true) || !hba {
         bail!(
             "the source is not fenced ({}); refusing to stop it",
@@ -291,7 +271,7 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
             }
         );
     }
-    let pid = super::fence::postmaster(client)
+    let pid = crate::fence::postmaster(client)
         .await
         .context("finding the postmaster (or stop the source yourself: pg_ctl stop -m fast)")?
         .pid;
@@ -307,109 +287,10 @@ pub async fn stop_cluster(client: &Client) -> Result<()> {
     }
     Ok(())
 }
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Digests of `tables`, in that order: `client` and up to `parallel - 1` further connections
-/// from `connect` each take the next table until none is left. The first error ends it.
-pub async fn table_digests(
-    client: &Client,
-    connect: Option<Connect<'_>>,
-    tables: &[String],
-    parallel: usize,
-) -> Result<Vec<TableDigest>> {
-    let next = AtomicUsize::new(0);
-    let out = Mutex::new(vec![None; tables.len()]);
-    let extra = match connect {
-        Some(_) => parallel
-            .saturating_sub(1)
-            .min(tables.len().saturating_sub(1)),
-        None => 0,
-    };
-    let mut workers: Vec<Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>> =
-        vec![Box::pin(digest_worker(client, tables, &next, &out))];
-    if let Some(connect) = connect {
-        for _ in 0..extra {
-            let (next, out) = (&next, &out);
-            workers.push(Box::pin(async move {
-                let c = connect().await?;
-                digest_worker(&c, tables, next, out).await
-            }));
-        }
-    }
-    futures_util::future::try_join_all(workers).await?;
-    out.into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .into_iter()
-        .zip(tables)
-        .map(|(d, t)| d.with_context(|| format!("no digest for {t}")))
-        .collect()
-}
-
-async fn digest_worker(
-    client: &Client,
-    tables: &[String],
-    next: &AtomicUsize,
-    out: &Mutex<Vec<Option<TableDigest>>>,
-) -> Result<()> {
-    loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some(table) = tables.get(i) else {
-            return Ok(());
-        };
-        let d = table_digest(client, table).await?;
-        out.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(d);
-    }
-}
-
-/// Row count and BLAKE3 of a table's contents in a deterministic order: by primary key when
-/// there is one, else by the whole row's text.
-pub async fn table_digest(client: &Client, table: &str) -> Result<TableDigest> {
-    let qualified = qualified(table)?;
-    let pk: Vec<String> = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-              WHERE i.indrelid = $1::text::regclass AND i.indisprimary
-              ORDER BY array_position(i.indkey, a.attnum)",
-            &[&qualified],
-        )
-        .await
-        .with_context(|| format!("looking up table {table}"))?
-        .iter()
-        .map(|r| quote_ident(r.get::<_, &str>(0)))
-        .collect();
-    let order = if pk.is_empty() {
-        "t::text".to_string()
-    } else {
-        pk.join(", ")
-    };
-    let sql = format!("COPY (SELECT * FROM {qualified} t ORDER BY {order}) TO STDOUT");
-    let stream = client
-        .copy_out(sql.as_str())
-        .await
-        .with_context(|| format!("reading table {table}"))?;
-    let mut stream = std::pin::pin!(stream);
-    let mut hasher = blake3::Hasher::new();
-    let mut rows = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.with_context(|| format!("reading table {table}"))?;
-        rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
-        hasher.update(&chunk);
-    }
-    Ok(TableDigest {
-        table: table.to_string(),
-        rows,
-        blake3: hasher.finalize().to_hex().to_string(),
-    })
-}
-
 /// The start of a verification pre-pass: the WAL insert position first, then a new xid
 /// (assigned in a transaction rolled back at once). Every transaction that could have written
 /// before that position has a smaller xid, and once ours has ended every running xid below it
-/// shows in a snapshot's xmin (see [`crate::verify`]). A snapshot's own xmax is not enough:
+/// shows in a snapshot's xmin (see [`pgferry_common::verify`]). A snapshot's own xmax is not enough:
 /// an xid assigned after the last transaction ended is at or above it, and never listed.
 pub async fn prepass_begin(client: &Client) -> Result<(Lsn, u64)> {
     let at = client
@@ -438,7 +319,7 @@ pub async fn prepass_wait(client: &Client, xmax: u64) -> Result<Response> {
         .await
         .context("reading the current snapshot")?;
     if row.get::<_, bool>(0) {
-        let marker = super::fence::wal_marker(client, "verification pre-pass").await?;
+        let marker = crate::fence::wal_marker(client, "verification pre-pass").await?;
         client.batch_execute("RESET synchronous_commit").await?;
         return Ok(Response::PrepassWaited {
             ended: true,
@@ -476,151 +357,4 @@ pub async fn prepass_wait(client: &Client, xmax: u64) -> Result<Response> {
         lsn: lsn(&row.get::<_, String>(1))?,
         open,
     })
-}
-
-/// Range digests of `tables` (see [`crate::verify`]): `client` and up to `parallel - 1`
-/// further connections from `connect` each take the next run of ranges. A statement that a
-/// standby cancels for a conflict with recovery is retried.
-pub async fn block_digests(
-    client: &Client,
-    connect: Option<Connect<'_>>,
-    tables: &[BlockRanges],
-    parallel: usize,
-) -> Result<Vec<TableBlocks>> {
-    let mut out = Vec::with_capacity(tables.len());
-    let mut work = Vec::new();
-    for (i, t) in tables.iter().enumerate() {
-        let qualified = qualified(&t.table)?;
-        let row = client
-            .query_one(
-                "SELECT pg_relation_filenode(c.oid)::text::int8,
-                        (pg_relation_size(c.oid) / current_setting('block_size')::int8)
-                   FROM pg_class c WHERE c.oid = $1::text::regclass",
-                &[&qualified],
-            )
-            .await
-            .with_context(|| format!("looking up table {}", t.table))?;
-        out.push(TableBlocks {
-            table: t.table.clone(),
-            filenode: row.get::<_, Option<i64>>(0).unwrap_or(0) as u32,
-            blocks: row.get::<_, i64>(1).max(0) as u64,
-            digests: Vec::new(),
-        });
-        for runs in crate::verify::statements(&t.ranges) {
-            work.push((i, qualified.clone(), runs));
-        }
-    }
-    let next = AtomicUsize::new(0);
-    let done = Mutex::new(Vec::new());
-    let extra = match connect {
-        Some(_) => parallel.saturating_sub(1).min(work.len().saturating_sub(1)),
-        None => 0,
-    };
-    let mut workers: Vec<Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>> =
-        vec![Box::pin(block_worker(client, tables, &work, &next, &done))];
-    if let Some(connect) = connect {
-        for _ in 0..extra {
-            let (work, next, done) = (&work, &next, &done);
-            workers.push(Box::pin(async move {
-                let c = connect().await?;
-                block_worker(&c, tables, work, next, done).await
-            }));
-        }
-    }
-    futures_util::future::try_join_all(workers).await?;
-    for (t, d) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        out[t].digests.extend(d);
-    }
-    for t in &mut out {
-        t.digests.sort_by_key(|d| d.range);
-    }
-    Ok(out)
-}
-
-/// One statement's ranges to digest: table index, quoted name, runs `(first, count)`.
-type Statement = (usize, String, Vec<(u32, u32)>);
-
-async fn block_worker(
-    client: &Client,
-    tables: &[BlockRanges],
-    work: &[Statement],
-    next: &AtomicUsize,
-    done: &Mutex<Vec<(usize, Vec<crate::verify::RangeDigest>)>>,
-) -> Result<()> {
-    loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some((t, qualified, runs)) = work.get(i) else {
-            return Ok(());
-        };
-        let d = range_digests(client, qualified, runs)
-            .await
-            .with_context(|| {
-                let (first, last) = (runs[0], runs[runs.len() - 1]);
-                format!(
-                    "digesting {} block ranges {}..{} ({} run(s))",
-                    tables[*t].table,
-                    first.0,
-                    last.0 + last.1,
-                    runs.len()
-                )
-            })?;
-        done.lock().unwrap_or_else(|e| e.into_inner()).push((*t, d));
-    }
-}
-
-/// `schema.table` as a quoted identifier pair.
-pub(super) fn qualified(table: &str) -> Result<String> {
-    let (schema, name) = table
-        .split_once('.')
-        .with_context(|| format!("table {table:?} is not schema.table"))?;
-    Ok(format!("{}.{}", quote_ident(schema), quote_ident(name)))
-}
-
-/// Runs of ranges by TID range scans, one per run (`UNION ALL`): `COPY (SELECT ctid, * …)`
-/// split into ranges.
-async fn range_digests(
-    client: &Client,
-    qualified: &str,
-    runs: &[(u32, u32)],
-) -> Result<Vec<crate::verify::RangeDigest>> {
-    let scans: Vec<String> = runs
-        .iter()
-        .map(|&(first, count)| {
-            let (lo, hi) = crate::verify::tid_bounds(first, count);
-            let upper = hi.map_or(String::new(), |hi| format!(" AND ctid < '({hi},0)'::tid"));
-            format!("SELECT ctid, * FROM {qualified} t WHERE ctid >= '({lo},0)'::tid{upper}")
-        })
-        .collect();
-    let sql = format!("COPY ({}) TO STDOUT", scans.join(" UNION ALL "));
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match range_copy(client, &sql, runs).await {
-            Err(e) if attempt < 5 && is_recovery_conflict(&e) => {
-                tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-            }
-            r => return r,
-        }
-    }
-}
-
-async fn range_copy(
-    client: &Client,
-    sql: &str,
-    runs: &[(u32, u32)],
-) -> Result<Vec<crate::verify::RangeDigest>> {
-    let stream = client.copy_out(sql).await?;
-    let mut stream = std::pin::pin!(stream);
-    let mut split = crate::verify::RangeSplitter::new(runs);
-    while let Some(chunk) = stream.next().await {
-        split.push(&chunk?)?;
-    }
-    Ok(split.finish()?)
-}
-
-/// A statement a hot standby cancelled because replay needed what it held.
-fn is_recovery_conflict(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<tokio_postgres::Error>()
-        .and_then(|e| e.code())
-        .is_some_and(|c| *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
 }

@@ -1,6 +1,6 @@
 //! The executor of the migration state machine: performs each step's side effects, persisting
-//! the state ([`super::state_store`]) *before* moving on, so an interrupted run resumes from the
-//! last persisted phase. The transitions themselves are [`crate::migration::State::next`].
+//! the state ([`crate::state_store`]) *before* moving on, so an interrupted run resumes from the
+//! last persisted phase. The transitions themselves are [`pgferry_common::migration::State::next`].
 //!
 //! ```text
 //!   clone:  preflight ─► create slot (source) ─► pg_basebackup -X stream -S slot -R through the
@@ -18,11 +18,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
-use super::config::TargetSettings;
-use super::control_stream::ControlClient;
-use super::state_store::StateStore;
-use crate::control::{FenceMode, Request, Response};
-use crate::migration::{Event, State};
+use crate::control_client::ControlClient;
+use crate::state_store::StateStore;
+use pgferry_common::control::{FenceMode, Request, Response};
+use pgferry_common::migration::{Event, State};
+use pgferry_common::runtime::config::TargetSettings;
 
 /// What the executor needs from the running target agent.
 pub struct Executor<'a> {
@@ -332,7 +332,7 @@ impl Executor<'_> {
         ])
         .env("PGAPPNAME", "pgferry");
         if let Some(p) = &self.settings.replication_password_file {
-            let pw = super::config::read_password_file(p)?;
+            let pw = pgferry_common::runtime::config::read_password_file(p)?;
             cmd.env("PGPASSWORD", pw);
         }
         let t = Instant::now();
@@ -517,7 +517,7 @@ async fn run_with_progress(
 /// Opens further connections to the new cluster (for digests in parallel).
 pub(super) fn new_cluster_connector(
     settings: &TargetSettings,
-) -> impl Fn() -> super::pg::ConnectFuture + Send + Sync {
+) -> impl Fn() -> pgferry_common::runtime::digest::ConnectFuture + Send + Sync {
     let settings = settings.clone();
     move || {
         let settings = settings.clone();
@@ -533,7 +533,7 @@ pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_post
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(10));
     if let Some(p) = &settings.replication_password_file {
-        cfg.password(super::config::read_password_file(p)?);
+        cfg.password(pgferry_common::runtime::config::read_password_file(p)?);
     }
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.with_context(|| {
         format!(
@@ -551,8 +551,8 @@ pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_post
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StandbyStatus {
     pub in_recovery: bool,
-    pub receive_lsn: Option<crate::migration::Lsn>,
-    pub replay_lsn: Option<crate::migration::Lsn>,
+    pub receive_lsn: Option<pgferry_common::migration::Lsn>,
+    pub replay_lsn: Option<pgferry_common::migration::Lsn>,
     /// ms since the epoch of the last replayed transaction.
     pub last_replay_ms: Option<u64>,
     pub now_ms: u64,
@@ -567,7 +567,7 @@ pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus>
             &[],
         )
         .await?;
-    let lsn = |i: usize| -> Result<Option<crate::migration::Lsn>> {
+    let lsn = |i: usize| -> Result<Option<pgferry_common::migration::Lsn>> {
         r.get::<_, Option<String>>(i)
             .map(|t| t.parse().map_err(anyhow::Error::from))
             .transpose()
@@ -616,7 +616,7 @@ impl Default for CutoverOptions {
             all_tables: false,
             verify_budget_secs: DEFAULT_VERIFY_BUDGET_SECS,
             verify_at_fence: false,
-            prepass_wait_secs: super::verify::DEFAULT_PREPASS_WAIT_SECS,
+            prepass_wait_secs: crate::verify::DEFAULT_PREPASS_WAIT_SECS,
             fence: FenceMode::ReadOnly,
             replay_timeout_secs: DEFAULT_REPLAY_TIMEOUT_SECS,
             max_lag: DEFAULT_MAX_LAG,
@@ -733,7 +733,7 @@ impl Executor<'_> {
         let t_start = Instant::now();
         // The pre-pass's digests (in memory: a cutover resumed after a restart of this agent
         // digests whole tables at the fence instead).
-        let mut prepass: Option<super::verify::Prepass> = None;
+        let mut prepass: Option<crate::verify::Prepass> = None;
         loop {
             let current = state.clone();
             let t = Instant::now();
@@ -864,7 +864,7 @@ impl Executor<'_> {
                         Response::Fenced { lsn, report } => (lsn, report),
                         other => bail!("unexpected answer {other:?}"),
                     };
-                    let fence = crate::migration::Fence {
+                    let fence = pgferry_common::migration::Fence {
                         lsn,
                         at_ms,
                         stop_source: opts.fence == FenceMode::Stop,
@@ -980,11 +980,11 @@ impl Executor<'_> {
                         }
                     };
                     let more = new_cluster_connector(self.settings);
-                    let ours = super::pg::table_digests(
+                    let ours = pgferry_common::runtime::digest::table_digests(
                         &standby,
                         Some(&more),
                         &tables,
-                        super::pg::digest_parallelism(),
+                        pgferry_common::runtime::digest::digest_parallelism(),
                     );
                     // Our failure does not wait for the source's answer (the fence is lifted by
                     // the rollback).
@@ -1207,14 +1207,22 @@ impl Executor<'_> {
                 .into_iter()
                 .filter(|(n, _)| asked.contains(n))
                 .collect();
-            return Ok(plan_tables(&chosen, None, super::pg::digest_parallelism()));
+            return Ok(plan_tables(
+                &chosen,
+                None,
+                pgferry_common::runtime::digest::digest_parallelism(),
+            ));
         }
         // Names the typed request cannot carry (quoted identifiers) are listed as skipped.
         let (sizes, odd): (Vec<_>, Vec<_>) = sizes
             .into_iter()
-            .partition(|(n, _)| crate::control::valid_table_name(n));
+            .partition(|(n, _)| pgferry_common::control::valid_table_name(n));
         let budget = (!opts.all_tables).then_some(opts.verify_budget_secs);
-        let mut plan = plan_tables(&sizes, budget, super::pg::digest_parallelism());
+        let mut plan = plan_tables(
+            &sizes,
+            budget,
+            pgferry_common::runtime::digest::digest_parallelism(),
+        );
         plan.skipped.extend(odd.into_iter().map(|(n, _)| n));
         plan.skipped.extend(unlogged);
         Ok(plan)
@@ -1283,7 +1291,7 @@ fn skipped_note(plan: &TablePlan) -> String {
 
 /// What happened in each phase, for the report: the step that ran while the migration was in
 /// that phase, and how long it took.
-fn timeline(history: &[super::state_store::PhaseMark]) -> Value {
+fn timeline(history: &[crate::state_store::PhaseMark]) -> Value {
     let step = |phase: &str| match phase {
         "new" => "preflight",
         "preflighted" => "create the replication slot",
@@ -1377,7 +1385,7 @@ mod tests {
 
     #[test]
     fn timeline_gives_each_phase_its_duration() {
-        use super::super::state_store::PhaseMark;
+        use crate::state_store::PhaseMark;
         let h = [
             PhaseMark {
                 phase: "new".into(),

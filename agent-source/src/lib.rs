@@ -1,0 +1,81 @@
+//! `pgferry-source`: the agent on the old host, next to PostgreSQL (which keeps listening on
+//! loopback only). It serves the shared tunnel ([`pgferry_common::runtime::agent`]) in the
+//! source role: it answers the target's typed requests with fixed operations on its own
+//! PostgreSQL connection, and connects each forwarded stream to the configured upstream.
+//!
+//! ```text
+//!                        ┌─ control stream ─► requests::serve_requests ─► pg / fence ─┐
+//!   target ══ QUIC ══ tunnel                                                          ├─► PostgreSQL
+//!                        └─ data streams ───► forward::source_stream ─► pump ─────────┘   (loopback)
+//! ```
+//!
+//! # Layout
+//! - [`forward`]: each data stream → the configured upstream, pumped and verified.
+//! - [`requests`]: the control stream's typed requests, one at a time, audited.
+//! - [`pg`]: each request's fixed statements (facts, slots, status, stop, pre-pass).
+//! - [`fence`]: the fence (pg_hba.conf, read-only, sessions ended) and its exact undoing.
+//!
+//! The binary (`main.rs`) only parses flags and calls [`run`].
+#![forbid(unsafe_code)]
+
+pub mod fence;
+pub mod forward;
+pub mod pg;
+pub mod requests;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Result;
+use pgferry_common::identity::Role;
+use pgferry_common::runtime::agent::{
+    run_agent, ControlStream, PeerConn, RoleDriver, RunOptions, Tunnel,
+};
+use pgferry_common::runtime::config::AgentConfig;
+
+/// The source role: nothing to bind, no tasks of its own; per connection, the request server
+/// and the data streams.
+#[derive(Debug, Default)]
+pub struct Source;
+
+impl RoleDriver for Source {
+    fn role(&self) -> Role {
+        Role::Source
+    }
+
+    async fn prepare(&mut self, _cfg: &AgentConfig) -> Result<()> {
+        Ok(())
+    }
+
+    fn start(self: &Arc<Self>, _tunnel: &Tunnel, _tasks: &mut tokio::task::JoinSet<()>) {}
+
+    async fn serve(
+        self: Arc<Self>,
+        tunnel: Tunnel,
+        conn: PeerConn,
+        control: ControlStream,
+    ) -> String {
+        let audit = tunnel.clone();
+        let requests = tokio::spawn(requests::serve_requests(
+            control.send,
+            control.recv,
+            control.buf,
+            tunnel.cfg().source_pg.clone(),
+            move |event, details| audit.audit(event, details),
+        ));
+        let reason = forward::accept_data_streams(&tunnel, &conn).await;
+        requests.abort();
+        reason
+    }
+
+    fn stopped(&self, _cfg: &AgentConfig) {}
+}
+
+/// Runs the source agent until `shutdown` resolves, then drains and stops.
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    opts: RunOptions,
+) -> Result<()> {
+    run_agent(cfg, Source, shutdown, opts).await
+}

@@ -1,0 +1,151 @@
+//! The target's local endpoints: `psql`, `pg_basebackup` and the standby's walreceiver connect
+//! here (TCP on loopback or a unix socket, 0600); each client connection becomes one data
+//! stream to the source agent.
+//!
+//! ```text
+//!   client ─► local endpoint ─► target_stream ══ data stream: tag, StreamHeader ══► source
+//!                                   └─ waits (bounded) for the tunnel when it is reconnecting
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use serde_json::json;
+use tracing::{info, warn};
+
+use pgferry_common::control::{StreamHeader, StreamKind};
+use pgferry_common::runtime::config::{Endpoint, Service};
+use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
+
+use crate::Cx;
+
+/// How long a local client waits for the tunnel to come up before it is closed.
+const TUNNEL_WAIT: Duration = Duration::from_secs(15);
+
+/// A bound local endpoint.
+pub(crate) enum LocalListener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+pub(crate) async fn bind_local(ep: &Endpoint, allow_non_loopback: bool) -> Result<LocalListener> {
+    match ep {
+        Endpoint::Tcp(a) => {
+            let l = tokio::net::TcpListener::bind(a.as_str())
+                .await
+                .with_context(|| format!("binding local endpoint {a} (is the port in use?)"))?;
+            let bound = l.local_addr()?;
+            // `localhost` passed the configuration check by name; hold what it resolved to
+            // to the same rule.
+            if !bound.ip().is_loopback() {
+                if !allow_non_loopback {
+                    bail!("local endpoint {a} bound {bound}, which is not a loopback address; refusing to expose the old cluster (see --allow-non-loopback-local)");
+                }
+                warn!("local endpoint {bound} is NOT loopback (--allow-non-loopback-local): whoever reaches it reaches the source cluster as a loopback client");
+            }
+            info!("local endpoint {bound} (tcp)");
+            Ok(LocalListener::Tcp(l))
+        }
+        Endpoint::Unix(p) => {
+            if p.exists() {
+                // A stale socket from a killed agent: remove it only if nobody answers on it.
+                if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                    bail!("unix socket {} is in use by another process", p.display());
+                }
+                std::fs::remove_file(p)
+                    .with_context(|| format!("removing stale socket {}", p.display()))?;
+            }
+            let l = tokio::net::UnixListener::bind(p)
+                .with_context(|| format!("binding local endpoint unix:{}", p.display()))?;
+            // Only this agent's user may connect (connecting needs write permission). Put the
+            // socket in a 0700 directory as well to close the window between bind and chmod.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("chmod 600 {}", p.display()))?;
+            }
+            info!("local endpoint unix:{}", p.display());
+            Ok(LocalListener::Unix(l))
+        }
+    }
+}
+
+pub(crate) async fn serve_local(cx: Cx, service: Service, listener: LocalListener) {
+    let mut stop = cx.tunnel.shutting_down();
+    loop {
+        let (local, peer_desc) = tokio::select! {
+            r = async {
+                match &listener {
+                    LocalListener::Tcp(l) => l.accept().await.map(|(s, a)| (LocalConn::tcp(s), a.to_string())),
+                    LocalListener::Unix(l) => l.accept().await.map(|(s, _)| (LocalConn::unix(s), "unix".to_string())),
+                }
+            } => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accepting on {}: {e}", service.endpoint);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let sh = cx.clone();
+        let service = service.clone();
+        let guard = cx.tunnel.stream_guard();
+        tokio::spawn(async move {
+            let _guard = guard;
+            target_stream(sh, service, local, peer_desc).await;
+        });
+    }
+}
+
+async fn target_stream(cx: Cx, service: Service, local: LocalConn, client: String) {
+    let session_id = cx.tunnel.next_session_id();
+    let session = format!("{session_id:016x}");
+    // Wait (bounded) for the tunnel: a client arriving during a reconnect is not refused at once.
+    let mut rx = cx.target.current.subscribe();
+    let pc = match tokio::time::timeout(TUNNEL_WAIT, rx.wait_for(|c| c.is_some())).await {
+        Ok(Ok(c)) => c.clone().expect("checked"),
+        _ => {
+            warn!(
+                "session {session}: closing client {client} of {}: tunnel to the source is not connected",
+                service.name
+            );
+            local.abort();
+            return;
+        }
+    };
+    let opened = async {
+        let (mut send, recv) = pc.conn.open_bi().await?;
+        pc.stats.streams.fetch_add(1, Ordering::SeqCst);
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[StreamKind::Data as u8]);
+        StreamHeader {
+            session_id,
+            service: service.name.clone(),
+        }
+        .encode(&mut out);
+        send.write_all(&out).await?;
+        Ok::<_, anyhow::Error>((send, recv))
+    }
+    .await;
+    let (send, recv) = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("session {session}: opening a stream for {client}: {e:#}");
+            local.abort();
+            return;
+        }
+    };
+    cx.tunnel.audit(
+        "stream_opened",
+        json!({"session_id": session, "service": service.name, "client": client, "peer_fingerprint": pc.peer.fingerprint.to_string()}),
+    );
+    let report = pump::pump(local, send, recv, BytesMut::new(), cx.tunnel.pump_options()).await;
+    if let Outcome::PeerReset { code, message } = &report.outcome {
+        warn!("session {session}: source reset the connection ({code:?}): {message}");
+    }
+    cx.tunnel.record_closed(&session, &service.name, &report);
+}
