@@ -161,7 +161,7 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
                 .clone_standby(check)
                 .await
                 .map(|s| json!({"phase": s.phase()})),
-            Job::Cutover(opts) => exec.cutover(opts).await,
+            Job::Cutover(opts) => exec.cutover(opts).await.map(|r| json!(r)),
             Job::Rollback { keep_slot } => exec.rollback_requested(*keep_slot).await,
         };
         let phase = exec.store.load().map(|s| s.phase()).unwrap_or("unknown");

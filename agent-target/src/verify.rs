@@ -16,11 +16,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 use tokio::io::AsyncBufReadExt;
 use tokio_postgres::Client;
 
 use crate::migrate::{new_cluster_connector, standby_status, Executor};
+use pgferry_common::admin::{AtFenceReport, PrepassReport};
 use pgferry_common::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
 use pgferry_common::migration::Lsn;
 use pgferry_common::verify::{
@@ -111,40 +111,6 @@ impl Tracked {
     }
 }
 
-/// What the pre-pass did, for the report and the audit log.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct PrepassReport {
-    pub tables: usize,
-    pub ranges: u64,
-    pub bytes: u64,
-    pub ms: u64,
-    /// Table bytes digested per second on both sides together (the speed the fence's
-    /// estimate uses).
-    pub bytes_per_sec: u64,
-    pub rounds: u32,
-    /// Ranges digested again by refresh rounds.
-    pub refreshed_ranges: u64,
-    /// Time spent waiting for transactions open at a round's start.
-    pub waited_ms: u64,
-    pub start_lsn: String,
-    pub wal_records: u64,
-}
-
-/// What the verification at the fence did.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FenceReport {
-    pub wal_records: u64,
-    /// Ranges digested at the fence (touched since their round, or of rewritten tables).
-    pub ranges: u64,
-    pub bytes: u64,
-    pub estimated_ms: u64,
-    pub digest_ms: u64,
-    /// Digested whole: created, rewritten or truncated since the pre-pass.
-    pub tables_whole: Vec<String>,
-    /// Dropped since the pre-pass.
-    pub tables_dropped: Vec<String>,
-}
-
 /// The outcome of the comparison at the fence (the caller audits it and refuses on a
 /// mismatch).
 pub(super) struct FenceVerification {
@@ -154,7 +120,7 @@ pub(super) struct FenceVerification {
     pub mismatched: Vec<String>,
     /// Tables left out by the budget.
     pub not_verified: Vec<String>,
-    pub report: FenceReport,
+    pub report: AtFenceReport,
 }
 
 /// The pre-pass's results, kept until the fence.
@@ -473,7 +439,7 @@ impl Executor<'_> {
         current: &[String],
         budget_secs: Option<u64>,
     ) -> Result<FenceVerification> {
-        let mut report = FenceReport::default();
+        let mut report = AtFenceReport::default();
         let replay = standby_status(standby)
             .await?
             .replay_lsn

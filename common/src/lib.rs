@@ -9,6 +9,7 @@
 //! # Layout
 //!
 //! ```text
+//!   admin     the admin protocol's typed reports (cutover, pre-pass, verification at the fence)
 //!   admission what a peer that has not authenticated may hold (pending handshakes); refusal rate limit
 //!   frame     bytes ⇄ Frame (DATA/FIN/ACK/RESET), chunk compression (zstd/RAW) and BLAKE3 checks
 //!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
@@ -18,7 +19,8 @@
 //!   preflight source/target facts → checks with what to fix (pure)
 //!   fence     the fenced pg_hba.conf, what to save and restore, which processes are connecting
 //!   verify    block-range digests, pg_waldump lines → ranges changed since their digest
-//!   runtime   (feature "runtime") config, TLS set-up, QUIC tunnel, stream pump: both agents' driver
+//!   runtime   (feature "runtime") the tunnel both agents share (endpoint, handshake and policy,
+//!             pump, TLS, config, table digests); each role's code lives in its own crate
 //!
 //!   TCP client ─► target agent ══ QUIC data stream: StreamHeader, then Frames ══► source agent ─► PostgreSQL
 //!                     │                                                             │
@@ -26,6 +28,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod admission;
 pub mod audit;
 pub mod control;

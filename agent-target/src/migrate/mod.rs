@@ -2,6 +2,8 @@
 //! the state ([`crate::state_store`]) *before* moving on, so an interrupted run resumes from the
 //! last persisted phase. The transitions themselves are [`pgferry_common::migration::State::next`].
 //!
+//! The cutover's steps are in [`cutover`].
+//!
 //! ```text
 //!   clone:  preflight ─► create slot (source) ─► pg_basebackup -X stream -S slot -R through the
 //!           tunnel ─► pg_verifybackup ─► standby settings ─► pg_ctl start ─► catching up
@@ -18,8 +20,11 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
+mod cutover;
+
 use crate::control_client::ControlClient;
 use crate::state_store::StateStore;
+use pgferry_common::admin::TimelineStep;
 use pgferry_common::control::{FenceMode, Request, Response};
 use pgferry_common::migration::{Event, State};
 use pgferry_common::runtime::config::TargetSettings;
@@ -690,472 +695,6 @@ pub fn plan_tables(
 }
 
 impl Executor<'_> {
-    /// The cutover: fence, drain, verify, promote, writable; a report of the phases.
-    pub async fn cutover(&self, opts: &CutoverOptions) -> Result<Value> {
-        let mut state = self.store.load()?;
-        let mut report = json!({"phases": {}});
-        if !matches!(
-            state,
-            State::CatchingUp { .. }
-                | State::Ready { .. }
-                | State::Fenced { .. }
-                | State::Drained { .. }
-                | State::Verified { .. }
-                | State::Promoted { .. }
-        ) {
-            bail!(
-                "cutover needs a standby that is catching up (run `pgferry-target clone` first); the migration is in phase {}",
-                state.phase()
-            );
-        }
-        let result = self.cutover_steps(&mut state, opts, &mut report).await;
-        match result {
-            Ok(()) => Ok(report),
-            Err(e)
-                if state.can_roll_back()
-                    && !matches!(state, State::CatchingUp { .. } | State::Ready { .. }) =>
-            {
-                self.fail_and_roll_back(state, &e, "cutover failed before promotion")
-                    .await?;
-                Err(e.context("cutover rolled back; the source is writable again"))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    async fn cutover_steps(
-        &self,
-        state: &mut State,
-        opts: &CutoverOptions,
-        report: &mut Value,
-    ) -> Result<()> {
-        let standby = connect_new_cluster(self.settings).await?;
-        let t_start = Instant::now();
-        // The pre-pass's digests (in memory: a cutover resumed after a restart of this agent
-        // digests whole tables at the fence instead).
-        let mut prepass: Option<crate::verify::Prepass> = None;
-        loop {
-            let current = state.clone();
-            let t = Instant::now();
-            let next = match &current {
-                State::CatchingUp { slot } | State::Ready { slot } => {
-                    // The standby must be connected and streaming: a fence with nobody
-                    // receiving would only lengthen the downtime (e.g. right after the target
-                    // agent restarted and the walreceiver has not reconnected yet).
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    let mut said = false;
-                    let src = loop {
-                        let src = match self
-                            .ask(Request::Status {
-                                slot: Some(slot.clone()),
-                            })
-                            .await?
-                        {
-                            Response::Status { status } => status,
-                            other => bail!("unexpected answer {other:?}"),
-                        };
-                        if src.slot.as_ref().is_some_and(|s| s.active) {
-                            break src;
-                        }
-                        if Instant::now() > deadline {
-                            bail!("the standby is not streaming (slot {slot} inactive for 60 s): check the new cluster's log");
-                        }
-                        if !said {
-                            (self.progress)(
-                                "waiting for the standby to (re)connect to the source".into(),
-                            );
-                            said = true;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    };
-                    let st = standby_status(&standby).await?;
-                    let replay = st.replay_lsn.unwrap_or_default();
-                    let lag = src.current_lsn.0.saturating_sub(replay.0);
-                    report["lag_bytes_at_start"] = json!(lag);
-                    if lag > opts.max_lag {
-                        bail!(
-                            "the standby is {lag} bytes behind (more than --max-lag {}); wait for it to catch up (pgferry-target status --watch)",
-                            opts.max_lag
-                        );
-                    }
-                    let block_ranges =
-                        !opts.verify_at_fence && supports_tid_range_scans(&standby).await?;
-                    let plan = if block_ranges {
-                        let all = CutoverOptions {
-                            all_tables: true,
-                            ..opts.clone()
-                        };
-                        self.tables(&standby, &all).await?
-                    } else {
-                        self.tables(&standby, opts).await?
-                    };
-                    report["tables"] = json!(plan.verify);
-                    report["tables_skipped"] = json!(plan.skipped);
-                    if !block_ranges && plan.verify.is_empty() && !plan.skipped.is_empty() {
-                        bail!(
-                            "no table fits the verification budget of {} s ({} table(s) over it): pass --all-tables, --tables LIST or a larger --verify-budget-secs",
-                            opts.verify_budget_secs,
-                            plan.skipped.len()
-                        );
-                    }
-                    if opts.dry_run {
-                        let how = if block_ranges {
-                            format!(
-                                "digest {} table(s) ({} MB) per block range before the fence while writes go on, fence the source ({}), wait for the standby, digest again only the ranges written since{}, promote",
-                                plan.verify.len(),
-                                plan.bytes / (1024 * 1024),
-                                fence_name(opts.fence),
-                                skipped_note(&plan),
-                            )
-                        } else {
-                            format!(
-                                "fence the source ({}), wait for the standby, verify {} table(s) ({} MB, about {:.1} s){}, promote",
-                                fence_name(opts.fence),
-                                plan.verify.len(),
-                                plan.bytes / (1024 * 1024),
-                                plan.estimated_secs,
-                                skipped_note(&plan),
-                            )
-                        };
-                        (self.progress)(format!(
-                            "dry run: lag {lag} bytes ≤ {}; would {how}",
-                            opts.max_lag
-                        ));
-                        report["dry_run"] = json!(true);
-                        return Ok(());
-                    }
-                    if block_ranges {
-                        let t_pre = Instant::now();
-                        let pre = self
-                            .prepass(&standby, &plan.verify, opts.prepass_wait_secs)
-                            .await
-                            .context("verification pre-pass, before the fence (nothing was fenced; the source is unchanged and the cutover can run again)")?;
-                        (self.progress)(format!(
-                            "pre-pass done in {:.1} s: {} table(s), {} MB at {:.0} MB/s on both sides, {} round(s), {} WAL record(s) read",
-                            t_pre.elapsed().as_secs_f64(),
-                            pre.report.tables,
-                            pre.report.bytes / (1024 * 1024),
-                            pre.report.bytes_per_sec as f64 / 1048576.0,
-                            pre.report.rounds,
-                            pre.report.wal_records
-                        ));
-                        (self.audit)("verification_prepass", json!(pre.report));
-                        report["prepass"] = json!(pre.report);
-                        report["phases"]["prepass_ms"] = json!(t_pre.elapsed().as_millis() as u64);
-                        prepass = Some(pre);
-                        // The pre-pass loaded both clusters: let the standby catch up again
-                        // so that the drain inside the window stays short.
-                        self.wait_for_lag(&standby, CAUGHT_UP_BYTES, Duration::from_secs(60))
-                            .await?;
-                    }
-                    let ready = if matches!(current, State::CatchingUp { .. }) {
-                        self.advance(current, Event::CaughtUp)?
-                    } else {
-                        current
-                    };
-                    (self.progress)(format!(
-                        "lag {lag} bytes; fencing the source ({})",
-                        fence_name(opts.fence)
-                    ));
-                    // The write downtime starts as the fence begins.
-                    let at_ms = now_ms();
-                    let t_fence = Instant::now();
-                    let (lsn, fenced) = match self.ask(Request::Fence { mode: opts.fence }).await? {
-                        Response::Fenced { lsn, report } => (lsn, report),
-                        other => bail!("unexpected answer {other:?}"),
-                    };
-                    let fence = pgferry_common::migration::Fence {
-                        lsn,
-                        at_ms,
-                        stop_source: opts.fence == FenceMode::Stop,
-                    };
-                    match &fenced {
-                        Some(f) => (self.progress)(format!(
-                            "source fenced at LSN {lsn}: {} admits only pgferry (original kept beside it); {} session(s) and {} connection(s) still authenticating ended",
-                            f.hba_file, f.sessions_ended, f.connecting_ended
-                        )),
-                        None => (self.progress)(format!("source fenced at LSN {lsn}")),
-                    }
-                    report["fence"] = json!(fenced);
-                    (self.audit)(
-                        "source_fenced",
-                        json!({"lsn": lsn.to_string(), "fence": fenced}),
-                    );
-                    report["phases"]["fence_ms"] = json!(t_fence.elapsed().as_millis() as u64);
-                    self.advance(ready, Event::Fenced { fence })?
-                }
-                State::Fenced { fence, .. } => {
-                    report["fence_lsn"] = json!(fence.lsn.to_string());
-                    (self.progress)(format!("waiting for the standby to replay {}", fence.lsn));
-                    let wait = Duration::from_secs(opts.replay_timeout_secs);
-                    let deadline = Instant::now() + wait;
-                    let replayed = loop {
-                        let st = standby_status(&standby)
-                            .await
-                            .context("reading the standby's replay position")?;
-                        if let Some(r) = st.replay_lsn.filter(|r| *r >= fence.lsn) {
-                            break r;
-                        }
-                        if Instant::now() > deadline {
-                            bail!(
-                                "the standby did not replay the fence LSN {} within {} s (--replay-timeout-secs); check the new cluster's log and pg_stat_replication",
-                                fence.lsn,
-                                wait.as_secs()
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    };
-                    // Hold replay at the fence while both sides are digested: nothing after it
-                    // can change the standby's tables or cancel the digests (recovery
-                    // conflicts). Resumed before promotion.
-                    standby
-                        .batch_execute("SELECT pg_wal_replay_pause()")
-                        .await
-                        .context("pausing replay on the standby")?;
-                    report["phases"]["drain_ms"] = json!(t.elapsed().as_millis() as u64);
-                    self.advance(current, Event::Replayed { lsn: replayed })?
-                }
-                State::Drained { .. } => {
-                    if let Some(pre) = prepass.as_mut() {
-                        let all = CutoverOptions {
-                            all_tables: true,
-                            ..opts.clone()
-                        };
-                        let plan = self.tables(&standby, &all).await?;
-                        let budget = (!opts.all_tables && opts.tables.is_none())
-                            .then_some(opts.verify_budget_secs);
-                        let checked = self
-                            .verify_at_fence(&standby, pre, &plan.verify, budget)
-                            .await?;
-                        let (ours, at_fence) = (checked.digests, checked.report);
-                        let mut skipped = plan.skipped.clone();
-                        skipped.extend(checked.not_verified.iter().cloned());
-                        // One record, whatever the outcome.
-                        (self.audit)(
-                            "tables_verified",
-                            json!({"tables": ours, "mismatched": checked.mismatched, "not_verified": skipped, "method": "block_ranges", "at_fence": at_fence}),
-                        );
-                        if !checked.mismatched.is_empty() {
-                            bail!(
-                                "table contents differ after the fence: {}",
-                                checked.mismatched.join(", ")
-                            );
-                        }
-                        if !skipped.is_empty() {
-                            (self.progress)(format!("NOT VERIFIED: {}", skipped.join(", ")));
-                        }
-                        report["verified_rows"] = json!(ours.iter().map(|d| d.rows).sum::<u64>());
-                        report["tables"] =
-                            json!(ours.iter().map(|d| d.table.clone()).collect::<Vec<_>>());
-                        report["tables_skipped"] = json!(skipped);
-                        report["digests"] = json!(ours);
-                        report["verification"] =
-                            json!({"method": "block_ranges", "at_fence": at_fence});
-                        report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);
-                        let n = ours.len() as u32;
-                        *state = self.advance(current, Event::TablesVerified { tables: n })?;
-                        continue;
-                    }
-                    let plan = self.tables(&standby, opts).await?;
-                    let tables = plan.verify.clone();
-                    (self.progress)(format!(
-                        "verifying {} table(s) on both sides ({} MB, about {:.1} s){}",
-                        tables.len(),
-                        plan.bytes / (1024 * 1024),
-                        plan.estimated_secs,
-                        skipped_note(&plan)
-                    ));
-                    let theirs = async {
-                        match self
-                            .ask_within(
-                                Request::TableDigests {
-                                    tables: tables.clone(),
-                                },
-                                DIGEST_TIMEOUT,
-                            )
-                            .await?
-                        {
-                            Response::TableDigests { digests } => Ok(digests),
-                            other => bail!("unexpected answer {other:?}"),
-                        }
-                    };
-                    let more = new_cluster_connector(self.settings);
-                    let ours = pgferry_common::runtime::digest::table_digests(
-                        &standby,
-                        Some(&more),
-                        &tables,
-                        pgferry_common::runtime::digest::digest_parallelism(),
-                    );
-                    // Our failure does not wait for the source's answer (the fence is lifted by
-                    // the rollback).
-                    let both = async { tokio::try_join!(theirs, ours) };
-                    tokio::pin!(both);
-                    let mut tick = tokio::time::interval(Duration::from_secs(10));
-                    tick.tick().await;
-                    let (theirs, ours) = loop {
-                        tokio::select! {
-                            r = &mut both => break r?,
-                            _ = tick.tick() => (self.progress)(format!(
-                                "still verifying ({} s; writes stay fenced)",
-                                t.elapsed().as_secs()
-                            )),
-                        }
-                    };
-                    let mut mismatched = Vec::new();
-                    for (a, b) in theirs.iter().zip(&ours) {
-                        if a != b {
-                            mismatched.push(format!(
-                                "{} (source {} rows {}, target {} rows {})",
-                                a.table,
-                                a.rows,
-                                &a.blake3[..12],
-                                b.rows,
-                                &b.blake3[..12]
-                            ));
-                        }
-                    }
-                    (self.audit)(
-                        "tables_verified",
-                        json!({"tables": ours, "mismatched": mismatched, "not_verified": plan.skipped}),
-                    );
-                    if !mismatched.is_empty() || theirs.len() != ours.len() {
-                        bail!(
-                            "table contents differ after the fence: {}",
-                            mismatched.join(", ")
-                        );
-                    }
-                    report["verified_rows"] = json!(ours.iter().map(|d| d.rows).sum::<u64>());
-                    report["tables"] = json!(plan.verify);
-                    report["tables_skipped"] = json!(plan.skipped);
-                    report["phases"]["verify_ms"] = json!(t.elapsed().as_millis() as u64);
-                    self.advance(
-                        current,
-                        Event::TablesVerified {
-                            tables: tables.len() as u32,
-                        },
-                    )?
-                }
-                State::Verified { .. } => {
-                    // The point of no return is recorded *before* pg_promote: whatever happens
-                    // from here (an error, a lost connection, a kill), the migration goes
-                    // forward, never back to the source.
-                    (self.progress)("promoting the new cluster (point of no return)".into());
-                    self.advance(current, Event::Promoted)?
-                }
-                State::Promoted { .. } => {
-                    // Promote (again, after an interruption) while the cluster is in recovery,
-                    // then wait until it takes writes; retried until it does.
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut promoted_at = None;
-                    loop {
-                        if let Ok(c) = connect_new_cluster(self.settings).await {
-                            if promoted_at.is_none() {
-                                let in_recovery = c
-                                    .query_one("SELECT pg_is_in_recovery()", &[])
-                                    .await
-                                    .map(|r| r.get::<_, bool>(0));
-                                match in_recovery {
-                                    Ok(true) => {
-                                        // Replay may have been paused for the verification.
-                                        let _ =
-                                            c.batch_execute("SELECT pg_wal_replay_resume()").await;
-                                        match c.query_one("SELECT pg_promote(true, 60)", &[]).await
-                                        {
-                                            Ok(r) if r.get::<_, bool>(0) => {
-                                                promoted_at = Some(t.elapsed())
-                                            }
-                                            Ok(_) => (self.progress)(
-                                                "pg_promote did not finish within 60 s; retrying"
-                                                    .into(),
-                                            ),
-                                            Err(e) => (self.progress)(format!(
-                                                "pg_promote: {e}; retrying"
-                                            )),
-                                        }
-                                    }
-                                    Ok(false) => promoted_at = Some(t.elapsed()),
-                                    Err(_) => {}
-                                }
-                            }
-                            let writable = c
-                                .query_one("SELECT pg_is_in_recovery(), txid_current()::text", &[])
-                                .await
-                                .is_ok_and(|r| !r.get::<_, bool>(0));
-                            if writable {
-                                break;
-                            }
-                        }
-                        if Instant::now() > deadline {
-                            bail!("the new cluster did not accept a write within 120 s of its promotion; check its log; the cutover goes on (never back) when run again");
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    let promoted = promoted_at.unwrap_or_else(|| t.elapsed());
-                    report["phases"]["promote_ms"] = json!(promoted.as_millis() as u64);
-                    let at_ms = now_ms();
-                    let State::Promoted { fence, .. } = &current else {
-                        unreachable!()
-                    };
-                    let downtime = at_ms.saturating_sub(fence.at_ms);
-                    (self.progress)(format!(
-                        "the new cluster accepts writes; write downtime {downtime} ms"
-                    ));
-                    report["downtime_ms"] = json!(downtime);
-                    // The steps after promotion run before `completed` is saved, so a run
-                    // interrupted among them repeats them (each may run twice: the hook should
-                    // be idempotent; dropping the slot is; a source already stopped is said so).
-                    if let Some(cmd) = &opts.on_promoted {
-                        let st = tokio::process::Command::new("sh")
-                            .args(["-c", cmd])
-                            .env("PGFERRY_NEW_PORT", self.settings.port.to_string())
-                            .status()
-                            .await;
-                        let ok = st.as_ref().is_ok_and(|s| s.success());
-                        report["on_promoted_ok"] = json!(ok);
-                        (self.audit)("on_promoted", json!({"ok": ok}));
-                        if !ok {
-                            (self.progress)(format!("--on-promoted command failed ({st:?}); the migration itself is complete"));
-                        }
-                    }
-                    let slot = self.slot_name();
-                    if let Err(e) = self.ask(Request::DropSlot { slot: slot.clone() }).await {
-                        (self.progress)(format!(
-                            "could not drop slot {slot} on the source: {e:#}; drop it by hand"
-                        ));
-                    } else {
-                        (self.progress)(format!("dropped slot {slot} on the source"));
-                    }
-                    if fence.stop_source {
-                        (self.progress)("shutting the source cluster down (--fence stop)".into());
-                        let stopped = self
-                            .ask_within(Request::StopCluster, Duration::from_secs(180))
-                            .await;
-                        report["source_stopped"] = json!(stopped.is_ok());
-                        (self.audit)(
-                            "source_stopped",
-                            json!({"ok": stopped.is_ok(), "error": stopped.as_ref().err().map(|e| format!("{e:#}"))}),
-                        );
-                        match stopped {
-                            Ok(_) => (self.progress)("the source cluster is shut down".into()),
-                            Err(e) => (self.progress)(format!(
-                                "could not shut the source down: {e:#}; it stays fenced read-only: stop it by hand (pg_ctl stop -m fast)"
-                            )),
-                        }
-                    }
-                    self.advance(current, Event::Writable { at_ms })?
-                }
-                _ => {
-                    report["total_ms"] = json!(t_start.elapsed().as_millis() as u64);
-                    report["phase"] = json!(state.phase());
-                    report["timeline"] = timeline(&self.store.history().unwrap_or_default());
-                    (self.audit)("cutover_report", report.clone());
-                    return Ok(());
-                }
-            };
-            *state = next;
-        }
-    }
-
     async fn tables(
         &self,
         standby: &tokio_postgres::Client,
@@ -1291,7 +830,7 @@ fn skipped_note(plan: &TablePlan) -> String {
 
 /// What happened in each phase, for the report: the step that ran while the migration was in
 /// that phase, and how long it took.
-fn timeline(history: &[crate::state_store::PhaseMark]) -> Value {
+fn timeline(history: &[crate::state_store::PhaseMark]) -> Vec<TimelineStep> {
     let step = |phase: &str| match phase {
         "new" => "preflight",
         "preflighted" => "create the replication slot",
@@ -1307,15 +846,16 @@ fn timeline(history: &[crate::state_store::PhaseMark]) -> Value {
         "rolling_back" => "roll back",
         _ => "",
     };
-    let rows: Vec<Value> = history
+    history
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            let ms = history.get(i + 1).map(|n| n.at_ms.saturating_sub(m.at_ms));
-            json!({"phase": m.phase, "step": step(&m.phase), "at_ms": m.at_ms, "ms": ms})
+        .map(|(i, m)| TimelineStep {
+            phase: m.phase.clone(),
+            step: step(&m.phase).to_string(),
+            at_ms: m.at_ms,
+            ms: history.get(i + 1).map(|n| n.at_ms.saturating_sub(m.at_ms)),
         })
-        .collect();
-    Value::Array(rows)
+        .collect()
 }
 
 #[cfg(test)]
@@ -1401,9 +941,9 @@ mod tests {
             },
         ];
         let t = timeline(&h);
-        assert_eq!(t[0]["step"], "preflight");
-        assert_eq!(t[0]["ms"], 250);
-        assert_eq!(t[1]["ms"], 50);
-        assert!(t[2]["ms"].is_null(), "the current phase has no end yet");
+        assert_eq!(t[0].step, "preflight");
+        assert_eq!(t[0].ms, Some(250));
+        assert_eq!(t[1].ms, Some(50));
+        assert!(t[2].ms.is_none(), "the current phase has no end yet");
     }
 }

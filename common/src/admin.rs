@@ -1,0 +1,165 @@
+//! The admin protocol's typed reports (pure: serde types, no I/O). The target agent writes
+//! them as JSON on its admin socket; the CLI, the audit log and the tests read the same shape.
+//!
+//! ```text
+//!   pgferry-target cutover ─► admin socket ─► Executor::cutover ─► CutoverReport
+//!                         ◄─ {"ok", "phase", "report": CutoverReport} ◄─┘ (and `cutover_report`
+//!                                                                         in the audit log)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::control::{FenceReport, TableDigest};
+
+/// What a cutover did, phase by phase: the answer of `cutover` and the `cutover_report` audit
+/// record. Fields a run did not reach are left out.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CutoverReport {
+    /// Milliseconds each step of the cutover took.
+    pub phases: CutoverPhases,
+    /// Bytes the standby was behind when the cutover began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes_at_start: Option<u64>,
+    /// `--dry-run`: nothing was changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
+    /// Tables verified (or, before verification, planned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<String>>,
+    /// Tables NOT verified (over the budget, or not verifiable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables_skipped: Option<Vec<String>>,
+    /// The block-range pre-pass before the fence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepass: Option<PrepassReport>,
+    /// What the fence changed on the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_rows: Option<u64>,
+    /// The new cluster's digest of each verified table (block-range method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests: Option<Vec<TableDigest>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<Verification>,
+    /// Write downtime: from the start of the fence to the first write the new cluster took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_promoted_ok: Option<bool>,
+    /// `--fence stop`: whether the source was shut down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_stopped: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_ms: Option<u64>,
+    /// The migration phase when the cutover ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Every phase of the migration so far, with its step and duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<TimelineStep>>,
+}
+
+/// Milliseconds per cutover step (the write downtime is fence + drain + verify + promote).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CutoverPhases {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepass_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_ms: Option<u64>,
+}
+
+/// How the tables were verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    /// `block_ranges` (pre-pass before the fence) or `whole_tables` (`--verify-at-fence`).
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_fence: Option<AtFenceReport>,
+}
+
+/// One phase of the migration in the timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineStep {
+    pub phase: String,
+    /// What runs in this phase.
+    pub step: String,
+    /// When the phase began (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// How long it lasted; `None` for the current phase.
+    pub ms: Option<u64>,
+}
+
+/// What the verification pre-pass did, for the report and the audit log.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrepassReport {
+    pub tables: usize,
+    pub ranges: u64,
+    pub bytes: u64,
+    pub ms: u64,
+    /// Table bytes digested per second on both sides together (the speed the fence's
+    /// estimate uses).
+    pub bytes_per_sec: u64,
+    pub rounds: u32,
+    /// Ranges digested again by refresh rounds.
+    pub refreshed_ranges: u64,
+    /// Time spent waiting for transactions open at a round's start.
+    pub waited_ms: u64,
+    pub start_lsn: String,
+    pub wal_records: u64,
+}
+
+/// What the verification at the fence did (the block-range method's remainder).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AtFenceReport {
+    pub wal_records: u64,
+    /// Ranges digested at the fence (touched since their round, or of rewritten tables).
+    pub ranges: u64,
+    pub bytes: u64,
+    pub estimated_ms: u64,
+    pub digest_ms: u64,
+    /// Digested whole: created, rewritten or truncated since the pre-pass.
+    pub tables_whole: Vec<String>,
+    /// Dropped since the pre-pass.
+    pub tables_dropped: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_keeps_the_shape_the_cli_and_tests_read() {
+        let r = CutoverReport {
+            phases: CutoverPhases {
+                fence_ms: Some(17),
+                ..Default::default()
+            },
+            downtime_ms: Some(151),
+            verification: Some(Verification {
+                method: "block_ranges".into(),
+                at_fence: Some(AtFenceReport::default()),
+            }),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["phases"]["fence_ms"], 17);
+        assert!(
+            v["phases"].get("drain_ms").is_none(),
+            "unreached steps left out"
+        );
+        assert_eq!(v["downtime_ms"], 151);
+        assert_eq!(v["verification"]["method"], "block_ranges");
+        assert!(v.get("dry_run").is_none());
+        let back: CutoverReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+}
