@@ -16,9 +16,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::cli::AdminArgs;
+use pgferry_common::admin::{AdminLine, AdminRequest};
 use pgferry_common::preflight::{Check, TargetFacts};
 use pgferry_common::runtime::config::{ConfigFile, TargetSettings};
 
@@ -86,13 +87,14 @@ fn free_bytes(path: &Path) -> Result<u64> {
 }
 
 /// Runs a verb against the running agent and prints the answer; the process exit code.
-pub fn cli_verb(verb: &str, args: &AdminArgs, options: Value) -> Result<ExitCode> {
+pub fn cli_verb(req: AdminRequest, args: &AdminArgs) -> Result<ExitCode> {
     let socket = socket_of(args)?;
+    let verb = req.verb();
     // Progress lines arrive at least every few seconds during a clone; the timeout bounds
     // silence, not the whole run.
     if args.watch && verb == "status" {
         loop {
-            let answer = request(&socket, verb, &options, Duration::from_secs(60))?;
+            let answer = request(&socket, &req, Duration::from_secs(60))?;
             if args.json {
                 println!("{answer}");
             } else {
@@ -101,7 +103,7 @@ pub fn cli_verb(verb: &str, args: &AdminArgs, options: Value) -> Result<ExitCode
             std::thread::sleep(Duration::from_secs(2));
         }
     }
-    let answer = request(&socket, verb, &options, Duration::from_secs(600))?;
+    let answer = request(&socket, &req, Duration::from_secs(600))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
     } else {
@@ -133,7 +135,7 @@ fn socket_of(args: &AdminArgs) -> Result<PathBuf> {
 pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
     let c = &m.cutover;
     let socket = socket_of(&c.admin)?;
-    let status = request(&socket, "status", &Value::Null, Duration::from_secs(60))?;
+    let status = request(&socket, &AdminRequest::Status, Duration::from_secs(60))?;
     let phase = status["migration"]["phase"]
         .as_str()
         .unwrap_or("new")
@@ -147,7 +149,7 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
         "new" | "preflighted" | "slot_created" | "base_backup_done" | "standby_started"
     );
     if before_catch_up {
-        let answer = request(&socket, "clone", &Value::Null, Duration::from_secs(600))?;
+        let answer = request(&socket, &AdminRequest::Clone, Duration::from_secs(600))?;
         if answer["ok"] != true {
             print!("{}", render("clone", &answer));
             return Ok(ExitCode::FAILURE);
@@ -158,7 +160,7 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
         let deadline = std::time::Instant::now() + Duration::from_secs(m.catch_up_timeout_secs);
         let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
         loop {
-            let st = request(&socket, "status", &Value::Null, Duration::from_secs(60))?;
+            let st = request(&socket, &AdminRequest::Status, Duration::from_secs(60))?;
             let lag = st["lag_bytes"].as_u64();
             if last_print.elapsed() >= Duration::from_secs(2) {
                 eprintln!(
@@ -198,8 +200,7 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
     let opts = c.options();
     let answer = request(
         &socket,
-        "cutover",
-        &serde_json::to_value(opts)?,
+        &AdminRequest::Cutover(opts),
         Duration::from_secs(600),
     )?;
     if c.admin.json {
@@ -215,7 +216,8 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
 }
 
 /// One request to the admin socket.
-pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) -> Result<Value> {
+pub fn request(socket: &Path, req: &AdminRequest, timeout: Duration) -> Result<Value> {
+    let verb = req.verb();
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
             "cannot reach the target agent at {}: is `pgferry-target run` running (and is this its admin socket)?",
@@ -223,7 +225,7 @@ pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) ->
         )
     })?;
     s.set_read_timeout(Some(timeout))?;
-    writeln!(s, "{}", json!({ "verb": verb, "options": options }))?;
+    writeln!(s, "{}", serde_json::to_string(req)?)?;
     let mut reader = BufReader::new(s.take_limited());
     // Dropped on every way out (answer or error), which clears a progress bar.
     let mut progress = ProgressOutput::new(verb);
@@ -235,11 +237,10 @@ pub fn request(socket: &Path, verb: &str, options: &Value, timeout: Duration) ->
         if line.is_empty() {
             bail!("the target agent closed the admin connection without an answer");
         }
-        let v: Value = serde_json::from_str(&line).context("the agent's answer is not JSON")?;
         // Long verbs stream progress lines before their answer.
-        match v.get("progress").and_then(Value::as_str) {
-            Some(p) => progress.line(p),
-            None => return Ok(v),
+        match serde_json::from_str(&line).context("the agent's answer is not JSON")? {
+            AdminLine::Progress { progress: p } => progress.line(&p),
+            AdminLine::Answer(v) => return Ok(v),
         }
     }
 }
@@ -505,7 +506,7 @@ pub fn render(verb: &str, answer: &Value) -> String {
 }
 
 /// Reads one request line (bounded) from an admin connection.
-pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<Value> {
+pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<AdminRequest> {
     use tokio::io::AsyncReadExt;
     let mut buf = Vec::new();
     let mut byte = [0u8; 4096];
@@ -523,11 +524,13 @@ pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<
         }
     }
     let line = buf.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    let v: Value = serde_json::from_slice(line).context("admin request is not JSON")?;
-    if !v["verb"].is_string() {
-        bail!("admin request has no verb");
-    }
-    Ok(v)
+    serde_json::from_slice(line).with_context(|| {
+        format!(
+            "admin request {:?} is not one of: {}",
+            String::from_utf8_lossy(&line[..line.len().min(200)]),
+            VERBS.join(", ")
+        )
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use serde_json::Value;
+
+use crate::admin::cli_verb;
+use pgferry_common::admin::{AdminRequest, RollbackOptions};
 
 use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::RunOptions;
@@ -71,20 +73,17 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit_command(cmd),
-        Command::Preflight(a) => crate::admin::cli_verb("preflight", &a, Value::Null),
-        Command::Clone(a) => crate::admin::cli_verb("clone", &a, Value::Null),
-        Command::Rollback(r) => crate::admin::cli_verb(
-            "rollback",
+        Command::Preflight(a) => cli_verb(AdminRequest::Preflight, &a),
+        Command::Clone(a) => cli_verb(AdminRequest::Clone, &a),
+        Command::Rollback(r) => cli_verb(
+            AdminRequest::Rollback(RollbackOptions {
+                keep_slot: r.keep_slot,
+            }),
             &r.admin,
-            serde_json::json!({"keep_slot": r.keep_slot}),
         ),
-        Command::Status(a) => crate::admin::cli_verb("status", &a, Value::Null),
+        Command::Status(a) => cli_verb(AdminRequest::Status, &a),
         Command::Migrate(m) => crate::admin::cli_migrate(&m),
-        Command::Cutover(c) => crate::admin::cli_verb(
-            "cutover",
-            &c.admin,
-            serde_json::to_value(c.options()).unwrap_or_default(),
-        ),
+        Command::Cutover(c) => cli_verb(AdminRequest::Cutover(c.options()), &c.admin),
     };
     result.unwrap_or_else(|e| {
         eprintln!("pgferry-target: error: {e:#}");

@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use pgferry_common::admin::{AdminLine, AdminRequest, CutoverOptions};
 use pgferry_common::runtime::config::Endpoint;
 
 use crate::{Cx, Link};
@@ -53,18 +54,19 @@ pub(crate) async fn serve_admin(cx: Cx, listener: tokio::net::UnixListener) {
         let sh = cx.clone();
         tokio::spawn(async move {
             let answer = match crate::admin::read_request(&mut stream).await {
-                Ok(req) => match req["verb"].as_str().unwrap_or("") {
-                    "clone" => admin_execute(&sh, &mut stream, Job::Clone).await,
-                    "rollback" => {
-                        let keep_slot = req["options"]["keep_slot"].as_bool().unwrap_or(false);
-                        admin_execute(&sh, &mut stream, Job::Rollback { keep_slot }).await
-                    }
-                    "cutover" => match serde_json::from_value(req["options"].clone()) {
-                        Ok(opts) => admin_execute(&sh, &mut stream, Job::Cutover(opts)).await,
-                        Err(e) => json!({"ok": false, "error": format!("cutover options: {e}")}),
-                    },
-                    verb => admin_verb(&sh, verb).await,
-                },
+                Ok(AdminRequest::Clone) => admin_execute(&sh, &mut stream, Job::Clone).await,
+                Ok(AdminRequest::Rollback(o)) => {
+                    let keep_slot = o.keep_slot;
+                    admin_execute(&sh, &mut stream, Job::Rollback { keep_slot }).await
+                }
+                Ok(AdminRequest::Cutover(o)) => {
+                    admin_execute(&sh, &mut stream, Job::Cutover(o)).await
+                }
+                Ok(AdminRequest::Status) => {
+                    let current = sh.target.current.borrow().clone();
+                    admin_status(&sh, current).await
+                }
+                Ok(AdminRequest::Preflight) => admin_preflight(&sh).await,
                 Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
             };
             let _ = write_admin_line(&mut stream, &answer).await;
@@ -83,7 +85,7 @@ async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std
 /// A long admin verb, run by the executor.
 enum Job {
     Clone,
-    Cutover(crate::migrate::CutoverOptions),
+    Cutover(CutoverOptions),
     Rollback { keep_slot: bool },
 }
 
@@ -133,7 +135,7 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             progress: &progress,
         };
         let check = async {
-            let v = admin_verb(&sh, "preflight").await;
+            let v = admin_preflight(&sh).await;
             if v["ok"] == true {
                 Ok(())
             } else if let Some(e) = v["error"].as_str() {
@@ -169,7 +171,7 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
     };
     let forward = async {
         while let Some(line) = rx.recv().await {
-            let _ = write_admin_line(stream, &json!({"progress": line})).await;
+            let _ = write_admin_line(stream, &json!(AdminLine::Progress { progress: line })).await;
         }
     };
     let ((result, phase), ()) = tokio::join!(work, forward);
@@ -299,59 +301,50 @@ async fn admin_status(cx: &Cx, current: Option<Link>) -> Value {
     out
 }
 
-async fn admin_verb(cx: &Cx, verb: &str) -> Value {
+/// `preflight`: the source's facts (by request) and this host's, checked.
+async fn admin_preflight(cx: &Cx) -> Value {
     let current = cx.target.current.borrow().clone();
-    match verb {
-        "status" => admin_status(cx, current).await,
-        "preflight" => {
-            let Some(pc) = current else {
-                return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
-            };
-            let control = pc.control.clone();
-            let t0 = Instant::now();
-            let r = control
-                .request(
-                    pgferry_common::control::Request::PreflightFacts,
-                    Duration::from_secs(60),
-                )
-                .await;
-            let rtt_ms = t0.elapsed().as_millis() as u64;
-            let facts = match r {
-                Ok(pgferry_common::control::Response::Facts { facts }) => facts,
-                Ok(pgferry_common::control::Response::Error { message }) => {
-                    return json!({"ok": false, "error": format!("the source agent could not gather its facts: {message}")})
-                }
-                Ok(other) => {
-                    return json!({"ok": false, "error": format!("unexpected answer {other:?}")})
-                }
-                Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
-            };
-            let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-            let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
-            let settings = cx.target.settings.clone();
-            let tf = match tokio::task::spawn_blocking(move || {
-                crate::admin::target_facts(&settings, now_ms, rtt_ms)
-            })
-            .await
-            {
-                Ok(Ok(tf)) => tf,
-                Ok(Err(e)) => return json!({"ok": false, "error": format!("{e:#}")}),
-                Err(e) => return json!({"ok": false, "error": e.to_string()}),
-            };
-            let checks = pgferry_common::preflight::evaluate(&facts, &tf);
-            let ok = checks.iter().all(|c| c.ok);
-            cx.tunnel.audit(
-                "preflight",
-                json!({
-                    "ok": ok,
-                    "failed": checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect::<Vec<_>>(),
-                    "checks": checks.len() as u64,
-                }),
-            );
-            json!({"ok": ok, "checks": checks, "source": facts, "target": tf})
+    let Some(pc) = current else {
+        return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+    };
+    let control = pc.control.clone();
+    let t0 = Instant::now();
+    let r = control
+        .request(
+            pgferry_common::control::Request::PreflightFacts,
+            Duration::from_secs(60),
+        )
+        .await;
+    let rtt_ms = t0.elapsed().as_millis() as u64;
+    let facts = match r {
+        Ok(pgferry_common::control::Response::Facts { facts }) => facts,
+        Ok(pgferry_common::control::Response::Error { message }) => {
+            return json!({"ok": false, "error": format!("the source agent could not gather its facts: {message}")})
         }
-        other => {
-            json!({"ok": false, "error": format!("unknown verb {other:?}; known: {}", crate::admin::VERBS.join(", "))})
-        }
-    }
+        Ok(other) => return json!({"ok": false, "error": format!("unexpected answer {other:?}")}),
+        Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
+    };
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
+    let settings = cx.target.settings.clone();
+    let tf = match tokio::task::spawn_blocking(move || {
+        crate::admin::target_facts(&settings, now_ms, rtt_ms)
+    })
+    .await
+    {
+        Ok(Ok(tf)) => tf,
+        Ok(Err(e)) => return json!({"ok": false, "error": format!("{e:#}")}),
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    let checks = pgferry_common::preflight::evaluate(&facts, &tf);
+    let ok = checks.iter().all(|c| c.ok);
+    cx.tunnel.audit(
+        "preflight",
+        json!({
+            "ok": ok,
+            "failed": checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect::<Vec<_>>(),
+            "checks": checks.len() as u64,
+        }),
+    );
+    json!({"ok": ok, "checks": checks, "source": facts, "target": tf})
 }

@@ -30,7 +30,7 @@ use pgferry_common::verify::{
 /// Bytes of table one range covers (8 KiB blocks).
 const RANGE_BYTES: u64 = RANGE_BLOCKS as u64 * 8192;
 /// Longest wait for the transactions open at a round's start.
-pub const DEFAULT_PREPASS_WAIT_SECS: u64 = 300;
+pub use pgferry_common::admin::DEFAULT_PREPASS_WAIT_SECS;
 /// Refresh rounds before the fence at most. One more is run only while the ranges touched
 /// since their digest are more than [`REFRESH_ABOVE_RANGES`] (4 MiB, a few tens of ms to
 /// digest) and the last round left fewer than the one before: each round takes about as long

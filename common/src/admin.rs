@@ -9,7 +9,118 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{FenceReport, TableDigest};
+use crate::control::{FenceMode, FenceReport, TableDigest};
+
+/// One request on the target agent's admin socket: a JSON line
+/// `{"verb": "cutover", "options": {…}}`. The wire format of `pgferry-target <verb>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "verb",
+    content = "options",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
+pub enum AdminRequest {
+    /// Check both clusters; change nothing.
+    Preflight,
+    /// Tunnel, migration phase and lag from both ends.
+    Status,
+    /// Slot, base backup, standby (or resume them).
+    Clone,
+    /// Fence, drain, verify, promote.
+    Cutover(CutoverOptions),
+    /// Undo a migration before promotion.
+    Rollback(RollbackOptions),
+}
+
+impl AdminRequest {
+    /// The verb as the CLI names it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            AdminRequest::Preflight => "preflight",
+            AdminRequest::Status => "status",
+            AdminRequest::Clone => "clone",
+            AdminRequest::Cutover(_) => "cutover",
+            AdminRequest::Rollback(_) => "rollback",
+        }
+    }
+}
+
+/// What `rollback` was asked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RollbackOptions {
+    /// Keep the replication slot on the source.
+    pub keep_slot: bool,
+}
+
+/// One line the agent writes back: progress of a long verb, then exactly one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AdminLine {
+    Progress {
+        progress: String,
+    },
+    /// `{"ok": bool, …}`: the verb's own answer (a cutover's carries a [`CutoverReport`]).
+    Answer(serde_json::Value),
+}
+
+/// Default `--prepass-wait-secs`: how long the pre-pass waits for transactions open when it
+/// began.
+pub const DEFAULT_PREPASS_WAIT_SECS: u64 = 300;
+
+/// What the operator asked of the cutover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CutoverOptions {
+    /// Tables to verify (`schema.table`); `None`: every user table that fits the budget.
+    pub tables: Option<Vec<String>>,
+    /// Verify every user table however long it takes.
+    pub all_tables: bool,
+    /// The most seconds (estimated) of digests while fenced: the ranges changed since the
+    /// pre-pass, or with `verify_at_fence` whole tables (the smallest first). The report names
+    /// the tables left out, in capitals.
+    pub verify_budget_secs: u64,
+    /// No pre-pass: digest whole tables at the fence (the method before block ranges).
+    pub verify_at_fence: bool,
+    /// Longest wait for transactions open when the pre-pass began.
+    pub prepass_wait_secs: u64,
+    /// How the source is fenced.
+    pub fence: FenceMode,
+    /// Roll back when the standby has not replayed the fence LSN within this many seconds.
+    pub replay_timeout_secs: u64,
+    /// Refuse to start the cutover when the standby is further behind than this (bytes).
+    pub max_lag: u64,
+    /// Shell command run after the new cluster accepts writes.
+    pub on_promoted: Option<String>,
+    /// Check lag and list the tables, change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for CutoverOptions {
+    fn default() -> Self {
+        Self {
+            tables: None,
+            all_tables: false,
+            verify_budget_secs: DEFAULT_VERIFY_BUDGET_SECS,
+            verify_at_fence: false,
+            prepass_wait_secs: DEFAULT_PREPASS_WAIT_SECS,
+            fence: FenceMode::ReadOnly,
+            replay_timeout_secs: DEFAULT_REPLAY_TIMEOUT_SECS,
+            max_lag: DEFAULT_MAX_LAG,
+            on_promoted: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// Default `--replay-timeout-secs`.
+pub const DEFAULT_REPLAY_TIMEOUT_SECS: u64 = 120;
+/// Default `--max-lag` (bytes).
+pub const DEFAULT_MAX_LAG: u64 = 16 * 1024 * 1024;
+/// Default `--verify-budget-secs`: the verification happens while writes are fenced, so it is
+/// part of the write downtime.
+pub const DEFAULT_VERIFY_BUDGET_SECS: u64 = 5;
 
 /// What a cutover did, phase by phase: the answer of `cutover` and the `cutover_report` audit
 /// record. Fields a run did not reach are left out.
@@ -135,6 +246,37 @@ pub struct AtFenceReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_requests_on_the_wire() {
+        let r = AdminRequest::Rollback(RollbackOptions { keep_slot: true });
+        let line = serde_json::to_string(&r).unwrap();
+        assert_eq!(line, r#"{"verb":"rollback","options":{"keep_slot":true}}"#);
+        assert_eq!(serde_json::from_str::<AdminRequest>(&line).unwrap(), r);
+        let s: AdminRequest = serde_json::from_str(r#"{"verb":"status"}"#).unwrap();
+        assert_eq!(s, AdminRequest::Status);
+        // Options default field by field; unknown verbs and fields are refused.
+        let c: AdminRequest =
+            serde_json::from_str(r#"{"verb":"cutover","options":{"dry_run":true}}"#).unwrap();
+        let AdminRequest::Cutover(o) = c else {
+            panic!()
+        };
+        assert!(o.dry_run && o.max_lag == DEFAULT_MAX_LAG);
+        assert!(serde_json::from_str::<AdminRequest>(r#"{"verb":"drop_database"}"#).is_err());
+        assert!(serde_json::from_str::<AdminRequest>(
+            r#"{"verb":"cutover","options":{"sql":"x"}}"#
+        )
+        .is_err());
+        let p: AdminLine = serde_json::from_str(r#"{"progress":"fencing"}"#).unwrap();
+        assert_eq!(
+            p,
+            AdminLine::Progress {
+                progress: "fencing".into()
+            }
+        );
+        let a: AdminLine = serde_json::from_str(r#"{"ok":true}"#).unwrap();
+        assert!(matches!(a, AdminLine::Answer(_)));
+    }
 
     #[test]
     fn a_report_keeps_the_shape_the_cli_and_tests_read() {

@@ -586,58 +586,9 @@ pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus>
     })
 }
 
-/// What the operator asked of the cutover.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CutoverOptions {
-    /// Tables to verify (`schema.table`); `None`: every user table that fits the budget.
-    pub tables: Option<Vec<String>>,
-    /// Verify every user table however long it takes.
-    pub all_tables: bool,
-    /// The most seconds (estimated) of digests while fenced: the ranges changed since the
-    /// pre-pass, or with `verify_at_fence` whole tables (the smallest first). The report names
-    /// the tables left out, in capitals.
-    pub verify_budget_secs: u64,
-    /// No pre-pass: digest whole tables at the fence (the method before block ranges).
-    pub verify_at_fence: bool,
-    /// Longest wait for transactions open when the pre-pass began.
-    pub prepass_wait_secs: u64,
-    /// How the source is fenced.
-    pub fence: FenceMode,
-    /// Roll back when the standby has not replayed the fence LSN within this many seconds.
-    pub replay_timeout_secs: u64,
-    /// Refuse to start the cutover when the standby is further behind than this (bytes).
-    pub max_lag: u64,
-    /// Shell command run after the new cluster accepts writes.
-    pub on_promoted: Option<String>,
-    /// Check lag and list the tables, change nothing.
-    pub dry_run: bool,
-}
-
-impl Default for CutoverOptions {
-    fn default() -> Self {
-        Self {
-            tables: None,
-            all_tables: false,
-            verify_budget_secs: DEFAULT_VERIFY_BUDGET_SECS,
-            verify_at_fence: false,
-            prepass_wait_secs: crate::verify::DEFAULT_PREPASS_WAIT_SECS,
-            fence: FenceMode::ReadOnly,
-            replay_timeout_secs: DEFAULT_REPLAY_TIMEOUT_SECS,
-            max_lag: DEFAULT_MAX_LAG,
-            on_promoted: None,
-            dry_run: false,
-        }
-    }
-}
-
-/// Default `--replay-timeout-secs`.
-pub const DEFAULT_REPLAY_TIMEOUT_SECS: u64 = 120;
-/// Default `--max-lag` (bytes).
-pub const DEFAULT_MAX_LAG: u64 = 16 * 1024 * 1024;
-/// Default `--verify-budget-secs`: the verification happens while writes are fenced, so it is
-/// part of the write downtime.
-pub const DEFAULT_VERIFY_BUDGET_SECS: u64 = 5;
+pub use pgferry_common::admin::{
+    CutoverOptions, DEFAULT_MAX_LAG, DEFAULT_REPLAY_TIMEOUT_SECS, DEFAULT_VERIFY_BUDGET_SECS,
+};
 /// Digest throughput assumed per connection (one per core) when planning the verification, in
 /// bytes of table (`pg_table_size`) per second. Measured: one COPY of a 180 MB mixed table
 /// ~115 MB/s on an idle core; the flagship test's 287 MB on 2 cores shared by both clusters
