@@ -226,35 +226,6 @@ pub async fn run_agent<R: RoleDriver>(
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
 ) -> Result<()> {
-    let policy_base = Policy {
-        migration: "pending".parse().expect("valid placeholder"),
-        local_role: cfg.role,
-        allowed_regions: cfg.allowed_regions.clone(),
-        revoked: crate::identity::RevocationList::empty(),
-    };
-    let identity = TlsIdentity::load(
-        &cfg.ca,
-        &cfg.cert,
-        &cfg.key,
-        cfg.revocation_list.as_deref(),
-        policy_base,
-    )?;
-    let own = identity.own.clone();
-    info!(
-        "certificate {}: role {}, region {}, migration {}, fingerprint {}",
-        cfg.cert.display(),
-        own.role,
-        own.region,
-        own.migration,
-        own.fingerprint
-    );
-
-    let signer = CheckpointSigner::new(&identity.key_pkcs8, &identity.cert)
-        .context("preparing the audit checkpoint signer")?;
-    let log = AuditLog::open(&cfg.audit_log, signer)
-        .with_context(|| format!("opening audit log {}", cfg.audit_log.display()))?;
-    let audit = Audit(Arc::new(Mutex::new(log)));
-
     if role.role() != cfg.role {
         bail!(
             "this is the {} agent, but its configuration is for the {} role",
@@ -262,55 +233,24 @@ pub async fn run_agent<R: RoleDriver>(
             cfg.role
         );
     }
+    let identity = load_identity(&cfg)?;
+    let signer = CheckpointSigner::new(&identity.key_pkcs8, &identity.cert)
+        .context("preparing the audit checkpoint signer")?;
+    let log = AuditLog::open(&cfg.audit_log, signer)
+        .with_context(|| format!("opening audit log {}", cfg.audit_log.display()))?;
+    let audit = Audit(Arc::new(Mutex::new(log)));
     // What the role binds (local endpoints, admin socket) comes first, so that a port in use
     // fails the start.
     role.prepare(&cfg).await?;
     let role = Arc::new(role);
-
-    let transport_desc = match &cfg.transport {
-        Transport::Listen(a) => json!({"listen": a.to_string()}),
-        Transport::Connect { addr, server_name } => {
-            json!({"connect": addr, "server_name": server_name})
-        }
-    };
-    use base64::Engine as _;
-    audit.record(
-        "agent_started",
-        json!({
-            "role": own.role.to_string(),
-            "region": own.region.to_string(),
-            "migration": own.migration.to_string(),
-            "fingerprint": own.fingerprint.to_string(),
-            "certificate": base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
-            "not_after": own.not_after.unix_timestamp(),
-            "version": crate::AGENT_VERSION,
-            "protocol_version": PROTOCOL_VERSION,
-            "transport": transport_desc,
-            "allowed_regions": cfg.allowed_regions.to_string(),
-            "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
-            "compression_level": cfg.compression_level,
-            "handshake_timeout_secs": cfg.handshake_timeout.as_secs(),
-            "congestion_control": cfg.congestion_control.to_string(),
-            "allow_non_loopback_local": cfg.allow_non_loopback_local,
-            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
-        }),
-    );
+    record_started(&audit, &cfg, &identity);
 
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: crate::AGENT_VERSION.into(),
-        migration: own.migration.to_string(),
+        migration: identity.own.migration.to_string(),
         role: cfg.role,
         capabilities: vec!["zstd".into(), "blake3".into()],
-    };
-    let session_base = {
-        use ring::rand::SecureRandom;
-        let mut b = [0u8; 8];
-        ring::rand::SystemRandom::new()
-            .fill(&mut b)
-            .map_err(|_| anyhow!("system random generator failed"))?;
-        // Top bits random, low 20 bits count: ids are unique per run and across runs.
-        u64::from_be_bytes(b) & !0xF_FFFF
     };
     let shared = Arc::new(Shared {
         pump: PumpOptions {
@@ -323,7 +263,7 @@ pub async fn run_agent<R: RoleDriver>(
         audit: audit.clone(),
         hello,
         activity: Arc::new(Activity::default()),
-        next_session: AtomicU64::new(session_base),
+        next_session: AtomicU64::new(session_base()?),
         shutting_down: watch::channel(false).0,
         peers: Mutex::new(std::collections::HashMap::new()),
         refusals: Mutex::new(RefusalLimiter::new()),
@@ -359,6 +299,90 @@ pub async fn run_agent<R: RoleDriver>(
     }
 
     shutdown.await;
+    drain_and_stop(&shared, &endpoint, tasks, role.as_ref()).await;
+    Ok(())
+}
+
+/// The agent's own certificate, which must pass the same policy as a peer's, or no start.
+fn load_identity(cfg: &AgentConfig) -> Result<TlsIdentity> {
+    let policy_base = Policy {
+        migration: "pending".parse().expect("valid placeholder"),
+        local_role: cfg.role,
+        allowed_regions: cfg.allowed_regions.clone(),
+        revoked: crate::identity::RevocationList::empty(),
+    };
+    let identity = TlsIdentity::load(
+        &cfg.ca,
+        &cfg.cert,
+        &cfg.key,
+        cfg.revocation_list.as_deref(),
+        policy_base,
+    )?;
+    let own = &identity.own;
+    info!(
+        "certificate {}: role {}, region {}, migration {}, fingerprint {}",
+        cfg.cert.display(),
+        own.role,
+        own.region,
+        own.migration,
+        own.fingerprint
+    );
+    Ok(identity)
+}
+
+/// `agent_started`: who this agent is (its certificate embedded) and how it is configured.
+fn record_started(audit: &Audit, cfg: &AgentConfig, identity: &TlsIdentity) {
+    let own = &identity.own;
+    let transport_desc = match &cfg.transport {
+        Transport::Listen(a) => json!({"listen": a.to_string()}),
+        Transport::Connect { addr, server_name } => {
+            json!({"connect": addr, "server_name": server_name})
+        }
+    };
+    use base64::Engine as _;
+    audit.record(
+        "agent_started",
+        json!({
+            "role": own.role.to_string(),
+            "region": own.region.to_string(),
+            "migration": own.migration.to_string(),
+            "fingerprint": own.fingerprint.to_string(),
+            "certificate": base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
+            "not_after": own.not_after.unix_timestamp(),
+            "version": crate::AGENT_VERSION,
+            "protocol_version": PROTOCOL_VERSION,
+            "transport": transport_desc,
+            "allowed_regions": cfg.allowed_regions.to_string(),
+            "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
+            "compression_level": cfg.compression_level,
+            "handshake_timeout_secs": cfg.handshake_timeout.as_secs(),
+            "congestion_control": cfg.congestion_control.to_string(),
+            "allow_non_loopback_local": cfg.allow_non_loopback_local,
+            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
+        }),
+    );
+}
+
+/// The first forwarded session id of this run: top bits random, low 20 bits count, so ids
+/// are unique per run and across runs.
+fn session_base() -> Result<u64> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow!("system random generator failed"))?;
+    Ok(u64::from_be_bytes(b) & !0xF_FFFF)
+}
+
+/// Shutdown: no new connections; forwarded streams drain (bounded by the drain timeout);
+/// the endpoint closes, so every connection records `session_ended` (with its checkpoint)
+/// before `agent_stopped`.
+async fn drain_and_stop<R: RoleDriver>(
+    shared: &Arc<Shared>,
+    endpoint: &quinn::Endpoint,
+    mut tasks: tokio::task::JoinSet<()>,
+    role: &R,
+) {
     info!(
         "shutting down: no new connections; draining {} forwarded connection(s) for up to {} s",
         shared.activity.streams.load(Ordering::SeqCst),
@@ -380,9 +404,7 @@ pub async fn run_agent<R: RoleDriver>(
     if !drained {
         warn!("drain timeout: closing {left} forwarded connection(s) that are still open");
     }
-    // Closing the endpoint ends every connection; their tasks then record `session_ended`
-    // (with its checkpoint) before `agent_stopped`. Tasks that do not finish promptly are
-    // aborted.
+    // Tasks that do not finish promptly once the endpoint is closed are aborted.
     endpoint.close(0u32.into(), b"agent shutting down");
     let joined = tokio::time::timeout(Duration::from_secs(5), async {
         while tasks.join_next().await.is_some() {}
@@ -398,15 +420,14 @@ pub async fn run_agent<R: RoleDriver>(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .drain();
-    write_refusal_summaries(&shared, left_over);
+    write_refusal_summaries(shared, left_over);
     role.stopped(&shared.cfg);
-    audit.record(
+    shared.audit.record(
         "agent_stopped",
         json!({"drained": drained, "streams_cut": if drained { 0 } else { left }}),
     );
-    audit.checkpoint();
+    shared.audit.checkpoint();
     info!("stopped");
-    Ok(())
 }
 
 fn transport_config(cfg: &AgentConfig) -> Result<quinn::TransportConfig> {
@@ -839,10 +860,47 @@ async fn serve_connection<R: RoleDriver>(
         .and_then(|h| h.protocol)
         .map(|p| String::from_utf8_lossy(&p).into_owned());
 
-    // The Hello exchange: version, migration and role as the peer itself announces them.
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(&shared, &conn, dialed)).await;
-    let control = match hello {
-        Ok(Ok(c)) => c,
+    let Some(control) = hello_or_refuse(&shared, &conn, &peer, dialed).await else {
+        return;
+    };
+    record_accepted(&shared, &conn, &peer, dialed, alpn);
+    let started = Instant::now();
+    if !admit_peer(&shared, &conn, &peer) {
+        return;
+    }
+    let stats = Arc::new(ConnStats::default());
+    let (send, recv, buf) = control;
+    let pc = PeerConn {
+        conn: conn.clone(),
+        peer: peer.clone(),
+        stats: stats.clone(),
+    };
+    let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
+    // The role serves the connection: the control stream's typed requests (the target asks,
+    // the source answers, whichever side dialed) and the data streams.
+    let reason = role
+        .serve(
+            Tunnel(shared.clone()),
+            pc,
+            ControlStream { send, recv, buf },
+        )
+        .await;
+    watcher.abort();
+    record_session_ended(&shared, &conn, &peer, &reason, started, &stats);
+}
+
+/// The Hello exchange (version, migration and role as the peer itself announces them), with a
+/// time limit; a failure or refusal is logged and audited, and the connection closed.
+async fn hello_or_refuse(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    dialed: bool,
+) -> Option<(quinn::SendStream, quinn::RecvStream, BytesMut)> {
+    let remote = conn.remote_address();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(shared, conn, dialed)).await;
+    match hello {
+        Ok(Ok(c)) => Some(c),
         Ok(Err(e)) if conn.close_reason().is_some() => {
             // The peer went away before completing Hello: not a refusal by us.
             let reason = format!("connection closed before Hello: {e:#}");
@@ -851,7 +909,7 @@ async fn serve_connection<R: RoleDriver>(
                 "handshake_failed",
                 json!({"address": remote.to_string(), "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
             );
-            return;
+            None
         }
         Ok(Err(e)) => {
             let reason = format!("{e:#}");
@@ -864,7 +922,7 @@ async fn serve_connection<R: RoleDriver>(
                 json!({"address": remote.to_string(), "check": "hello", "fingerprint": peer.fingerprint.to_string(), "reason": reason}),
             );
             conn.close(2u32.into(), b"hello refused");
-            return;
+            None
         }
         Err(_) => {
             warn!(
@@ -872,10 +930,20 @@ async fn serve_connection<R: RoleDriver>(
                 HELLO_TIMEOUT.as_secs()
             );
             conn.close(2u32.into(), b"hello timeout");
-            return;
+            None
         }
-    };
+    }
+}
 
+/// `handshake_accepted`: the peer's certificate identity and the TLS parameters.
+fn record_accepted(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    dialed: bool,
+    alpn: Option<String>,
+) {
+    let remote = conn.remote_address();
     info!(
         "tunnel up with {remote}: peer {} {} (migration {}, certificate {})",
         peer.role, peer.region, peer.migration, peer.fingerprint
@@ -896,11 +964,14 @@ async fn serve_connection<R: RoleDriver>(
             "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP, "alpn": alpn},
         }),
     );
-    let started = Instant::now();
-    // A peer that reconnects (an agent restarted after a crash, or a path that changed)
-    // replaces its old connection at once, rather than when the idle timeout notices; the old
-    // one's sessions (a walsender holding the replication slot) end with it. This comes before
-    // the count, so an authenticated peer always gets in.
+}
+
+/// A peer that reconnects (an agent restarted after a crash, or a path that changed) replaces
+/// its old connection at once, rather than when the idle timeout notices; the old one's
+/// sessions (a walsender holding the replication slot) end with it. This comes before the
+/// count, so an authenticated peer always gets in. `false`: refused (too many peers).
+fn admit_peer(shared: &Shared, conn: &quinn::Connection, peer: &PeerIdentity) -> bool {
+    let remote = conn.remote_address();
     let (old, live_peers) = {
         let mut peers = shared.peers.lock().unwrap_or_else(|e| e.into_inner());
         peers.retain(|_, c| c.close_reason().is_none());
@@ -931,26 +1002,21 @@ async fn serve_connection<R: RoleDriver>(
             .unwrap_or_else(|e| e.into_inner())
             .remove(&peer.fingerprint);
         conn.close(5u32.into(), b"too many peers");
-        return;
+        return false;
     }
-    let stats = Arc::new(ConnStats::default());
-    let (send, recv, buf) = control;
-    let pc = PeerConn {
-        conn: conn.clone(),
-        peer: peer.clone(),
-        stats: stats.clone(),
-    };
-    let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
-    // The role serves the connection: the control stream's typed requests (the target asks,
-    // the source answers, whichever side dialed) and the data streams.
-    let reason = role
-        .serve(
-            Tunnel(shared.clone()),
-            pc,
-            ControlStream { send, recv, buf },
-        )
-        .await;
-    watcher.abort();
+    true
+}
+
+/// `session_ended`: how long, why, how many streams and UDP bytes; then a signed checkpoint.
+fn record_session_ended(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer: &PeerIdentity,
+    reason: &str,
+    started: Instant,
+    stats: &ConnStats,
+) {
+    let remote = conn.remote_address();
     let qs = conn.stats();
     info!("tunnel with {remote} closed: {reason}");
     shared.audit.record(
