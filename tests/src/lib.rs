@@ -8,6 +8,7 @@
 //!
 //! Waits poll a condition with a deadline ([`wait_until`]); nothing sleeps to synchronise.
 
+pub mod certs;
 pub mod netns;
 pub mod pg;
 pub mod process;

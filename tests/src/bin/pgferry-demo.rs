@@ -104,27 +104,8 @@ fn demo(mb: u32) -> Result<()> {
 
     step(1, "certificates (pgferry-certs)");
     let certs = dir.join("certs");
-    let c = |args: &[&str]| -> Result<String> {
-        command_output(
-            Command::new(bin_path("pgferry-certs"))
-                .args(args)
-                .arg("--dir")
-                .arg(&certs),
-        )
-    };
-    c(&["init", "--migration", "demo"])?;
+    pgferry_tests::certs::Certs::make_for(&certs, "demo")?;
     for (role, region) in [("source", "DE"), ("target", "FR")] {
-        c(&[
-            "issue",
-            "--role",
-            role,
-            "--region",
-            region,
-            "--name",
-            "localhost",
-            "--name",
-            "127.0.0.1",
-        ])?;
         println!(
             "  {role}: region {region}, {}",
             certs.join(format!("{role}.pem")).display()
