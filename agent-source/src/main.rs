@@ -3,12 +3,12 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
-    audit_command, init_logging, resolve_config, shutdown_signal, AuditCommand, RunArgs,
+    audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
+    LogArgs, RunArgs,
 };
 
 /// pgferry source agent: runs next to the old PostgreSQL and serves the tunnel.
@@ -18,16 +18,8 @@ use pgferry_common::runtime::cli::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
-    #[arg(
-        long = "log",
-        id = "log_filter",
-        global = true,
-        env = "PGFERRY_LOG",
-        default_value = "info",
-        value_name = "FILTER"
-    )]
-    log_filter: String,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,7 +33,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_filter);
+    init_logging(&cli.log.log_filter);
     let result = match cli.command {
         Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit_command(cmd),
@@ -54,11 +46,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = resolve_config(Role::Source, args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(pgferry_source::run(
+    block_on_agent(pgferry_source::run(
         cfg,
         shutdown_signal(),
         RunOptions::default(),

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::cli_verb;
@@ -14,7 +13,8 @@ use pgferry_common::admin::{AdminRequest, RollbackOptions};
 use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
-    audit_command, init_logging, resolve_config, shutdown_signal, AuditCommand, RunArgs,
+    audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
+    LogArgs, RunArgs,
 };
 
 /// pgferry target agent: runs on the new host, offers the source's PostgreSQL locally, and
@@ -25,16 +25,8 @@ use pgferry_common::runtime::cli::{
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
-    #[arg(
-        long = "log",
-        id = "log_filter",
-        global = true,
-        env = "PGFERRY_LOG",
-        default_value = "info",
-        value_name = "FILTER"
-    )]
-    log_filter: String,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,7 +61,7 @@ enum Command {
 
 /// Runs the binary; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(&cli.log_filter);
+    init_logging(&cli.log.log_filter);
     let result = match cli.command {
         Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
         Command::Audit(cmd) => audit_command(cmd),
@@ -93,11 +85,7 @@ pub fn main(cli: Cli) -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = resolve_config(Role::Target, args)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(crate::run(
+    block_on_agent(crate::run(
         cfg,
         shutdown_signal(),
         RunOptions::default(),

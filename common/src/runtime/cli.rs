@@ -122,6 +122,31 @@ pub enum AuditCommand {
     },
 }
 
+/// `--log`, global to every subcommand of both binaries (flattened into their clap trees).
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, pgferry_common=debug.
+    #[arg(
+        long = "log",
+        id = "log_filter",
+        global = true,
+        env = "PGFERRY_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log_filter: String,
+}
+
+/// Runs an agent (`pgferry_source::run`, `pgferry_target::run`) on a multi-threaded runtime
+/// until it returns.
+pub fn block_on_agent(agent: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(agent)
+}
+
 /// Logging to stderr with a tracing filter (`--log`, `PGFERRY_LOG`).
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
