@@ -226,6 +226,13 @@ pub async fn run_agent<R: RoleDriver>(
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
 ) -> Result<()> {
+    // Poll the shutdown future once before anything else: the signal handler it installs
+    // (`cli::shutdown_signal`) is then in place before `agent_started` is recorded, so a
+    // SIGTERM that follows at once stops the agent cleanly instead of killing it.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let stop_requested =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready()))
+            .await;
     if role.role() != cfg.role {
         bail!(
             "this is the {} agent, but its configuration is for the {} role",
@@ -298,7 +305,9 @@ pub async fn run_agent<R: RoleDriver>(
         };
     }
 
-    shutdown.await;
+    if !stop_requested {
+        shutdown.await;
+    }
     drain_and_stop(&shared, &endpoint, tasks, role.as_ref()).await;
     Ok(())
 }
