@@ -130,6 +130,17 @@ fn wait_link_quiet(net: &NetnsPath) -> Result<()> {
     })
 }
 
+/// The 1-minute load average: above the core count, other work shared the machine (and the
+/// Python emulator) during the run.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Which TCP congestion control each established connection from `a` to `addr` uses
 /// (`ss -ti`), to confirm the per-route `congctl` took.
 fn tcp_cc_in_use(net: &NetnsPath, addr: &str) -> Result<Vec<String>> {
@@ -151,6 +162,7 @@ pub fn run(o: &Args) -> Result<()> {
     let rtt_ms = o
         .rtt_ms
         .context("--rtt-ms is required for the path cases")?;
+    let load_at_start = load_average();
     let limit = Duration::from_secs(o.path_timeout_secs);
     let dir = TestDir::new()?;
     let net = NetnsPath::create(NS_PREFIX)?.context(
@@ -460,6 +472,7 @@ pub fn run(o: &Args) -> Result<()> {
         "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio},
         "ssh_congestion_control_check": cc_check,
         "setup_emulator": setup_counters,
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
         "ping_rtt": ping_rtt,
         "basebackup": cases,
         "fairness": fairness,
@@ -612,11 +625,14 @@ fn markdown(r: &Value) -> String {
     let p = &r["path"];
     let limit = r["limit_s"].as_u64().unwrap_or(0);
     let mut s = format!(
-        "pgferry-bench path cases, {}: {} cores (shared with other work while it ran), {} \
+        "pgferry-bench path cases, {}: {} cores (load average over 1 min at the start {}, at the \
+         end {}), {} \
          repetition(s), {} ms RTT, {} Mbit/s (tc tbf), random loss each way; database {:.0} MB, \
          zstd -3 ratio of its files {:.2}; each measurement stopped after {limit} s\n",
         r["when"].as_str().unwrap_or("?"),
         r["cores"],
+        r["load_average_1min"]["start"],
+        r["load_average_1min"]["end"],
         r["reps"],
         p["rtt_ms"],
         p["rate_mbit"],
