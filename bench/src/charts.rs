@@ -4,6 +4,7 @@
 //! results.json ──► basebackup.png   pg_basebackup median time per contender, one panel per link
 //!              ├─► streams.png      raw tunnel MB/s per contender and stream count, per link
 //!              └─► wal-lag.png      standby lag over time (s and MB), one line per contender
+//! path-run.json ─► path-run.png     pg_basebackup time per contender, one panel per loss
 //! ```
 //!
 //! A chart whose data is absent is skipped, not an error. Text is rasterised with `ab_glyph`
@@ -31,10 +32,11 @@ pub fn render(results: &Value, out_dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("while creating {}", out_dir.display()))?;
     let mut written = Vec::new();
     type Chart = fn(&Value, &Path) -> Result<bool>;
-    let charts: [(&str, Chart); 3] = [
+    let charts: [(&str, Chart); 4] = [
         ("basebackup.png", basebackup),
         ("streams.png", streams),
         ("wal-lag.png", wal_lag),
+        ("path-run.png", path_run),
     ];
     for (name, chart) in charts {
         let path = out_dir.join(name);
@@ -98,6 +100,58 @@ fn basebackup(r: &Value, path: &Path) -> Result<bool> {
         "pg_basebackup -X stream, {:.0} MB database: median time of {}",
         r["dataset"]["database_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         reps(r)
+    );
+    bar_chart(path, &title, "time (s), shorter is better", "s", panels)
+}
+
+/// `path-run.png`: `pg_basebackup` time per contender on the emulated WAN path, one panel per
+/// loss; a measurement stopped at the limit is drawn at the limit and labelled so.
+fn path_run(r: &Value, path: &Path) -> Result<bool> {
+    let (losses, names) = crate::path::losses_and_contenders(r);
+    let limit = r["limit_s"].as_f64().unwrap_or(0.0);
+    let panels = losses
+        .iter()
+        .map(|&loss| Panel {
+            caption: format!("{loss}% random loss each way"),
+            bars: names
+                .iter()
+                .filter_map(|n| {
+                    let runs: Vec<&Value> = rows(&r["basebackup"])
+                        .filter(|c| {
+                            c["loss_percent"].as_f64() == Some(loss) && c["contender"] == n.as_str()
+                        })
+                        .collect();
+                    if runs.is_empty() {
+                        return None;
+                    }
+                    let secs: Option<Vec<f64>> =
+                        runs.iter().map(|c| c["seconds"].as_f64()).collect();
+                    let (label, value) = match secs {
+                        Some(mut v) => {
+                            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                            (n.clone(), v[v.len() / 2])
+                        }
+                        None => (format!("{n} (stopped at the limit)"), limit),
+                    };
+                    Some(Bar {
+                        label,
+                        value,
+                        color: color(if n.starts_with("ssh") {
+                            "ssh -L"
+                        } else {
+                            "pgferry"
+                        }),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    let p = &r["path"];
+    let title = format!(
+        "pg_basebackup -X stream, {:.0} MB, {} ms RTT, {} Mbit/s: time",
+        r["dataset"]["database_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        p["rtt_ms"],
+        p["rate_mbit"]
     );
     bar_chart(path, &title, "time (s), shorter is better", "s", panels)
 }

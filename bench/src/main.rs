@@ -12,9 +12,14 @@
 //!
 //! Writes `results.json`, `results.md` and PNG charts (`charts.rs`) to `--out`, and checks the
 //! targets of issue 4; `--charts-from FILE` redraws the charts of an existing results JSON.
+//!
+//! `--rtt-ms MS` runs the path cases instead (`path.rs`): an emulated WAN path with delay,
+//! random loss and a rate limit, where `ssh -L` (CUBIC and BBR) and pgferry (each QUIC
+//! congestion control) copy a base backup, and a fairness check against a TCP flow.
 //! Needs root, PostgreSQL 15, OpenSSH and iproute2: `bench/run` installs them and runs this.
 
 mod charts;
+mod path;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -77,9 +82,30 @@ struct Args {
     /// (no root needed).
     #[arg(long, value_name = "FILE")]
     charts_from: Option<PathBuf>,
+    /// Path cases instead of the links above: an emulated WAN path with this round-trip time
+    /// (bench/wan-emulator.py in a middle namespace, `--rate` Mbit/s with tc tbf), base backups
+    /// through ssh -L (CUBIC, BBR) and pgferry (cubic, bbr, newreno), and a fairness check.
+    /// Writes path-run.{json,md,png}.
+    #[arg(long, value_name = "MS")]
+    rtt_ms: Option<f64>,
+    /// Random loss of the path cases, percent per frame each way (comma-separated list).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,1")]
+    loss: Vec<f64>,
+    /// Path cases: stop a base backup after this many seconds (reported as "> N s").
+    #[arg(long, default_value_t = 400)]
+    path_timeout_secs: u64,
+    /// Path cases: seconds of the fairness check (pgferry and a TCP flow at once; 0: skip).
+    #[arg(long, default_value_t = 30)]
+    fairness_secs: u64,
     /// (internal) serve streams of mixed data on a loopback port.
     #[arg(long, hide = true)]
     serve_stream: bool,
+    /// (internal) with --serve-stream: serve incompressible bytes.
+    #[arg(long, hide = true)]
+    incompressible: bool,
+    /// (internal) read PORT SECS from the stream server for SECS seconds, print the bytes.
+    #[arg(long, hide = true, num_args = 2)]
+    read_for: Option<Vec<u64>>,
     /// (internal) read PORT BYTES CONNS from the stream server, print MB/s.
     #[arg(long, hide = true, num_args = 3)]
     read_stream: Option<Vec<usize>>,
@@ -88,7 +114,12 @@ struct Args {
 fn main() {
     let args = Args::parse();
     if args.serve_stream {
-        let port = stream_server(payload());
+        let data = if args.incompressible {
+            incompressible_payload()
+        } else {
+            payload()
+        };
+        let port = stream_server(data);
         println!("port {port}");
         loop {
             std::thread::park();
@@ -97,6 +128,16 @@ fn main() {
     if let Some(r) = &args.read_stream {
         match read_streams(r[0] as u16, r[1], r[2]) {
             Ok(mbs) => println!("MBps {mbs}"),
+            Err(e) => {
+                eprintln!("{e:#}");
+                std::process::exit(1)
+            }
+        }
+        return;
+    }
+    if let Some(r) = &args.read_for {
+        match read_for(r[0] as u16, Duration::from_secs(r[1])) {
+            Ok((bytes, per_s)) => println!("bytes {bytes} per_second {per_s}"),
             Err(e) => {
                 eprintln!("{e:#}");
                 std::process::exit(1)
@@ -114,7 +155,12 @@ fn main() {
         }
         return;
     }
-    if let Err(e) = run(&args) {
+    let result = if args.rtt_ms.is_some() {
+        path::run(&args)
+    } else {
+        run(&args)
+    };
+    if let Err(e) = result {
         eprintln!("pgferry-bench: error: {e:#}");
         std::process::exit(1);
     }
@@ -177,6 +223,54 @@ fn read_streams(port: u16, bytes: usize, conns: usize) -> Result<f64> {
         total += h.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
     }
     Ok(total as f64 / 1e6 / t.elapsed().as_secs_f64())
+}
+
+/// Reads one stream for `secs`; the bytes received, and MB received in each second
+/// (comma-separated).
+fn read_for(port: u16, secs: Duration) -> Result<(u64, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(&(64u64 << 30).to_be_bytes())?;
+    s.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut total, mut this_second) = (0u64, 0u64);
+    let mut per_s = Vec::new();
+    let start = Instant::now();
+    let mut next = Duration::from_secs(1);
+    while start.elapsed() < secs {
+        match s.read(&mut buf) {
+            Ok(0) => anyhow::bail!("the stream ended after {total} bytes"),
+            Ok(n) => {
+                total += n as u64;
+                this_second += n as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if start.elapsed() >= next {
+            per_s.push(format!("{:.2}", this_second as f64 / 1e6));
+            this_second = 0;
+            next += Duration::from_secs(1);
+        }
+    }
+    Ok((total, per_s.join(",")))
+}
+
+/// 64 MiB of pseudo-random bytes: what no compressor shrinks (pgferry sends it RAW, so its
+/// bytes on the link are about the bytes read, as ssh's are).
+fn incompressible_payload() -> Vec<u8> {
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut out = Vec::with_capacity(64 << 20);
+    while out.len() < 64 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
 }
 
 /// CPU seconds (user + system) used so far by these processes.
@@ -318,13 +412,20 @@ fn cmd_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
 }
 
 struct Sshd {
-    _server: ChildGuard,
+    server: ChildGuard,
     port: u16,
     addr: String,
     key: std::path::PathBuf,
 }
 
-/// sshd on the source side, listening on `addr`.
+impl Sshd {
+    fn pid(&self) -> u32 {
+        self.server.pid()
+    }
+}
+
+/// sshd on the source side, listening on `addr`. Sessions whose client vanished without a word
+/// (its namespace deleted) end after 30 s of unanswered keepalives.
 fn start_sshd(dir: &Path, ns: Option<&str>, addr: &str) -> Result<Sshd> {
     std::fs::create_dir_all(dir)?;
     std::fs::create_dir_all("/run/sshd")?;
@@ -345,7 +446,8 @@ fn start_sshd(dir: &Path, ns: Option<&str>, addr: &str) -> Result<Sshd> {
         &cfg,
         format!(
             "Port {port}\nListenAddress {addr}\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin yes\n\
-             PasswordAuthentication no\nUsePAM no\nPidFile {}\nStrictModes no\n",
+             PasswordAuthentication no\nUsePAM no\nPidFile {}\nStrictModes no\n\
+             ClientAliveInterval 10\nClientAliveCountMax 3\n",
             host_key.display(),
             auth.display(),
             dir.join("sshd.pid").display()
@@ -356,7 +458,7 @@ fn start_sshd(dir: &Path, ns: Option<&str>, addr: &str) -> Result<Sshd> {
     let server = ChildGuard::spawn_quiet("sshd", cmd)?;
     server.wait_for_output("Server listening on", Duration::from_secs(10))?;
     Ok(Sshd {
-        _server: server,
+        server,
         port,
         addr: addr.to_string(),
         key,
@@ -369,6 +471,7 @@ fn ssh_tunnel(
     ns: Option<&str>,
     to_port: u16,
     compress: bool,
+    bind: Option<&str>,
 ) -> Result<(ChildGuard, u16)> {
     let local = free_tcp_port();
     let mut cmd = cmd_in(ns, "ssh");
@@ -386,6 +489,11 @@ fn ssh_tunnel(
     .arg(&sshd.key);
     if compress {
         cmd.arg("-C");
+    }
+    if let Some(addr) = bind {
+        // The source address picks the route, and with it the congestion control, on the
+        // sshd side (see `NetnsPath::route_congctl`).
+        cmd.args(["-b", addr]);
     }
     cmd.args([
         "-p",
@@ -540,9 +648,9 @@ fn run(o: &Args) -> Result<()> {
     };
 
     let sshd = start_sshd(&dir.join("ssh"), ns_a, &addr_a)?;
-    let (_ssh_stream, ssh_stream_port) = ssh_tunnel(&sshd, ns_b, stream_port, false)?;
-    let (_ssh_pg, ssh_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, false)?;
-    let (_sshc_pg, sshc_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, true)?;
+    let (_ssh_stream, ssh_stream_port) = ssh_tunnel(&sshd, ns_b, stream_port, false, None)?;
+    let (_ssh_pg, ssh_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, false, None)?;
+    let (_sshc_pg, sshc_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, true, None)?;
     // Raw streams compare ssh -L and pgferry (direct TCP is the base-backup baseline).
     let chosen = |key: &str| o.contenders.iter().any(|c| c == key);
     let mut backups = vec![

@@ -3,7 +3,8 @@
 //! ```text
 //!   pg        PgCluster (initdb/pg_ctl as the postgres user), sample data, table digests
 //!   process   ChildGuard (captured output, SIGTERM with deadline), workspace binaries
-//!   netns     NetnsPair: two network namespaces joined by a veth pair
+//!   netns     NetnsPair: two network namespaces joined by a veth pair; NetnsPath: a WAN path
+//!             through a third namespace
 //! ```
 //!
 //! Waits poll a condition with a deadline ([`wait_until`]); nothing sleeps to synchronise.
@@ -17,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use netns::{sweep_stale_netns, NetnsPair};
+pub use netns::{sweep_stale_netns, NetnsPair, NetnsPath};
 pub use pg::{
     as_postgres, chown_postgres, connect_tcp, load_sample_data, pg_bin, pg_bindir, table_digest,
     table_digest_at, PgCluster, TestDir,

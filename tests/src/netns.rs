@@ -1,7 +1,11 @@
-//! Two "hosts" on one machine: network namespaces `a` and `b` joined by a veth pair.
+//! Two "hosts" on one machine: network namespaces `a` and `b` joined by a veth pair
+//! ([`NetnsPair`]), or by a path through a third namespace that emulates a WAN ([`NetnsPath`]).
 //!
 //! ```text
-//!   ns a: lo, veth-a 10.213.N.1/30  ◄── veth ──►  ns b: lo, veth-b 10.213.N.2/30
+//!   NetnsPair   ns a: veth-a 10.213.N.1/30  ◄── veth ──►  ns b: veth-b 10.213.N.2/30
+//!
+//!   NetnsPath   ns a: veth-a 10.214.N.1/24 ◄─veth─► ns mid: mid-a ═ (program) ═ mid-b ◄─veth─►
+//!               ns b: veth-b 10.214.N.2/24 (and .3)
 //! ```
 
 use std::process::Command;
@@ -131,6 +135,186 @@ impl Drop for NetnsPair {
     fn drop(&mut self) {
         // Deleting a namespace deletes its end of the veth, and with it the other end.
         for ns in [&self.a, &self.b] {
+            let _ = ip(&["netns", "delete", ns]);
+        }
+    }
+}
+
+/// Three namespaces in a line, `a ── mid ── b`: `mid` owns one end of each veth pair and no
+/// addresses, so nothing passes until a program joins `mid_a` and `mid_b` (the bench's
+/// `wan-emulator.py`, which delays and drops frames at layer 2). `a` and `b` share one /24, as
+/// two hosts behind one bridge; `b` has a second address, `addr_b2`, so that two TCP flows
+/// from `b` can get different routes (and congestion controls) in `a`. Deleted on drop.
+pub struct NetnsPath {
+    pub a: String,
+    pub mid: String,
+    pub b: String,
+    pub addr_a: String,
+    pub addr_b: String,
+    pub addr_b2: String,
+    /// `a`'s end, `mid`'s end towards `a`, `mid`'s end towards `b`, `b`'s end.
+    pub veth_a: String,
+    pub mid_a: String,
+    pub mid_b: String,
+    pub veth_b: String,
+}
+
+impl NetnsPath {
+    /// Creates the three namespaces and both veth pairs, all up, or `Ok(None)` (with the reason
+    /// on stderr) where namespaces cannot be made.
+    pub fn create(prefix: &str) -> Result<Option<Self>> {
+        sweep_stale_netns(prefix);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("{prefix}{pid}x{n}");
+        // veth names are limited to 15 bytes.
+        let short = format!("{:x}", (pid << 4) ^ n);
+        let net = format!(
+            "10.214.{}",
+            (pid.wrapping_mul(7).wrapping_add(n) % 250) as u8
+        );
+        if let Err(e) = ip(&["netns", "add", &format!("{tag}a")]) {
+            eprintln!("network namespaces unavailable: {e}");
+            return Ok(None);
+        }
+        let path = NetnsPath {
+            a: format!("{tag}a"),
+            mid: format!("{tag}m"),
+            b: format!("{tag}b"),
+            addr_a: format!("{net}.1"),
+            addr_b: format!("{net}.2"),
+            addr_b2: format!("{net}.3"),
+            veth_a: format!("vpa{short}"),
+            mid_a: format!("vpx{short}"),
+            mid_b: format!("vpy{short}"),
+            veth_b: format!("vpb{short}"),
+        };
+        path.setup()?;
+        Ok(Some(path))
+    }
+
+    fn setup(&self) -> Result<()> {
+        ip(&["netns", "add", &self.mid])?;
+        ip(&["netns", "add", &self.b])?;
+        for (ns, dev, mid_dev) in [
+            (&self.a, &self.veth_a, &self.mid_a),
+            (&self.b, &self.veth_b, &self.mid_b),
+        ] {
+            ip(&[
+                "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", mid_dev, "netns",
+                &self.mid,
+            ])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &self.mid, "link", "set", mid_dev, "up"])?;
+        }
+        ip(&[
+            "-n",
+            &self.a,
+            "addr",
+            "add",
+            &format!("{}/24", self.addr_a),
+            "dev",
+            &self.veth_a,
+        ])?;
+        for addr in [&self.addr_b, &self.addr_b2] {
+            ip(&[
+                "-n",
+                &self.b,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &self.veth_b,
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// The four veth ends, each with its namespace.
+    fn ends(&self) -> [(&str, &str); 4] {
+        [
+            (&self.a, &self.veth_a),
+            (&self.mid, &self.mid_a),
+            (&self.mid, &self.mid_b),
+            (&self.b, &self.veth_b),
+        ]
+    }
+
+    /// Turns GRO, GSO, TSO and checksum offloads off on all four ends (`ethtool -K`), so that
+    /// every frame the middle program sees is a real packet of at most the MTU, with its
+    /// checksum filled in.
+    pub fn offloads_off(&self) -> Result<()> {
+        for (ns, dev) in self.ends() {
+            command_output(NetnsPair::command(ns, "ethtool").args([
+                "-K", dev, "gro", "off", "gso", "off", "tso", "off", "tx", "off", "rx", "off",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// Limits what `mid` sends on each side to `mbit` Mbit/s with a token bucket (the
+    /// bottleneck sits after the delay, as a router's queue does; a full queue drops).
+    pub fn limit_rate(&self, mbit: u32) -> Result<()> {
+        for dev in [&self.mid_a, &self.mid_b] {
+            command_output(NetnsPair::command(&self.mid, "tc").args([
+                "qdisc",
+                "replace",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kbit",
+                "latency",
+                "50ms",
+            ]))?;
+        }
+        Ok(())
+    }
+
+    /// In `a`, routes `to` (an address of `b`) with TCP congestion control `algo` (`cubic`,
+    /// `bbr`, …): the per-route `congctl`, since `net.ipv4.tcp_congestion_control` may not be
+    /// writable in a namespace.
+    pub fn route_congctl(&self, to: &str, algo: &str) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.a,
+            "route",
+            "replace",
+            &format!("{to}/32"),
+            "dev",
+            &self.veth_a,
+            "congctl",
+            algo,
+        ])?;
+        Ok(())
+    }
+
+    /// Bytes `a` has sent into the path towards `b` (counted before the delay, the loss and
+    /// the rate limiter).
+    pub fn tx_bytes_a(&self) -> Result<u64> {
+        read_counter(&self.a, &self.veth_a, "tx_bytes")
+    }
+
+    /// Bytes `b` has received from the path (what crossed it).
+    pub fn rx_bytes_b(&self) -> Result<u64> {
+        read_counter(&self.b, &self.veth_b, "rx_bytes")
+    }
+}
+
+fn read_counter(ns: &str, dev: &str, counter: &str) -> Result<u64> {
+    let s = command_output(
+        NetnsPair::command(ns, "cat").arg(format!("/sys/class/net/{dev}/statistics/{counter}")),
+    )?;
+    Ok(s.trim().parse()?)
+}
+
+impl Drop for NetnsPath {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.mid, &self.b] {
             let _ = ip(&["netns", "delete", ns]);
         }
     }

@@ -62,7 +62,9 @@ pub struct RunArgs {
     /// (default 5; bounds what a peer without a certificate can hold).
     #[arg(long)]
     pub handshake_timeout_secs: Option<u64>,
-    /// QUIC congestion control for what this agent sends: bbr, cubic (default) or newreno.
+    /// QUIC congestion control for what this agent sends: cubic (default), bbr or newreno.
+    /// bbr is far faster on a lossy path but overfills the bottleneck and crowds out other
+    /// traffic (README, Benchmark): use it on a dedicated link.
     #[arg(long, value_name = "bbr|cubic|newreno")]
     pub congestion_control: Option<String>,
     /// Target only: DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback
