@@ -587,26 +587,7 @@ fn run(o: &Args) -> Result<()> {
     let stream_ratio = sample.len() as f64 / zstd::bulk::compress(&sample, 3)?.len() as f64;
 
     let certs = dir.join("certs");
-    let c = |a: &[&str]| {
-        command_output(
-            Command::new(bin_path("pgferry-certs"))
-                .args(a)
-                .arg("--dir")
-                .arg(&certs),
-        )
-    };
-    c(&["init", "--migration", "bench"])?;
-    for (role, region) in [("source", "DE"), ("target", "FR")] {
-        c(&[
-            "issue",
-            "--role",
-            role,
-            "--region",
-            region,
-            "--name",
-            "localhost",
-        ])?;
-    }
+    pgferry_tests::certs::Certs::make_for(&certs, "bench")?;
     let (udp, pg_local, stream_local) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     std::fs::write(
         dir.join("source.toml"),

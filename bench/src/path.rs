@@ -489,26 +489,7 @@ fn start_ferries(
     stream_port: u16,
 ) -> Result<Vec<Ferry>> {
     let certs = dir.join("certs");
-    let c = |a: &[&str]| {
-        command_output(
-            Command::new(bin_path("pgferry-certs"))
-                .args(a)
-                .arg("--dir")
-                .arg(&certs),
-        )
-    };
-    c(&["init", "--migration", "bench"])?;
-    for (role, region) in [("source", "DE"), ("target", "FR")] {
-        c(&[
-            "issue",
-            "--role",
-            role,
-            "--region",
-            region,
-            "--name",
-            "localhost",
-        ])?;
-    }
+    pgferry_tests::certs::Certs::make_for(&certs, "bench")?;
     let addr_a = &net.addr_a;
     let mut ferries = Vec::new();
     for cc in QUIC_CCS {

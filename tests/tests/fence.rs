@@ -276,7 +276,9 @@ fn the_fence_refuses_every_other_client_and_unfence_restores_the_files() -> Resu
         let (lsn, report) = pg::fence(&own, FenceMode::ReadOnly).await?;
         eprintln!("fenced at {lsn}: {report:?}");
         assert!(report.sessions_ended >= 4, "{report:?}");
-        assert_eq!(report.connecting_ended, 2, "{report:?}");
+        // At least our two; another connection the postmaster forked meanwhile (seen under
+        // load: 3) is ended too, which is the point. Both of ours are checked below.
+        assert!(report.connecting_ended >= 2, "{report:?}");
         assert!(report.control_rule, "{report:?}");
         assert_eq!(
             report.replication_records as usize,
