@@ -3,12 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
 use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
     audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
-    LogArgs, RunArgs,
+    LogArgs, RoleFlags, RunArgs, TunnelArgs,
 };
 
 /// pgferry source agent: runs next to the old PostgreSQL and serves the tunnel.
@@ -25,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the agent: tunnel, forwarding, typed requests and audit log, until SIGTERM or Ctrl-C.
-    Run(Box<RunArgs>),
+    Run(Box<SourceRunArgs>),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -44,7 +46,34 @@ fn main() -> ExitCode {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `run` flags: the tunnel's, then the source's own.
+#[derive(Debug, Args)]
+struct SourceRunArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// Address of PostgreSQL for the `postgres` service (host:port or unix:/path; default
+    /// 127.0.0.1:5432).
+    #[arg(long, value_name = "ENDPOINT")]
+    upstream: Option<String>,
+    /// PostgreSQL connection string for the migration's typed requests (slots, status, fence,
+    /// digests), e.g. "host=127.0.0.1 port=5432 user=postgres dbname=postgres".
+    #[arg(long, value_name = "CONNINFO")]
+    pg_conninfo: Option<String>,
+    /// File with the password for --pg-conninfo (mode 0600; never logged).
+    #[arg(long, value_name = "FILE")]
+    pg_password_file: Option<PathBuf>,
+}
+
+fn run(args: SourceRunArgs) -> anyhow::Result<()> {
+    let args = RunArgs {
+        tunnel: args.tunnel,
+        role: RoleFlags {
+            upstream: args.upstream,
+            pg_conninfo: args.pg_conninfo,
+            pg_password_file: args.pg_password_file,
+            ..Default::default()
+        },
+    };
     let cfg = resolve_config(Role::Source, args)?;
     block_on_agent(pgferry_source::run(
         cfg,
@@ -63,5 +92,8 @@ mod tests {
         Cli::command().debug_assert();
         // The migration verbs are the target's: the source does not know them.
         assert!(Cli::try_parse_from(["pgferry-source", "cutover"]).is_err());
+        // Nor its run flags.
+        assert!(Cli::try_parse_from(["pgferry-source", "run", "--data-dir", "/x"]).is_err());
+        assert!(Cli::try_parse_from(["pgferry-source", "run", "--upstream", "unix:/s"]).is_ok());
     }
 }

@@ -14,7 +14,7 @@ use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
     audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
-    LogArgs, RunArgs,
+    LogArgs, RoleFlags, RunArgs, TunnelArgs,
 };
 
 /// pgferry target agent: runs on the new host, offers the source's PostgreSQL locally, and
@@ -33,7 +33,7 @@ pub struct Cli {
 enum Command {
     /// Run the agent: tunnel, local endpoints, admin socket and audit log, until SIGTERM or
     /// Ctrl-C.
-    Run(Box<RunArgs>),
+    Run(Box<TargetRunArgs>),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -83,7 +83,44 @@ pub fn main(cli: Cli) -> ExitCode {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `run` flags: the tunnel's, then the target's own.
+#[derive(Debug, Args)]
+pub struct TargetRunArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// Local endpoint clients connect to for the `postgres` service (host:port or
+    /// unix:/path; default 127.0.0.1:5433).
+    #[arg(long, value_name = "ENDPOINT")]
+    local: Option<String>,
+    /// DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback (e.g.
+    /// 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees them
+    /// as a loopback client. Written to the audit log.
+    #[arg(long)]
+    allow_non_loopback_local: bool,
+    /// Data directory of the new cluster (empty or absent before the clone).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
+    #[arg(long, value_name = "DIR")]
+    bindir: Option<PathBuf>,
+    /// Admin socket for `preflight`, `status`, … (default: pgferry-target.sock next to the
+    /// audit log; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+}
+
+fn run(args: TargetRunArgs) -> anyhow::Result<()> {
+    let args = RunArgs {
+        tunnel: args.tunnel,
+        role: RoleFlags {
+            local: args.local,
+            allow_non_loopback_local: args.allow_non_loopback_local,
+            data_dir: args.data_dir,
+            bindir: args.bindir,
+            admin_socket: args.admin_socket,
+            ..Default::default()
+        },
+    };
     let cfg = resolve_config(Role::Target, args)?;
     block_on_agent(crate::run(
         cfg,
@@ -223,5 +260,8 @@ mod tests {
                 ..
             })
         ));
+        // The source's run flags are not the target's.
+        assert!(Cli::try_parse_from(["pgferry-target", "run", "--upstream", "x:1"]).is_err());
+        assert!(Cli::try_parse_from(["pgferry-target", "run", "--data-dir", "/x"]).is_ok());
     }
 }

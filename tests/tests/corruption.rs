@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use pgferry_common::identity::Role;
-use pgferry_common::runtime::cli::{resolve_config, RunArgs};
+use pgferry_common::runtime::cli::{resolve_config, RoleFlags, RunArgs, TunnelArgs};
 use pgferry_common::runtime::pump::FaultInjection;
 use pgferry_common::runtime::RunOptions;
 use pgferry_tests::{free_tcp_port, free_udp_port, TestDir};
@@ -100,32 +100,44 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
         let source_cfg = resolve_config(
             Role::Source,
             RunArgs {
-                config: Some(cfg_path(
-                    "source.toml",
-                    format!("[[service]]\nname = \"blob\"\nupstream = \"127.0.0.1:{up_port}\"\n"),
-                )),
-                listen: Some(format!("127.0.0.1:{udp}")),
-                ca: Some(certs.ca()),
-                cert: Some(certs.pem("source")),
-                key: Some(certs.key("source")),
-                audit_log: Some(dir.join("source.audit.jsonl")),
-                ..Default::default()
+                tunnel: TunnelArgs {
+                    config: Some(cfg_path(
+                        "source.toml",
+                        format!("[[service]]\nname = \"blob\"\nupstream = \"127.0.0.1:{up_port}\"\n"),
+                    )),
+                    listen: Some(format!("127.0.0.1:{udp}")),
+                    ca: Some(certs.ca()),
+                    cert: Some(certs.pem("source")),
+                    key: Some(certs.key("source")),
+                    audit_log: Some(dir.join("source.audit.jsonl")),
+                    ..Default::default()
+                },
+                role: RoleFlags {
+
+                    ..Default::default()
+                },
             },
         )?;
         let target_audit = dir.join("target.audit.jsonl");
         let target_cfg = resolve_config(
             Role::Target,
             RunArgs {
-                config: Some(cfg_path(
-                    "target.toml",
-                    format!("[[service]]\nname = \"blob\"\nlocal = \"127.0.0.1:{local}\"\n[[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{}\"\n", free_tcp_port()),
-                )),
-                connect: Some(format!("127.0.0.1:{udp}")),
-                ca: Some(certs.ca()),
-                cert: Some(certs.pem("target")),
-                key: Some(certs.key("target")),
-                audit_log: Some(target_audit.clone()),
-                ..Default::default()
+                tunnel: TunnelArgs {
+                    config: Some(cfg_path(
+                        "target.toml",
+                        format!("[[service]]\nname = \"blob\"\nlocal = \"127.0.0.1:{local}\"\n[[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{}\"\n", free_tcp_port()),
+                    )),
+                    connect: Some(format!("127.0.0.1:{udp}")),
+                    ca: Some(certs.ca()),
+                    cert: Some(certs.pem("target")),
+                    key: Some(certs.key("target")),
+                    audit_log: Some(target_audit.clone()),
+                    ..Default::default()
+                },
+                role: RoleFlags {
+
+                    ..Default::default()
+                },
             },
         )?;
         let (stop_tx, stop_rx) = watch::channel(false);

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use pgferry_common::control::{FenceMode, Request, Response};
 use pgferry_common::identity::Role;
 use pgferry_common::preflight::{evaluate, TargetFacts};
-use pgferry_common::runtime::cli::{resolve_config, RunArgs};
+use pgferry_common::runtime::cli::{resolve_config, RoleFlags, RunArgs, TunnelArgs};
 use pgferry_common::runtime::digest;
 use pgferry_common::runtime::RunOptions;
 use pgferry_source::pg;
@@ -193,29 +193,39 @@ fn requests_cross_the_tunnel_and_are_audited() -> Result<()> {
         let source_cfg = resolve_config(
             Role::Source,
             RunArgs {
-                listen: Some(format!("127.0.0.1:{udp}")),
-                ca: Some(certs.ca()),
-                cert: Some(certs.pem("source")),
-                key: Some(certs.key("source")),
-                audit_log: Some(source_audit.clone()),
-                upstream: Some(format!("127.0.0.1:{port}")),
-                pg_conninfo: Some(format!(
-                    "host=127.0.0.1 port={port} user=postgres dbname=postgres"
-                )),
-                pg_password_file: Some(pwfile.clone()),
-                ..Default::default()
+                tunnel: TunnelArgs {
+                    listen: Some(format!("127.0.0.1:{udp}")),
+                    ca: Some(certs.ca()),
+                    cert: Some(certs.pem("source")),
+                    key: Some(certs.key("source")),
+                    audit_log: Some(source_audit.clone()),
+                    ..Default::default()
+                },
+                role: RoleFlags {
+                    upstream: Some(format!("127.0.0.1:{port}")),
+                    pg_conninfo: Some(format!(
+                        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+                    )),
+                    pg_password_file: Some(pwfile.clone()),
+                    ..Default::default()
+                },
             },
         )?;
         let target_cfg = resolve_config(
             Role::Target,
             RunArgs {
-                connect: Some(format!("127.0.0.1:{udp}")),
-                ca: Some(certs.ca()),
-                cert: Some(certs.pem("target")),
-                key: Some(certs.key("target")),
-                audit_log: Some(dir.join("target.audit.jsonl")),
-                local: Some(format!("127.0.0.1:{}", free_tcp_port())),
-                ..Default::default()
+                tunnel: TunnelArgs {
+                    connect: Some(format!("127.0.0.1:{udp}")),
+                    ca: Some(certs.ca()),
+                    cert: Some(certs.pem("target")),
+                    key: Some(certs.key("target")),
+                    audit_log: Some(dir.join("target.audit.jsonl")),
+                    ..Default::default()
+                },
+                role: RoleFlags {
+                    local: Some(format!("127.0.0.1:{}", free_tcp_port())),
+                    ..Default::default()
+                },
             },
         )?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

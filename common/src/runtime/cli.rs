@@ -12,9 +12,11 @@ use super::config::{AgentConfig, ConfigFile, Overrides};
 use crate::audit::{self, VerifyOptions};
 use crate::identity::Role;
 
-/// Flags of `run`. Each overrides the same setting in the config file.
-#[derive(Debug, Args, Default)]
-pub struct RunArgs {
+/// The `run` flags both agents take: the tunnel, its certificates, its audit log. Each
+/// overrides the same setting in the config file. Each binary flattens them into its own
+/// `run` flags, beside its role's.
+#[derive(Debug, Args, Default, Clone)]
+pub struct TunnelArgs {
     /// TOML configuration file (see README "Configuration reference"). Relative paths in it are
     /// resolved against the file's directory.
     #[arg(short, long, env = "PGFERRY_CONFIG")]
@@ -67,36 +69,34 @@ pub struct RunArgs {
     /// traffic (README, Benchmark): use it on a dedicated link.
     #[arg(long, value_name = "bbr|cubic|newreno")]
     pub congestion_control: Option<String>,
-    /// Target only: DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback
-    /// (e.g. 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees
-    /// them as a loopback client. Written to the audit log.
-    #[arg(long)]
-    pub allow_non_loopback_local: bool,
-    /// Source only: address of PostgreSQL for the `postgres` service (host:port or unix:/path;
-    /// default 127.0.0.1:5432).
-    #[arg(long, value_name = "ENDPOINT")]
+}
+
+/// The `run` flags of one role (filled by that role's binary from its own clap flags).
+#[derive(Debug, Default, Clone)]
+pub struct RoleFlags {
+    /// Source: `--upstream`, PostgreSQL for the `postgres` service.
     pub upstream: Option<String>,
-    /// Target only: local endpoint clients connect to for the `postgres` service (host:port or
-    /// unix:/path; default 127.0.0.1:5433).
-    #[arg(long, value_name = "ENDPOINT")]
-    pub local: Option<String>,
-    /// Source only: PostgreSQL connection string for the migration's typed requests (slots,
-    /// status, fence, digests), e.g. "host=127.0.0.1 port=5432 user=postgres dbname=postgres".
-    #[arg(long, value_name = "CONNINFO")]
+    /// Source: `--pg-conninfo`, for the migration's typed requests.
     pub pg_conninfo: Option<String>,
-    /// Source only: file with the password for --pg-conninfo (mode 0600; never logged).
-    #[arg(long, value_name = "FILE")]
+    /// Source: `--pg-password-file`.
     pub pg_password_file: Option<PathBuf>,
-    /// Target only: data directory of the new cluster (empty or absent before the clone).
-    #[arg(long, value_name = "DIR")]
+    /// Target: `--local`, the local endpoint of the `postgres` service.
+    pub local: Option<String>,
+    /// Target: `--allow-non-loopback-local`.
+    pub allow_non_loopback_local: bool,
+    /// Target: `--data-dir`.
     pub data_dir: Option<PathBuf>,
-    /// Target only: PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
-    #[arg(long, value_name = "DIR")]
+    /// Target: `--bindir`.
     pub bindir: Option<PathBuf>,
-    /// Target only: admin socket for `preflight`, `status`, … (default: pgferry-target.sock
-    /// next to the audit log; mode 0600).
-    #[arg(long, value_name = "PATH")]
+    /// Target: `--admin-socket`.
     pub admin_socket: Option<PathBuf>,
+}
+
+/// Everything `run` was given: the shared flags and the role's.
+#[derive(Debug, Default, Clone)]
+pub struct RunArgs {
+    pub tunnel: TunnelArgs,
+    pub role: RoleFlags,
 }
 
 /// `audit …`
@@ -163,49 +163,50 @@ pub fn init_logging(filter: &str) {
 
 /// Resolves `run` flags and the config file into an [`AgentConfig`].
 pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
-    let file = match &args.config {
+    let file = match &args.tunnel.config {
         Some(p) => ConfigFile::load(p)?,
         None => ConfigFile::default(),
     };
     let postgres_endpoint = match role {
         Role::Source => {
-            if args.local.is_some() {
+            if args.role.local.is_some() {
                 anyhow::bail!("--local is a target option; the source takes --upstream");
             }
-            args.upstream
+            args.role.upstream
         }
         Role::Target => {
-            if args.upstream.is_some() {
+            if args.role.upstream.is_some() {
                 anyhow::bail!("--upstream is a source option; the target takes --local");
             }
-            args.local
+            args.role.local
         }
     };
     let flags = Overrides {
-        ca: args.ca,
-        cert: args.cert,
-        key: args.key,
-        revocation_list: args.revocation_list,
-        listen: args.listen,
-        connect: args.connect,
-        server_name: args.server_name,
-        keep_alive_secs: args.keep_alive_secs,
-        idle_timeout_secs: args.idle_timeout_secs,
-        drain_timeout_secs: args.drain_timeout_secs,
-        handshake_timeout_secs: args.handshake_timeout_secs,
-        congestion_control: args.congestion_control,
-        allow_non_loopback_local: args.allow_non_loopback_local,
-        allowed_regions: args.allowed_regions,
-        audit_log: args.audit_log,
-        compression_level: args.compression_level,
+        ca: args.tunnel.ca,
+        cert: args.tunnel.cert,
+        key: args.tunnel.key,
+        revocation_list: args.tunnel.revocation_list,
+        listen: args.tunnel.listen,
+        connect: args.tunnel.connect,
+        server_name: args.tunnel.server_name,
+        keep_alive_secs: args.tunnel.keep_alive_secs,
+        idle_timeout_secs: args.tunnel.idle_timeout_secs,
+        drain_timeout_secs: args.tunnel.drain_timeout_secs,
+        handshake_timeout_secs: args.tunnel.handshake_timeout_secs,
+        congestion_control: args.tunnel.congestion_control,
+        allow_non_loopback_local: args.role.allow_non_loopback_local,
+        allowed_regions: args.tunnel.allowed_regions,
+        audit_log: args.tunnel.audit_log,
+        compression_level: args.tunnel.compression_level,
         postgres_endpoint,
-        pg_conninfo: args.pg_conninfo,
-        pg_password_file: args.pg_password_file,
-        data_dir: args.data_dir,
-        bindir: args.bindir,
-        admin_socket: args.admin_socket,
+        pg_conninfo: args.role.pg_conninfo,
+        pg_password_file: args.role.pg_password_file,
+        data_dir: args.role.data_dir,
+        bindir: args.role.bindir,
+        admin_socket: args.role.admin_socket,
     };
     let what = args
+        .tunnel
         .config
         .as_ref()
         .map_or_else(|| "flags".to_string(), |p| p.display().to_string());
