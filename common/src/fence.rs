@@ -1,6 +1,6 @@
 //! The fence's `pg_hba.conf`, as pure functions over bytes (DESIGN §8: "the fence is a
 //! guarantee, not a setting"). The side effects — saving the original, writing, reloading,
-//! ending sessions, restoring — are in `runtime::fence`; the reasoning is in `docs/fence.md`.
+//! ending sessions, restoring — are in the source agent (`agent-source/src/fence.rs`); the reasoning is in `docs/fence.md`.
 //!
 //! ```text
 //!   original pg_hba.conf ──► fenced_hba() ──► # pgferry fence v1 …            (header, marker)

@@ -31,7 +31,7 @@ use crate::migration::Lsn;
 /// 1 MiB ranges, 200 single-row updates a second scattered over a 1.1 GB table left 203
 /// ranges (203 MiB) to digest at the fence: 1.7 s of the 1.9 s write downtime. A smaller
 /// range costs memory while the cutover runs (48 bytes a range: 400 MB per TB of table,
-/// see `runtime::verify`) and nothing in the pre-pass, which reads runs of
+/// see `pgferry_target::verify`) and nothing in the pre-pass, which reads runs of
 /// [`MAX_RUN_RANGES`] ranges per statement whatever their size.
 pub const RANGE_BLOCKS: u32 = 16;
 /// Most ranges one `COPY` covers (16 MiB): short statements on the standby, which replay
