@@ -537,6 +537,50 @@ pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<
 mod tests {
     use super::*;
 
+    /// What the admin socket accepts: one typed request per line; anything else is refused with
+    /// the verbs it knows, and an endless line is cut at the bound.
+    #[tokio::test]
+    async fn admin_requests_are_typed_and_bounded() {
+        use tokio::io::AsyncWriteExt;
+        let ask = |bytes: Vec<u8>| async move {
+            let (mut client, mut server) = tokio::net::UnixStream::pair().unwrap();
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&bytes).await;
+                client
+            });
+            let r = read_request(&mut server).await;
+            // Closed first, so a writer still blocked on a full socket ends too.
+            drop(server);
+            drop(writer.await);
+            r
+        };
+        let ok = ask(br#"{"verb":"rollback","options":{"keep_slot":true}}
+"#
+        .to_vec())
+        .await
+        .unwrap();
+        assert_eq!(
+            ok,
+            AdminRequest::Rollback(pgferry_common::admin::RollbackOptions { keep_slot: true })
+        );
+        for bad in [
+            &br#"{"verb":"sql","options":"DROP DATABASE x"}
+"#[..],
+            &br#"{"verb":"cutover","options":{"max_lag":"lots"}}
+"#[..],
+            b"not json\n",
+        ] {
+            let e = format!("{:#}", ask(bad.to_vec()).await.unwrap_err());
+            assert!(
+                e.contains("preflight, status, clone, cutover, rollback"),
+                "{e}"
+            );
+        }
+        let endless = vec![b'x'; MAX_ADMIN_REQUEST * 2];
+        let e = format!("{:#}", ask(endless).await.unwrap_err());
+        assert!(e.contains("longer than"), "{e}");
+    }
+
     #[test]
     fn major_version_from_postgres_output() {
         assert_eq!(

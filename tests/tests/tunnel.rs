@@ -238,6 +238,17 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
             .map(|r| details(r)["streams"].as_u64().unwrap())
             .sum();
         assert_eq!(streams, closed.len() as u64, "{}", log.display());
+        // And what the path was like: the MTU discovery reached (QUIC's floor is 1200 B; on
+        // loopback it climbs above it), packets sent, the controller.
+        for r in audit_events(log, "session_ended") {
+            let path = &details(&r)["path"];
+            assert!(path["mtu"].as_u64().is_some_and(|m| m >= 1200), "{path}");
+            assert!(
+                path["sent_packets"].as_u64().is_some_and(|n| n > 0),
+                "{path}"
+            );
+            assert_eq!(path["congestion_control"], "cubic", "{path}");
+        }
     }
     let sent: u64 = closed
         .iter()

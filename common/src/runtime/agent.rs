@@ -1027,7 +1027,18 @@ fn record_session_ended(
 ) {
     let remote = conn.remote_address();
     let qs = conn.stats();
-    info!("tunnel with {remote} closed: {reason}");
+    let path = &qs.path;
+    // What the path was like: the MTU path-MTU discovery reached (1200 is QUIC's floor; a
+    // link that allows more but stays there halves throughput, quinn#1457), RTT and loss.
+    info!(
+        "tunnel with {remote} closed: {reason} (MTU {} B, RTT {} ms, {} of {} packets lost, {} congestion events, {})",
+        path.current_mtu,
+        path.rtt.as_millis(),
+        path.lost_packets,
+        path.sent_packets,
+        path.congestion_events,
+        shared.cfg.congestion_control
+    );
     shared.audit.record(
         "session_ended",
         json!({
@@ -1038,6 +1049,16 @@ fn record_session_ended(
             "streams": stats.streams.load(Ordering::SeqCst),
             "udp_bytes_sent": qs.udp_tx.bytes,
             "udp_bytes_received": qs.udp_rx.bytes,
+            "path": {
+                "mtu": path.current_mtu,
+                "rtt_ms": path.rtt.as_millis() as u64,
+                "min_rtt_ms": path.min_rtt.as_millis() as u64,
+                "sent_packets": path.sent_packets,
+                "lost_packets": path.lost_packets,
+                "congestion_events": path.congestion_events,
+                "black_holes_detected": path.black_holes_detected,
+                "congestion_control": shared.cfg.congestion_control.to_string(),
+            },
         }),
     );
     shared.audit.checkpoint();
