@@ -594,11 +594,9 @@ impl Prepass {
                 .collect();
             let top = theirs
                 .keys()
-                .last()
-                .copied()
-                .into_iter()
-                .chain(d.digests.iter().map(|dg| dg.range))
-                .max();
+                .chain(d.digests.iter().map(|dg| &dg.range))
+                .max()
+                .copied();
             if let Some(top) = top {
                 let n = top as usize + 1;
                 if t.std.len() < n {

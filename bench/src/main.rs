@@ -303,6 +303,22 @@ fn pids_named(names: &[&str]) -> Vec<u32> {
 }
 
 /// zstd -3 ratio of the database's own files, cut into 1 MiB chunks as pgferry does.
+/// Loads the mixed sample data, checkpoints, and prints its size and the zstd -3 ratio of its
+/// files; returns both.
+fn load_dataset(pg: &PgCluster, megabytes: u32) -> Result<(u64, f64)> {
+    let t = Instant::now();
+    load_sample_data(pg, megabytes)?;
+    pg.psql("CHECKPOINT")?;
+    let db_bytes: u64 = pg.psql("SELECT pg_database_size('postgres')")?.parse()?;
+    let ratio = dataset_ratio(&pg.datadir)?;
+    println!(
+        "dataset: {:.0} MB (loaded in {:.0} s), zstd -3 ratio of its files {ratio:.2}",
+        db_bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    Ok((db_bytes, ratio))
+}
+
 fn dataset_ratio(datadir: &Path) -> Result<f64> {
     let (mut raw, mut packed) = (0usize, 0usize);
     let mut files: Vec<PathBuf> = Vec::new();
@@ -402,11 +418,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// A command in namespace `ns` (or here).
 fn cmd_in(ns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
     match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(program);
-            c
-        }
+        Some(ns) => NetnsPair::command(ns, program),
         None => Command::new(program),
     }
 }
@@ -564,16 +576,7 @@ fn run(o: &Args) -> Result<()> {
     let mut pg = PgCluster::init(&dir.join("pg"), pg_port)?.with_netns(&net.a);
     pg.allow_from(&addr_a, &format!("{}/32", net.addr_b))?;
     pg.start()?;
-    let t = Instant::now();
-    load_sample_data(&pg, o.megabytes)?;
-    pg.psql("CHECKPOINT")?;
-    let db_bytes: u64 = pg.psql("SELECT pg_database_size('postgres')")?.parse()?;
-    let ratio = dataset_ratio(&pg.datadir)?;
-    println!(
-        "dataset: {:.0} MB (loaded in {:.0} s), zstd -3 ratio of its files {ratio:.2}",
-        db_bytes as f64 / 1e6,
-        t.elapsed().as_secs_f64()
-    );
+    let (db_bytes, ratio) = load_dataset(&pg, o.megabytes)?;
     let me = std::env::current_exe()?;
     let mut server = cmd_in(ns_a, &me);
     server.arg("--serve-stream");
@@ -586,8 +589,7 @@ fn run(o: &Args) -> Result<()> {
     let sample = payload();
     let stream_ratio = sample.len() as f64 / zstd::bulk::compress(&sample, 3)?.len() as f64;
 
-    let certs = dir.join("certs");
-    pgferry_tests::certs::Certs::make_for(&certs, "bench")?;
+    let certs = pgferry_tests::certs::Certs::make_for(&dir.join("certs"), "bench")?;
     let (udp, pg_local, stream_local) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     std::fs::write(
         dir.join("source.toml"),
@@ -608,12 +610,7 @@ fn run(o: &Args) -> Result<()> {
         cmd.arg("run")
             .arg("--config")
             .arg(dir.join(format!("{role}.toml")))
-            .arg("--ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(certs.join(format!("{role}.pem")))
-            .arg("--key")
-            .arg(certs.join(format!("{role}.key")))
+            .args(certs.tls_args(role))
             .arg("--audit-log")
             .arg(dir.join(format!("{role}.audit.jsonl")))
             .arg("--compression-level")

@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pgferry_tests::{
-    bin_path, command_output, free_tcp_port, free_udp_port, load_sample_data, pg_bin, wait_until,
-    ChildGuard, NetnsPair, NetnsPath, PgCluster, TestDir,
+    bin_path, command_output, free_tcp_port, free_udp_port, pg_bin, wait_until, ChildGuard,
+    NetnsPair, NetnsPath, PgCluster, TestDir,
 };
 use serde_json::{json, Value};
 
-use crate::{charts, dataset_ratio, ssh_tunnel, start_sshd, Args};
+use crate::{charts, load_dataset, ssh_tunnel, start_sshd, Args};
 
 /// Namespace prefix of the path run (unique to it; stale ones from a killed run are swept).
 const NS_PREFIX: &str = "pgfccpath";
@@ -187,16 +187,7 @@ pub fn run(o: &Args) -> Result<()> {
     let pg_port = free_tcp_port();
     let mut pg = PgCluster::init(&dir.join("pg"), pg_port)?.with_netns(ns_a);
     pg.start()?;
-    let t = Instant::now();
-    load_sample_data(&pg, o.megabytes)?;
-    pg.psql("CHECKPOINT")?;
-    let db_bytes: u64 = pg.psql("SELECT pg_database_size('postgres')")?.parse()?;
-    let ratio = dataset_ratio(&pg.datadir)?;
-    println!(
-        "dataset: {:.0} MB (loaded in {:.0} s), zstd -3 ratio of its files {ratio:.2}",
-        db_bytes as f64 / 1e6,
-        t.elapsed().as_secs_f64()
-    );
+    let (db_bytes, ratio) = load_dataset(&pg, o.megabytes)?;
     let me = std::env::current_exe()?;
     let mut server = NetnsPair::command(ns_a, &me);
     server.args(["--serve-stream", "--incompressible"]);
@@ -488,8 +479,7 @@ fn start_ferries(
     pg_port: u16,
     stream_port: u16,
 ) -> Result<Vec<Ferry>> {
-    let certs = dir.join("certs");
-    pgferry_tests::certs::Certs::make_for(&certs, "bench")?;
+    let certs = pgferry_tests::certs::Certs::make_for(&dir.join("certs"), "bench")?;
     let addr_a = &net.addr_a;
     let mut ferries = Vec::new();
     for cc in QUIC_CCS {
@@ -518,12 +508,7 @@ fn start_ferries(
             cmd.arg("run")
                 .arg("--config")
                 .arg(config(role))
-                .arg("--ca")
-                .arg(certs.join("ca.pem"))
-                .arg("--cert")
-                .arg(certs.join(format!("{role}.pem")))
-                .arg("--key")
-                .arg(certs.join(format!("{role}.key")))
+                .args(certs.tls_args(role))
                 .arg("--audit-log")
                 // One directory per pair: the target's admin socket sits beside its audit log.
                 .arg(home.join(format!("{role}.audit.jsonl")))

@@ -52,6 +52,19 @@ impl Certs {
         Ok((self.pem(name), self.key(name)))
     }
 
+    /// `--ca CA --cert NAME.pem --key NAME.key`: how an agent run with certificate `name`
+    /// is told who it is.
+    pub fn tls_args(&self, name: &str) -> Vec<std::ffi::OsString> {
+        vec![
+            "--ca".into(),
+            self.ca().into(),
+            "--cert".into(),
+            self.pem(name).into(),
+            "--key".into(),
+            self.key(name).into(),
+        ]
+    }
+
     pub fn pem(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.pem"))
     }

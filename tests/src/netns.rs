@@ -31,6 +31,26 @@ fn ip(args: &[&str]) -> Result<String> {
     command_output(Command::new("ip").args(args))
 }
 
+/// What `dev` in `ns` sends, limited to `mbit` Mbit/s by `tc tbf` (a full queue drops, as a
+/// router's does).
+fn token_bucket(ns: &str, dev: &str, mbit: u32) -> Result<()> {
+    command_output(NetnsPair::command(ns, "tc").args([
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "tbf",
+        "rate",
+        &format!("{mbit}mbit"),
+        "burst",
+        "256kbit",
+        "latency",
+        "50ms",
+    ]))
+    .map(drop)
+}
+
 impl NetnsPair {
     /// Creates the pair, or `Ok(None)` (with the reason on stderr) where namespaces cannot be
     /// made (no privilege, no `ip`).
@@ -108,24 +128,7 @@ impl NetnsPair {
     /// Limits both ends of the link to `mbit` Mbit/s with a token bucket.
     pub fn limit_rate(&self, mbit: u32) -> Result<()> {
         for (ns, dev) in [(&self.a, &self.veth_a), (&self.b, &self.veth_b)] {
-            command_output(Command::new("ip").args([
-                "netns",
-                "exec",
-                ns,
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                &format!("{mbit}mbit"),
-                "burst",
-                "256kbit",
-                "latency",
-                "50ms",
-            ]))?;
+            token_bucket(ns, dev, mbit)?;
         }
         Ok(())
     }
@@ -257,20 +260,7 @@ impl NetnsPath {
     /// bottleneck sits after the delay, as a router's queue does; a full queue drops).
     pub fn limit_rate(&self, mbit: u32) -> Result<()> {
         for dev in [&self.mid_a, &self.mid_b] {
-            command_output(NetnsPair::command(&self.mid, "tc").args([
-                "qdisc",
-                "replace",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                &format!("{mbit}mbit"),
-                "burst",
-                "256kbit",
-                "latency",
-                "50ms",
-            ]))?;
+            token_bucket(&self.mid, dev, mbit)?;
         }
         Ok(())
     }

@@ -56,12 +56,7 @@ fn a_second_agent_on_a_running_agents_audit_log_is_refused() -> Result<()> {
         // log is the only thing the two agents share.
         let mut cmd = Command::new(bin_path(&format!("pgferry-{role}")));
         cmd.arg("run")
-            .arg("--ca")
-            .arg(certs.ca())
-            .arg("--cert")
-            .arg(certs.pem(role))
-            .arg("--key")
-            .arg(certs.key(role))
+            .args(certs.tls_args(role))
             .arg("--audit-log")
             .arg(&first.audit)
             .args(lone_agent_args(role, free_udp_port(), free_tcp_port()));

@@ -15,7 +15,7 @@ mod support;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pgferry_tests::{as_postgres, pg_bin, PgCluster};
+use pgferry_tests::{as_postgres, pg_bin, ChildGuard, PgCluster};
 use support::migration::MigrationRig;
 
 fn prepare(pg: &PgCluster) -> Result<()> {
@@ -43,6 +43,26 @@ fn answer(output: &str) -> Result<serde_json::Value> {
         .with_context(|| format!("bad JSON answer in:\n{output}"))
 }
 
+/// Runs `write` in a transaction left open on the source, then starts `cutover --json` and
+/// returns once its pre-pass says it waits for that transaction (the connection holding it,
+/// and the running cutover).
+fn cutover_held_by_open_transaction(
+    rig: &MigrationRig,
+    rt: &tokio::runtime::Runtime,
+    write: &str,
+) -> Result<(tokio_postgres::Client, ChildGuard)> {
+    let open = rt.block_on(rig.pg.connect("127.0.0.1", rig.pg.port))?;
+    rt.block_on(open.batch_execute(&format!("BEGIN; {write}")))?;
+    let cutover = rig.spawn_cmd("cutover", &["--json"])?;
+    cutover
+        .wait_for_output(
+            "waiting for transactions open since it began",
+            Duration::from_secs(120),
+        )
+        .context("the pre-pass did not wait for the open transaction")?;
+    Ok((open, cutover))
+}
+
 fn digest_rows(report: &serde_json::Value, table: &str) -> Option<u64> {
     report["digests"]
         .as_array()?
@@ -59,17 +79,11 @@ fn a_transaction_open_across_the_prepass_is_waited_for_and_its_rows_verified() -
     assert!(ok, "{out}");
 
     // Rows written, not committed, before the cutover (and so before its pre-pass) starts.
-    let open = rt.block_on(rig.pg.connect("127.0.0.1", rig.pg.port))?;
-    rt.block_on(open.batch_execute(
-        "BEGIN; INSERT INTO ferry.late SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g",
-    ))?;
-    let mut cutover = rig.spawn_cmd("cutover", &["--json"])?;
-    cutover
-        .wait_for_output(
-            "waiting for transactions open since it began",
-            Duration::from_secs(120),
-        )
-        .context("the pre-pass did not wait for the open transaction")?;
+    let (open, mut cutover) = cutover_held_by_open_transaction(
+        &rig,
+        &rt,
+        "INSERT INTO ferry.late SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g",
+    )?;
     // Nothing fenced while it waits.
     assert!(
         matches!(rig.phase().as_deref(), Some("catching_up" | "ready")),
@@ -188,17 +202,11 @@ fn the_source_agent_killed_during_the_prepass_fences_nothing_and_the_cutover_run
         .collect::<std::io::Result<_>>()?;
 
     // An open transaction holds the pre-pass in its wait, on the source agent.
-    let open = rt.block_on(rig.pg.connect("127.0.0.1", rig.pg.port))?;
-    rt.block_on(
-        open.batch_execute("BEGIN; INSERT INTO ferry.late VALUES (1, 'open across the pre-pass')"),
+    let (open, mut cutover) = cutover_held_by_open_transaction(
+        &rig,
+        &rt,
+        "INSERT INTO ferry.late VALUES (1, 'open across the pre-pass')",
     )?;
-    let mut cutover = rig.spawn_cmd("cutover", &["--json"])?;
-    cutover
-        .wait_for_output(
-            "waiting for transactions open since it began",
-            Duration::from_secs(120),
-        )
-        .context("the pre-pass did not wait for the open transaction")?;
     rig.kill_and_restart_source()?;
     rt.block_on(open.batch_execute("COMMIT"))?;
 

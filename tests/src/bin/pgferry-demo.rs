@@ -103,13 +103,9 @@ fn demo(mb: u32) -> Result<()> {
     println!("pgferry demo in {}", dir.path().display());
 
     step(1, "certificates (pgferry-certs)");
-    let certs = dir.join("certs");
-    pgferry_tests::certs::Certs::make_for(&certs, "demo")?;
+    let certs = pgferry_tests::certs::Certs::make_for(&dir.join("certs"), "demo")?;
     for (role, region) in [("source", "DE"), ("target", "FR")] {
-        println!(
-            "  {role}: region {region}, {}",
-            certs.join(format!("{role}.pem")).display()
-        );
+        println!("  {role}: region {region}, {}", certs.pem(role).display());
     }
 
     step(2, &format!("source cluster with ~{mb} MB of sample data"));
@@ -148,12 +144,7 @@ fn demo(mb: u32) -> Result<()> {
     let agent = |role: &str, extra: &[String]| -> Result<ChildGuard> {
         let mut cmd = Command::new(bin_path(&format!("pgferry-{role}")));
         cmd.arg("run")
-            .arg("--ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--cert")
-            .arg(certs.join(format!("{role}.pem")))
-            .arg("--key")
-            .arg(certs.join(format!("{role}.key")))
+            .args(certs.tls_args(role))
             .arg("--audit-log")
             .arg(dir.join(format!("{role}.audit.jsonl")))
             .args(extra);
@@ -302,7 +293,7 @@ fn demo(mb: u32) -> Result<()> {
         .arg("--peer")
         .arg(&s_log)
         .arg("--ca")
-        .arg(certs.join("ca.pem"))
+        .arg(certs.ca())
         .output()?;
     for l in String::from_utf8_lossy(&verdict.stdout).lines() {
         println!("  {l}");

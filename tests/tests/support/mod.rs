@@ -57,12 +57,7 @@ impl Agent {
             None => Command::new(bin),
         };
         cmd.arg("run")
-            .arg("--ca")
-            .arg(certs.ca())
-            .arg("--cert")
-            .arg(certs.pem(cert_name))
-            .arg("--key")
-            .arg(certs.key(cert_name))
+            .args(certs.tls_args(cert_name))
             .arg("--audit-log")
             .arg(&audit)
             .args(args)
