@@ -60,6 +60,9 @@ pub struct ChildGuard {
     name: String,
     child: Child,
     output: Arc<Mutex<String>>,
+    /// Standard output alone: the two streams are read by separate threads, so in `output` a
+    /// line of one may land between two lines of the other.
+    stdout: Arc<Mutex<String>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -82,12 +85,18 @@ impl ChildGuard {
             .spawn()
             .with_context(|| format!("starting {what}"))?;
         let output = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
         let mut readers = Vec::new();
-        let streams: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().expect("piped")),
-            Box::new(child.stderr.take().expect("piped")),
+        // Each stream, and the buffer it also goes to alone (stdout's).
+        type Stream = (Box<dyn Read + Send>, Option<Arc<Mutex<String>>>);
+        let streams: Vec<Stream> = vec![
+            (
+                Box::new(child.stdout.take().expect("piped")),
+                Some(stdout.clone()),
+            ),
+            (Box::new(child.stderr.take().expect("piped")), None),
         ];
-        for stream in streams {
+        for (stream, alone) in streams {
             let out = output.clone();
             let name = name.to_string();
             readers.push(std::thread::spawn(move || {
@@ -104,6 +113,12 @@ impl ChildGuard {
                             out.lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .push_str(&line);
+                            if let Some(alone) = &alone {
+                                alone
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push_str(&line);
+                            }
                         }
                     }
                 }
@@ -113,6 +128,7 @@ impl ChildGuard {
             name: name.to_string(),
             child,
             output,
+            stdout,
             readers,
         })
     }
@@ -124,6 +140,14 @@ impl ChildGuard {
     /// Everything the process printed so far.
     pub fn output(&self) -> String {
         self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// What the process printed on standard output alone, so far.
+    pub fn stdout(&self) -> String {
+        self.stdout
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

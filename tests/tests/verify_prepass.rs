@@ -95,7 +95,8 @@ fn a_transaction_open_across_the_prepass_is_waited_for_and_its_rows_verified() -
     let status = cutover.wait(Duration::from_secs(300))?;
     let output = cutover.output();
     assert!(status.success(), "{output}");
-    let a = answer(&output)?;
+    // Standard output alone: progress lines on stderr may land between its lines in `output`.
+    let a = answer(&cutover.stdout())?;
     let report = &a["report"];
     assert_eq!(report["verification"]["method"], "block_ranges", "{report}");
     assert!(
