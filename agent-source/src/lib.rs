@@ -10,6 +10,7 @@
 //! ```
 //!
 //! # Layout
+//! - [`config`]: the `[source]` section and `run` flags, beside the shared tunnel settings.
 //! - [`forward`]: each data stream → the configured upstream, pumped and verified.
 //! - [`requests`]: the control stream's typed requests, one at a time, audited.
 //! - [`pg`]: each request's fixed statements (facts, slots, status, stop, pre-pass).
@@ -18,6 +19,7 @@
 //! The binary (`main.rs`) only parses flags and calls [`run`].
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod fence;
 pub mod forward;
 pub mod pg;
@@ -33,10 +35,15 @@ use pgferry_common::runtime::agent::{
 };
 use pgferry_common::runtime::config::AgentConfig;
 
+use config::{SourceConfig, SourcePg};
+
 /// The source role: nothing to bind, no tasks of its own; per connection, the request server
 /// and the data streams.
 #[derive(Debug, Default)]
-pub struct Source;
+pub struct Source {
+    /// The connection for typed requests (`None`: answered with how to configure it).
+    pg: Option<SourcePg>,
+}
 
 impl RoleDriver for Source {
     fn role(&self) -> Role {
@@ -60,7 +67,7 @@ impl RoleDriver for Source {
             control.send,
             control.recv,
             control.buf,
-            tunnel.cfg().source_pg.clone(),
+            self.pg.clone(),
             move |event, details| audit.audit(event, details),
         ));
         let reason = forward::accept_data_streams(&tunnel, &conn).await;
@@ -73,9 +80,9 @@ impl RoleDriver for Source {
 
 /// Runs the source agent until `shutdown` resolves, then drains and stops.
 pub async fn run(
-    cfg: AgentConfig,
+    cfg: SourceConfig,
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
 ) -> Result<()> {
-    run_agent(cfg, Source, shutdown, opts).await
+    run_agent(cfg.tunnel, Source { pg: cfg.pg }, shutdown, opts).await
 }

@@ -3,15 +3,12 @@
 
 use std::process::ExitCode;
 
-use std::path::PathBuf;
-
-use clap::{Args, Parser, Subcommand};
-use pgferry_common::identity::Role;
+use clap::{Parser, Subcommand};
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
-    audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
-    LogArgs, RoleFlags, RunArgs, TunnelArgs,
+    audit_command, block_on_agent, init_logging, shutdown_signal, AuditCommand, LogArgs,
 };
+use pgferry_source::config::SourceRunArgs;
 
 /// pgferry source agent: runs next to the old PostgreSQL and serves the tunnel.
 #[derive(Debug, Parser)]
@@ -46,35 +43,8 @@ fn main() -> ExitCode {
     })
 }
 
-/// `run` flags: the tunnel's, then the source's own.
-#[derive(Debug, Args)]
-struct SourceRunArgs {
-    #[command(flatten)]
-    tunnel: TunnelArgs,
-    /// Address of PostgreSQL for the `postgres` service (host:port or unix:/path; default
-    /// 127.0.0.1:5432).
-    #[arg(long, value_name = "ENDPOINT")]
-    upstream: Option<String>,
-    /// PostgreSQL connection string for the migration's typed requests (slots, status, fence,
-    /// digests), e.g. "host=127.0.0.1 port=5432 user=postgres dbname=postgres".
-    #[arg(long, value_name = "CONNINFO")]
-    pg_conninfo: Option<String>,
-    /// File with the password for --pg-conninfo (mode 0600; never logged).
-    #[arg(long, value_name = "FILE")]
-    pg_password_file: Option<PathBuf>,
-}
-
 fn run(args: SourceRunArgs) -> anyhow::Result<()> {
-    let args = RunArgs {
-        tunnel: args.tunnel,
-        role: RoleFlags {
-            upstream: args.upstream,
-            pg_conninfo: args.pg_conninfo,
-            pg_password_file: args.pg_password_file,
-            ..Default::default()
-        },
-    };
-    let cfg = resolve_config(Role::Source, args)?;
+    let cfg = pgferry_source::config::resolve(args)?;
     block_on_agent(pgferry_source::run(
         cfg,
         shutdown_signal(),

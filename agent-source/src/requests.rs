@@ -16,8 +16,8 @@ use anyhow::{Context, Result};
 use bytes::BytesMut;
 use tracing::{info, warn};
 
+use crate::config::SourcePg;
 use pgferry_common::control::{self, ControlMessage, Response, MAX_CONTROL_MESSAGE};
-use pgferry_common::runtime::config::SourcePg;
 use pgferry_common::runtime::digest::ConnectFuture;
 use pgferry_common::runtime::pump;
 

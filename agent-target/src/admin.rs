@@ -19,9 +19,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::cli::AdminArgs;
+use crate::config::TargetSettings;
 use pgferry_common::admin::{AdminLine, AdminRequest};
 use pgferry_common::preflight::{Check, TargetFacts};
-use pgferry_common::runtime::config::{ConfigFile, TargetSettings};
 
 /// Longest admin request line accepted by the agent.
 pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
@@ -119,12 +119,7 @@ pub fn cli_verb(req: AdminRequest, args: &AdminArgs) -> Result<ExitCode> {
 fn socket_of(args: &AdminArgs) -> Result<PathBuf> {
     match (&args.admin_socket, &args.config) {
         (Some(p), _) => Ok(p.clone()),
-        (None, Some(c)) => ConfigFile::load(c)?.admin_socket().with_context(|| {
-            format!(
-                "{} names neither [target] admin_socket nor [audit] log; pass --admin-socket",
-                c.display()
-            )
-        }),
+        (None, Some(c)) => crate::config::admin_socket_of(c),
         (None, None) => {
             bail!("give --admin-socket PATH or --config FILE of the running target agent")
         }

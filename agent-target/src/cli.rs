@@ -10,11 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::admin::cli_verb;
 use pgferry_common::admin::{AdminRequest, RollbackOptions};
 
-use pgferry_common::identity::Role;
+use crate::config::TargetRunArgs;
 use pgferry_common::runtime::agent::RunOptions;
 use pgferry_common::runtime::cli::{
-    audit_command, block_on_agent, init_logging, resolve_config, shutdown_signal, AuditCommand,
-    LogArgs, RoleFlags, RunArgs, TunnelArgs,
+    audit_command, block_on_agent, init_logging, shutdown_signal, AuditCommand, LogArgs,
 };
 
 /// pgferry target agent: runs on the new host, offers the source's PostgreSQL locally, and
@@ -83,45 +82,8 @@ pub fn main(cli: Cli) -> ExitCode {
     })
 }
 
-/// `run` flags: the tunnel's, then the target's own.
-#[derive(Debug, Args)]
-pub struct TargetRunArgs {
-    #[command(flatten)]
-    tunnel: TunnelArgs,
-    /// Local endpoint clients connect to for the `postgres` service (host:port or
-    /// unix:/path; default 127.0.0.1:5433).
-    #[arg(long, value_name = "ENDPOINT")]
-    local: Option<String>,
-    /// DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback (e.g.
-    /// 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees them
-    /// as a loopback client. Written to the audit log.
-    #[arg(long)]
-    allow_non_loopback_local: bool,
-    /// Data directory of the new cluster (empty or absent before the clone).
-    #[arg(long, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
-    #[arg(long, value_name = "DIR")]
-    bindir: Option<PathBuf>,
-    /// Admin socket for `preflight`, `status`, … (default: pgferry-target.sock next to the
-    /// audit log; mode 0600).
-    #[arg(long, value_name = "PATH")]
-    admin_socket: Option<PathBuf>,
-}
-
 fn run(args: TargetRunArgs) -> anyhow::Result<()> {
-    let args = RunArgs {
-        tunnel: args.tunnel,
-        role: RoleFlags {
-            local: args.local,
-            allow_non_loopback_local: args.allow_non_loopback_local,
-            data_dir: args.data_dir,
-            bindir: args.bindir,
-            admin_socket: args.admin_socket,
-            ..Default::default()
-        },
-    };
-    let cfg = resolve_config(Role::Target, args)?;
+    let cfg = crate::config::resolve(args)?;
     block_on_agent(crate::run(
         cfg,
         shutdown_signal(),

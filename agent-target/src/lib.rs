@@ -20,11 +20,13 @@
 //! - [`migrate`]: the executor of the migration's state machine (clone, catch-up, cutover,
 //!   rollback), persisting each phase in [`state_store`] before its side effects.
 //! - [`verify`]: the block-range pre-pass before the fence and its remainder at the fence.
+//! - [`config`]: the `[target]` section and `run` flags, beside the shared tunnel settings.
 //! - [`cli`]: this binary's clap tree.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
+pub mod config;
 pub mod control_client;
 pub mod local;
 pub mod migrate;
@@ -35,7 +37,7 @@ pub mod verify;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -43,7 +45,9 @@ use pgferry_common::identity::Role;
 use pgferry_common::runtime::agent::{
     run_agent, ControlStream, PeerConn, RoleDriver, RunOptions, Tunnel,
 };
-use pgferry_common::runtime::config::{AgentConfig, Endpoint, Service, TargetSettings};
+use pgferry_common::runtime::config::{AgentConfig, Endpoint, Service};
+
+use config::{TargetConfig, TargetSettings};
 use pgferry_common::runtime::pump;
 
 use control_client::ControlClient;
@@ -196,14 +200,16 @@ impl RoleDriver for Target {
 
 /// Runs the target agent until `shutdown` resolves, then drains and stops.
 pub async fn run(
-    cfg: AgentConfig,
+    cfg: TargetConfig,
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
     target: TargetOptions,
 ) -> Result<()> {
-    let settings = cfg
-        .target
-        .clone()
-        .context("the target agent needs its [target] settings")?;
-    run_agent(cfg, Target::new(settings, target), shutdown, opts).await
+    run_agent(
+        cfg.tunnel,
+        Target::new(cfg.settings, target),
+        shutdown,
+        opts,
+    )
+    .await
 }

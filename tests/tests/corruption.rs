@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use pgferry_common::identity::Role;
-use pgferry_common::runtime::cli::{resolve_config, RoleFlags, RunArgs, TunnelArgs};
+use pgferry_common::runtime::cli::TunnelArgs;
 use pgferry_common::runtime::pump::FaultInjection;
 use pgferry_common::runtime::RunOptions;
+use pgferry_source::config::SourceRunArgs;
+use pgferry_target::config::TargetRunArgs;
 use pgferry_tests::{free_tcp_port, free_udp_port, TestDir};
 use support::{audit_events, details, Certs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -97,10 +98,8 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
             std::fs::write(&p, body).unwrap();
             p
         };
-        let source_cfg = resolve_config(
-            Role::Source,
-            RunArgs {
-                tunnel: TunnelArgs {
+        let source_cfg = pgferry_source::config::resolve(SourceRunArgs {
+ tunnel: TunnelArgs {
                     config: Some(cfg_path(
                         "source.toml",
                         format!("[[service]]\nname = \"blob\"\nupstream = \"127.0.0.1:{up_port}\"\n"),
@@ -112,17 +111,12 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
                     audit_log: Some(dir.join("source.audit.jsonl")),
                     ..Default::default()
                 },
-                role: RoleFlags {
 
                     ..Default::default()
-                },
-            },
-        )?;
+ })?;
         let target_audit = dir.join("target.audit.jsonl");
-        let target_cfg = resolve_config(
-            Role::Target,
-            RunArgs {
-                tunnel: TunnelArgs {
+        let target_cfg = pgferry_target::config::resolve(TargetRunArgs {
+ tunnel: TunnelArgs {
                     config: Some(cfg_path(
                         "target.toml",
                         format!("[[service]]\nname = \"blob\"\nlocal = \"127.0.0.1:{local}\"\n[[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{}\"\n", free_tcp_port()),
@@ -134,12 +128,9 @@ fn corrupted_chunk_resets_only_its_stream_and_delivers_nothing_of_it() -> Result
                     audit_log: Some(target_audit.clone()),
                     ..Default::default()
                 },
-                role: RoleFlags {
 
                     ..Default::default()
-                },
-            },
-        )?;
+ })?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

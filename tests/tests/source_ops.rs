@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use pgferry_common::control::{FenceMode, Request, Response};
-use pgferry_common::identity::Role;
 use pgferry_common::preflight::{evaluate, TargetFacts};
-use pgferry_common::runtime::cli::{resolve_config, RoleFlags, RunArgs, TunnelArgs};
+use pgferry_common::runtime::cli::TunnelArgs;
 use pgferry_common::runtime::digest;
 use pgferry_common::runtime::RunOptions;
+use pgferry_source::config::SourceRunArgs;
 use pgferry_source::pg;
+use pgferry_target::config::TargetRunArgs;
 use pgferry_tests::free_udp_port;
 use pgferry_tests::{free_tcp_port, load_sample_data, table_digest, PgCluster, TestDir};
 use support::{audit_events, details, Certs};
@@ -190,44 +191,33 @@ fn requests_cross_the_tunnel_and_are_audited() -> Result<()> {
     rt.block_on(async {
         let udp = free_udp_port();
         let source_audit = dir.join("source.audit.jsonl");
-        let source_cfg = resolve_config(
-            Role::Source,
-            RunArgs {
-                tunnel: TunnelArgs {
-                    listen: Some(format!("127.0.0.1:{udp}")),
-                    ca: Some(certs.ca()),
-                    cert: Some(certs.pem("source")),
-                    key: Some(certs.key("source")),
-                    audit_log: Some(source_audit.clone()),
-                    ..Default::default()
-                },
-                role: RoleFlags {
-                    upstream: Some(format!("127.0.0.1:{port}")),
-                    pg_conninfo: Some(format!(
-                        "host=127.0.0.1 port={port} user=postgres dbname=postgres"
-                    )),
-                    pg_password_file: Some(pwfile.clone()),
-                    ..Default::default()
-                },
+        let source_cfg = pgferry_source::config::resolve(SourceRunArgs {
+            tunnel: TunnelArgs {
+                listen: Some(format!("127.0.0.1:{udp}")),
+                ca: Some(certs.ca()),
+                cert: Some(certs.pem("source")),
+                key: Some(certs.key("source")),
+                audit_log: Some(source_audit.clone()),
+                ..Default::default()
             },
-        )?;
-        let target_cfg = resolve_config(
-            Role::Target,
-            RunArgs {
-                tunnel: TunnelArgs {
-                    connect: Some(format!("127.0.0.1:{udp}")),
-                    ca: Some(certs.ca()),
-                    cert: Some(certs.pem("target")),
-                    key: Some(certs.key("target")),
-                    audit_log: Some(dir.join("target.audit.jsonl")),
-                    ..Default::default()
-                },
-                role: RoleFlags {
-                    local: Some(format!("127.0.0.1:{}", free_tcp_port())),
-                    ..Default::default()
-                },
+            upstream: Some(format!("127.0.0.1:{port}")),
+            pg_conninfo: Some(format!(
+                "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+            )),
+            pg_password_file: Some(pwfile.clone()),
+        })?;
+        let target_cfg = pgferry_target::config::resolve(TargetRunArgs {
+            tunnel: TunnelArgs {
+                connect: Some(format!("127.0.0.1:{udp}")),
+                ca: Some(certs.ca()),
+                cert: Some(certs.pem("target")),
+                key: Some(certs.key("target")),
+                audit_log: Some(dir.join("target.audit.jsonl")),
+                ..Default::default()
             },
-        )?;
+            local: Some(format!("127.0.0.1:{}", free_tcp_port())),
+            ..Default::default()
+        })?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -22,12 +22,12 @@ use tokio::io::AsyncReadExt;
 
 mod cutover;
 
+use crate::config::TargetSettings;
 use crate::control_client::ControlClient;
 use crate::state_store::StateStore;
 use pgferry_common::admin::TimelineStep;
 use pgferry_common::control::{FenceMode, Request, Response};
 use pgferry_common::migration::{Event, State};
-use pgferry_common::runtime::config::TargetSettings;
 
 /// What the executor needs from the running target agent.
 pub struct Executor<'a> {

@@ -1,5 +1,5 @@
-//! Command-line pieces both agent binaries use: the `run` flags and their resolution into an
-//! [`AgentConfig`], the `audit` subcommands, logging set-up and signal handling. Each binary
+//! Command-line pieces both agent binaries use: the shared `run` flags and their resolution into
+//! an [`AgentConfig`] (each role crate resolves its own section beside it), the `audit` subcommands, logging set-up and signal handling. Each binary
 //! has its own clap tree (`agent-source/src/main.rs`, `agent-target/src/cli.rs`).
 
 use std::path::PathBuf;
@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::config::{AgentConfig, ConfigFile, Overrides};
+use serde::de::DeserializeOwned;
+
+use super::config::{AgentConfig, ConfigFile, Overrides, RoleSection};
 use crate::audit::{self, VerifyOptions};
 use crate::identity::Role;
 
@@ -69,34 +71,6 @@ pub struct TunnelArgs {
     /// traffic (README, Benchmark): use it on a dedicated link.
     #[arg(long, value_name = "bbr|cubic|newreno")]
     pub congestion_control: Option<String>,
-}
-
-/// The `run` flags of one role (filled by that role's binary from its own clap flags).
-#[derive(Debug, Default, Clone)]
-pub struct RoleFlags {
-    /// Source: `--upstream`, PostgreSQL for the `postgres` service.
-    pub upstream: Option<String>,
-    /// Source: `--pg-conninfo`, for the migration's typed requests.
-    pub pg_conninfo: Option<String>,
-    /// Source: `--pg-password-file`.
-    pub pg_password_file: Option<PathBuf>,
-    /// Target: `--local`, the local endpoint of the `postgres` service.
-    pub local: Option<String>,
-    /// Target: `--allow-non-loopback-local`.
-    pub allow_non_loopback_local: bool,
-    /// Target: `--data-dir`.
-    pub data_dir: Option<PathBuf>,
-    /// Target: `--bindir`.
-    pub bindir: Option<PathBuf>,
-    /// Target: `--admin-socket`.
-    pub admin_socket: Option<PathBuf>,
-}
-
-/// Everything `run` was given: the shared flags and the role's.
-#[derive(Debug, Default, Clone)]
-pub struct RunArgs {
-    pub tunnel: TunnelArgs,
-    pub role: RoleFlags,
 }
 
 /// `audit …`
@@ -161,55 +135,64 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
-/// Resolves `run` flags and the config file into an [`AgentConfig`].
-pub fn resolve_config(role: Role, args: RunArgs) -> Result<AgentConfig> {
-    let file = match &args.tunnel.config {
-        Some(p) => ConfigFile::load(p)?,
-        None => ConfigFile::default(),
-    };
-    let postgres_endpoint = match role {
-        Role::Source => {
-            if args.role.local.is_some() {
-                anyhow::bail!("--local is a target option; the source takes --upstream");
-            }
-            args.role.upstream
-        }
-        Role::Target => {
-            if args.role.upstream.is_some() {
-                anyhow::bail!("--upstream is a source option; the target takes --local");
-            }
-            args.role.local
-        }
-    };
-    let flags = Overrides {
-        ca: args.tunnel.ca,
-        cert: args.tunnel.cert,
-        key: args.tunnel.key,
-        revocation_list: args.tunnel.revocation_list,
-        listen: args.tunnel.listen,
-        connect: args.tunnel.connect,
-        server_name: args.tunnel.server_name,
-        keep_alive_secs: args.tunnel.keep_alive_secs,
-        idle_timeout_secs: args.tunnel.idle_timeout_secs,
-        drain_timeout_secs: args.tunnel.drain_timeout_secs,
-        handshake_timeout_secs: args.tunnel.handshake_timeout_secs,
-        congestion_control: args.tunnel.congestion_control,
-        allow_non_loopback_local: args.role.allow_non_loopback_local,
-        allowed_regions: args.tunnel.allowed_regions,
-        audit_log: args.tunnel.audit_log,
-        compression_level: args.tunnel.compression_level,
-        postgres_endpoint,
-        pg_conninfo: args.role.pg_conninfo,
-        pg_password_file: args.role.pg_password_file,
-        data_dir: args.role.data_dir,
-        bindir: args.role.bindir,
-        admin_socket: args.role.admin_socket,
-    };
-    let what = args
-        .tunnel
+/// Reads `--config` (every section; `S` and `T` are the role sections as in [`ConfigFile`]),
+/// or an empty file when none is given.
+pub fn load_config<S, T>(tunnel: &TunnelArgs) -> Result<ConfigFile<S, T>>
+where
+    S: DeserializeOwned + RoleSection,
+    T: DeserializeOwned + RoleSection,
+{
+    match &tunnel.config {
+        Some(p) => ConfigFile::load(p),
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+/// Where the settings came from, for error context: the config file, or "flags".
+pub fn config_origin(tunnel: &TunnelArgs) -> String {
+    tunnel
         .config
         .as_ref()
-        .map_or_else(|| "flags".to_string(), |p| p.display().to_string());
+        .map_or_else(|| "flags".to_string(), |p| p.display().to_string())
+}
+
+/// The role's flags for the `postgres` service: `--upstream` on the source, `--local` (and
+/// `--allow-non-loopback-local`) on the target.
+#[derive(Debug, Default, Clone)]
+pub struct ServiceFlags {
+    /// The `postgres` service's endpoint on this side.
+    pub postgres_endpoint: Option<String>,
+    /// Target: `--allow-non-loopback-local`.
+    pub allow_non_loopback_local: bool,
+}
+
+/// Resolves the shared `run` flags and the file's shared sections into an [`AgentConfig`].
+pub fn resolve_tunnel(
+    role: Role,
+    tunnel: TunnelArgs,
+    file: ConfigFile,
+    service: ServiceFlags,
+) -> Result<AgentConfig> {
+    let what = config_origin(&tunnel);
+    let flags = Overrides {
+        ca: tunnel.ca,
+        cert: tunnel.cert,
+        key: tunnel.key,
+        revocation_list: tunnel.revocation_list,
+        listen: tunnel.listen,
+        connect: tunnel.connect,
+        server_name: tunnel.server_name,
+        keep_alive_secs: tunnel.keep_alive_secs,
+        idle_timeout_secs: tunnel.idle_timeout_secs,
+        drain_timeout_secs: tunnel.drain_timeout_secs,
+        handshake_timeout_secs: tunnel.handshake_timeout_secs,
+        congestion_control: tunnel.congestion_control,
+        allow_non_loopback_local: service.allow_non_loopback_local,
+        allowed_regions: tunnel.allowed_regions,
+        audit_log: tunnel.audit_log,
+        compression_level: tunnel.compression_level,
+        postgres_endpoint: service.postgres_endpoint,
+    };
     AgentConfig::resolve(role, file, flags).with_context(|| format!("configuration ({what})"))
 }
 

@@ -1,7 +1,8 @@
 //! Agent configuration: a TOML file plus command-line flags, resolved in two steps.
 //!
 //! [`ConfigFile`] is what the TOML says (everything optional, unknown keys rejected with the file
-//! and line); [`crate::runtime::cli::RunArgs`] are the flags. [`AgentConfig::resolve`] merges them
+//! and line); [`crate::runtime::cli::TunnelArgs`] are the flags. The role sections `[source]`
+//! and `[target]` belong to the role crates, which resolve them beside this. [`AgentConfig::resolve`] merges them
 //! (flags win), fills defaults, resolves relative paths against the config file's directory and
 //! validates everything an operator can get wrong *before* any socket is opened.
 //!
@@ -40,6 +41,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::control::valid_service_name;
@@ -68,10 +70,16 @@ pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:5432";
 /// Default local endpoint of the `postgres` service on the target host.
 pub const DEFAULT_LOCAL: &str = "127.0.0.1:5433";
 
-/// The TOML file as written by the operator.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConfigFile {
+/// The TOML file as written by the operator: the shared sections, and the role sections
+/// `[source]` (`S`) and `[target]` (`T`). Each binary reads its own section's type and
+/// [`Refused`] for the other role's, so a section in the wrong agent's file is an error naming
+/// the line, like any unknown key.
+#[derive(Debug, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    bound(deserialize = "S: Deserialize<'de>, T: Deserialize<'de>")
+)]
+pub struct ConfigFile<S = Refused, T = Refused> {
     /// `[tls]`
     #[serde(default)]
     pub tls: TlsSection,
@@ -90,96 +98,57 @@ pub struct ConfigFile {
     /// `[[service]]`
     #[serde(default)]
     pub service: Vec<ServiceSection>,
-    /// `[source]` (source agent only): how it reaches PostgreSQL for typed control requests.
-    #[serde(default)]
-    pub source: SourceSection,
-    /// `[target]` (target agent only): the new cluster and the admin socket.
-    #[serde(default)]
-    pub target: TargetSection,
+    /// `[source]`: the source agent's own settings (`pgferry_source::config`).
+    #[serde(default = "none")]
+    pub source: Option<S>,
+    /// `[target]`: the target agent's own settings (`pgferry_target::config`).
+    #[serde(default = "none")]
+    pub target: Option<T>,
 }
 
-/// `[target]`: where the new cluster goes and how operators reach the running agent.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetSection {
-    /// Data directory of the new cluster (must be empty or absent before the clone).
-    pub data_dir: Option<PathBuf>,
-    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
-    pub bindir: Option<PathBuf>,
-    /// Unix socket (mode 0600) that `pgferry-target preflight|status|…` talk to
-    /// (default: `pgferry-target.sock` next to the audit log).
-    pub admin_socket: Option<PathBuf>,
-    /// Port of the new cluster (default 5432).
-    pub port: Option<u16>,
-    /// Directory for the new cluster's unix socket (default /var/run/postgresql).
-    pub socket_dir: Option<PathBuf>,
-    /// OS user that owns and runs the new cluster; when the agent runs as root, PostgreSQL
-    /// tools run as this user (default: the agent's own user).
-    pub os_user: Option<String>,
-    /// Role used for the base backup and streaming replication (default postgres).
-    pub replication_user: Option<String>,
-    /// File with that role's password (first line; mode 0600; never logged).
-    pub replication_password_file: Option<PathBuf>,
-    /// Migration state file (default: `pgferry-target.state.json` next to the audit log).
-    pub state_file: Option<PathBuf>,
-    /// While the standby catches up, record the lag in the audit log this often (default 10 s).
-    pub lag_sample_secs: Option<u64>,
-    /// Keep the replication slot on the source after a rollback (default false: dropped, so
-    /// the source retains no WAL for a standby that will not come). A kept slot is reused by
-    /// the next migration of the same name.
-    pub keep_slot_on_rollback: Option<bool>,
+fn none<X>() -> Option<X> {
+    None
 }
 
-/// Default PostgreSQL binaries of the new cluster.
-pub const DEFAULT_BINDIR: &str = "/usr/lib/postgresql/15/bin";
-/// File name of the admin socket when none is configured (next to the audit log).
-pub const DEFAULT_ADMIN_SOCKET: &str = "pgferry-target.sock";
-
-/// The target agent's settings for the migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TargetSettings {
-    pub data_dir: Option<PathBuf>,
-    pub bindir: PathBuf,
-    pub admin_socket: PathBuf,
-    pub port: u16,
-    pub socket_dir: PathBuf,
-    pub os_user: Option<String>,
-    pub replication_user: String,
-    pub replication_password_file: Option<PathBuf>,
-    pub state_file: PathBuf,
-    pub lag_sample: Duration,
-    pub keep_slot_on_rollback: bool,
-}
-
-impl ConfigFile {
-    /// The admin socket a CLI verb should talk to, from this file alone.
-    pub fn admin_socket(&self) -> Option<PathBuf> {
-        self.target.admin_socket.clone().or_else(|| {
-            self.audit.log.as_ref().map(|l| {
-                l.parent()
-                    .unwrap_or(Path::new("."))
-                    .join(DEFAULT_ADMIN_SOCKET)
-            })
-        })
+impl<S, T> Default for ConfigFile<S, T> {
+    fn default() -> Self {
+        ConfigFile {
+            tls: TlsSection::default(),
+            network: NetworkSection::default(),
+            policy: PolicySection::default(),
+            audit: AuditSection::default(),
+            compression: CompressionSection::default(),
+            service: Vec::new(),
+            source: None,
+            target: None,
+        }
     }
 }
 
-/// `[source]`: the source agent's own PostgreSQL connection for the migration's typed requests
-/// (preflight facts, slots, status, fence, digests). Forwarded client traffic does not use it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceSection {
-    /// libpq-style connection string, e.g. `host=127.0.0.1 port=5432 user=postgres dbname=postgres`.
-    pub conninfo: Option<String>,
-    /// File holding the password (first line; mode 0600). Never logged.
-    pub password_file: Option<PathBuf>,
+/// A role section of the config file: which of its fields are paths (resolved against the
+/// file's directory, as the shared sections' paths are).
+pub trait RoleSection {
+    /// The section's path fields.
+    fn paths(&mut self) -> Vec<&mut Option<PathBuf>>;
 }
 
-/// The source agent's control connection to PostgreSQL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourcePg {
-    pub conninfo: String,
-    pub password_file: Option<PathBuf>,
+/// The other role's section: present in the file, it is refused with its line.
+#[derive(Debug)]
+pub enum Refused {}
+
+impl<'de> Deserialize<'de> for Refused {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> std::result::Result<Self, D::Error> {
+        Err(serde::de::Error::custom(
+            "this section is the other agent's: pgferry-source reads [source], pgferry-target \
+             reads [target] (give each agent its own file)",
+        ))
+    }
+}
+
+impl RoleSection for Refused {
+    fn paths(&mut self) -> Vec<&mut Option<PathBuf>> {
+        match *self {}
+    }
 }
 
 /// `[tls]`: certificate files.
@@ -275,36 +244,61 @@ impl OneOrMany {
     }
 }
 
-impl ConfigFile {
+impl<S, T> ConfigFile<S, T>
+where
+    S: DeserializeOwned + RoleSection,
+    T: DeserializeOwned + RoleSection,
+{
     /// Reads and parses a TOML file; errors name the file (and line, from the TOML parser).
+    /// Relative paths, in every section, are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading configuration {}", path.display()))?;
-        let mut cfg: ConfigFile = toml::from_str(&text)
+        let mut cfg: Self = toml::from_str(&text)
             .with_context(|| format!("parsing configuration {}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
+        let mut paths = vec![
             &mut cfg.tls.ca,
             &mut cfg.tls.cert,
             &mut cfg.tls.key,
             &mut cfg.tls.revocation_list,
             &mut cfg.audit.log,
-            &mut cfg.source.password_file,
-            &mut cfg.target.data_dir,
-            &mut cfg.target.bindir,
-            &mut cfg.target.admin_socket,
-            &mut cfg.target.socket_dir,
-            &mut cfg.target.replication_password_file,
-            &mut cfg.target.state_file,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        ];
+        paths.extend(cfg.source.iter_mut().flat_map(RoleSection::paths));
+        paths.extend(cfg.target.iter_mut().flat_map(RoleSection::paths));
+        for p in paths.into_iter().flatten() {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         Ok(cfg)
+    }
+}
+
+impl<S, T> ConfigFile<S, T> {
+    /// The shared sections (what [`AgentConfig::resolve`] reads) apart from the role sections.
+    pub fn split(self) -> (ConfigFile, Option<S>, Option<T>) {
+        let ConfigFile {
+            tls,
+            network,
+            policy,
+            audit,
+            compression,
+            service,
+            source,
+            target,
+        } = self;
+        let shared = ConfigFile {
+            tls,
+            network,
+            policy,
+            audit,
+            compression,
+            service,
+            source: None,
+            target: None,
+        };
+        (shared, source, target)
     }
 }
 
@@ -443,14 +437,10 @@ pub struct AgentConfig {
     pub compression_level: i32,
     /// Forwarded services.
     pub services: Vec<Service>,
-    /// Source only: PostgreSQL connection for typed control requests (`None`: requests are
-    /// answered with an error saying how to configure it).
-    pub source_pg: Option<SourcePg>,
-    /// Target only: the new cluster and the admin socket.
-    pub target: Option<TargetSettings>,
 }
 
-/// Flag values that override the file (all optional); filled from [`crate::runtime::cli::RunArgs`].
+/// Flag values that override the file (all optional); filled by
+/// [`crate::runtime::cli::resolve_tunnel`] from the shared flags and the role's endpoint flags.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     /// `--ca`
@@ -487,21 +477,14 @@ pub struct Overrides {
     pub compression_level: Option<i32>,
     /// `--upstream` (source) / `--local` (target) for the `postgres` service.
     pub postgres_endpoint: Option<String>,
-    /// `--pg-conninfo` (source)
-    pub pg_conninfo: Option<String>,
-    /// `--pg-password-file` (source)
-    pub pg_password_file: Option<PathBuf>,
-    /// `--data-dir` (target)
-    pub data_dir: Option<PathBuf>,
-    /// `--bindir` (target)
-    pub bindir: Option<PathBuf>,
-    /// `--admin-socket` (target)
-    pub admin_socket: Option<PathBuf>,
 }
 
 impl AgentConfig {
-    /// Merges file and flags (flags win), applies defaults and validates.
+    /// Merges the file's shared sections and the flags (flags win), applies defaults and
+    /// validates. The role sections are the role crates' (`pgferry_source::config`,
+    /// `pgferry_target::config`).
     pub fn resolve(role: Role, file: ConfigFile, flags: Overrides) -> Result<Self> {
+        let timers = Timers::resolve(&flags, &file.network)?;
         let need = |v: Option<PathBuf>, what: &str, flag: &str| -> Result<PathBuf> {
             v.with_context(|| {
                 format!("no {what} configured: set `{flag}` or [tls] in the config file")
@@ -511,62 +494,10 @@ impl AgentConfig {
         let cert = need(flags.cert.or(file.tls.cert), "certificate", "--cert")?;
         let key = need(flags.key.or(file.tls.key), "private key", "--key")?;
         let revocation_list = flags.revocation_list.or(file.tls.revocation_list);
-
-        let listen = flags.listen.or(file.network.listen);
-        let connect = flags.connect.or(file.network.connect);
-        let transport = match (listen, connect) {
-            (Some(_), Some(_)) => bail!(
-                "both `listen` and `connect` are set: one agent listens, the other dials (choose one)"
-            ),
-            (None, None) => bail!(
-                "neither `listen` nor `connect` is set: give `--listen 0.0.0.0:7443` on one agent and `--connect HOST:7443` on the other"
-            ),
-            (Some(l), None) => Transport::Listen(
-                l.parse()
-                    .with_context(|| format!("listen address {l:?} is not IP:port"))?,
-            ),
-            (None, Some(addr)) => {
-                let Endpoint::Tcp(_) = Endpoint::parse(&addr)
-                    .with_context(|| format!("connect address {addr:?}"))?
-                else {
-                    bail!("connect address {addr:?} must be host:port");
-                };
-                let server_name = match flags.server_name.or(file.network.server_name) {
-                    Some(n) => n,
-                    None => host_part(&addr).to_owned(),
-                };
-                Transport::Connect { addr, server_name }
-            }
-        };
-
-        let secs = |v: Option<u64>, d: u64, what: &str| -> Result<Duration> {
-            let v = v.unwrap_or(d);
-            if v == 0 || v > 3600 {
-                bail!("{what} must be between 1 and 3600 seconds, got {v}");
-            }
-            Ok(Duration::from_secs(v))
-        };
-        let keep_alive = secs(
-            flags.keep_alive_secs.or(file.network.keep_alive_secs),
-            DEFAULT_KEEP_ALIVE_SECS,
-            "keep_alive_secs",
-        )?;
-        let idle_timeout = secs(
-            flags.idle_timeout_secs.or(file.network.idle_timeout_secs),
-            DEFAULT_IDLE_TIMEOUT_SECS,
-            "idle_timeout_secs",
-        )?;
-        let drain_timeout = secs(
-            flags.drain_timeout_secs.or(file.network.drain_timeout_secs),
-            DEFAULT_DRAIN_TIMEOUT_SECS,
-            "drain_timeout_secs",
-        )?;
-        let handshake_timeout = secs(
-            flags
-                .handshake_timeout_secs
-                .or(file.network.handshake_timeout_secs),
-            DEFAULT_HANDSHAKE_TIMEOUT_SECS,
-            "handshake_timeout_secs",
+        let transport = resolve_transport(
+            flags.listen.or(file.network.listen),
+            flags.connect.or(file.network.connect),
+            flags.server_name.or(file.network.server_name),
         )?;
         let congestion_control = match flags.congestion_control.or(file.network.congestion_control)
         {
@@ -575,35 +506,11 @@ impl AgentConfig {
         };
         let allow_non_loopback_local =
             flags.allow_non_loopback_local || file.network.allow_non_loopback_local == Some(true);
-        if keep_alive >= idle_timeout {
-            bail!(
-                "keep_alive_secs ({}) must be smaller than idle_timeout_secs ({}), or the connection times out between keep-alives",
-                keep_alive.as_secs(),
-                idle_timeout.as_secs()
-            );
-        }
-
-        let allowed_regions = match flags.allowed_regions.or(file.policy.allowed_regions) {
-            None => RegionSet::eea(),
-            Some(list) => {
-                let mut set = BTreeSet::new();
-                for code in &list {
-                    let r: Region = code.trim().parse().map_err(|e| {
-                        anyhow::anyhow!("allowed_regions: {code:?} is not an ISO 3166 alpha-2 country code: {e}")
-                    })?;
-                    set.insert(r);
-                }
-                if set.is_empty() {
-                    bail!("allowed_regions is empty: no peer could ever connect");
-                }
-                set.into_iter().collect()
-            }
-        };
-
+        let allowed_regions =
+            resolve_regions(flags.allowed_regions.or(file.policy.allowed_regions))?;
         let audit_log = flags.audit_log.or(file.audit.log).with_context(|| {
             "no audit log configured: set `--audit-log PATH` or [audit] log in the config file"
         })?;
-
         let compression_level = flags
             .compression_level
             .or(file.compression.level)
@@ -611,87 +518,10 @@ impl AgentConfig {
         if !(-7..=19).contains(&compression_level) {
             bail!("compression level {compression_level} is outside -7..=19");
         }
-
         let services = resolve_services(role, file.service, flags.postgres_endpoint)?;
         if role == Role::Target && !allow_non_loopback_local {
-            for s in &services {
-                if let Err(e) = check_loopback_local(&s.endpoint) {
-                    bail!(
-                        "service {:?}: local endpoint {}: {e}. Local endpoints reach the OLD cluster without \
-                         any further check (PostgreSQL sees the tunnel's loopback address, so its \
-                         loopback `trust` rules apply): use 127.0.0.1:PORT, [::1]:PORT, localhost:PORT \
-                         or unix:/path. To expose it anyway, pass --allow-non-loopback-local \
-                         ([network] allow_non_loopback_local = true); that is written to the audit log",
-                        s.name,
-                        s.endpoint
-                    );
-                }
-            }
+            check_local_services(&services)?;
         }
-
-        let data_dir = flags.data_dir.or(file.target.data_dir);
-        let bindir = flags.bindir.or(file.target.bindir);
-        let admin_socket = flags.admin_socket.or(file.target.admin_socket);
-        let target = match role {
-            Role::Target => {
-                let beside_log =
-                    |name: &str| audit_log.parent().unwrap_or(Path::new(".")).join(name);
-                Some(TargetSettings {
-                    data_dir,
-                    bindir: bindir.unwrap_or_else(|| PathBuf::from(DEFAULT_BINDIR)),
-                    admin_socket: admin_socket.unwrap_or_else(|| beside_log(DEFAULT_ADMIN_SOCKET)),
-                    port: file.target.port.unwrap_or(5432),
-                    socket_dir: file
-                        .target
-                        .socket_dir
-                        .unwrap_or_else(|| PathBuf::from("/var/run/postgresql")),
-                    os_user: file.target.os_user,
-                    replication_user: file
-                        .target
-                        .replication_user
-                        .unwrap_or_else(|| "postgres".into()),
-                    replication_password_file: file.target.replication_password_file,
-                    state_file: file
-                        .target
-                        .state_file
-                        .unwrap_or_else(|| beside_log("pgferry-target.state.json")),
-                    lag_sample: Duration::from_secs(
-                        file.target.lag_sample_secs.unwrap_or(10).max(1),
-                    ),
-                    keep_slot_on_rollback: file.target.keep_slot_on_rollback.unwrap_or(false),
-                })
-            }
-            Role::Source => {
-                if data_dir.is_some() || bindir.is_some() || admin_socket.is_some() {
-                    bail!("[target] settings (data_dir, bindir, admin_socket) are for the target agent only");
-                }
-                None
-            }
-        };
-
-        let conninfo = flags.pg_conninfo.or(file.source.conninfo);
-        let password_file = flags.pg_password_file.or(file.source.password_file);
-        let source_pg = match (role, conninfo) {
-            (Role::Target, Some(_)) => {
-                bail!("[source] conninfo / --pg-conninfo is for the source agent only")
-            }
-            (Role::Source, Some(c)) => {
-                c.parse::<tokio_postgres::Config>().map_err(|e| {
-                    anyhow::anyhow!("[source] conninfo is not a valid connection string: {e}")
-                })?;
-                Some(SourcePg {
-                    conninfo: c,
-                    password_file,
-                })
-            }
-            (_, None) => {
-                if password_file.is_some() {
-                    bail!("[source] password_file is set but conninfo is not");
-                }
-                None
-            }
-        };
-
         Ok(Self {
             role,
             ca,
@@ -699,20 +529,136 @@ impl AgentConfig {
             key,
             revocation_list,
             transport,
-            keep_alive,
-            idle_timeout,
-            handshake_timeout,
+            keep_alive: timers.keep_alive,
+            idle_timeout: timers.idle_timeout,
+            handshake_timeout: timers.handshake_timeout,
             congestion_control,
             allow_non_loopback_local,
-            drain_timeout,
+            drain_timeout: timers.drain_timeout,
             allowed_regions,
             audit_log,
             compression_level,
             services,
-            source_pg,
-            target,
         })
     }
+}
+
+/// `listen` or `connect` (exactly one), and the name the listener's certificate must carry.
+fn resolve_transport(
+    listen: Option<String>,
+    connect: Option<String>,
+    server_name: Option<String>,
+) -> Result<Transport> {
+    match (listen, connect) {
+        (Some(_), Some(_)) => bail!(
+            "both `listen` and `connect` are set: one agent listens, the other dials (choose one)"
+        ),
+        (None, None) => bail!(
+            "neither `listen` nor `connect` is set: give `--listen 0.0.0.0:7443` on one agent and `--connect HOST:7443` on the other"
+        ),
+        (Some(l), None) => Ok(Transport::Listen(
+            l.parse()
+                .with_context(|| format!("listen address {l:?} is not IP:port"))?,
+        )),
+        (None, Some(addr)) => {
+            let Endpoint::Tcp(_) =
+                Endpoint::parse(&addr).with_context(|| format!("connect address {addr:?}"))?
+            else {
+                bail!("connect address {addr:?} must be host:port");
+            };
+            let server_name = server_name.unwrap_or_else(|| host_part(&addr).to_owned());
+            Ok(Transport::Connect { addr, server_name })
+        }
+    }
+}
+
+/// The tunnel's timers, each 1–3600 s.
+struct Timers {
+    keep_alive: Duration,
+    idle_timeout: Duration,
+    drain_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+impl Timers {
+    /// Flags over `[network]` over the defaults; the keep-alive must fit in the idle timeout.
+    fn resolve(flags: &Overrides, net: &NetworkSection) -> Result<Self> {
+        let secs = |v: Option<u64>, d: u64, what: &str| -> Result<Duration> {
+            let v = v.unwrap_or(d);
+            if v == 0 || v > 3600 {
+                bail!("{what} must be between 1 and 3600 seconds, got {v}");
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let t = Timers {
+            keep_alive: secs(
+                flags.keep_alive_secs.or(net.keep_alive_secs),
+                DEFAULT_KEEP_ALIVE_SECS,
+                "keep_alive_secs",
+            )?,
+            idle_timeout: secs(
+                flags.idle_timeout_secs.or(net.idle_timeout_secs),
+                DEFAULT_IDLE_TIMEOUT_SECS,
+                "idle_timeout_secs",
+            )?,
+            drain_timeout: secs(
+                flags.drain_timeout_secs.or(net.drain_timeout_secs),
+                DEFAULT_DRAIN_TIMEOUT_SECS,
+                "drain_timeout_secs",
+            )?,
+            handshake_timeout: secs(
+                flags.handshake_timeout_secs.or(net.handshake_timeout_secs),
+                DEFAULT_HANDSHAKE_TIMEOUT_SECS,
+                "handshake_timeout_secs",
+            )?,
+        };
+        if t.keep_alive >= t.idle_timeout {
+            bail!(
+                "keep_alive_secs ({}) must be smaller than idle_timeout_secs ({}), or the connection times out between keep-alives",
+                t.keep_alive.as_secs(),
+                t.idle_timeout.as_secs()
+            );
+        }
+        Ok(t)
+    }
+}
+
+/// The allowed regions: the EEA by default, else the listed ISO 3166 codes (not empty).
+fn resolve_regions(list: Option<Vec<String>>) -> Result<RegionSet> {
+    let Some(list) = list else {
+        return Ok(RegionSet::eea());
+    };
+    let mut set = BTreeSet::new();
+    for code in &list {
+        let r: Region = code.trim().parse().map_err(|e| {
+            anyhow::anyhow!(
+                "allowed_regions: {code:?} is not an ISO 3166 alpha-2 country code: {e}"
+            )
+        })?;
+        set.insert(r);
+    }
+    if set.is_empty() {
+        bail!("allowed_regions is empty: no peer could ever connect");
+    }
+    Ok(set.into_iter().collect())
+}
+
+/// Every local endpoint of the target must be loopback (unless the operator allowed otherwise).
+fn check_local_services(services: &[Service]) -> Result<()> {
+    for s in services {
+        if let Err(e) = check_loopback_local(&s.endpoint) {
+            bail!(
+                "service {:?}: local endpoint {}: {e}. Local endpoints reach the OLD cluster without \
+                 any further check (PostgreSQL sees the tunnel's loopback address, so its \
+                 loopback `trust` rules apply): use 127.0.0.1:PORT, [::1]:PORT, localhost:PORT \
+                 or unix:/path. To expose it anyway, pass --allow-non-loopback-local \
+                 ([network] allow_non_loopback_local = true); that is written to the audit log",
+                s.name,
+                s.endpoint
+            );
+        }
+    }
+    Ok(())
 }
 
 fn resolve_services(

@@ -1,0 +1,279 @@
+//! The target agent's settings: the shared tunnel flags and sections
+//! ([`pgferry_common::runtime::config`]) plus its own `[target]` section and flags: the local
+//! endpoint of the `postgres` service, where the new cluster goes, and the admin socket.
+//!
+//! ```toml
+//! [target]
+//! data_dir = "/var/lib/postgresql/15/main"  # empty or absent before the clone
+//! port = 5432
+//! socket_dir = "/var/run/postgresql"
+//! os_user = "postgres"
+//! replication_password_file = "secrets/replication.password"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use pgferry_common::identity::Role;
+use pgferry_common::runtime::cli::{load_config, resolve_tunnel, ServiceFlags, TunnelArgs};
+use pgferry_common::runtime::config::{AgentConfig, ConfigFile, Refused, RoleSection};
+/// `[target]`: where the new cluster goes and how operators reach the running agent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    /// Data directory of the new cluster (must be empty or absent before the clone).
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
+    pub bindir: Option<PathBuf>,
+    /// Unix socket (mode 0600) that `pgferry-target preflight|status|…` talk to
+    /// (default: `pgferry-target.sock` next to the audit log).
+    pub admin_socket: Option<PathBuf>,
+    /// Port of the new cluster (default 5432).
+    pub port: Option<u16>,
+    /// Directory for the new cluster's unix socket (default /var/run/postgresql).
+    pub socket_dir: Option<PathBuf>,
+    /// OS user that owns and runs the new cluster; when the agent runs as root, PostgreSQL
+    /// tools run as this user (default: the agent's own user).
+    pub os_user: Option<String>,
+    /// Role used for the base backup and streaming replication (default postgres).
+    pub replication_user: Option<String>,
+    /// File with that role's password (first line; mode 0600; never logged).
+    pub replication_password_file: Option<PathBuf>,
+    /// Migration state file (default: `pgferry-target.state.json` next to the audit log).
+    pub state_file: Option<PathBuf>,
+    /// While the standby catches up, record the lag in the audit log this often (default 10 s).
+    pub lag_sample_secs: Option<u64>,
+    /// Keep the replication slot on the source after a rollback (default false: dropped, so
+    /// the source retains no WAL for a standby that will not come). A kept slot is reused by
+    /// the next migration of the same name.
+    pub keep_slot_on_rollback: Option<bool>,
+}
+
+/// Default PostgreSQL binaries of the new cluster.
+pub const DEFAULT_BINDIR: &str = "/usr/lib/postgresql/15/bin";
+/// File name of the admin socket when none is configured (next to the audit log).
+pub const DEFAULT_ADMIN_SOCKET: &str = "pgferry-target.sock";
+
+/// The target agent's settings for the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSettings {
+    pub data_dir: Option<PathBuf>,
+    pub bindir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub os_user: Option<String>,
+    pub replication_user: String,
+    pub replication_password_file: Option<PathBuf>,
+    pub state_file: PathBuf,
+    pub lag_sample: Duration,
+    pub keep_slot_on_rollback: bool,
+}
+
+impl RoleSection for TargetSection {
+    fn paths(&mut self) -> Vec<&mut Option<PathBuf>> {
+        vec![
+            &mut self.data_dir,
+            &mut self.bindir,
+            &mut self.admin_socket,
+            &mut self.socket_dir,
+            &mut self.replication_password_file,
+            &mut self.state_file,
+        ]
+    }
+}
+
+/// The target agent's config file: the shared sections and `[target]` (a `[source]` section
+/// is refused with its line).
+pub type TargetFile = ConfigFile<Refused, TargetSection>;
+
+/// Everything the target agent runs with, validated.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// The shared tunnel settings.
+    pub tunnel: AgentConfig,
+    /// The new cluster and the admin socket.
+    pub settings: TargetSettings,
+}
+
+/// `pgferry-target run` flags: the tunnel's, then the target's own (each overrides the file).
+#[derive(Debug, Args, Default, Clone)]
+pub struct TargetRunArgs {
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
+    /// Local endpoint clients connect to for the `postgres` service (host:port or
+    /// unix:/path; default 127.0.0.1:5433).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub local: Option<String>,
+    /// DANGEROUS. Accept a --local / [[service]] local endpoint that is not loopback (e.g.
+    /// 0.0.0.0:5433): anyone who reaches it reaches the OLD cluster, and PostgreSQL sees them
+    /// as a loopback client. Written to the audit log.
+    #[arg(long)]
+    pub allow_non_loopback_local: bool,
+    /// Data directory of the new cluster (empty or absent before the clone).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// PostgreSQL binaries of the new cluster (default /usr/lib/postgresql/15/bin).
+    #[arg(long, value_name = "DIR")]
+    pub bindir: Option<PathBuf>,
+    /// Admin socket for `preflight`, `status`, … (default: pgferry-target.sock next to the
+    /// audit log; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// Reads the config file (if any), merges the flags (flags win) and validates.
+pub fn resolve(args: TargetRunArgs) -> Result<TargetConfig> {
+    let file: TargetFile = load_config(&args.tunnel)?;
+    resolve_file(args, file)
+}
+
+/// [`resolve`] with the file already parsed.
+pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfig> {
+    let (shared, _, section) = file.split();
+    let tunnel = resolve_tunnel(
+        Role::Target,
+        args.tunnel,
+        shared,
+        ServiceFlags {
+            postgres_endpoint: args.local,
+            allow_non_loopback_local: args.allow_non_loopback_local,
+        },
+    )?;
+    let s = section.unwrap_or_default();
+    let beside_log = |name: &str| {
+        tunnel
+            .audit_log
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(name)
+    };
+    let settings = TargetSettings {
+        data_dir: args.data_dir.or(s.data_dir),
+        bindir: args
+            .bindir
+            .or(s.bindir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BINDIR)),
+        admin_socket: args
+            .admin_socket
+            .or(s.admin_socket)
+            .unwrap_or_else(|| beside_log(DEFAULT_ADMIN_SOCKET)),
+        port: s.port.unwrap_or(5432),
+        socket_dir: s
+            .socket_dir
+            .unwrap_or_else(|| PathBuf::from("/var/run/postgresql")),
+        os_user: s.os_user,
+        replication_user: s.replication_user.unwrap_or_else(|| "postgres".into()),
+        replication_password_file: s.replication_password_file,
+        state_file: s
+            .state_file
+            .unwrap_or_else(|| beside_log("pgferry-target.state.json")),
+        lag_sample: Duration::from_secs(s.lag_sample_secs.unwrap_or(10).max(1)),
+        keep_slot_on_rollback: s.keep_slot_on_rollback.unwrap_or(false),
+    };
+    Ok(TargetConfig { tunnel, settings })
+}
+
+/// The admin socket a CLI verb should talk to, from the running agent's config file alone:
+/// `[target] admin_socket`, else `pgferry-target.sock` next to the audit log.
+pub fn admin_socket_of(path: &Path) -> Result<PathBuf> {
+    let file = TargetFile::load(path)?;
+    let log = file.audit.log.clone();
+    file.target
+        .and_then(|t| t.admin_socket)
+        .or_else(|| {
+            log.map(|l| {
+                l.parent()
+                    .unwrap_or(Path::new("."))
+                    .join(DEFAULT_ADMIN_SOCKET)
+            })
+        })
+        .with_context(|| {
+            format!(
+                "{} names neither [target] admin_socket nor [audit] log; pass --admin-socket",
+                path.display()
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> TargetRunArgs {
+        TargetRunArgs {
+            tunnel: TunnelArgs {
+                ca: Some("ca.pem".into()),
+                cert: Some("c.pem".into()),
+                key: Some("c.key".into()),
+                connect: Some("old-host:7443".into()),
+                audit_log: Some("/var/log/pgferry/t.log".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_sit_beside_the_audit_log_and_flags_win() {
+        let cfg = resolve_file(args(), TargetFile::default()).unwrap();
+        let s = &cfg.settings;
+        assert_eq!(
+            s.admin_socket,
+            Path::new("/var/log/pgferry/pgferry-target.sock")
+        );
+        assert_eq!(
+            s.state_file,
+            Path::new("/var/log/pgferry/pgferry-target.state.json")
+        );
+        assert_eq!(s.bindir, Path::new(DEFAULT_BINDIR));
+        assert_eq!((s.port, s.lag_sample), (5432, Duration::from_secs(10)));
+
+        let file: TargetFile =
+            toml::from_str("[target]\ndata_dir = \"/file\"\nport = 6000\nlag_sample_secs = 0\n")
+                .unwrap();
+        let a = TargetRunArgs {
+            data_dir: Some("/flag".into()),
+            ..args()
+        };
+        let s = resolve_file(a, file).unwrap().settings;
+        assert_eq!(s.data_dir, Some(PathBuf::from("/flag")));
+        assert_eq!(s.port, 6000);
+        assert_eq!(s.lag_sample, Duration::from_secs(1), "at least a second");
+    }
+
+    #[test]
+    fn the_sources_section_is_refused_with_its_line() {
+        let err = toml::from_str::<TargetFile>("[source]\nconninfo = \"host=a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 1") && err.contains("other agent"),
+            "{err}"
+        );
+        let err = toml::from_str::<TargetFile>("[target]\ndatadir = \"/d\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("datadir"), "{err}");
+    }
+
+    #[test]
+    fn admin_socket_is_found_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("target.toml");
+        std::fs::write(&p, "[audit]\nlog = \"logs/t.log\"\n").unwrap();
+        assert_eq!(
+            admin_socket_of(&p).unwrap(),
+            dir.path().join("logs").join(DEFAULT_ADMIN_SOCKET)
+        );
+        std::fs::write(&p, "[target]\nadmin_socket = \"a.sock\"\n").unwrap();
+        assert_eq!(admin_socket_of(&p).unwrap(), dir.path().join("a.sock"));
+        std::fs::write(&p, "").unwrap();
+        let err = format!("{:#}", admin_socket_of(&p).unwrap_err());
+        assert!(err.contains("--admin-socket"), "{err}");
+    }
+}
