@@ -34,8 +34,8 @@ use tracing::{info, warn};
 use pgferry_common::control::{FenceMode, FenceReport};
 use pgferry_common::fence::{
     connection_in_startup, fenced_hba, hba_before_fence, hba_restore, is_fenced,
-    settings_before_fence, settings_restore, BeforeFence, ControlRule, CopyError, PasswordMethod,
-    Restore, CONTROL_ADDR, ORIGINAL_SUFFIX,
+    settings_before_fence, settings_restore, BeforeFence, ControlRule, CopyError, FencedHba,
+    PasswordMethod, Restore, CONTROL_ADDR, ORIGINAL_SUFFIX,
 };
 use pgferry_common::migration::Lsn;
 use pgferry_common::preflight::{
@@ -79,16 +79,7 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<(Lsn, FenceReport
         // `stop` fences the same way: the shutdown comes after promotion (`StopCluster`).
         FenceMode::ReadOnly | FenceMode::Stop => {}
     }
-    let su: Option<bool> = client
-        .query_one(
-            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await?
-        .get(0);
-    if su != Some(true) {
-        bail!("the fence needs a superuser (it ends every other session, superusers' too, and uses ALTER SYSTEM): connect the source agent as one");
-    }
+    require_superuser(client).await?;
     refuse_enabled_subscriptions(client).await?;
     let files = FenceFiles::locate(client).await?;
     let (control, no_control) = control_rule(client).await?;
@@ -96,62 +87,11 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<(Lsn, FenceReport
         warn!("fence: no control rule ({why}); a restarted source agent could not reconnect to unfence");
     }
 
-    let hba_now = read(&files.hba)?;
-    let hba_meta = metadata(&files.hba)?;
-    let hba_copy = read_opt(&files.hba_copy)?;
-    let auto_now = read(&files.auto)?;
-    let auto_meta = metadata(&files.auto)?;
-    let auto_copy = read_opt(&files.auto_copy)?;
-    let already = is_fenced(&hba_now);
-    let hba_step = hba_before_fence(&hba_now, hba_copy.as_deref())
-        .map_err(|e| copy_error(e, &files.hba, &files.hba_copy))?;
-    let auto_step = settings_before_fence(&auto_now, auto_copy.as_deref(), already)
-        .map_err(|e| copy_error(e, &files.auto, &files.auto_copy))?;
-    // The fenced file is always made from the original, also when a fence is repeated.
-    let original = match (already, &hba_copy) {
-        (true, Some(c)) => c.clone(),
-        _ => hba_now.clone(),
-    };
-
     // 1. The originals, before anything changes: from here on an unfence finds them.
-    if hba_step == BeforeFence::Save {
-        write_atomically(&files.hba_copy, &hba_now, &hba_meta)?;
-    }
-    if auto_step == BeforeFence::Save {
-        write_atomically(&files.auto_copy, &auto_now, &auto_meta)?;
-    }
+    let (original, hba_meta) = save_originals(&files)?;
 
-    // 2. The fenced pg_hba.conf. PostgreSQL must be able to parse it: a postmaster that cannot
-    //    keeps its old rules and only says so in its log.
-    let copy = files.hba_copy.display();
-    let hba = files.hba.display();
-    let note = [
-        format!(
-            "Written by pgferry-source {} at {}.",
-            pgferry_common::AGENT_VERSION,
-            now_text()
-        ),
-        format!("The original is {copy}; pgferry-target rollback puts it back byte for byte."),
-        format!("By hand: mv {copy} {hba}, then SELECT pg_reload_conf() (docs/fence.md)."),
-    ];
-    let fenced = fenced_hba(&original, control.as_ref(), &note);
-    write_atomically(&files.hba, &fenced.text, &hba_meta)?;
-    let errors: Vec<String> = client
-        .query(
-            "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL",
-            &[],
-        )
-        .await
-        .context("checking the fenced pg_hba.conf (pg_hba_file_rules)")?
-        .iter()
-        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
-        .collect();
-    if !errors.is_empty() {
-        bail!(
-            "PostgreSQL cannot parse the fenced {hba} (line {}); not reloaded — the rollback puts the original back",
-            errors.join("; line ")
-        );
-    }
+    // 2. The fenced pg_hba.conf.
+    let fenced = write_fenced_hba(client, &files, &original, &hba_meta, control.as_ref()).await?;
 
     // 3. Read-only too, for anything that is already inside the server.
     client
@@ -185,6 +125,94 @@ pub async fn fence(client: &Client, mode: FenceMode) -> Result<(Lsn, FenceReport
         report.hba_file
     );
     Ok((lsn, report))
+}
+
+/// Refuses to fence as anything but a superuser: the fence ends every other session,
+/// superusers' too, and uses `ALTER SYSTEM`.
+async fn require_superuser(client: &Client) -> Result<()> {
+    let su: Option<bool> = client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
+    if su != Some(true) {
+        bail!("the fence needs a superuser (it ends every other session, superusers' too, and uses ALTER SYSTEM): connect the source agent as one");
+    }
+    Ok(())
+}
+
+/// Fence step 1: saves `pg_hba.conf` and `postgresql.auto.conf` beside themselves (unless an
+/// earlier, interrupted fence already did), before anything changes, so that an unfence finds
+/// them from here on. Returns the original `pg_hba.conf` — the file the fenced one is made
+/// from, also when a fence is repeated — and the current file's owner and mode.
+fn save_originals(files: &FenceFiles) -> Result<(Vec<u8>, std::fs::Metadata)> {
+    let hba_now = read(&files.hba)?;
+    let hba_meta = metadata(&files.hba)?;
+    let hba_copy = read_opt(&files.hba_copy)?;
+    let auto_now = read(&files.auto)?;
+    let auto_meta = metadata(&files.auto)?;
+    let auto_copy = read_opt(&files.auto_copy)?;
+    let already = is_fenced(&hba_now);
+    let hba_step = hba_before_fence(&hba_now, hba_copy.as_deref())
+        .map_err(|e| copy_error(e, &files.hba, &files.hba_copy))?;
+    let auto_step = settings_before_fence(&auto_now, auto_copy.as_deref(), already)
+        .map_err(|e| copy_error(e, &files.auto, &files.auto_copy))?;
+    // The fenced file is always made from the original, also when a fence is repeated.
+    let original = match (already, &hba_copy) {
+        (true, Some(c)) => c.clone(),
+        _ => hba_now.clone(),
+    };
+    if hba_step == BeforeFence::Save {
+        write_atomically(&files.hba_copy, &hba_now, &hba_meta)?;
+    }
+    if auto_step == BeforeFence::Save {
+        write_atomically(&files.auto_copy, &auto_now, &auto_meta)?;
+    }
+    Ok((original, hba_meta))
+}
+
+/// Fence step 2: writes the fenced `pg_hba.conf` (made from `original`, with a note saying
+/// where the original is) and checks that PostgreSQL can parse it: a postmaster that cannot
+/// keeps its old rules and only says so in its log. Not reloaded yet.
+async fn write_fenced_hba(
+    client: &Client,
+    files: &FenceFiles,
+    original: &[u8],
+    hba_meta: &std::fs::Metadata,
+    control: Option<&ControlRule>,
+) -> Result<FencedHba> {
+    let copy = files.hba_copy.display();
+    let hba = files.hba.display();
+    let note = [
+        format!(
+            "Written by pgferry-source {} at {}.",
+            pgferry_common::AGENT_VERSION,
+            now_text()
+        ),
+        format!("The original is {copy}; pgferry-target rollback puts it back byte for byte."),
+        format!("By hand: mv {copy} {hba}, then SELECT pg_reload_conf() (docs/fence.md)."),
+    ];
+    let fenced = fenced_hba(original, control, &note);
+    write_atomically(&files.hba, &fenced.text, hba_meta)?;
+    let errors: Vec<String> = client
+        .query(
+            "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL",
+            &[],
+        )
+        .await
+        .context("checking the fenced pg_hba.conf (pg_hba_file_rules)")?
+        .iter()
+        .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+        .collect();
+    if !errors.is_empty() {
+        bail!(
+            "PostgreSQL cannot parse the fenced {hba} (line {}); not reloaded — the rollback puts the original back",
+            errors.join("; line ")
+        );
+    }
+    Ok(fenced)
 }
 
 /// Undoes [`fence`]: renames the saved originals back over `postgresql.auto.conf` and
@@ -689,6 +717,17 @@ pub async fn connect_from_control_addr(cfg: &tokio_postgres::Config) -> Result<C
 /// Facts for the preflight's fence checks (best effort: what cannot be read stays unknown).
 pub async fn fence_facts(client: &Client) -> FenceFacts {
     let mut f = FenceFacts::default();
+    access_facts(client, &mut f).await;
+    replication_facts(client, &mut f).await;
+    session_facts(client, &mut f).await;
+    f
+}
+
+/// Whether this agent could fence and unfence: its role is a superuser, a restarted agent could
+/// reconnect from [`CONTROL_ADDR`] (PostgreSQL listens on loopback, the role has a password),
+/// and it can replace `pg_hba.conf` and `postgresql.auto.conf`. Also reads
+/// `synchronous_standby_names`, which comes with the same query.
+async fn access_facts(client: &Client, f: &mut FenceFacts) {
     if let Ok(r) = client
         .query_one(
             "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
@@ -730,6 +769,11 @@ pub async fn fence_facts(client: &Client) -> FenceFacts {
             f.files_unwritable = Some(format!("{e:#}"));
         }
     }
+}
+
+/// Prepared transactions, replication slots and connected WAL senders: what is tied to the
+/// WAL stream, which the new cluster inherits or loses at the cutover.
+async fn replication_facts(client: &Client, f: &mut FenceFacts) {
     if let Ok(rows) = client
         .query(
             "SELECT gid, owner::text, database::text,
@@ -788,6 +832,12 @@ pub async fn fence_facts(client: &Client) -> FenceFacts {
             })
             .collect();
     }
+}
+
+/// Long-open client transactions (the fence ends them), enabled subscriptions and extensions'
+/// background workers (they commit without a client connection, which `pg_hba.conf` cannot
+/// refuse).
+async fn session_facts(client: &Client, f: &mut FenceFacts) {
     if let Ok(rows) = client
         .query(
             "SELECT pid, coalesce(usename::text, ''), coalesce(datname::text, ''),
@@ -835,7 +885,6 @@ pub async fn fence_facts(client: &Client) -> FenceFacts {
     {
         f.background_workers = rows.iter().map(|r| r.get(0)).collect();
     }
-    f
 }
 
 /// Why this process could not replace `files` (read each, create and rename in its

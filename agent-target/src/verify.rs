@@ -447,9 +447,67 @@ impl Executor<'_> {
         let before = pre.changes.records;
         self.read_wal(pre, replay).await?;
         report.wal_records = pre.changes.records - before;
-        // The tables now: those dropped since the pre-pass are gone, those created since are
-        // digested whole, and so are those rewritten since (TRUNCATE, VACUUM FULL, CLUSTER…).
-        pre.tables.retain(|name, _| {
+        pre.track_current_tables(standby, current, &mut report)
+            .await?;
+        let mut stale = pre.stale();
+        let rate = pre.report.bytes_per_sec.max(1) as f64;
+        let not_verified = leave_out_over_budget(&mut stale, rate, budget_secs);
+        report.ranges = stale.iter().map(|s| s.ranges.len() as u64).sum();
+        report.bytes = report.ranges * RANGE_BYTES;
+        report.estimated_ms = (report.bytes as f64 / rate * 1000.0) as u64;
+        (self.progress)(format!(
+            "verifying at the fence: {} WAL record(s) since the pre-pass's last read; {} range(s) ({:.1} MB, about {:.1} s at the pre-pass's {:.0} MB/s) to digest again; every other range's digest stands",
+            report.wal_records,
+            report.ranges,
+            report.bytes as f64 / 1048576.0,
+            report.estimated_ms as f64 / 1000.0,
+            rate / 1048576.0
+        ));
+        let t = Instant::now();
+        let (src, std) = self.digest_both(standby, &stale, None).await?;
+        report.digest_ms = t.elapsed().as_millis() as u64;
+        pre.apply(Lsn(u64::MAX), src, std);
+        let (digests, mismatched) = pre.compare(&not_verified);
+        Ok(FenceVerification {
+            digests,
+            mismatched,
+            not_verified,
+            report,
+        })
+    }
+}
+
+/// With a time budget, leaves out the tables with the most to digest until the rest fits at
+/// `rate` bytes a second; returns the tables left out (NOT VERIFIED).
+fn leave_out_over_budget(
+    stale: &mut Vec<BlockRanges>,
+    rate: f64,
+    budget_secs: Option<u64>,
+) -> Vec<String> {
+    let bytes = |s: &BlockRanges| s.ranges.len() as u64 * RANGE_BYTES;
+    let mut not_verified = Vec::new();
+    if let Some(budget) = budget_secs {
+        stale.sort_by_key(|s| std::cmp::Reverse(s.ranges.len()));
+        while stale.iter().map(bytes).sum::<u64>() as f64 / rate > budget as f64 {
+            let s = stale.remove(0);
+            not_verified.push(s.table);
+        }
+    }
+    not_verified
+}
+
+impl Prepass {
+    /// Brings the tracked tables up to the tables now (`current`, with their storage on the
+    /// standby): those dropped since the pre-pass are gone, those created since are digested
+    /// whole, and so are those rewritten since (TRUNCATE, VACUUM FULL, CLUSTER…). Noted in
+    /// `report`.
+    async fn track_current_tables(
+        &mut self,
+        standby: &Client,
+        current: &[String],
+        report: &mut AtFenceReport,
+    ) -> Result<()> {
+        self.tables.retain(|name, _| {
             let keep = current.contains(name);
             if !keep {
                 report.tables_dropped.push(name.clone());
@@ -458,7 +516,7 @@ impl Executor<'_> {
         });
         let storage = relation_storage(standby, current).await?;
         for (name, (key, blocks)) in current.iter().zip(&storage) {
-            let t = pre
+            let t = self
                 .tables
                 .entry(name.clone())
                 .or_insert_with(|| Tracked::new(*key, true));
@@ -477,37 +535,16 @@ impl Executor<'_> {
                 t.since.resize(n, Lsn(0));
             }
         }
-        let mut stale = pre.stale();
-        let rate = pre.report.bytes_per_sec.max(1) as f64;
-        let bytes = |s: &BlockRanges| s.ranges.len() as u64 * RANGE_BYTES;
-        let mut not_verified = Vec::new();
-        if let Some(budget) = budget_secs {
-            // Leave out the tables with the most to digest until the rest fits.
-            stale.sort_by_key(|s| std::cmp::Reverse(s.ranges.len()));
-            while stale.iter().map(bytes).sum::<u64>() as f64 / rate > budget as f64 {
-                let s = stale.remove(0);
-                not_verified.push(s.table);
-            }
-        }
-        report.ranges = stale.iter().map(|s| s.ranges.len() as u64).sum();
-        report.bytes = report.ranges * RANGE_BYTES;
-        report.estimated_ms = (report.bytes as f64 / rate * 1000.0) as u64;
-        (self.progress)(format!(
-            "verifying at the fence: {} WAL record(s) since the pre-pass's last read; {} range(s) ({:.1} MB, about {:.1} s at the pre-pass's {:.0} MB/s) to digest again; every other range's digest stands",
-            report.wal_records,
-            report.ranges,
-            report.bytes as f64 / 1048576.0,
-            report.estimated_ms as f64 / 1000.0,
-            rate / 1048576.0
-        ));
-        let t = Instant::now();
-        let (src, std) = self.digest_both(standby, &stale, None).await?;
-        report.digest_ms = t.elapsed().as_millis() as u64;
-        pre.apply(Lsn(u64::MAX), src, std);
+        Ok(())
+    }
 
+    /// After the fence's digests: the standby's digest of each table (but those in
+    /// `not_verified`), and each table whose contents differ, with its row counts and first
+    /// differing range.
+    fn compare(&self, not_verified: &[String]) -> (Vec<TableDigest>, Vec<String>) {
         let mut digests = Vec::new();
         let mut mismatched = Vec::new();
-        for (name, t) in &pre.tables {
+        for (name, t) in &self.tables {
             if not_verified.contains(name) {
                 continue;
             }
@@ -543,16 +580,9 @@ impl Executor<'_> {
                 blake3: h.finalize().to_hex().to_string(),
             });
         }
-        Ok(FenceVerification {
-            digests,
-            mismatched,
-            not_verified,
-            report,
-        })
+        (digests, mismatched)
     }
-}
 
-impl Prepass {
     /// The ranges touched since their digest, per table (whole tables where marked).
     fn stale(&self) -> Vec<BlockRanges> {
         let mut out = Vec::new();

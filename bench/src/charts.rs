@@ -307,7 +307,41 @@ struct LagLine {
 /// `wal-lag.png`: the standby's lag during and after the write load, in seconds (top) and MB
 /// (bottom), one line per contender, a dashed marker where the load stopped.
 fn wal_lag(r: &Value, path: &Path) -> Result<bool> {
-    let lines: Vec<LagLine> = rows(&r["wal"])
+    let lines = lag_lines(r);
+    if lines.is_empty() {
+        return Ok(false);
+    }
+    let load_s = rows(&r["wal"])
+        .filter_map(|w| w["load_s"].as_f64())
+        .fold(0.0, f64::max);
+    let t_max = lines
+        .iter()
+        .flat_map(|l| &l.samples)
+        .map(|s| s.t)
+        .fold(load_s, f64::max)
+        .max(1.0);
+    let link = links(r)
+        .find(|l| l["label"] == "limited")
+        .map_or("the limited link".to_string(), link_name);
+    let root = BitMapBackend::new(path, (WIDTH, 680)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!("Standby lag while streaming WAL over {link} under a write load"),
+        (FAMILY, 24),
+    )?;
+    let (top, bottom) = root.split_vertically(320);
+    // The top panel (seconds) carries the detailed legend, the bottom one (MB) the time axis.
+    for (area, detailed) in [(top, true), (bottom, false)] {
+        lag_panel(&area, &lines, load_s, t_max, detailed)?;
+    }
+    root.present()?;
+    Ok(true)
+}
+
+/// Each contender's lag samples from the results' `wal` part, with a legend line of its
+/// figures; contenders without samples are left out.
+fn lag_lines(r: &Value) -> Vec<LagLine> {
+    rows(&r["wal"])
         .filter_map(|w| {
             let contender = w["contender"].as_str()?.to_string();
             let samples: Vec<_> = rows(&w["samples"])
@@ -335,97 +369,90 @@ fn wal_lag(r: &Value, path: &Path) -> Result<bool> {
                 samples,
             })
         })
-        .collect();
-    if lines.is_empty() {
-        return Ok(false);
+        .collect()
+}
+
+/// One panel of `wal-lag.png`: lag in seconds with the detailed legend (`detailed`), or in MB
+/// with the time axis; the marker where the load stopped at `load_s`.
+fn lag_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    lines: &[LagLine],
+    load_s: f64,
+    t_max: f64,
+    detailed: bool,
+) -> Result<()> {
+    let y = |s: &LagSample| if detailed { s.lag_s } else { s.lag_mb };
+    let y_desc = if detailed { "lag (s)" } else { "lag (MB)" };
+    let y_max = lines
+        .iter()
+        .flat_map(|l| &l.samples)
+        .map(y)
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .margin(8)
+        .margin_right(30)
+        .x_label_area_size(if detailed { 30 } else { 45 })
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..t_max * 1.02, 0.0..y_max)?;
+    let mut mesh = chart.configure_mesh();
+    mesh.y_desc(y_desc)
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|v| tick(*v))
+        .max_light_lines(4)
+        .label_style((FAMILY, 15))
+        .axis_desc_style((FAMILY, 16))
+        .light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.15));
+    if !detailed {
+        mesh.x_desc("time since the write load started (s)");
     }
-    let load_s = rows(&r["wal"])
-        .filter_map(|w| w["load_s"].as_f64())
-        .fold(0.0, f64::max);
-    let all = || lines.iter().flat_map(|l| &l.samples);
-    let t_max = all().map(|s| s.t).fold(load_s, f64::max).max(1.0);
-    let link = links(r)
-        .find(|l| l["label"] == "limited")
-        .map_or("the limited link".to_string(), link_name);
-    let root = BitMapBackend::new(path, (WIDTH, 680)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let root = root.titled(
-        &format!("Standby lag while streaming WAL over {link} under a write load"),
-        (FAMILY, 24),
-    )?;
-    let (top, bottom) = root.split_vertically(320);
-    // The top panel (seconds) carries the detailed legend, the bottom one (MB) the time axis.
-    for (area, detailed) in [(top, true), (bottom, false)] {
-        let y = |s: &LagSample| if detailed { s.lag_s } else { s.lag_mb };
-        let y_desc = if detailed { "lag (s)" } else { "lag (MB)" };
-        let y_max = all().map(y).fold(0.0, f64::max).max(1.0) * 1.1;
-        let mut chart = ChartBuilder::on(&area)
-            .margin(8)
-            .margin_right(30)
-            .x_label_area_size(if detailed { 30 } else { 45 })
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..t_max * 1.02, 0.0..y_max)?;
-        let mut mesh = chart.configure_mesh();
-        mesh.y_desc(y_desc)
-            .x_label_formatter(&|x| tick(*x))
-            .y_label_formatter(&|v| tick(*v))
-            .max_light_lines(4)
-            .label_style((FAMILY, 15))
-            .axis_desc_style((FAMILY, 16))
-            .light_line_style(BLACK.mix(0.05))
-            .bold_line_style(BLACK.mix(0.15));
-        if !detailed {
-            mesh.x_desc("time since the write load started (s)");
-        }
-        mesh.draw()?;
-        if load_s > 0.0 {
-            chart.draw_series(DashedLineSeries::new(
-                [(load_s, 0.0), (load_s, y_max)],
-                8,
-                5,
-                BLACK.mix(0.55).stroke_width(1),
-            ))?;
-            // At the foot of the marker: the legend holds the upper left, and the lines that
-            // keep rising after the load are high up by then.
-            chart.draw_series(std::iter::once(
-                EmptyElement::at((load_s, 0.0))
-                    + Text::new(
-                        format!("load stops ({load_s:.0} s)"),
-                        (6, -6),
-                        (FAMILY, 15)
-                            .into_font()
-                            .color(&BLACK.mix(0.7))
-                            .pos(Pos::new(HPos::Left, VPos::Bottom)),
-                    ),
-            ))?;
-        }
-        for line in &lines {
-            let color = line.color;
-            chart
-                .draw_series(LineSeries::new(
-                    line.samples.iter().map(|s| (s.t, y(s))),
-                    color.stroke_width(2),
-                ))?
-                .label(if detailed {
-                    &line.detail
-                } else {
-                    &line.contender
-                })
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 22, y)], color.stroke_width(3))
-                });
-        }
+    mesh.draw()?;
+    if load_s > 0.0 {
+        chart.draw_series(DashedLineSeries::new(
+            [(load_s, 0.0), (load_s, y_max)],
+            8,
+            5,
+            BLACK.mix(0.55).stroke_width(1),
+        ))?;
+        // At the foot of the marker: the legend holds the upper left, and the lines that
+        // keep rising after the load are high up by then.
+        chart.draw_series(std::iter::once(
+            EmptyElement::at((load_s, 0.0))
+                + Text::new(
+                    format!("load stops ({load_s:.0} s)"),
+                    (6, -6),
+                    (FAMILY, 15)
+                        .into_font()
+                        .color(&BLACK.mix(0.7))
+                        .pos(Pos::new(HPos::Left, VPos::Bottom)),
+                ),
+        ))?;
+    }
+    for line in lines {
+        let color = line.color;
         chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .margin(12)
-            .label_font((FAMILY, 15))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK.mix(0.3))
-            .draw()?;
+            .draw_series(LineSeries::new(
+                line.samples.iter().map(|s| (s.t, y(s))),
+                color.stroke_width(2),
+            ))?
+            .label(if detailed {
+                &line.detail
+            } else {
+                &line.contender
+            })
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 22, y)], color.stroke_width(3)));
     }
-    root.present()?;
-    Ok(true)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .margin(12)
+        .label_font((FAMILY, 15))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    Ok(())
 }
 
 /// The links of a results JSON, in the order measured.

@@ -557,6 +557,8 @@ struct Procs {
     agents: Vec<u32>,
 }
 
+/// The link benchmark: sets up both namespaces, PostgreSQL, the agents and sshd, measures every
+/// chosen link (then WAL streaming on the limited one), and writes the results.
 fn run(o: &Args) -> Result<()> {
     let dir = TestDir::new()?;
     let net = NetnsPair::create("pgfbench")?.context(
@@ -578,17 +580,159 @@ fn run(o: &Args) -> Result<()> {
     pg.start()?;
     let (db_bytes, ratio) = load_dataset(&pg, o.megabytes)?;
     let me = std::env::current_exe()?;
-    let mut server = cmd_in(ns_a, &me);
+    let (_server, stream_port) = start_stream_server(ns_a, &me, false)?;
+    let sample = payload();
+    let stream_ratio = sample.len() as f64 / zstd::bulk::compress(&sample, 3)?.len() as f64;
+
+    let agents = start_agents(o, &dir, &net, pg_port, stream_port)?;
+    let procs = Procs {
+        agents: vec![agents.source.pid(), agents.target.pid()],
+    };
+
+    let sshd = start_sshd(&dir.join("ssh"), ns_a, &addr_a)?;
+    let (_ssh_stream, ssh_stream_port) = ssh_tunnel(&sshd, ns_b, stream_port, false, None)?;
+    let (_ssh_pg, ssh_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, false, None)?;
+    let (_sshc_pg, sshc_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, true, None)?;
+    let ports = Ports {
+        direct_pg: pg_port,
+        ssh_pg: ssh_pg_port,
+        sshc_pg: sshc_pg_port,
+        pgferry_pg: agents.pg_local,
+        ssh_stream: ssh_stream_port,
+        pgferry_stream: agents.stream_local,
+    };
+    let (backups, streams) = contenders(o, &addr_a, &ports);
+
+    // Standbys for the WAL-lag part, made now while the link is fast (each with its own slot).
+    let wal_part = o.wal_secs > 0 && o.rate > 0 && o.links.iter().any(|l| l == "limited");
+    let standbys = if wal_part {
+        make_standbys(&dir, &net.b, &backups, &pg.password)?
+    } else {
+        Vec::new()
+    };
+    let bench = LinkBench {
+        o,
+        net: &net,
+        dir: &dir,
+        me: &me,
+        pg_password: &pg.password,
+        backups: &backups,
+        streams: &streams,
+        procs: &procs,
+    };
+    let mut links = Vec::new();
+    for (label, rate, stream_mb) in link_modes(o) {
+        links.push(bench.measure(label, rate, stream_mb)?);
+    }
+    // WAL streaming on the limited link (still limited after the loop above).
+    let wal = if wal_part {
+        measure_wal(o, &pg, &net.b, &standbys)?
+    } else {
+        Vec::new()
+    };
+    // The agents' own output (set PGFERRY_LOG=pgferry_common::runtime::pump=debug to see the
+    // compression level decisions), for looking into a run.
+    std::fs::create_dir_all(&o.out)?;
+    for (role, agent) in [("source", &agents.source), ("target", &agents.target)] {
+        std::fs::write(o.out.join(format!("agent-{role}.log")), agent.output())?;
+    }
+    drop(agents.target);
+    drop(agents.source);
+    pg.stop()?;
+
+    let results = json!({
+        "when": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        "cores": cores,
+        "reps": o.reps,
+        "zstd_level": o.level,
+        "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio, "stream_payload_zstd3_ratio": stream_ratio},
+        "links": links,
+        "wal": wal,
+    });
+    write_results(results, &o.out)
+}
+
+/// Standbys for the WAL-lag part, on the same tunnels as the base backups of ssh -L and
+/// pgferry (when chosen), each with its own slot.
+fn make_standbys(
+    dir: &TestDir,
+    ns_b: &str,
+    backups: &[Backup],
+    password: &str,
+) -> Result<Vec<WalStandby>> {
+    let mut standbys = Vec::new();
+    for b in backups
+        .iter()
+        .filter(|b| ["ssh", "pgferry"].contains(&b.key))
+    {
+        standbys.push(make_standby(dir.path(), ns_b, b.name, b.port, password)?);
+    }
+    Ok(standbys)
+}
+
+/// The WAL-lag part on the limited link: each standby under a write load (`--wal-mb-per-s`,
+/// default twice the link's capacity) for `--wal-secs`; then the standbys' slots are dropped.
+fn measure_wal(
+    o: &Args,
+    pg: &PgCluster,
+    ns_b: &str,
+    standbys: &[WalStandby],
+) -> Result<Vec<Value>> {
+    let mut wal = Vec::new();
+    let rate = o.wal_mb_per_s.unwrap_or(2.0 * f64::from(o.rate) / 8.0);
+    println!(
+        "\n== WAL streaming at {} Mbit/s, load aiming at {rate:.1} MB/s of WAL for {} s",
+        o.rate, o.wal_secs
+    );
+    for s in standbys {
+        wal.push(wal_lag(pg, ns_b, s, rate, o.wal_secs)?);
+    }
+    for s in standbys {
+        let _ = pg.psql(&format!("SELECT pg_drop_replication_slot('{}')", s.slot));
+    }
+    Ok(wal)
+}
+
+/// The stream server (this binary with `--serve-stream`, serving incompressible bytes if
+/// asked) in namespace `ns`, and the port it listens on.
+fn start_stream_server(
+    ns: Option<&str>,
+    me: &Path,
+    incompressible: bool,
+) -> Result<(ChildGuard, u16)> {
+    let mut server = cmd_in(ns, me);
     server.arg("--serve-stream");
+    if incompressible {
+        server.arg("--incompressible");
+    }
     let server = ChildGuard::spawn_quiet("stream-server", server)?;
     let stream_port: u16 = server
         .wait_for_output("port ", Duration::from_secs(20))?
         .trim()
         .trim_start_matches("port ")
         .parse()?;
-    let sample = payload();
-    let stream_ratio = sample.len() as f64 / zstd::bulk::compress(&sample, 3)?.len() as f64;
+    Ok((server, stream_port))
+}
 
+/// The pgferry pair of the link benchmark and its local ports in `b`.
+struct Agents {
+    source: ChildGuard,
+    target: ChildGuard,
+    pg_local: u16,
+    stream_local: u16,
+}
+
+/// pgferry-source in `a` (PostgreSQL and the stream server as services) and pgferry-target in
+/// `b`, once the tunnel is up.
+fn start_agents(
+    o: &Args,
+    dir: &TestDir,
+    net: &NetnsPair,
+    pg_port: u16,
+    stream_port: u16,
+) -> Result<Agents> {
+    let addr_a = &net.addr_a;
     let certs = pgferry_tests::certs::Certs::make_for(&dir.join("certs"), "bench")?;
     let (udp, pg_local, stream_local) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     std::fs::write(
@@ -617,54 +761,67 @@ fn run(o: &Args) -> Result<()> {
             .arg(o.level.to_string());
         ChildGuard::spawn_quiet(role, cmd)
     };
-    let source = agent("source", ns_a)?;
+    let source = agent("source", Some(net.a.as_str()))?;
     source.wait_for_output("listening on", Duration::from_secs(30))?;
-    let target = agent("target", ns_b)?;
+    let target = agent("target", Some(net.b.as_str()))?;
     target.wait_for_output("tunnel up", Duration::from_secs(30))?;
-    let procs = Procs {
-        agents: vec![source.pid(), target.pid()],
-    };
+    Ok(Agents {
+        source,
+        target,
+        pg_local,
+        stream_local,
+    })
+}
 
-    let sshd = start_sshd(&dir.join("ssh"), ns_a, &addr_a)?;
-    let (_ssh_stream, ssh_stream_port) = ssh_tunnel(&sshd, ns_b, stream_port, false, None)?;
-    let (_ssh_pg, ssh_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, false, None)?;
-    let (_sshc_pg, sshc_pg_port) = ssh_tunnel(&sshd, ns_b, pg_port, true, None)?;
-    // Raw streams compare ssh -L and pgferry (direct TCP is the base-backup baseline).
+/// Where each contender listens: PostgreSQL on the veth address (direct TCP), and the local
+/// ends in `b` of the ssh tunnels and of pgferry.
+struct Ports {
+    direct_pg: u16,
+    ssh_pg: u16,
+    sshc_pg: u16,
+    pgferry_pg: u16,
+    ssh_stream: u16,
+    pgferry_stream: u16,
+}
+
+/// The chosen (`--contenders`) contenders of the base backups and of the raw streams. Raw
+/// streams compare ssh -L and pgferry (direct TCP is the base-backup baseline).
+fn contenders(o: &Args, addr_a: &str, ports: &Ports) -> (Vec<Backup>, Vec<Stream>) {
     let chosen = |key: &str| o.contenders.iter().any(|c| c == key);
     let mut backups = vec![
         Backup {
             key: "direct",
             name: "direct TCP",
-            host: addr_a.clone(),
-            port: pg_port,
+            host: addr_a.to_string(),
+            port: ports.direct_pg,
             extra: &[],
         },
         Backup {
             key: "ssh",
             name: "ssh -L",
             host: "127.0.0.1".into(),
-            port: ssh_pg_port,
+            port: ports.ssh_pg,
             extra: &[],
         },
         Backup {
             key: "ssh-c",
             name: "ssh -C -L",
             host: "127.0.0.1".into(),
-            port: sshc_pg_port,
+            port: ports.sshc_pg,
             extra: &[],
         },
         Backup {
             key: "server-zstd",
             name: "server-zstd via ssh -L",
             host: "127.0.0.1".into(),
-            port: ssh_pg_port,
+            port: ports.ssh_pg,
             extra: &["--compress=server-zstd"],
         },
         Backup {
             key: "pgferry",
             name: "pgferry",
             host: "127.0.0.1".into(),
-            port: pg_local,
+            port: ports.pgferry_pg,
             extra: &[],
         },
     ];
@@ -673,37 +830,23 @@ fn run(o: &Args) -> Result<()> {
         Stream {
             key: "ssh",
             name: "ssh -L",
-            port: ssh_stream_port,
+            port: ports.ssh_stream,
             cpu: |_| pids_named(&["ssh", "sshd", "sshd-session"]),
         },
         Stream {
             key: "pgferry",
             name: "pgferry",
-            port: stream_local,
+            port: ports.pgferry_stream,
             cpu: |p| p.agents.clone(),
         },
     ];
     streams.retain(|s| chosen(s.key));
+    (backups, streams)
+}
 
-    // Standbys for the WAL-lag part, made now while the link is fast (each with its own slot).
-    let wal_part = o.wal_secs > 0 && o.rate > 0 && o.links.iter().any(|l| l == "limited");
-    let mut standbys = Vec::new();
-    if wal_part {
-        // The same tunnels as the base backups of ssh -L and pgferry (when chosen).
-        for b in backups
-            .iter()
-            .filter(|b| ["ssh", "pgferry"].contains(&b.key))
-        {
-            standbys.push(make_standby(
-                dir.path(),
-                &net.b,
-                b.name,
-                b.port,
-                &pg.password,
-            )?);
-        }
-    }
-    let mut links = Vec::new();
+/// The links to measure (`--links`): label, rate in Mbit/s (0: unlimited), MiB per raw-stream
+/// measurement.
+fn link_modes(o: &Args) -> Vec<(&'static str, u32, usize)> {
     let mut modes = Vec::new();
     if o.links.iter().any(|l| l == "unlimited") {
         modes.push(("unlimited", 0u32, o.stream_mb));
@@ -711,9 +854,30 @@ fn run(o: &Args) -> Result<()> {
     if o.rate > 0 && o.links.iter().any(|l| l == "limited") {
         modes.push(("limited", o.rate, o.limited_stream_mb));
     }
-    for (label, rate, stream_mb) in modes {
+    modes
+}
+
+/// What the measurements of one link need.
+struct LinkBench<'a> {
+    o: &'a Args,
+    net: &'a NetnsPair,
+    dir: &'a TestDir,
+    /// This binary (the stream readers are `--read-stream` runs of it).
+    me: &'a Path,
+    pg_password: &'a str,
+    backups: &'a [Backup],
+    streams: &'a [Stream],
+    procs: &'a Procs,
+}
+
+impl LinkBench<'_> {
+    /// One link (`rate` Mbit/s with tc tbf, 0: unlimited): `--reps` rounds of raw streams (1
+    /// and 8 at once, `stream_mb` MiB each) and base backups, every contender in turn; the
+    /// link's results with medians.
+    fn measure(&self, label: &str, rate: u32, stream_mb: usize) -> Result<Value> {
+        let (o, backups, streams) = (self.o, self.backups, self.streams);
         if rate > 0 {
-            net.limit_rate(rate)?;
+            self.net.limit_rate(rate)?;
         }
         let link = if rate > 0 {
             format!("{rate} Mbit/s (tc tbf)")
@@ -728,58 +892,15 @@ fn run(o: &Args) -> Result<()> {
         for r in 0..o.reps {
             for (i, s) in streams.iter().enumerate() {
                 for (k, conns) in [1usize, 8].into_iter().enumerate() {
-                    let bytes = stream_mb << 20;
-                    let pids = (s.cpu)(&procs);
-                    let before = cpu_secs(&pids);
-                    let out = command_output(cmd_in(ns_b, &me).args([
-                        "--read-stream",
-                        &s.port.to_string(),
-                        &bytes.to_string(),
-                        &conns.to_string(),
-                    ]))
-                    .with_context(|| format!("stream via {}", s.name))?;
-                    let mbs: f64 = out.trim().trim_start_matches("MBps ").parse()?;
-                    let used = cpu_secs(&(s.cpu)(&procs)) - before;
-                    let per_gb = used / (bytes as f64 / 1e9);
-                    eprintln!(
-                        "  rep {r}: {conns} stream(s) via {}: {mbs:.1} MB/s, {per_gb:.2} CPU s/GB",
-                        s.name
-                    );
+                    let (mbs, per_gb) = self.stream(s, conns, stream_mb << 20, r)?;
                     tp[i][k].push(mbs);
                     cpu[i][k].push(per_gb);
                 }
             }
             for (i, b) in backups.iter().enumerate() {
-                let out = dir.join(format!("bb-{label}-{i}-{r}"));
-                let before = link_bytes(Some(&net));
-                let t = Instant::now();
-                command_output(
-                    cmd_in(ns_b, pg_bin("pg_basebackup"))
-                        .args([
-                            "-h",
-                            &b.host,
-                            "-p",
-                            &b.port.to_string(),
-                            "-U",
-                            "postgres",
-                            "-D",
-                        ])
-                        .arg(&out)
-                        .args(["-X", "stream", "-c", "fast", "--no-sync"])
-                        .args(b.extra)
-                        .env("PGPASSWORD", &pg.password),
-                )
-                .with_context(|| format!("pg_basebackup via {}", b.name))?;
-                let secs = t.elapsed().as_secs_f64();
-                let bytes = link_bytes(Some(&net)).saturating_sub(before) as f64;
-                eprintln!(
-                    "  rep {r}: pg_basebackup via {}: {secs:.2} s, {:.0} MB on the link",
-                    b.name,
-                    bytes / 1e6
-                );
+                let (secs, bytes) = self.basebackup(b, &format!("bb-{label}-{i}-{r}"), r)?;
                 bb[i].push(secs);
                 wire[i].push(bytes);
-                std::fs::remove_dir_all(&out)?;
             }
         }
         let backup_rows: Vec<Value> = backups
@@ -800,66 +921,92 @@ fn run(o: &Args) -> Result<()> {
                 );
             }
         }
-        links.push(
+        Ok(
             json!({"link": link, "label": label, "rate_mbit": rate, "stream_mib": stream_mb,
             "basebackup": backup_rows, "streams": stream_rows}),
-        );
+        )
     }
-    // WAL streaming on the limited link (still limited after the loop above).
-    let mut wal = Vec::new();
-    if wal_part {
-        let rate = o.wal_mb_per_s.unwrap_or(2.0 * f64::from(o.rate) / 8.0);
-        println!(
-            "\n== WAL streaming at {} Mbit/s, load aiming at {rate:.1} MB/s of WAL for {} s",
-            o.rate, o.wal_secs
-        );
-        for s in &standbys {
-            wal.push(wal_lag(&pg, &net.b, s, rate, o.wal_secs)?);
-        }
-        for s in &standbys {
-            let _ = pg.psql(&format!("SELECT pg_drop_replication_slot('{}')", s.slot));
-        }
-    }
-    // The agents' own output (set PGFERRY_LOG=pgferry_common::runtime::pump=debug to see the
-    // compression level decisions), for looking into a run.
-    std::fs::create_dir_all(&o.out)?;
-    for (role, agent) in [("source", &source), ("target", &target)] {
-        std::fs::write(o.out.join(format!("agent-{role}.log")), agent.output())?;
-    }
-    drop(target);
-    drop(source);
-    pg.stop()?;
 
-    let results = json!({
-        "when": std::process::Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()),
-        "cores": cores,
-        "reps": o.reps,
-        "zstd_level": o.level,
-        "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio, "stream_payload_zstd3_ratio": stream_ratio},
-        "links": links,
-        "wal": wal,
-    });
+    /// `bytes` read through `s` over `conns` connections at once (repetition `r`): MB/s, and
+    /// the CPU seconds per GB of both tunnel ends.
+    fn stream(&self, s: &Stream, conns: usize, bytes: usize, r: u32) -> Result<(f64, f64)> {
+        let pids = (s.cpu)(self.procs);
+        let before = cpu_secs(&pids);
+        let out = command_output(cmd_in(Some(self.net.b.as_str()), self.me).args([
+            "--read-stream",
+            &s.port.to_string(),
+            &bytes.to_string(),
+            &conns.to_string(),
+        ]))
+        .with_context(|| format!("stream via {}", s.name))?;
+        let mbs: f64 = out.trim().trim_start_matches("MBps ").parse()?;
+        let used = cpu_secs(&(s.cpu)(self.procs)) - before;
+        let per_gb = used / (bytes as f64 / 1e9);
+        eprintln!(
+            "  rep {r}: {conns} stream(s) via {}: {mbs:.1} MB/s, {per_gb:.2} CPU s/GB",
+            s.name
+        );
+        Ok((mbs, per_gb))
+    }
+
+    /// One `pg_basebackup -X stream` through `b` into `name` (removed afterwards), repetition
+    /// `r`: seconds, and bytes on the link.
+    fn basebackup(&self, b: &Backup, name: &str, r: u32) -> Result<(f64, f64)> {
+        let out = self.dir.join(name);
+        let before = link_bytes(Some(self.net));
+        let t = Instant::now();
+        command_output(
+            cmd_in(Some(self.net.b.as_str()), pg_bin("pg_basebackup"))
+                .args([
+                    "-h",
+                    &b.host,
+                    "-p",
+                    &b.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                ])
+                .arg(&out)
+                .args(["-X", "stream", "-c", "fast", "--no-sync"])
+                .args(b.extra)
+                .env("PGPASSWORD", self.pg_password),
+        )
+        .with_context(|| format!("pg_basebackup via {}", b.name))?;
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = link_bytes(Some(self.net)).saturating_sub(before) as f64;
+        eprintln!(
+            "  rep {r}: pg_basebackup via {}: {secs:.2} s, {:.0} MB on the link",
+            b.name,
+            bytes / 1e6
+        );
+        std::fs::remove_dir_all(&out)?;
+        Ok((secs, bytes))
+    }
+}
+
+/// Checks the targets of issue 4 into `results`, then writes `results.json`, `results.md` and
+/// the charts to `out`.
+fn write_results(results: Value, out: &Path) -> Result<()> {
     let checks = targets(&results);
     let mut results = results;
     results["targets"] = Value::Array(checks.clone());
-    std::fs::create_dir_all(&o.out)?;
+    std::fs::create_dir_all(out)?;
     std::fs::write(
-        o.out.join("results.json"),
+        out.join("results.json"),
         serde_json::to_string_pretty(&results)? + "\n",
     )?;
     let md = markdown(&results);
-    std::fs::write(o.out.join("results.md"), &md)?;
+    std::fs::write(out.join("results.md"), &md)?;
     println!("\n{md}");
     println!(
         "written: {} and {}",
-        o.out.join("results.json").display(),
-        o.out.join("results.md").display()
+        out.join("results.json").display(),
+        out.join("results.md").display()
     );
-    let written = charts::render(&results, &o.out).with_context(|| {
+    let written = charts::render(&results, out).with_context(|| {
         format!(
             "results are written, the charts are not (retry with --charts-from {})",
-            o.out.join("results.json").display()
+            out.join("results.json").display()
         )
     })?;
     print_charts(&written);
@@ -1093,12 +1240,24 @@ fn pg_ctl(ns: &str, data: &Path, args: &[&str]) -> Result<String> {
     )
 }
 
-/// Runs a write load of `mb_per_s` MB/s of WAL on the source for `secs` seconds with the
-/// standby streaming through its contender; samples the lag every second, then the drain.
 /// Lag in bytes below which a standby counts as caught up: lag in seconds 0, the start of the
 /// load, the end of the drain.
 const CAUGHT_UP_BYTES: f64 = 64.0 * 1024.0;
 
+/// One batch of the write load: roughly 5 MB of WAL (mixed: words, numbers, JSON, hex ids;
+/// zstd ~2.5x).
+const WAL_LOAD_BATCH: &str = "INSERT INTO ferry.wal_load (payload, note)
+        SELECT jsonb_build_object('user', (random() * 100000)::int, 'n', g,
+                 'at', now() + g * interval '1 s', 'trace', md5(random()::text)),
+               (ARRAY['ferry','harbour','north','cargo','tide','ledger','invoice','customer',
+                      'shipment','delayed','berth','crane'])[1 + (random() * 11)::int] || ' ' ||
+               md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) ||
+               ' route ' || (random() * 1e6)::int || ' ' || md5(random()::text) || ' weather ' ||
+               md5(random()::text)
+          FROM generate_series(1, 12000) g";
+
+/// Runs a write load of `mb_per_s` MB/s of WAL on the source for `secs` seconds with the
+/// standby streaming through its contender; samples the lag every second, then the drain.
 fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -> Result<Value> {
     pg_ctl(
         ns,
@@ -1109,10 +1268,44 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
             "start",
         ],
     )?;
-    // Bytes: the source's insert position minus what the standby replayed (its slot).
-    // Seconds: on the standby, now minus the commit time of the last replayed transaction
-    // (every load batch commits), 0 once nothing is left to replay.
-    let lag = || -> Result<(f64, f64)> {
+    let probe = LagProbe { pg, ns, s };
+    probe.wait_caught_up()?;
+    let start_lsn = probe.wal()?;
+    let mut samples = LagSamples::starting_now();
+    probe.write_load(mb_per_s, secs, start_lsn, &mut samples)?;
+    let load_secs = samples.start.elapsed().as_secs_f64();
+    let written = probe.wal()? - start_lsn;
+    let drain = probe.drain(&mut samples)?;
+    pg_ctl(ns, &s.data, &["-m", "immediate", "stop"])?;
+    pg.psql("TRUNCATE ferry.wal_load")?;
+    let (p99, max_bytes) = samples.p99_and_max(load_secs);
+    let samples = samples.samples;
+    eprintln!(
+        "  WAL via {}: {:.1} MB/s of WAL for {load_secs:.0} s; lag p99 {p99:.1} s, max {:.0} MB; drain {}",
+        s.name,
+        written / 1e6 / load_secs,
+        max_bytes / 1e6,
+        drain.map_or("> 300 s".to_string(), |d| format!("{d:.1} s"))
+    );
+    Ok(
+        json!({"contender": s.name, "wal_mb_per_s": written / 1e6 / load_secs, "load_s": load_secs,
+        "lag_p99_s": p99, "lag_max_bytes": max_bytes, "drain_s": drain, "samples": samples}),
+    )
+}
+
+/// The source and one running standby, for measuring how far the standby is behind.
+struct LagProbe<'a> {
+    pg: &'a PgCluster,
+    ns: &'a str,
+    s: &'a WalStandby,
+}
+
+impl LagProbe<'_> {
+    /// The standby's lag. Bytes: the source's insert position minus what the standby replayed
+    /// (its slot). Seconds: on the standby, now minus the commit time of the last replayed
+    /// transaction (every load batch commits), 0 once nothing is left to replay.
+    fn lag(&self) -> Result<(f64, f64)> {
+        let (pg, s) = (self.pg, self.s);
         let b: f64 = pg
             .psql(&format!(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.replay_lsn, s.restart_lsn))
@@ -1125,7 +1318,7 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
             0.0
         } else {
             command_output(
-                as_postgres(Some(ns), &pg_bin("psql"))
+                as_postgres(Some(self.ns), &pg_bin("psql"))
                     .args(["-X", "-A", "-t", "-q", "-h"])
                     .arg(&s.socket_dir)
                     .args(["-p", &s.port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
@@ -1136,99 +1329,129 @@ fn wal_lag(pg: &PgCluster, ns: &str, s: &WalStandby, mb_per_s: f64, secs: u64) -
             .unwrap_or(0.0)
         };
         Ok((b, t))
-    };
-    // A fresh commit, then wait until the standby streams and has replayed it: its last
-    // replayed commit is then seconds old, not the source's last write before it went idle
-    // (a first run reported a p99 of 1090 s for ssh -L from that one stale sample).
-    pg.psql("CREATE TABLE IF NOT EXISTS ferry.wal_load (id bigserial PRIMARY KEY, payload jsonb, note text)")?;
-    pg.psql("INSERT INTO ferry.wal_load (note) VALUES ('start')")?;
-    let t = Instant::now();
-    while lag()?.0 >= CAUGHT_UP_BYTES {
-        ensure!(
-            t.elapsed() < Duration::from_secs(120),
-            "standby via {} never caught up",
-            s.name
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
-    let wal = || -> Result<f64> {
-        Ok(pg
+
+    /// The source's WAL insert position, in bytes.
+    fn wal(&self) -> Result<f64> {
+        Ok(self
+            .pg
             .psql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")?
             .parse()?)
-    };
-    let start_lsn = wal()?;
-    let start = Instant::now();
-    let mut samples = Vec::new();
-    let mut next_sample = Duration::ZERO;
-    // One batch writes roughly 5 MB of WAL (mixed: words, numbers, JSON, hex ids; zstd ~2.5x);
-    // batches run whenever the WAL written is behind the schedule (mb_per_s since the start).
-    let batch = "INSERT INTO ferry.wal_load (payload, note)
-        SELECT jsonb_build_object('user', (random() * 100000)::int, 'n', g,
-                 'at', now() + g * interval '1 s', 'trace', md5(random()::text)),
-               (ARRAY['ferry','harbour','north','cargo','tide','ledger','invoice','customer',
-                      'shipment','delayed','berth','crane'])[1 + (random() * 11)::int] || ' ' ||
-               md5(random()::text) || ' ' || md5(random()::text) || ' ' || md5(random()::text) ||
-               ' route ' || (random() * 1e6)::int || ' ' || md5(random()::text) || ' weather ' ||
-               md5(random()::text)
-          FROM generate_series(1, 12000) g";
-    while start.elapsed() < Duration::from_secs(secs) {
-        let el = start.elapsed();
-        if el >= next_sample {
-            let (b, t) = lag()?;
-            samples.push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
-            next_sample += Duration::from_secs(1);
+    }
+
+    /// A fresh commit, then waits (up to 120 s) until the standby streams and has replayed it:
+    /// its last replayed commit is then seconds old, not the source's last write before it
+    /// went idle (a first run reported a p99 of 1090 s for ssh -L from that one stale sample).
+    fn wait_caught_up(&self) -> Result<()> {
+        let pg = self.pg;
+        pg.psql("CREATE TABLE IF NOT EXISTS ferry.wal_load (id bigserial PRIMARY KEY, payload jsonb, note text)")?;
+        pg.psql("INSERT INTO ferry.wal_load (note) VALUES ('start')")?;
+        let t = Instant::now();
+        while self.lag()?.0 >= CAUGHT_UP_BYTES {
+            ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "standby via {} never caught up",
+                self.s.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
-        let written = wal()? - start_lsn;
-        if written < mb_per_s * 1e6 * el.as_secs_f64() {
-            pg.psql(batch)?;
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    }
+
+    /// The write load: for `secs` seconds, a [`WAL_LOAD_BATCH`] whenever the WAL written
+    /// since `start_lsn` is behind the schedule (`mb_per_s` since the start), sampling the lag
+    /// once a second.
+    fn write_load(
+        &self,
+        mb_per_s: f64,
+        secs: u64,
+        start_lsn: f64,
+        samples: &mut LagSamples,
+    ) -> Result<()> {
+        while samples.start.elapsed() < Duration::from_secs(secs) {
+            let el = samples.start.elapsed();
+            if samples.is_due(el) {
+                let (b, t) = self.lag()?;
+                samples.record(el, b, t);
+            }
+            let written = self.wal()? - start_lsn;
+            if written < mb_per_s * 1e6 * el.as_secs_f64() {
+                self.pg.psql(WAL_LOAD_BATCH)?;
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// The drain: how long until the standby has replayed everything (`None`: not within
+    /// 300 s), still sampling the lag once a second.
+    fn drain(&self, samples: &mut LagSamples) -> Result<Option<f64>> {
+        let stop = Instant::now();
+        while stop.elapsed() < Duration::from_secs(300) {
+            let el = samples.start.elapsed();
+            let (b, t) = self.lag()?;
+            if samples.is_due(el) {
+                samples.record(el, b, t);
+            }
+            if b < CAUGHT_UP_BYTES {
+                return Ok(Some(stop.elapsed().as_secs_f64()));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(None)
+    }
+}
+
+/// Lag samples, one a second from the start of the write load through the drain.
+struct LagSamples {
+    start: Instant,
+    next: Duration,
+    samples: Vec<Value>,
+}
+
+impl LagSamples {
+    fn starting_now() -> Self {
+        Self {
+            start: Instant::now(),
+            next: Duration::ZERO,
+            samples: Vec::new(),
         }
     }
-    let load_secs = start.elapsed().as_secs_f64();
-    let written = wal()? - start_lsn;
-    // The drain: how long until the standby has replayed everything.
-    let stop = Instant::now();
-    let mut drain = None;
-    while stop.elapsed() < Duration::from_secs(300) {
-        let el = start.elapsed();
-        let (b, t) = lag()?;
-        if el >= next_sample {
-            samples.push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
-            next_sample += Duration::from_secs(1);
-        }
-        if b < CAUGHT_UP_BYTES {
-            drain = Some(stop.elapsed().as_secs_f64());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+
+    /// Whether a sample is due `el` after the start.
+    fn is_due(&self, el: Duration) -> bool {
+        el >= self.next
     }
-    pg_ctl(ns, &s.data, &["-m", "immediate", "stop"])?;
-    pg.psql("TRUNCATE ferry.wal_load")?;
-    let during: Vec<f64> = samples
-        .iter()
-        .filter(|x| x["t"].as_f64().unwrap_or(0.0) <= load_secs)
-        .map(|x| x["lag_s"].as_f64().unwrap_or(0.0))
-        .collect();
-    let mut sorted = during.clone();
-    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p99 = sorted
-        .get(((sorted.len() as f64) * 0.99).ceil() as usize - 1)
-        .copied()
-        .unwrap_or(0.0);
-    let max_bytes = samples
-        .iter()
-        .filter_map(|x| x["lag_bytes"].as_f64())
-        .fold(0.0, f64::max);
-    eprintln!(
-        "  WAL via {}: {:.1} MB/s of WAL for {load_secs:.0} s; lag p99 {p99:.1} s, max {:.0} MB; drain {}",
-        s.name,
-        written / 1e6 / load_secs,
-        max_bytes / 1e6,
-        drain.map_or("> 300 s".to_string(), |d| format!("{d:.1} s"))
-    );
-    Ok(
-        json!({"contender": s.name, "wal_mb_per_s": written / 1e6 / load_secs, "load_s": load_secs,
-        "lag_p99_s": p99, "lag_max_bytes": max_bytes, "drain_s": drain, "samples": samples}),
-    )
+
+    /// Records lag `b` bytes and `t` seconds at `el` after the start; the next is due a second
+    /// later.
+    fn record(&mut self, el: Duration, b: f64, t: f64) {
+        self.samples
+            .push(json!({"t": el.as_secs_f64(), "lag_bytes": b, "lag_s": t}));
+        self.next += Duration::from_secs(1);
+    }
+
+    /// The 99th percentile of the lag in seconds during the load (the first `load_secs`), and
+    /// the largest lag in bytes of any sample.
+    fn p99_and_max(&self, load_secs: f64) -> (f64, f64) {
+        let during: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|x| x["t"].as_f64().unwrap_or(0.0) <= load_secs)
+            .map(|x| x["lag_s"].as_f64().unwrap_or(0.0))
+            .collect();
+        let mut sorted = during.clone();
+        sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let p99 = sorted
+            .get(((sorted.len() as f64) * 0.99).ceil() as usize - 1)
+            .copied()
+            .unwrap_or(0.0);
+        let max_bytes = self
+            .samples
+            .iter()
+            .filter_map(|x| x["lag_bytes"].as_f64())
+            .fold(0.0, f64::max);
+        (p99, max_bytes)
+    }
 }

@@ -35,7 +35,7 @@ use pgferry_tests::{
 };
 use serde_json::{json, Value};
 
-use crate::{charts, load_dataset, ssh_tunnel, start_sshd, Args};
+use crate::{charts, load_dataset, ssh_tunnel, start_sshd, start_stream_server, Args, Sshd};
 
 /// Namespace prefix of the path run (unique to it; stale ones from a killed run are swept).
 const NS_PREFIX: &str = "pgfccpath";
@@ -158,12 +158,13 @@ fn tcp_cc_in_use(net: &NetnsPath, addr: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The path cases: builds the path, starts PostgreSQL and every tunnel across it, measures the
+/// base backups and the fairness, closes the tunnels, and writes the results.
 pub fn run(o: &Args) -> Result<()> {
     let rtt_ms = o
         .rtt_ms
         .context("--rtt-ms is required for the path cases")?;
     let load_at_start = load_average();
-    let limit = Duration::from_secs(o.path_timeout_secs);
     let dir = TestDir::new()?;
     let net = NetnsPath::create(NS_PREFIX)?.context(
         "network namespaces cannot be created here (run as root with iproute2 installed)",
@@ -171,7 +172,6 @@ pub fn run(o: &Args) -> Result<()> {
     net.offloads_off()
         .context("while turning offloads off (ethtool)")?;
     net.limit_rate(o.rate)?;
-    let (ns_a, ns_b) = (net.a.as_str(), net.b.as_str());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "pgferry-bench path: {rtt_ms} ms RTT, {} Mbit/s (tc tbf), loss {:?} %, {} rep(s), \
@@ -185,257 +185,38 @@ pub fn run(o: &Args) -> Result<()> {
     }
 
     let pg_port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("pg"), pg_port)?.with_netns(ns_a);
+    let mut pg = PgCluster::init(&dir.join("pg"), pg_port)?.with_netns(&net.a);
     pg.start()?;
     let (db_bytes, ratio) = load_dataset(&pg, o.megabytes)?;
     let me = std::env::current_exe()?;
-    let mut server = NetnsPair::command(ns_a, &me);
-    server.args(["--serve-stream", "--incompressible"]);
-    let server = ChildGuard::spawn_quiet("stream-server", server)?;
-    let stream_port: u16 = server
-        .wait_for_output("port ", Duration::from_secs(20))?
-        .trim()
-        .trim_start_matches("port ")
-        .parse()?;
+    let (server, stream_port) = start_stream_server(Some(net.a.as_str()), &me, true)?;
 
     // Setup crosses the path too: a lossless emulator while tunnels come up.
     let setup_emulator = Emulator::start(&net, rtt_ms, 0.0, 1, 600)?;
     let ferries = start_ferries(o, &dir, &net, pg_port, stream_port)?;
-    let sshd = start_sshd(&dir.join("ssh"), Some(ns_a), &net.addr_a)?;
-    let mut tunnels = Vec::new();
-    for (cc, bind) in &ssh_ccs {
-        for to_port in [pg_port, stream_port] {
-            let (child, local) = ssh_tunnel(&sshd, Some(ns_b), to_port, false, Some(bind))?;
-            tunnels.push(SshTunnel {
-                cc,
-                bind: bind.clone(),
-                to_port,
-                local,
-                child,
-            });
-        }
-    }
-    let mut cc_check = Vec::new();
-    for (cc, addr) in &ssh_ccs {
-        let seen = tcp_cc_in_use(&net, addr)?;
-        println!("ssh -L towards {addr}: route congctl {cc}, connections use {seen:?}");
-        if seen.is_empty() || seen.iter().any(|s| s != cc) {
-            bail!("the route to {addr} asks for {cc}, but sshd's connections use {seen:?}");
-        }
-        cc_check.push(json!({"route_congctl": cc, "to": addr, "connections_use": seen}));
-    }
-    // The emulator itself, no pgferry involved: ping's RTT through it.
-    let ping = command_output(NetnsPair::command(ns_b, "ping").args([
-        "-c",
-        "10",
-        "-i",
-        "0.2",
-        "-q",
-        &net.addr_a,
-    ]))?;
-    let ping_rtt = ping
-        .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .unwrap_or("")
-        .to_string();
-    println!("ping through the path: {ping_rtt}");
+    let sshd = start_sshd(&dir.join("ssh"), Some(net.a.as_str()), &net.addr_a)?;
+    let mut tunnels = start_ssh_tunnels(&sshd, &net.b, &ssh_ccs, [pg_port, stream_port])?;
+    let cc_check = check_ssh_congctl(&net, &ssh_ccs)?;
+    let ping_rtt = ping_through(&net)?;
     let setup_counters = setup_emulator.stop()?;
 
-    let mut contenders: Vec<Contender> = Vec::new();
-    for (i, t) in tunnels.iter().enumerate() {
-        if t.to_port == pg_port {
-            contenders.push(Contender {
-                name: format!("ssh -L {}", t.cc.to_uppercase()),
-                port: t.local,
-                ssh: Some(i),
-            });
-        }
-    }
-    for f in &ferries {
-        contenders.push(Contender {
-            name: format!("pgferry {}", f.cc),
-            port: f.pg_local,
-            ssh: None,
-        });
-    }
-
+    let mut contenders = contenders(&tunnels, &ferries, pg_port);
+    let m = Measure {
+        o,
+        rtt_ms,
+        net: &net,
+        dir: &dir,
+        me: &me,
+        sshd: &sshd,
+        pg_password: &pg.password,
+    };
     // Measurements, then a teardown that runs whatever they returned.
     let measured = (|| -> Result<(Vec<Value>, Vec<Value>)> {
-        let mut cases = Vec::new();
-        let mut seed = 1000;
-        for &loss in &o.loss {
-            println!(
-                "\n== {rtt_ms} ms RTT, {} Mbit/s, {loss}% random loss",
-                o.rate
-            );
-            for r in 0..o.reps {
-                for c in contenders.iter() {
-                    seed += 1;
-                    let emulator =
-                        Emulator::start(&net, rtt_ms, loss, seed, o.path_timeout_secs + 300)?;
-                    wait_link_quiet(&net)?;
-                    let (before, before_rx) = (net.tx_bytes_a()?, net.rx_bytes_b()?);
-                    let out = dir.join(format!("bb-{seed}"));
-                    let mut cmd = NetnsPair::command(ns_b, pg_bin("pg_basebackup"));
-                    cmd.args(["-h", "127.0.0.1", "-p", &c.port.to_string()])
-                        .args(["-U", "postgres", "-D"])
-                        .arg(&out)
-                        .args(["-X", "stream", "-c", "fast", "--no-sync"])
-                        .env("PGPASSWORD", &pg.password)
-                        // Its own process group: with -X stream it forks a WAL receiver, which must
-                        // go too when the limit stops it.
-                        .process_group(0);
-                    let t = Instant::now();
-                    let mut bb = ChildGuard::spawn_quiet("pg_basebackup", cmd)?;
-                    let (seconds, error) = match bb.wait(limit) {
-                        Ok(s) if s.success() => (Some(t.elapsed().as_secs_f64()), None),
-                        Ok(s) => (None, Some(format!("{s}: {}", bb.output().trim()))),
-                        Err(_) => {
-                            let _ = Command::new("kill")
-                                .args(["-KILL", "--", &format!("-{}", bb.pid())])
-                                .status();
-                            bb.kill();
-                            (None, None)
-                        }
-                    };
-                    let link = net.tx_bytes_a()?.saturating_sub(before);
-                    let delivered = net.rx_bytes_b()?.saturating_sub(before_rx);
-                    if seconds.is_none() {
-                        if let Some(i) = c.ssh {
-                            // Its sshd may hold megabytes for the killed session; a new client
-                            // makes the old connection reset instead of draining into the next.
-                            let old = &mut tunnels[i];
-                            old.child.kill();
-                            let (child, local) =
-                                ssh_tunnel(&sshd, Some(ns_b), old.to_port, false, Some(&old.bind))?;
-                            old.child = child;
-                            // The contender's port changes: patched below via `port_of`.
-                            old.local = local;
-                        }
-                    }
-                    wait_link_quiet(&net)?;
-                    let counters = emulator.stop()?;
-                    let _ = std::fs::remove_dir_all(&out);
-                    let shown = match (seconds, &error) {
-                        (Some(s), _) => format!("{s:.1} s"),
-                        (None, None) => format!("> {} s", o.path_timeout_secs),
-                        (None, Some(e)) => format!("failed ({e})"),
-                    };
-                    eprintln!(
-                        "  loss {loss}%, rep {r}: pg_basebackup via {}: {shown}, {:.1} MB sent into \
-                         the path, {:.1} MB delivered; emulator {counters}",
-                        c.name,
-                        link as f64 / 1e6,
-                        delivered as f64 / 1e6
-                    );
-                    cases.push(json!({"loss_percent": loss, "rep": r, "contender": c.name,
-                        "seconds": seconds, "timed_out": seconds.is_none() && error.is_none(),
-                        "error": error, "link_bytes": link, "delivered_bytes": delivered,
-                    "emulator": counters}));
-                }
-                // A restarted ssh tunnel listens on a new local port.
-                for c in contenders.iter_mut() {
-                    if let Some(i) = c.ssh {
-                        c.port = tunnels[i].local;
-                    }
-                }
-            }
-        }
-
-        // Fairness: a pgferry stream and a CUBIC ssh -L stream at once, lossless path.
-        let ssh_stream = tunnels
-            .iter()
-            .find(|t| t.cc == "cubic" && t.to_port == stream_port)
-            .context("no CUBIC ssh stream tunnel")?
-            .local;
-        let mut fairness = Vec::new();
-        if o.fairness_secs > 0 {
-            println!(
-                "\n== fairness: {rtt_ms} ms RTT, {} Mbit/s, no loss, {} s",
-                o.rate, o.fairness_secs
-            );
-            let ssh_bbr_stream = tunnels
-                .iter()
-                .find(|t| t.cc == "bbr" && t.to_port == stream_port)
-                .context("no BBR ssh stream tunnel")?
-                .local;
-            // Each against a CUBIC ssh -L stream; kernel TCP BBR against it is the reference.
-            let mut challengers = Vec::new();
-            for cc in ["bbr", "cubic"] {
-                let f = ferries
-                    .iter()
-                    .find(|f| f.cc == cc)
-                    .context("no such ferry")?;
-                challengers.push((format!("pgferry {cc}"), f.stream_local));
-            }
-            challengers.push(("ssh -L BBR".to_string(), ssh_bbr_stream));
-            for (challenger, port) in challengers {
-                let emulator = Emulator::start(&net, rtt_ms, 0.0, 7, o.fairness_secs + 300)?;
-                wait_link_quiet(&net)?;
-                let (before, before_rx) = (net.tx_bytes_a()?, net.rx_bytes_b()?);
-                let flows = [
-                    (challenger.clone(), port),
-                    ("ssh -L CUBIC".to_string(), ssh_stream),
-                ];
-                let readers: Vec<ChildGuard> = flows
-                    .iter()
-                    .map(|(name, port)| {
-                        let mut cmd = NetnsPair::command(ns_b, &me);
-                        cmd.args(["--read-for"])
-                            .args([port.to_string(), o.fairness_secs.to_string()]);
-                        ChildGuard::spawn_quiet(name, cmd)
-                    })
-                    .collect::<Result<_>>()?;
-                let mut rows = Vec::new();
-                for ((name, _), mut reader) in flows.iter().zip(readers) {
-                    reader.wait(Duration::from_secs(o.fairness_secs + 60))?;
-                    let line = reader.wait_for_output("bytes ", Duration::from_secs(1))?;
-                    let mut words = line.split_whitespace();
-                    let bytes: f64 = words.nth(1).context("bytes")?.parse()?;
-                    let per_s: Vec<f64> = words
-                        .nth(1)
-                        .unwrap_or("")
-                        .split(',')
-                        .filter_map(|x| x.parse().ok())
-                        .collect();
-                    rows.push((name.clone(), bytes, per_s));
-                }
-                let link = net.tx_bytes_a()?.saturating_sub(before);
-                let delivered = net.rx_bytes_b()?.saturating_sub(before_rx);
-                wait_link_quiet(&net)?;
-                let counters = emulator.stop()?;
-                let total: f64 = rows.iter().map(|r| r.1).sum();
-                let flows: Vec<Value> = rows
-                    .iter()
-                    .map(|(name, bytes, per_s)| {
-                        let mbs = bytes / 1e6 / o.fairness_secs as f64;
-                        eprintln!(
-                            "  {name}: {mbs:.2} MB/s, {:.0}% of what both flows received",
-                            100.0 * bytes / total
-                        );
-                        json!({"flow": name, "bytes": bytes, "mb_per_s": mbs,
-                               "share": bytes / total, "mb_per_s_each_second": per_s})
-                    })
-                    .collect();
-                fairness.push(json!({"challenger": challenger, "against": "ssh -L CUBIC",
-                    "seconds": o.fairness_secs, "flows": flows, "link_bytes": link,
-                    "delivered_bytes": delivered, "emulator": counters}));
-            }
-        }
+        let cases = m.basebackups(&mut contenders, &mut tunnels)?;
+        let fairness = m.fairness(&tunnels, &ferries, stream_port)?;
         Ok((cases, fairness))
     })();
-    // The ssh clients' FINs must cross the path, or sshd's sessions linger after the run.
-    let teardown = Emulator::start(&net, rtt_ms, 0.0, 2, 120)?;
-    drop(tunnels);
-    let sshd_pid = sshd.pid().to_string();
-    let _ = wait_until("sshd's sessions to end", Duration::from_secs(20), || {
-        let out = Command::new("pgrep")
-            .args(["-P", &sshd_pid])
-            .output()
-            .ok()?;
-        out.stdout.is_empty().then_some(())
-    });
-    drop(teardown);
+    close_ssh_tunnels(&net, rtt_ms, tunnels, &sshd)?;
     let (cases, fairness) = measured?;
 
     std::fs::create_dir_all(&o.out)?;
@@ -469,6 +250,350 @@ pub fn run(o: &Args) -> Result<()> {
         "fairness": fairness,
     });
     write_results(&results, &o.out)
+}
+
+/// One `ssh -L` from `ns_b` per congestion control in `ssh_ccs` and per port in `to_ports`
+/// (PostgreSQL, the stream server), each client bound to the address whose route in `a` asks
+/// for that congestion control.
+fn start_ssh_tunnels(
+    sshd: &Sshd,
+    ns_b: &str,
+    ssh_ccs: &[(&'static str, String)],
+    to_ports: [u16; 2],
+) -> Result<Vec<SshTunnel>> {
+    let mut tunnels = Vec::new();
+    for (cc, bind) in ssh_ccs {
+        for to_port in to_ports {
+            let (child, local) = ssh_tunnel(sshd, Some(ns_b), to_port, false, Some(bind))?;
+            tunnels.push(SshTunnel {
+                cc,
+                bind: bind.clone(),
+                to_port,
+                local,
+                child,
+            });
+        }
+    }
+    Ok(tunnels)
+}
+
+/// Confirms that sshd's connections towards each client address use the congestion control
+/// its route asks for; what `ss -ti` showed, for the results.
+fn check_ssh_congctl(net: &NetnsPath, ssh_ccs: &[(&'static str, String)]) -> Result<Vec<Value>> {
+    let mut cc_check = Vec::new();
+    for (cc, addr) in ssh_ccs {
+        let seen = tcp_cc_in_use(net, addr)?;
+        println!("ssh -L towards {addr}: route congctl {cc}, connections use {seen:?}");
+        if seen.is_empty() || seen.iter().any(|s| s != cc) {
+            bail!("the route to {addr} asks for {cc}, but sshd's connections use {seen:?}");
+        }
+        cc_check.push(json!({"route_congctl": cc, "to": addr, "connections_use": seen}));
+    }
+    Ok(cc_check)
+}
+
+/// The emulator itself, no pgferry involved: ping's RTT summary line through it.
+fn ping_through(net: &NetnsPath) -> Result<String> {
+    let ping = command_output(NetnsPair::command(&net.b, "ping").args([
+        "-c",
+        "10",
+        "-i",
+        "0.2",
+        "-q",
+        &net.addr_a,
+    ]))?;
+    let ping_rtt = ping
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .unwrap_or("")
+        .to_string();
+    println!("ping through the path: {ping_rtt}");
+    Ok(ping_rtt)
+}
+
+/// The base-backup contenders: the `ssh -L` tunnels to PostgreSQL, then the pgferry pairs.
+fn contenders(tunnels: &[SshTunnel], ferries: &[Ferry], pg_port: u16) -> Vec<Contender> {
+    let mut contenders: Vec<Contender> = Vec::new();
+    for (i, t) in tunnels.iter().enumerate() {
+        if t.to_port == pg_port {
+            contenders.push(Contender {
+                name: format!("ssh -L {}", t.cc.to_uppercase()),
+                port: t.local,
+                ssh: Some(i),
+            });
+        }
+    }
+    for f in ferries {
+        contenders.push(Contender {
+            name: format!("pgferry {}", f.cc),
+            port: f.pg_local,
+            ssh: None,
+        });
+    }
+    contenders
+}
+
+/// Closes the `ssh -L` tunnels across a lossless emulator: the clients' FINs must cross the
+/// path, or sshd's sessions linger after the run. Waits (up to 20 s) for those sessions to end.
+fn close_ssh_tunnels(
+    net: &NetnsPath,
+    rtt_ms: f64,
+    tunnels: Vec<SshTunnel>,
+    sshd: &Sshd,
+) -> Result<()> {
+    let teardown = Emulator::start(net, rtt_ms, 0.0, 2, 120)?;
+    drop(tunnels);
+    let sshd_pid = sshd.pid().to_string();
+    let _ = wait_until("sshd's sessions to end", Duration::from_secs(20), || {
+        let out = Command::new("pgrep")
+            .args(["-P", &sshd_pid])
+            .output()
+            .ok()?;
+        out.stdout.is_empty().then_some(())
+    });
+    drop(teardown);
+    Ok(())
+}
+
+/// What every measurement of the path run needs.
+struct Measure<'a> {
+    o: &'a Args,
+    rtt_ms: f64,
+    net: &'a NetnsPath,
+    dir: &'a TestDir,
+    /// This binary (the fairness readers are `--read-for` runs of it).
+    me: &'a Path,
+    sshd: &'a Sshd,
+    pg_password: &'a str,
+}
+
+impl Measure<'_> {
+    /// `pg_basebackup` through every contender at every `--loss`, `--reps` times, alternating;
+    /// one case each for the results.
+    fn basebackups(
+        &self,
+        contenders: &mut [Contender],
+        tunnels: &mut [SshTunnel],
+    ) -> Result<Vec<Value>> {
+        let o = self.o;
+        let mut cases = Vec::new();
+        let mut seed = 1000;
+        for &loss in &o.loss {
+            println!(
+                "\n== {} ms RTT, {} Mbit/s, {loss}% random loss",
+                self.rtt_ms, o.rate
+            );
+            for r in 0..o.reps {
+                for c in contenders.iter() {
+                    seed += 1;
+                    let tunnel = c.ssh.map(|i| &mut tunnels[i]);
+                    cases.push(self.basebackup(c, tunnel, loss, r, seed)?);
+                }
+                // A restarted ssh tunnel listens on a new local port.
+                for c in contenders.iter_mut() {
+                    if let Some(i) = c.ssh {
+                        c.port = tunnels[i].local;
+                    }
+                }
+            }
+        }
+        Ok(cases)
+    }
+
+    /// One `pg_basebackup -X stream` through contender `c` under its own emulator (`loss`,
+    /// `seed`), stopped at the limit; the bytes sent into the path and delivered, and the
+    /// emulator's counters. An `ssh -L` contender (`tunnel`) that timed out gets a new tunnel.
+    fn basebackup(
+        &self,
+        c: &Contender,
+        tunnel: Option<&mut SshTunnel>,
+        loss: f64,
+        rep: u32,
+        seed: u64,
+    ) -> Result<Value> {
+        let (o, net) = (self.o, self.net);
+        let emulator = Emulator::start(net, self.rtt_ms, loss, seed, o.path_timeout_secs + 300)?;
+        wait_link_quiet(net)?;
+        let (before, before_rx) = (net.tx_bytes_a()?, net.rx_bytes_b()?);
+        let out = self.dir.join(format!("bb-{seed}"));
+        let (seconds, error) = self.run_basebackup(c.port, &out)?;
+        let link = net.tx_bytes_a()?.saturating_sub(before);
+        let delivered = net.rx_bytes_b()?.saturating_sub(before_rx);
+        if seconds.is_none() {
+            if let Some(old) = tunnel {
+                // Its sshd may hold megabytes for the killed session; a new client makes the
+                // old connection reset instead of draining into the next.
+                old.child.kill();
+                let (child, local) = ssh_tunnel(
+                    self.sshd,
+                    Some(net.b.as_str()),
+                    old.to_port,
+                    false,
+                    Some(&old.bind),
+                )?;
+                old.child = child;
+                // The contender's port changes: `basebackups` patches it after the repetition.
+                old.local = local;
+            }
+        }
+        wait_link_quiet(net)?;
+        let counters = emulator.stop()?;
+        let _ = std::fs::remove_dir_all(&out);
+        let shown = match (seconds, &error) {
+            (Some(s), _) => format!("{s:.1} s"),
+            (None, None) => format!("> {} s", o.path_timeout_secs),
+            (None, Some(e)) => format!("failed ({e})"),
+        };
+        eprintln!(
+            "  loss {loss}%, rep {rep}: pg_basebackup via {}: {shown}, {:.1} MB sent into \
+             the path, {:.1} MB delivered; emulator {counters}",
+            c.name,
+            link as f64 / 1e6,
+            delivered as f64 / 1e6
+        );
+        Ok(
+            json!({"loss_percent": loss, "rep": rep, "contender": c.name,
+            "seconds": seconds, "timed_out": seconds.is_none() && error.is_none(),
+            "error": error, "link_bytes": link, "delivered_bytes": delivered,
+        "emulator": counters}),
+        )
+    }
+
+    /// Runs `pg_basebackup` from `port` into `out`, killed (with its WAL receiver) at the
+    /// limit: its seconds when it finished, its error when it failed, neither when it timed out.
+    fn run_basebackup(&self, port: u16, out: &Path) -> Result<(Option<f64>, Option<String>)> {
+        let mut cmd = NetnsPair::command(&self.net.b, pg_bin("pg_basebackup"));
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "postgres", "-D"])
+            .arg(out)
+            .args(["-X", "stream", "-c", "fast", "--no-sync"])
+            .env("PGPASSWORD", self.pg_password)
+            // Its own process group: with -X stream it forks a WAL receiver, which must go too
+            // when the limit stops it.
+            .process_group(0);
+        let t = Instant::now();
+        let mut bb = ChildGuard::spawn_quiet("pg_basebackup", cmd)?;
+        Ok(
+            match bb.wait(Duration::from_secs(self.o.path_timeout_secs)) {
+                Ok(s) if s.success() => (Some(t.elapsed().as_secs_f64()), None),
+                Ok(s) => (None, Some(format!("{s}: {}", bb.output().trim()))),
+                Err(_) => {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", "--", &format!("-{}", bb.pid())])
+                        .status();
+                    bb.kill();
+                    (None, None)
+                }
+            },
+        )
+    }
+
+    /// Fairness on the lossless path (unless `--fairness-secs 0`): pgferry BBR, pgferry CUBIC
+    /// and, as the reference, kernel TCP BBR (`ssh -L`), each against a CUBIC `ssh -L` stream.
+    fn fairness(
+        &self,
+        tunnels: &[SshTunnel],
+        ferries: &[Ferry],
+        stream_port: u16,
+    ) -> Result<Vec<Value>> {
+        let o = self.o;
+        let ssh_stream = tunnels
+            .iter()
+            .find(|t| t.cc == "cubic" && t.to_port == stream_port)
+            .context("no CUBIC ssh stream tunnel")?
+            .local;
+        let mut fairness = Vec::new();
+        if o.fairness_secs > 0 {
+            println!(
+                "\n== fairness: {} ms RTT, {} Mbit/s, no loss, {} s",
+                self.rtt_ms, o.rate, o.fairness_secs
+            );
+            let ssh_bbr_stream = tunnels
+                .iter()
+                .find(|t| t.cc == "bbr" && t.to_port == stream_port)
+                .context("no BBR ssh stream tunnel")?
+                .local;
+            // Each against a CUBIC ssh -L stream; kernel TCP BBR against it is the reference.
+            let mut challengers = Vec::new();
+            for cc in ["bbr", "cubic"] {
+                let f = ferries
+                    .iter()
+                    .find(|f| f.cc == cc)
+                    .context("no such ferry")?;
+                challengers.push((format!("pgferry {cc}"), f.stream_local));
+            }
+            challengers.push(("ssh -L BBR".to_string(), ssh_bbr_stream));
+            for (challenger, port) in challengers {
+                fairness.push(self.fairness_run(challenger, port, ssh_stream)?);
+            }
+        }
+        Ok(fairness)
+    }
+
+    /// One fairness run under its own lossless emulator: `challenger` (its stream at `port`)
+    /// and the CUBIC `ssh -L` stream (`ssh_stream`) read at once for `--fairness-secs`; each
+    /// flow's bytes, rate and share.
+    fn fairness_run(&self, challenger: String, port: u16, ssh_stream: u16) -> Result<Value> {
+        let (o, net) = (self.o, self.net);
+        let emulator = Emulator::start(net, self.rtt_ms, 0.0, 7, o.fairness_secs + 300)?;
+        wait_link_quiet(net)?;
+        let (before, before_rx) = (net.tx_bytes_a()?, net.rx_bytes_b()?);
+        let flows = [
+            (challenger.clone(), port),
+            ("ssh -L CUBIC".to_string(), ssh_stream),
+        ];
+        let rows = self.read_flows(&flows)?;
+        let link = net.tx_bytes_a()?.saturating_sub(before);
+        let delivered = net.rx_bytes_b()?.saturating_sub(before_rx);
+        wait_link_quiet(net)?;
+        let counters = emulator.stop()?;
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        let flows: Vec<Value> = rows
+            .iter()
+            .map(|(name, bytes, per_s)| {
+                let mbs = bytes / 1e6 / o.fairness_secs as f64;
+                eprintln!(
+                    "  {name}: {mbs:.2} MB/s, {:.0}% of what both flows received",
+                    100.0 * bytes / total
+                );
+                json!({"flow": name, "bytes": bytes, "mb_per_s": mbs,
+                       "share": bytes / total, "mb_per_s_each_second": per_s})
+            })
+            .collect();
+        Ok(json!({"challenger": challenger, "against": "ssh -L CUBIC",
+            "seconds": o.fairness_secs, "flows": flows, "link_bytes": link,
+            "delivered_bytes": delivered, "emulator": counters}))
+    }
+
+    /// Reads every flow (name, port) at once for `--fairness-secs`, each with its own
+    /// `--read-for` process in `b`: its bytes, and bytes per second.
+    fn read_flows(&self, flows: &[(String, u16)]) -> Result<Vec<(String, f64, Vec<f64>)>> {
+        let o = self.o;
+        let readers: Vec<ChildGuard> = flows
+            .iter()
+            .map(|(name, port)| {
+                let mut cmd = NetnsPair::command(&self.net.b, self.me);
+                cmd.args(["--read-for"])
+                    .args([port.to_string(), o.fairness_secs.to_string()]);
+                ChildGuard::spawn_quiet(name, cmd)
+            })
+            .collect::<Result<_>>()?;
+        let mut rows = Vec::new();
+        for ((name, _), mut reader) in flows.iter().zip(readers) {
+            reader.wait(Duration::from_secs(o.fairness_secs + 60))?;
+            let line = reader.wait_for_output("bytes ", Duration::from_secs(1))?;
+            let mut words = line.split_whitespace();
+            let bytes: f64 = words.nth(1).context("bytes")?.parse()?;
+            let per_s: Vec<f64> = words
+                .nth(1)
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            rows.push((name.clone(), bytes, per_s));
+        }
+        Ok(rows)
+    }
 }
 
 /// Three agent pairs (one per QUIC congestion control), each on its own UDP port.
@@ -587,6 +712,7 @@ pub fn losses_and_contenders(r: &Value) -> (Vec<f64>, Vec<String>) {
     (losses, names)
 }
 
+/// `path-run.md`: what ran where, then the tables of times, measurements and fairness.
 fn markdown(r: &Value) -> String {
     let p = &r["path"];
     let limit = r["limit_s"].as_u64().unwrap_or(0);
@@ -612,6 +738,16 @@ fn markdown(r: &Value) -> String {
         r["ping_rtt"].as_str().unwrap_or("?"),
         r["ssh_congestion_control_check"]
     ));
+    s.push_str(&median_table(r, limit));
+    s.push_str(&measurements_table(r, limit));
+    s.push_str(&fairness_table(r));
+    s
+}
+
+/// The base backups' median time per loss and contender, and the best pgferry's against
+/// `ssh -L` BBR.
+fn median_table(r: &Value, limit: u64) -> String {
+    let mut s = String::new();
     let (losses, names) = losses_and_contenders(r);
     let shown = |v: Option<f64>| v.map_or(format!("> {limit} s"), |x| format!("{x:.1} s"));
     s.push_str("\n### pg_basebackup -X stream, time (median)\n\n| loss |");
@@ -638,6 +774,12 @@ fn markdown(r: &Value) -> String {
             .map_or("–".to_string(), |(a, b)| format!("{:.2}", a / b));
         s.push_str(&format!(" {ratio} |\n"));
     }
+    s
+}
+
+/// Every base backup in the order run, with the emulator's counters.
+fn measurements_table(r: &Value, limit: u64) -> String {
+    let mut s = String::new();
     s.push_str(
         "\n### Every measurement (in the order run), with the emulator's counters\n\n\
          | loss | contender | time | MB sent into the path | MB delivered | frames forwarded | \
@@ -662,6 +804,12 @@ fn markdown(r: &Value) -> String {
             e["not_accepted_by_link"]
         ));
     }
+    s
+}
+
+/// Each fairness run's flows and their shares (nothing when there was no fairness check).
+fn fairness_table(r: &Value) -> String {
+    let mut s = String::new();
     if let Some(f) = r["fairness"].as_array().filter(|f| !f.is_empty()) {
         s.push_str(
             "\n### Fairness: two flows at once on the lossless path (incompressible bytes)\n\n\

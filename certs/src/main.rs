@@ -261,10 +261,49 @@ struct IssueArgs<'a> {
     force: bool,
 }
 
+/// `issue`: an agent certificate signed by the migration's CA, written beside its private key
+/// (0600), then a summary on standard output.
 fn issue(a: IssueArgs<'_>) -> Result<()> {
-    let region: Region = a.region.parse()?;
+    let region = checked_region(a.region, a.allow_non_eea)?;
+    let ca = IssuingCa::load(&a)?;
+
+    let pem_path = with_ext(a.out, "pem");
+    let key_path = with_ext(a.out, "key");
+    refuse_overwrite(&[&pem_path, &key_path], a.force)?;
+    if let Some(parent) = pem_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+
+    let p = agent_params(&a, &ca.migration, &region)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let (not_before, not_after) = (p.not_before, p.not_after);
+    let cert = p.signed_by(&key, &ca.cert, &ca.key)?;
+
+    write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&pem_path, cert.pem().as_bytes(), 0o644)?;
+    println!(
+        "{} certificate for migration {}, region {region}",
+        a.role, ca.migration
+    );
+    println!("  certificate  {}", pem_path.display());
+    println!("  private key  {} (mode 0600)", key_path.display());
+    println!("  names        {}", a.names.join(", "));
+    println!(
+        "  valid        {} .. {}",
+        fmt_time(not_before),
+        fmt_time(not_after)
+    );
+    println!("  fingerprint  {}", Fingerprint::of_der(cert.der()));
+    Ok(())
+}
+
+/// The certificate's region; one outside the EEA only with `--allow-non-eea` (agents refuse it
+/// by default), and then with a warning.
+fn checked_region(region: &str, allow_non_eea: bool) -> Result<Region> {
+    let region: Region = region.parse()?;
     if !region.is_eea() {
-        if !a.allow_non_eea {
+        if !allow_non_eea {
             bail!(
                 "region {region} is outside the EEA; agents refuse it by default. If policy allows \
                  it, pass --allow-non-eea (and widen allowed_regions on both agents)"
@@ -275,41 +314,62 @@ fn issue(a: IssueArgs<'_>) -> Result<()> {
              policy will refuse this certificate"
         );
     }
-    let ca_pem = std::fs::read_to_string(a.ca_cert).with_context(|| {
-        format!(
-            "reading CA certificate {} (run `pgferry-certs init` first)",
-            a.ca_cert.display()
-        )
-    })?;
-    let ca_key_pem = std::fs::read_to_string(a.ca_key)
-        .with_context(|| format!("reading CA key {}", a.ca_key.display()))?;
-    let ca_der = pem_to_der(&ca_pem)
-        .with_context(|| format!("parsing CA certificate {}", a.ca_cert.display()))?;
-    let migration: MigrationId = match a.migration {
-        Some(m) => m.parse()?,
-        None => migration_of_der(&ca_der).with_context(|| {
+    Ok(region)
+}
+
+/// The CA that signs an agent certificate, and the migration the certificate will name.
+struct IssuingCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    migration: MigrationId,
+}
+
+impl IssuingCa {
+    /// Reads the CA's certificate and key; the migration is `--migration` or else the one the
+    /// CA certificate names. Fails if the key does not match the certificate.
+    fn load(a: &IssueArgs<'_>) -> Result<Self> {
+        let ca_pem = std::fs::read_to_string(a.ca_cert).with_context(|| {
             format!(
-                "CA certificate {} names no migration; pass --migration",
+                "reading CA certificate {} (run `pgferry-certs init` first)",
                 a.ca_cert.display()
             )
-        })?,
-    };
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .with_context(|| format!("parsing CA key {}", a.ca_key.display()))?;
-    let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
-        .with_context(|| format!("parsing CA certificate {}", a.ca_cert.display()))?;
-    let ca = ca_params
-        .self_signed(&ca_key)
-        .context("CA key does not match the CA certificate")?;
-
-    let pem_path = with_ext(a.out, "pem");
-    let key_path = with_ext(a.out, "key");
-    refuse_overwrite(&[&pem_path, &key_path], a.force)?;
-    if let Some(parent) = pem_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        })?;
+        let ca_key_pem = std::fs::read_to_string(a.ca_key)
+            .with_context(|| format!("reading CA key {}", a.ca_key.display()))?;
+        let ca_der = pem_to_der(&ca_pem)
+            .with_context(|| format!("parsing CA certificate {}", a.ca_cert.display()))?;
+        let migration: MigrationId = match a.migration {
+            Some(m) => m.parse()?,
+            None => migration_of_der(&ca_der).with_context(|| {
+                format!(
+                    "CA certificate {} names no migration; pass --migration",
+                    a.ca_cert.display()
+                )
+            })?,
+        };
+        let ca_key = KeyPair::from_pem(&ca_key_pem)
+            .with_context(|| format!("parsing CA key {}", a.ca_key.display()))?;
+        let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem)
+            .with_context(|| format!("parsing CA certificate {}", a.ca_cert.display()))?;
+        let ca = ca_params
+            .self_signed(&ca_key)
+            .context("CA key does not match the CA certificate")?;
+        Ok(Self {
+            cert: ca,
+            key: ca_key,
+            migration,
+        })
     }
+}
 
+/// What the agent certificate says: its role and first name as CN, a leaf for TLS server and
+/// client use, DNS/IP SANs for `--name`, URI SANs for migration, role and region, and its
+/// validity (`--not-before`/`--not-after`, else from five minutes ago for `--days`).
+fn agent_params(
+    a: &IssueArgs<'_>,
+    migration: &MigrationId,
+    region: &Region,
+) -> Result<CertificateParams> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, format!("{} {}", a.role, a.names[0]));
@@ -353,26 +413,7 @@ fn issue(a: IssueArgs<'_>) -> Result<()> {
         p.not_before < p.not_after,
         "not-before must be earlier than not-after"
     );
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let (not_before, not_after) = (p.not_before, p.not_after);
-    let cert = p.signed_by(&key, &ca, &ca_key)?;
-
-    write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomic(&pem_path, cert.pem().as_bytes(), 0o644)?;
-    println!(
-        "{} certificate for migration {migration}, region {region}",
-        a.role
-    );
-    println!("  certificate  {}", pem_path.display());
-    println!("  private key  {} (mode 0600)", key_path.display());
-    println!("  names        {}", a.names.join(", "));
-    println!(
-        "  valid        {} .. {}",
-        fmt_time(not_before),
-        fmt_time(not_after)
-    );
-    println!("  fingerprint  {}", Fingerprint::of_der(cert.der()));
-    Ok(())
+    Ok(p)
 }
 
 fn inspect(file: &Path, json: bool) -> Result<()> {

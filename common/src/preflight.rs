@@ -159,28 +159,75 @@ pub const DISK_HEADROOM_PERCENT: u64 = 20;
 /// from both ends; beyond this they mislead.
 pub const MAX_CLOCK_SKEW_MS: u64 = 2_000;
 
-/// Judges the facts; every check is reported, passing or not.
+/// Judges the facts; every check is reported, passing or not, in a fixed order: the source's
+/// replication setup, the target's host, then (from a source agent that sent them) what could
+/// defeat the fence.
 pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, ok: bool, detail: String, fix: String| {
-        out.push(Check {
+    let mut out = Checks::default();
+    source_checks(&mut out, s, t.major_version);
+    target_checks(&mut out, s, t);
+    if let Some(f) = &s.fence {
+        fence_access_checks(&mut out, f);
+        fence_replication_checks(&mut out, f);
+        fence_session_checks(&mut out, f);
+    }
+    out.0
+}
+
+/// Severity of a fence check.
+enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// The verdicts so far, in the order they are reported.
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    /// Records a check that passes or fails; its fix is kept only when it fails.
+    fn check(&mut self, name: &str, ok: bool, detail: String, fix: String) {
+        self.0.push(Check {
             name: name.into(),
             ok,
             warning: false,
             detail,
             fix: if ok { String::new() } else { fix },
         })
-    };
+    }
+
+    /// Records a check that may also warn; its fix is kept unless it passes cleanly.
+    fn verdict(&mut self, name: &str, verdict: Verdict, detail: String, fix: String) {
+        let (ok, warning) = match verdict {
+            Verdict::Ok => (true, false),
+            Verdict::Warn => (true, true),
+            Verdict::Fail => (false, false),
+        };
+        self.0.push(Check {
+            name: name.into(),
+            ok,
+            warning,
+            detail,
+            fix: if ok && !warning { String::new() } else { fix },
+        })
+    }
+}
+
+/// Whether the source can be copied by physical replication at all: same major version as the
+/// target's binaries, WAL fit for a standby, free WAL senders and a slot, a role and a
+/// `pg_hba.conf` line that let the agent replicate, and a primary to copy from.
+fn source_checks(out: &mut Checks, s: &SourceFacts, target_major: u32) {
     let source_major = s.server_version_num / 10_000;
-    check(
+    out.check(
         "major_version",
-        source_major == t.major_version,
-        format!("source PostgreSQL {source_major}, target binaries {}", t.major_version),
+        source_major == target_major,
+        format!("source PostgreSQL {source_major}, target binaries {target_major}"),
         format!(
             "physical replication needs the same major version: install PostgreSQL {source_major} on the target and set its bindir"
         ),
     );
-    check(
+    out.check(
         "wal_level",
         s.wal_level == "replica" || s.wal_level == "logical",
         format!("wal_level = {}", s.wal_level),
@@ -189,7 +236,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
     // pg_basebackup -X stream uses two WAL senders, the standby one more (they overlap only if
     // the standby starts before the backup's stream ends, which we avoid): need 2 free.
     let free_senders = s.max_wal_senders.saturating_sub(s.wal_senders_used);
-    check(
+    out.check(
         "max_wal_senders",
         free_senders >= 2,
         format!(
@@ -204,7 +251,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
     let free_slots = s
         .max_replication_slots
         .saturating_sub(s.replication_slots_used);
-    check(
+    out.check(
         "max_replication_slots",
         free_slots >= 1,
         format!(
@@ -216,7 +263,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
             s.replication_slots_used + 1
         ),
     );
-    check(
+    out.check(
         "replication_role",
         s.replication_role,
         format!(
@@ -226,7 +273,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
         "grant it: ALTER ROLE <role> REPLICATION (on the source)".into(),
     );
     match s.hba_replication_from_loopback {
-        Some(ok) => check(
+        Some(ok) => out.check(
             "pg_hba_replication",
             ok,
             format!(
@@ -235,14 +282,14 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
             ),
             "add `host replication <role> 127.0.0.1/32 scram-sha-256` to the source's pg_hba.conf and reload (SELECT pg_reload_conf())".into(),
         ),
-        None => check(
+        None => out.check(
             "pg_hba_replication",
             true,
             "pg_hba_file_rules not readable by the agent's role; the base backup will tell".into(),
             String::new(),
         ),
     }
-    check(
+    out.check(
         "source_primary",
         !s.in_recovery,
         format!(
@@ -255,8 +302,14 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
         ),
         "migrate from the primary: point the source agent at it".into(),
     );
+}
+
+/// Whether the target host can take the copy: an empty (or absent) data directory, room for
+/// the databases plus WAL, and a clock close enough to the source's for lag and downtime
+/// figures to mean something.
+fn target_checks(out: &mut Checks, s: &SourceFacts, t: &TargetFacts) {
     match t.data_dir_empty {
-        Some(false) => check(
+        Some(false) => out.check(
             "target_data_dir",
             false,
             format!("{} is not empty", t.data_dir),
@@ -265,7 +318,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
                 t.data_dir
             ),
         ),
-        other => check(
+        other => out.check(
             "target_data_dir",
             true,
             format!(
@@ -281,7 +334,7 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
         ),
     }
     let need = s.database_bytes + s.database_bytes * DISK_HEADROOM_PERCENT / 100;
-    check(
+    out.check(
         "free_disk",
         t.free_bytes >= need,
         format!(
@@ -298,47 +351,23 @@ pub fn evaluate(s: &SourceFacts, t: &TargetFacts) -> Vec<Check> {
     );
     let skew = s.now_ms.abs_diff(t.now_ms);
     let uncertainty = t.round_trip_ms / 2;
-    check(
+    out.check(
         "clock_skew",
         skew <= MAX_CLOCK_SKEW_MS + uncertainty,
         format!("clocks differ by about {skew} ms (± {uncertainty} ms)"),
         "synchronise both hosts with NTP (e.g. systemctl enable --now systemd-timesyncd or chrony)"
             .into(),
     );
-    if let Some(f) = &s.fence {
-        out.extend(fence_checks(f));
-    }
-    out
 }
 
-/// Severity of a fence check.
-enum Verdict {
-    Ok,
-    Warn,
-    Fail,
-}
-
-/// What could defeat the fence or the drain (`docs/fence.md`), each with a fix. Failures stop
-/// the migration before it starts; warnings are things to settle before the cutover.
-fn fence_checks(f: &FenceFacts) -> Vec<Check> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, verdict: Verdict, detail: String, fix: String| {
-        let (ok, warning) = match verdict {
-            Verdict::Ok => (true, false),
-            Verdict::Warn => (true, true),
-            Verdict::Fail => (false, false),
-        };
-        out.push(Check {
-            name: name.into(),
-            ok,
-            warning,
-            detail,
-            fix: if ok && !warning { String::new() } else { fix },
-        })
-    };
+/// Fence checks (`docs/fence.md`), first group: whether the source agent can fence and unfence
+/// at all (a superuser role, write access to `pg_hba.conf` and `postgresql.auto.conf`, a way
+/// back in after a restart). Failures stop the migration before it starts; warnings are things
+/// to settle before the cutover.
+fn fence_access_checks(out: &mut Checks, f: &FenceFacts) {
     let some = |v: bool| if v { Verdict::Fail } else { Verdict::Ok };
     match f.superuser {
-        Some(su) => check(
+        Some(su) => out.verdict(
             "fence_superuser",
             some(!su),
             format!(
@@ -347,7 +376,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
             ),
             "the fence ends every other session (superusers' too) and uses ALTER SYSTEM: connect the source agent as a superuser ([source] conninfo user=postgres)".into(),
         ),
-        None => check(
+        None => out.verdict(
             "fence_superuser",
             Verdict::Fail,
             "could not tell whether the source agent's role is a superuser".into(),
@@ -355,7 +384,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         ),
     }
     let hba = f.hba_file.as_deref().unwrap_or("pg_hba.conf");
-    check(
+    out.verdict(
         "fence_files",
         some(f.files_unwritable.is_some() || f.hba_file.is_none()),
         match &f.files_unwritable {
@@ -369,7 +398,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
             "the fence rewrites {hba} and keeps its original beside it: run pgferry-source on the source host as the cluster's OS user (postgres) or root, with write access to the directories of {hba} and of the data directory"
         ),
     );
-    check(
+    out.verdict(
         "fence_reconnect",
         if f.no_reconnect.is_some() { Verdict::Warn } else { Verdict::Ok },
         match &f.no_reconnect {
@@ -384,16 +413,24 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
             suffix = crate::fence::ORIGINAL_SUFFIX
         ),
     );
-    let list = |items: Vec<String>| {
-        let n = items.len();
-        let mut shown: Vec<String> = items.into_iter().take(5).collect();
-        if n > 5 {
-            shown.push(format!("and {} more", n - 5));
-        }
-        shown.join(", ")
-    };
+}
+
+/// Up to five items, comma-separated, then how many more there are.
+fn list(items: Vec<String>) -> String {
+    let n = items.len();
+    let mut shown: Vec<String> = items.into_iter().take(5).collect();
+    if n > 5 {
+        shown.push(format!("and {} more", n - 5));
+    }
+    shown.join(", ")
+}
+
+/// Fence checks, second group: what is tied to the WAL stream and the commit path (prepared
+/// transactions, replication slots, WAL senders, synchronous standbys), which the new cluster
+/// inherits, loses, or which could keep the drain from ending.
+fn fence_replication_checks(out: &mut Checks, f: &FenceFacts) {
     let prepared = &f.prepared_transactions;
-    check(
+    out.verdict(
         "prepared_transactions",
         if prepared.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if prepared.is_empty() {
@@ -412,7 +449,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         .iter()
         .filter(|s| s.slot_type == "logical")
         .collect();
-    check(
+    out.verdict(
         "replication_slots",
         if f.replication_slots.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if f.replication_slots.is_empty() {
@@ -427,7 +464,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         },
         "slots are not copied to the new cluster: a logical slot's consumer is cut off at the fence (its connection is refused) and must be set up again on the new cluster; drop slots nobody uses (SELECT pg_drop_replication_slot('name')): an inactive slot retains WAL".into(),
     );
-    check(
+    out.verdict(
         "wal_senders",
         if f.wal_senders.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if f.wal_senders.is_empty() {
@@ -446,7 +483,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         .wal_senders
         .iter()
         .any(|w| w.sync_state == "sync" || w.sync_state == "quorum");
-    check(
+    out.verdict(
         "synchronous_standby_names",
         match (sync.is_empty(), sync_connected) {
             (true, _) => Verdict::Ok,
@@ -467,8 +504,14 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         },
         "commits wait for the standbys named there; if they are gone, writers hang instead of failing and the drain never ends: set synchronous_standby_names = '' for the migration (ALTER SYSTEM SET synchronous_standby_names = ''; SELECT pg_reload_conf()), or keep those standbys connected".into(),
     );
+}
+
+/// Fence checks, third group: work on the source that the fence ends (long-open transactions)
+/// or cannot stop through `pg_hba.conf` (subscriptions' apply workers, extensions' background
+/// workers).
+fn fence_session_checks(out: &mut Checks, f: &FenceFacts) {
     let long = &f.long_transactions;
-    check(
+    out.verdict(
         "long_transactions",
         if long.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if long.is_empty() {
@@ -482,7 +525,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         },
         "the fence ends every session: an open transaction is rolled back and its client gets an error; finish or stop them before the cutover (SELECT pg_terminate_backend(pid))".into(),
     );
-    check(
+    out.verdict(
         "subscriptions",
         if f.subscriptions.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if f.subscriptions.is_empty() {
@@ -492,7 +535,7 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         },
         "their apply workers commit on the source without a client connection, so the cutover refuses to fence while one is enabled: ALTER SUBSCRIPTION name DISABLE before the cutover (and create it on the new cluster afterwards)".into(),
     );
-    check(
+    out.verdict(
         "background_workers",
         if f.background_workers.is_empty() { Verdict::Ok } else { Verdict::Warn },
         if f.background_workers.is_empty() {
@@ -502,7 +545,6 @@ fn fence_checks(f: &FenceFacts) -> Vec<Check> {
         },
         "they run inside the server, not through pg_hba.conf: the fence's read-only default stops their plain writes, but not one that asks for a read-write transaction; stop their jobs for the cutover (e.g. pg_cron: unschedule or pause them)".into(),
     );
-    out
 }
 
 fn human(bytes: u64) -> String {

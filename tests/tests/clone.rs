@@ -4,96 +4,43 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
-use pgferry_tests::{
-    bin_path, free_tcp_port, free_udp_port, load_sample_data, wait_until, PgCluster, TestDir,
-};
-use support::migration::{
-    source_args, target_cmd, target_toml, write_secret_file, ClusterStopGuard,
-};
-use support::{audit_events, details, Agent, Certs};
+use pgferry_tests::wait_until;
+use support::migration::{write_secret_file, MigrationRig};
+use support::{audit_events, details};
 
 #[test]
 fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
-    let dir = TestDir::new()?;
-    let port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
-    pg.start()?;
-    load_sample_data(&pg, 20)?;
-    let certs = Certs::make(&dir.join("certs"))?;
-    let source_pw = dir.join("source-pgpass");
-    write_secret_file(&source_pw, &pg.password)?;
-    let repl_pw = dir.join("repl-pgpass");
-    write_secret_file(&repl_pw, "wrong password")?;
-
-    let udp = free_udp_port();
-    let local = free_tcp_port();
-    let target_port = free_tcp_port();
-    let socket = dir.join("admin.sock");
-    let data_dir = dir.join("new/data");
-    let state_file = dir.join("target.state.json");
-    std::fs::write(
-        dir.join("target.toml"),
-        target_toml(
-            udp,
-            local,
-            &data_dir,
-            target_port,
-            dir.path(),
-            &repl_pw,
-            &socket,
-            &format!(
-                "replication_user = \"postgres\"\nstate_file = \"{}\"\n",
-                state_file.display()
-            ),
-        ),
-    )?;
-    let standby_guard = ClusterStopGuard(data_dir.clone());
-    let source = Agent::start(
-        "source",
-        "source",
-        dir.path(),
-        &certs,
-        "source",
-        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
-    )?;
-    source.wait_for("listening on")?;
-    let mut target = Agent::start(
-        "target",
-        "target",
-        dir.path(),
-        &certs,
-        "target",
-        &[
-            "--config".into(),
-            dir.join("target.toml").to_string_lossy().into(),
-        ],
-    )?;
-    target.wait_for("tunnel up")?;
+    let mut rig = MigrationRig::builder(20)
+        .replication_password("wrong password")
+        .target_config("replication_user = \"postgres\"\n")
+        .start()?;
+    let (pg, dir) = (&rig.pg, rig.dir.path());
+    let (data_dir, state_file) = (&rig.data_dir, &rig.state_file);
+    let target_port = rig.target_port;
 
     // 1. A wrong replication password: pg_basebackup fails, the clone rolls back, no slot stays.
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("pg_basebackup failed"), "{out}");
     assert!(out.contains("rolled_back"), "{out}");
     assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
-    let state = std::fs::read_to_string(&state_file)?;
+    let state = std::fs::read_to_string(state_file)?;
     assert!(state.contains("rolled_back"), "{state}");
     // A finished (rolled back) migration is not silently restarted.
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(!ok && out.contains("move the file aside"), "{out}");
 
     // 2. Fixed: the clone runs through and leaves a standby streaming through the tunnel.
-    write_secret_file(&repl_pw, &pg.password)?;
-    std::fs::rename(&state_file, dir.join("old.state.json"))?;
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    write_secret_file(&rig.repl_pw, &pg.password)?;
+    std::fs::rename(state_file, dir.join("old.state.json"))?;
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(ok, "{out}");
     assert!(out.contains("pg_verifybackup"), "{out}");
     assert!(out.contains("catching_up"), "{out}");
-    assert!(std::fs::read_to_string(&state_file)?.contains("catching_up"));
+    assert!(std::fs::read_to_string(state_file)?.contains("catching_up"));
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
@@ -131,10 +78,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     })?;
     assert_eq!(slot, "t");
     // status: the phase, both ends of the replication, the lag.
-    let out = Command::new(bin_path("pgferry-target"))
-        .args(["status", "--json", "--admin-socket"])
-        .arg(&socket)
-        .output()?;
+    let out = rig.command("status", &["--json"]).output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["migration"]["phase"], "catching_up", "{v:#}");
     assert_eq!(v["new_cluster"]["in_recovery"], true, "{v:#}");
@@ -144,10 +88,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         !v["source"]["replication"].as_array().unwrap().is_empty(),
         "{v:#}"
     );
-    let text = Command::new(bin_path("pgferry-target"))
-        .args(["status", "--admin-socket"])
-        .arg(&socket)
-        .output()?;
+    let text = rig.command("status", &[]).output()?;
     let text = String::from_utf8_lossy(&text.stdout).to_string();
     eprintln!("{text}");
     assert!(text.contains("phase      catching_up"), "{text}");
@@ -156,12 +97,16 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let sample = wait_until(
         "a lag sample in the audit log",
         Duration::from_secs(20),
-        || audit_events(&target.audit, "lag_sample").into_iter().next(),
+        || {
+            audit_events(&rig.target.audit, "lag_sample")
+                .into_iter()
+                .next()
+        },
     )?;
     assert!(details(&sample)["lag_bytes"].is_u64(), "{sample}");
 
     // cutover --dry-run changes nothing.
-    let cutover = |args: &[&str]| target_cmd("cutover", &socket, args);
+    let cutover = |args: &[&str]| rig.cmd("cutover", args);
     let (ok, out) = cutover(&["--dry-run"]);
     assert!(ok && out.contains("dry run"), "{out}");
     assert_eq!(
@@ -174,7 +119,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     assert!(!ok, "{out}");
     assert!(out.contains("no_such_table"), "{out}");
     assert!(!out.contains("rolled back"), "{out}");
-    assert!(std::fs::read_to_string(&state_file)?.contains("catching_up"));
+    assert!(std::fs::read_to_string(state_file)?.contains("catching_up"));
 
     // A failure after the fence and before promotion (the standby stops replaying, so it never
     // reaches the fence LSN) rolls back: the source is writable again, the slot is gone, the
@@ -210,21 +155,17 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     );
     pg.psql("INSERT INTO ferry.after_clone VALUES (2)")?;
     assert_eq!(pg.psql("SELECT count(*) FROM pg_replication_slots")?, "0");
-    assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
+    assert!(std::fs::read_to_string(state_file)?.contains("rolled_back"));
     // Start over: stop the standby, clear its directory, set the state aside, clone again.
-    drop(standby_guard);
-    let standby_guard = ClusterStopGuard(data_dir.clone());
-    std::fs::remove_dir_all(&data_dir)?;
-    std::fs::rename(&state_file, dir.join("old2.state.json"))?;
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    rig.stop_new_cluster();
+    std::fs::remove_dir_all(data_dir)?;
+    std::fs::rename(state_file, dir.join("old2.state.json"))?;
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(ok, "{out}");
 
     // `rollback` before promotion: standby stopped, slot dropped, state rolled back.
     // With --keep-slot the slot stays (inactive), and the next clone reuses it.
-    let out = Command::new(bin_path("pgferry-target"))
-        .args(["rollback", "--keep-slot", "--admin-socket"])
-        .arg(&socket)
-        .output()?;
+    let out = rig.command("rollback", &["--keep-slot"]).output()?;
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{text}");
     assert!(text.contains("stopping the standby"), "{text}");
@@ -234,10 +175,10 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         pg.psql("SELECT count(*) FROM pg_replication_slots WHERE NOT active")?,
         "1"
     );
-    assert!(std::fs::read_to_string(&state_file)?.contains("rolled_back"));
-    std::fs::remove_dir_all(&data_dir)?;
-    std::fs::rename(&state_file, dir.join("old3.state.json"))?;
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    assert!(std::fs::read_to_string(state_file)?.contains("rolled_back"));
+    std::fs::remove_dir_all(data_dir)?;
+    std::fs::rename(state_file, dir.join("old3.state.json"))?;
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(ok, "{out}");
 
     // The cutover: fence, drain, verify, promote, writable, hook, slot dropped.
@@ -259,12 +200,9 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         std::fs::read_to_string(&hook)?.trim(),
         target_port.to_string()
     );
-    assert!(std::fs::read_to_string(&state_file)?.contains("completed"));
+    assert!(std::fs::read_to_string(state_file)?.contains("completed"));
     // After promotion there is no way back.
-    let out = Command::new(bin_path("pgferry-target"))
-        .args(["rollback", "--admin-socket"])
-        .arg(&socket)
-        .output()?;
+    let out = rig.command("rollback", &[]).output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("phase completed"), "{text}");
@@ -295,16 +233,16 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
             let a = pgferry_common::runtime::digest::table_digest(&new, t).await?;
             assert_eq!(
                 (a.rows, a.blake3.clone()),
-                pgferry_tests::table_digest(&pg, t)?,
+                pgferry_tests::table_digest(pg, t)?,
                 "{t}"
             );
         }
         anyhow::Ok(())
     })?;
 
-    drop(standby_guard);
-    target.stop()?;
-    let states: Vec<_> = audit_events(&target.audit, "migration_state")
+    rig.stop_new_cluster();
+    rig.target.stop()?;
+    let states: Vec<_> = audit_events(&rig.target.audit, "migration_state")
         .iter()
         .map(|r| details(r)["to"].as_str().unwrap().to_string())
         .collect();
@@ -324,7 +262,7 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         ]),
         "{states:?}"
     );
-    let report = audit_events(&target.audit, "cutover_report");
+    let report = audit_events(&rig.target.audit, "cutover_report");
     assert_eq!(details(&report[0])["downtime_ms"], downtime);
     assert!(states.contains(&"rolled_back".to_string()), "{states:?}");
     Ok(())

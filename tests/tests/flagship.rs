@@ -10,16 +10,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use pgferry_tests::{
-    bin_path, free_tcp_port, free_udp_port, load_sample_data, table_digest, table_digest_at,
-    ChildGuard, PgCluster, TestDir,
-};
-use support::migration::{source_args, target_toml, write_secret_file, ClusterStopGuard, Writer};
-use support::{audit_verify_peer, Agent, Certs};
+use pgferry_tests::{table_digest, table_digest_at, ChildGuard, PgCluster};
+use support::audit_verify_peer;
+use support::migration::{target_command, MigrationRig, Writer};
 
 const MEGABYTES: u32 = 300;
 
@@ -85,83 +81,34 @@ fn scattered_updates(rt: &tokio::runtime::Runtime, pg: &PgCluster) -> Result<Opt
 
 #[test]
 fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
-    let dir = TestDir::new()?;
-    let port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
-    pg.start()?;
     let t = Instant::now();
     let (megabytes, cutover_args) = knobs();
     let at_fence = cutover_args.iter().any(|a| a == "--verify-at-fence");
-    load_sample_data(&pg, megabytes)?;
-    let db_mb: u64 = pg
-        .psql("SELECT pg_database_size('postgres') / 1048576")?
-        .parse()?;
-    eprintln!(
-        "flagship: source database {db_mb} MB, loaded in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    assert!(db_mb >= u64::from(megabytes), "{db_mb} MB");
-    pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")?;
-
-    let certs = Certs::make(&dir.join("certs"))?;
-    let (source_pw, repl_pw) = (dir.join("source-pgpass"), dir.join("repl-pgpass"));
-    write_secret_file(&source_pw, &pg.password)?;
-    write_secret_file(&repl_pw, &pg.password)?;
-    let (udp, local, new_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
-    let socket = dir.join("admin.sock");
-    let data_dir = dir.join("new/data");
-    std::fs::write(
-        dir.join("target.toml"),
-        target_toml(
-            udp,
-            local,
-            &data_dir,
-            new_port,
-            dir.path(),
-            &repl_pw,
-            &socket,
-            "",
-        ),
-    )?;
-    let _new_cluster = ClusterStopGuard(data_dir.clone());
-    let mut source = Agent::start(
-        "source",
-        "source",
-        dir.path(),
-        &certs,
-        "source",
-        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
-    )?;
-    source.wait_for("listening on")?;
-    let target_args = [
-        "--config".to_string(),
-        dir.join("target.toml").to_string_lossy().into(),
-    ];
-    let start_target = || -> Result<Agent> {
-        let a = Agent::start(
-            "target",
-            "target",
-            dir.path(),
-            &certs,
-            "target",
-            &target_args,
-        )?;
-        a.wait_for("tunnel up")?;
-        Ok(a)
-    };
-    let mut target = start_target()?;
+    let mut db_mb = 0;
+    let mut rig = MigrationRig::start(megabytes, |pg| {
+        db_mb = pg
+            .psql("SELECT pg_database_size('postgres') / 1048576")?
+            .parse()?;
+        eprintln!(
+            "flagship: source database {db_mb} MB, made and loaded in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        assert!(db_mb >= u64::from(megabytes), "{db_mb} MB");
+        pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")
+            .map(drop)
+    })?;
+    let (port, new_port) = (rig.pg.port, rig.target_port);
 
     let rt = tokio::runtime::Runtime::new()?;
-    let writer = Writer::start(&rt, port, &pg.password, "ferry.writes")?;
-    let updater = scattered_updates(&rt, &pg)?;
+    let writer = Writer::start(&rt, port, &rig.pg.password, "ferry.writes")?;
+    let updater = scattered_updates(&rt, &rig.pg)?;
+    let socket = rig.socket.clone();
     let migrate = |name: &str| -> Result<ChildGuard> {
-        let mut cmd = Command::new(bin_path("pgferry-target"));
-        cmd.arg("migrate").arg("--admin-socket").arg(&socket).args([
-            "--auto-cutover",
-            "--max-lag",
-            "2000000",
-            "--json",
-        ]);
+        let mut cmd = target_command(
+            "migrate",
+            &socket,
+            &["--auto-cutover", "--max-lag", "2000000", "--json"],
+        );
         cmd.args(&cutover_args);
         ChildGuard::spawn(name, cmd)
     };
@@ -172,7 +119,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     first
         .wait_for_output(" kB (", Duration::from_secs(120))
         .context("no base backup progress")?;
-    target.child.kill();
+    rig.kill_target();
     let status = first.wait(Duration::from_secs(30))?;
     assert!(!status.success(), "migrate survived its agent");
     eprintln!(
@@ -181,7 +128,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     );
 
     // Second run: resumes (the partial backup is started over) and completes.
-    let mut target = start_target()?;
+    rig.start_target()?;
     let t_second = Instant::now();
     let mut second = migrate("migrate-2")?;
     let status = second.wait(Duration::from_secs(900))?;
@@ -235,6 +182,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     );
 
     // The new cluster is promoted and its timeline began at or after the fence.
+    let (pg, dir) = (&rig.pg, rig.dir.path());
     let fence: pgferry_common::migration::Lsn =
         report["fence_lsn"].as_str().context("fence_lsn")?.parse()?;
     let new = rt.block_on(pg.connect("127.0.0.1", new_port))?;
@@ -274,10 +222,7 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
     )?;
     let t_verify = Instant::now();
     for t in tables.split(',') {
-        let (src, dst) = (
-            table_digest(&pg, t)?,
-            table_digest_at(dir.path(), new_port, t)?,
-        );
+        let (src, dst) = (table_digest(pg, t)?, table_digest_at(dir, new_port, t)?);
         assert_eq!(dst, src, "{t}");
     }
     let check_secs = t_verify.elapsed().as_secs_f64();
@@ -309,11 +254,10 @@ fn flagship_migration_with_a_writer_and_a_killed_agent() -> Result<()> {
             .join(" ")
     );
 
-    drop(_new_cluster);
-    target.stop()?;
-    source.stop()?;
+    rig.stop_new_cluster();
+    rig.stop_agents()?;
     // Both logs verify, and agree on every stream's digests in both directions.
-    let (ok, text) = audit_verify_peer("source", &source.audit, &target.audit);
+    let (ok, text) = audit_verify_peer("source", &rig.source.audit, &rig.target.audit);
     assert!(ok, "{text}");
     let agreed = support::migration::number_after(&text, "peer comparison: OK: ").unwrap_or(0);
     assert!(agreed >= 2, "{text}");

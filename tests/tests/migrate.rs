@@ -8,99 +8,38 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
-use pgferry_tests::{
-    free_tcp_port, free_udp_port, load_sample_data, table_digest, wait_until, PgCluster, TestDir,
-};
-use support::migration::{
-    number_after, source_args, target_cmd, target_toml, write_secret_file, ClusterStopGuard, Writer,
-};
-use support::{audit_verify_peer, Agent, Certs};
+use pgferry_tests::{table_digest, wait_until};
+use support::audit_verify_peer;
+use support::migration::{number_after, MigrationRig, Writer};
 
 #[test]
 fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
-    let dir = TestDir::new()?;
-    let port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
-    pg.start()?;
-    load_sample_data(&pg, 30)?;
-    pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")?;
-    let certs = Certs::make(&dir.join("certs"))?;
-    let source_pw = dir.join("source-pgpass");
-    write_secret_file(&source_pw, &pg.password)?;
-    let repl_pw = dir.join("repl-pgpass");
-    write_secret_file(&repl_pw, &pg.password)?;
-    let (udp, local, target_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
-    let socket = dir.join("admin.sock");
-    let data_dir = dir.join("new/data");
-    std::fs::write(
-        dir.join("target.toml"),
-        target_toml(
-            udp,
-            local,
-            &data_dir,
-            target_port,
-            dir.path(),
-            &repl_pw,
-            &socket,
-            "",
-        ),
-    )?;
-    let _standby = ClusterStopGuard(data_dir.clone());
-    let mut source = Agent::start(
-        "source",
-        "source",
-        dir.path(),
-        &certs,
-        "source",
-        &source_args(&format!("127.0.0.1:{udp}"), port, &source_pw),
-    )?;
-    source.wait_for("listening on")?;
-    let target_args = [
-        "--config".to_string(),
-        dir.join("target.toml").to_string_lossy().into(),
-    ];
-    let mut target = Agent::start(
-        "target",
-        "target",
-        dir.path(),
-        &certs,
-        "target",
-        &target_args,
-    )?;
-    target.wait_for("tunnel up")?;
+    let mut rig = MigrationRig::start(30, |pg| {
+        pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY, at timestamptz DEFAULT now())")
+            .map(drop)
+    })?;
+    let (port, target_port) = (rig.pg.port, rig.target_port);
 
     // The writer: numbered single-row transactions on the source until it is fenced.
     let rt = tokio::runtime::Runtime::new()?;
-    let writer = Writer::start(&rt, port, &pg.password, "ferry.writes")?;
+    let writer = Writer::start(&rt, port, &rig.pg.password, "ferry.writes")?;
 
     // Clone, then kill the target agent (SIGKILL) while the standby is catching up.
-    let (ok, out) = target_cmd("clone", &socket, &[]);
+    let (ok, out) = rig.cmd("clone", &[]);
     assert!(ok, "{out}");
     wait_until("some writes", Duration::from_secs(20), || {
         (writer.count() > 50).then_some(())
     })?;
-    target.child.kill();
-    let mut target = Agent::start(
-        "target",
-        "target",
-        dir.path(),
-        &certs,
-        "target",
-        &target_args,
-    )?;
-    target.wait_for("tunnel up")?;
+    rig.kill_and_restart_target()?;
 
     // Run migrate again: it resumes from catching_up and cuts over.
-    let (ok, out) = target_cmd(
-        "migrate",
-        &socket,
-        &["--auto-cutover", "--max-lag", "1000000"],
-    );
+    let (ok, out) = rig.cmd("migrate", &["--auto-cutover", "--max-lag", "1000000"]);
     assert!(ok, "{out}");
     assert!(out.contains("cutover complete"), "{out}");
     let committed = writer.stop(&rt);
     assert!(committed.len() > 50, "{} writes", committed.len());
 
+    let pg = &rig.pg;
     // Every committed write is on the new cluster; it is writable; the source is not.
     let on_target: Vec<i32> = rt.block_on(async {
         let new = pg.connect("127.0.0.1", target_port).await?;
@@ -127,7 +66,7 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     // Independently of pgferry: each table equals the source's (at the fence: the source has
     // not changed since).
     for t in ["ferry.orders", "ferry.events", "ferry.docs"] {
-        let src = table_digest(&pg, t)?;
+        let src = table_digest(pg, t)?;
         let new = rt.block_on(async {
             let c = pg.connect("127.0.0.1", target_port).await?;
             pgferry_common::runtime::digest::table_digest(&c, t).await
@@ -141,12 +80,11 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         committed.len()
     );
 
-    drop(_standby);
-    target.stop()?;
-    source.stop()?;
+    rig.stop_new_cluster();
+    rig.stop_agents()?;
     // The source's log is closed and verifies; the killed target's log resumed and verifies;
     // both agree on every stream they both recorded.
-    let (ok, text) = audit_verify_peer("source", &source.audit, &target.audit);
+    let (ok, text) = audit_verify_peer("source", &rig.source.audit, &rig.target.audit);
     assert!(ok, "{text}");
     assert!(text.contains("peer comparison: OK"), "{text}");
     Ok(())

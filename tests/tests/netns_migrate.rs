@@ -8,17 +8,13 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use pgferry_tests::{
-    bin_path, free_tcp_port, free_udp_port, load_sample_data, pg_bin, NetnsPair, PgCluster, TestDir,
-};
-use support::migration::{write_secret_file, ClusterStopGuard};
-use support::{Agent, Certs};
+use pgferry_tests::{pg_bin, NetnsPair};
+use support::migration::MigrationRig;
 
 async fn unix_client(dir: &Path, port: u16) -> Result<tokio_postgres::Client> {
     let (c, conn) = tokio_postgres::Config::new()
@@ -38,65 +34,15 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
         eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
         return Ok(());
     };
-    let dir = TestDir::new()?;
-    let port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?.with_netns(&net.a);
-    pg.start()?;
-    load_sample_data(&pg, 10)?;
-    pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")?;
-    let certs = Certs::make(&dir.join("certs"))?;
-    let pw = dir.join("pgpass");
-    write_secret_file(&pw, &pg.password)?;
-    let (udp, local, new_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
-    let socket = dir.join("admin.sock");
-    let data_dir = dir.join("new/data");
-    std::fs::write(
-        dir.join("target.toml"),
-        format!(
-            "[network]\nconnect = \"{}:{udp}\"\nserver_name = \"localhost\"\n\
-             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
-             [target]\ndata_dir = \"{}\"\nport = {new_port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-             replication_password_file = \"{}\"\nadmin_socket = \"{}\"\n",
-            net.addr_a,
-            data_dir.display(),
-            dir.path().display(),
-            pw.display(),
-            socket.display()
-        ),
-    )?;
-    let _standby = ClusterStopGuard(data_dir.clone());
-    let source = Agent::start_with(
-        "source",
-        "source",
-        dir.path(),
-        &certs,
-        "source",
-        &[
-            "--listen".into(),
-            format!("{}:{udp}", net.addr_a),
-            "--upstream".into(),
-            format!("127.0.0.1:{port}"),
-            "--pg-conninfo".into(),
-            format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
-            "--pg-password-file".into(),
-            pw.to_string_lossy().into(),
-        ],
-        Some(&net.a),
-    )?;
-    source.wait_for("listening on")?;
-    let target = Agent::start_with(
-        "target",
-        "target",
-        dir.path(),
-        &certs,
-        "target",
-        &[
-            "--config".into(),
-            dir.join("target.toml").to_string_lossy().into(),
-        ],
-        Some(&net.b),
-    )?;
-    target.wait_for("tunnel up")?;
+    let (addr_b, ns_a) = (net.addr_b.clone(), net.a.clone());
+    let rig = MigrationRig::builder(10)
+        .prepare(|pg| {
+            pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
+                .map(drop)
+        })
+        .netns(net)
+        .start()?;
+    let (pg, dir, port, new_port) = (&rig.pg, &rig.dir, rig.pg.port, rig.target_port);
 
     let rt = tokio::runtime::Runtime::new()?;
     let committed = Arc::new(Mutex::new(Vec::<i32>::new()));
@@ -119,15 +65,8 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
             }
         })
     };
-    let out = Command::new(bin_path("pgferry-target"))
-        .args([
-            "migrate",
-            "--auto-cutover",
-            "--fence",
-            "stop",
-            "--admin-socket",
-        ])
-        .arg(&socket)
+    let out = rig
+        .command("migrate", &["--auto-cutover", "--fence", "stop"])
         .output()?;
     let text = format!(
         "{}{}",
@@ -155,12 +94,9 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     assert_eq!(on_target, committed);
     // The new cluster listens on the target namespace's loopback only: the source's namespace
     // cannot reach it either.
-    let probe = Command::new("ip")
-        .args(["netns", "exec", &net.a])
-        .arg(pg_bin("psql"))
+    let probe = NetnsPair::command(&ns_a, pg_bin("psql"))
         .arg(format!(
-            "host={} port={new_port} user=postgres dbname=postgres connect_timeout=3",
-            net.addr_b
+            "host={addr_b} port={new_port} user=postgres dbname=postgres connect_timeout=3"
         ))
         .args(["-c", "SELECT 1"])
         .output()?;

@@ -354,6 +354,9 @@ async fn run_both(
     }
 }
 
+/// One direction out: reads the local socket, sends each read as DATA frames in sequence order
+/// (compressed inline or on the blocking pool, see [`ChunkQueue`]), acknowledges what the
+/// inbound side delivered, and sends FIN at EOF.
 async fn outbound(
     reader: &mut (dyn AsyncRead + Send + Unpin),
     send: &mut quinn::SendStream,
@@ -362,14 +365,11 @@ async fn outbound(
     mut cancel_rx: watch::Receiver<bool>,
     level: i32,
 ) -> OutboundEnd {
-    let mut encoder = match ChunkEncoder::new(level) {
-        Ok(e) => e,
+    let mut queue = match ChunkQueue::new(level, stats.next_seq()) {
+        Ok(q) => q,
         Err(e) => return OutboundEnd::Failed(Outcome::LocalError(format!("zstd: {e}"))),
     };
-    let max_in_flight = max_chunks_in_flight();
-    let mut pending: VecDeque<Encoded> = VecDeque::with_capacity(max_in_flight);
     let mut adapt = LevelControl::new(level);
-    let mut next_seq = stats.next_seq();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(64);
     let mut last_acked = 0u64;
@@ -377,80 +377,31 @@ async fn outbound(
     let mut eof = false;
     loop {
         // Send every frame that is ready, in sequence order.
-        while matches!(pending.front(), Some(Encoded::Ready(..))) {
-            let Some(Encoded::Ready(raw, chunk)) = pending.pop_front() else {
-                unreachable!()
-            };
-            let mut header = BytesMut::with_capacity(HEADER_LEN);
-            Frame::encode_data_header(&chunk, &mut header);
-            stats.record(&raw, HEADER_LEN + chunk.payload.len());
-            // Header and payload go to quinn as two buffers: the payload is not copied again.
-            if let Err(e) = send
-                .write_all_chunks(&mut [header.freeze(), chunk.payload])
-                .await
-            {
-                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
+        while let Some((raw, chunk)) = queue.pop_ready() {
+            if let Err(end) = send_chunk(send, stats, &raw, chunk).await {
+                return end;
             }
             adapt.sent(raw.len(), Instant::now());
         }
-        if eof && pending.is_empty() {
-            out.clear();
-            Frame::Fin {
-                seq: stats.next_seq(),
-                total_bytes: stats.raw_bytes,
-                digest: stats.digest(),
-            }
-            .encode(&mut out);
-            if let Err(e) = send.write_all(&out).await {
-                return OutboundEnd::Failed(Outcome::TunnelError(format!("sending FIN: {e}")));
-            }
-            let _ = send.finish();
-            return OutboundEnd::Finished;
+        if eof && queue.is_empty() {
+            return send_fin(send, stats, &mut out).await;
         }
-        let can_read = !eof && pending.len() < max_in_flight;
-        let waiting = !pending.is_empty();
+        let can_read = !eof && queue.has_room();
+        let waiting = !queue.is_empty();
         if buf.capacity() < READ_CHUNK {
             buf.reserve(READ_CHUNK);
         }
         tokio::select! {
             biased;
             _ = cancel_rx.changed() => return OutboundEnd::Cancelled,
-            done = front_job(&mut pending), if waiting => {
-                let Some(Encoded::Spawned(_)) = pending.pop_front() else { unreachable!() };
-                match done {
-                    Ok((raw, chunk)) => pending.push_front(Encoded::Ready(raw, chunk)),
-                    Err(e) => {
-                        return OutboundEnd::Failed(Outcome::LocalError(format!("compression task: {e}")))
-                    }
+            done = queue.front_job(), if waiting => {
+                if let Err(e) = queue.front_done(done) {
+                    return OutboundEnd::Failed(Outcome::LocalError(format!("compression task: {e}")))
                 }
             }
             r = reader.read_buf(&mut buf), if can_read => match r {
                 Ok(0) => eof = true,
-                Ok(_) => {
-                    let data = buf.split().freeze();
-                    // read_buf may return more than READ_CHUNK if the buffer grew.
-                    let mut at = 0;
-                    while at < data.len() {
-                        let raw = data.slice(at..data.len().min(at + READ_CHUNK));
-                        at += raw.len();
-                        let seq = next_seq;
-                        next_seq += 1;
-                        if raw.len() < PARALLEL_MIN || max_in_flight == 1 {
-                            // Small chunks (queries, WAL trickle): inline, no hand-off latency.
-                            let chunk = encoder.encode_bytes(seq, &raw);
-                            pending.push_back(Encoded::Ready(raw, chunk));
-                        } else {
-                            let level = adapt.level();
-                            pending.push_back(Encoded::Spawned(tokio::task::spawn_blocking(move || {
-                                let chunk = match level {
-                                    Some(level) => with_thread_encoder(level, |enc| enc.encode_bytes(seq, &raw)),
-                                    None => frame::raw_chunk(seq, raw.clone()),
-                                };
-                                (raw, chunk)
-                            })));
-                        }
-                    }
-                }
+                Ok(_) => queue.push(buf.split().freeze(), &adapt),
                 Err(e) => {
                     return OutboundEnd::Failed(Outcome::LocalError(format!("reading local socket: {e}")))
                 }
@@ -472,6 +423,49 @@ async fn outbound(
             }
         }
     }
+}
+
+/// Sends one encoded chunk as a DATA frame and counts it in `stats`. Header and payload go to
+/// quinn as two buffers: the payload is not copied again.
+async fn send_chunk(
+    send: &mut quinn::SendStream,
+    stats: &mut DirectionStats,
+    raw: &Bytes,
+    chunk: Chunk,
+) -> Result<(), OutboundEnd> {
+    let mut header = BytesMut::with_capacity(HEADER_LEN);
+    Frame::encode_data_header(&chunk, &mut header);
+    stats.record(raw, HEADER_LEN + chunk.payload.len());
+    if let Err(e) = send
+        .write_all_chunks(&mut [header.freeze(), chunk.payload])
+        .await
+    {
+        return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
+            "sending: {e}"
+        ))));
+    }
+    Ok(())
+}
+
+/// Ends the direction: a FIN frame with the byte count and digest of everything sent, then the
+/// stream's own finish.
+async fn send_fin(
+    send: &mut quinn::SendStream,
+    stats: &DirectionStats,
+    out: &mut BytesMut,
+) -> OutboundEnd {
+    out.clear();
+    Frame::Fin {
+        seq: stats.next_seq(),
+        total_bytes: stats.raw_bytes,
+        digest: stats.digest(),
+    }
+    .encode(out);
+    if let Err(e) = send.write_all(out).await {
+        return OutboundEnd::Failed(Outcome::TunnelError(format!("sending FIN: {e}")));
+    }
+    let _ = send.finish();
+    OutboundEnd::Finished
 }
 
 /// zstd levels the sender moves between (never above the configured level): negative levels
@@ -695,13 +689,97 @@ enum Encoded {
     Spawned(tokio::task::JoinHandle<(Bytes, Chunk)>),
 }
 
-/// Completes when the front job (spawned) finishes; pending forever otherwise.
-async fn front_job(
-    pending: &mut VecDeque<Encoded>,
-) -> Result<(Bytes, Chunk), tokio::task::JoinError> {
-    match pending.front_mut() {
-        Some(Encoded::Spawned(h)) => h.await,
-        _ => std::future::pending().await,
+/// The outbound chunks read but not yet sent, in sequence order: small ones encoded inline,
+/// large ones on the blocking pool, at most [`max_chunks_in_flight`] at once.
+struct ChunkQueue {
+    pending: VecDeque<Encoded>,
+    max_in_flight: usize,
+    /// The stream's own encoder, for the chunks encoded inline.
+    encoder: ChunkEncoder,
+    next_seq: u64,
+}
+
+impl ChunkQueue {
+    /// An empty queue whose first chunk gets `next_seq`; fails on an invalid zstd `level`.
+    fn new(level: i32, next_seq: u64) -> std::io::Result<Self> {
+        let encoder = ChunkEncoder::new(level)?;
+        let max_in_flight = max_chunks_in_flight();
+        Ok(Self {
+            pending: VecDeque::with_capacity(max_in_flight),
+            max_in_flight,
+            encoder,
+            next_seq,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Whether another read may be queued without exceeding the chunks in flight.
+    fn has_room(&self) -> bool {
+        self.pending.len() < self.max_in_flight
+    }
+
+    /// Queues one read from the local socket, cut into chunks of at most [`READ_CHUNK`]
+    /// (`read_buf` may return more if the buffer grew), each with the next sequence number.
+    fn push(&mut self, data: Bytes, adapt: &LevelControl) {
+        let mut at = 0;
+        while at < data.len() {
+            let raw = data.slice(at..data.len().min(at + READ_CHUNK));
+            at += raw.len();
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            if raw.len() < PARALLEL_MIN || self.max_in_flight == 1 {
+                // Small chunks (queries, WAL trickle): inline, no hand-off latency.
+                let chunk = self.encoder.encode_bytes(seq, &raw);
+                self.pending.push_back(Encoded::Ready(raw, chunk));
+            } else {
+                let level = adapt.level();
+                self.pending
+                    .push_back(Encoded::Spawned(tokio::task::spawn_blocking(move || {
+                        let chunk = match level {
+                            Some(level) => {
+                                with_thread_encoder(level, |enc| enc.encode_bytes(seq, &raw))
+                            }
+                            None => frame::raw_chunk(seq, raw.clone()),
+                        };
+                        (raw, chunk)
+                    })));
+            }
+        }
+    }
+
+    /// The front chunk, if it is encoded: the next one to send.
+    fn pop_ready(&mut self) -> Option<(Bytes, Chunk)> {
+        if !matches!(self.pending.front(), Some(Encoded::Ready(..))) {
+            return None;
+        }
+        let Some(Encoded::Ready(raw, chunk)) = self.pending.pop_front() else {
+            unreachable!()
+        };
+        Some((raw, chunk))
+    }
+
+    /// Completes when the front job (spawned) finishes; pending forever otherwise.
+    async fn front_job(&mut self) -> Result<(Bytes, Chunk), tokio::task::JoinError> {
+        match self.pending.front_mut() {
+            Some(Encoded::Spawned(h)) => h.await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Puts the result of [`Self::front_job`] in its job's place.
+    fn front_done(
+        &mut self,
+        done: Result<(Bytes, Chunk), tokio::task::JoinError>,
+    ) -> Result<(), tokio::task::JoinError> {
+        let Some(Encoded::Spawned(_)) = self.pending.pop_front() else {
+            unreachable!()
+        };
+        let (raw, chunk) = done?;
+        self.pending.push_front(Encoded::Ready(raw, chunk));
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Pieces the whole-migration tests share: secret files, the new cluster's stop guard, the
 //! admin verbs, a writer that commits numbered transactions on the source, and a
-//! [`MigrationRig`] (source cluster, certificates, both agents) to start from.
+//! [`MigrationRig`] to start from: source cluster, certificates, secrets, the target's config
+//! and both agents, over loopback or across two network namespaces ([`RigBuilder`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pgferry_tests::{
     bin_path, connect_tcp, free_tcp_port, free_udp_port, load_sample_data, pg_bin, wait_until,
-    ChildGuard, PgCluster, TestDir,
+    ChildGuard, NetnsPair, PgCluster, TestDir,
 };
 
 use super::{Agent, Certs};
@@ -33,8 +34,9 @@ pub fn write_secret_file(path: &Path, secret: &str) -> Result<()> {
 /// Stops (immediate mode) the cluster pgferry started in this data directory, on drop.
 pub struct ClusterStopGuard(pub PathBuf);
 
-impl Drop for ClusterStopGuard {
-    fn drop(&mut self) {
+impl ClusterStopGuard {
+    /// Stops the cluster now, if it runs (the guard stays armed for a later one).
+    pub fn stop(&self) {
         if self.0.join("postmaster.pid").exists() {
             let _ = Command::new("runuser")
                 .args(["-u", "postgres", "--"])
@@ -47,13 +49,22 @@ impl Drop for ClusterStopGuard {
     }
 }
 
+impl Drop for ClusterStopGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `pgferry-target <verb> --admin-socket <socket> <extra>`, not yet run.
+pub fn target_command(verb: &str, socket: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin_path("pgferry-target"));
+    cmd.arg(verb).arg("--admin-socket").arg(socket).args(extra);
+    cmd
+}
+
 /// Runs `pgferry-target <verb> --admin-socket <socket> <extra>`: success and stdout+stderr.
 pub fn target_cmd(verb: &str, socket: &Path, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(bin_path("pgferry-target"))
-        .arg(verb)
-        .arg("--admin-socket")
-        .arg(socket)
-        .args(extra)
+    let out = target_command(verb, socket, extra)
         .output()
         .expect("running pgferry-target");
     let text = format!(
@@ -134,35 +145,171 @@ pub fn number_after(text: &str, label: &str) -> Option<u64> {
         .ok()
 }
 
-/// The target agent's config for a migration over loopback: tunnel to `127.0.0.1:udp`, the
-/// postgres service on `127.0.0.1:local`, the new cluster in `data_dir` on `port` (socket in
-/// `socket_dir`, run as postgres), lag sampled every second; `extra` lines end `[target]`.
-#[allow(clippy::too_many_arguments)]
-pub fn target_toml(
-    udp: u16,
-    local: u16,
-    data_dir: &Path,
-    port: u16,
-    socket_dir: &Path,
-    repl_pw: &Path,
-    admin_socket: &Path,
-    extra: &str,
-) -> String {
-    format!(
-        "[network]\nconnect = \"127.0.0.1:{udp}\"\n\
-         [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
-         [target]\ndata_dir = \"{}\"\nport = {port}\nsocket_dir = \"{}\"\nos_user = \"postgres\"\n\
-         replication_password_file = \"{}\"\nadmin_socket = \"{}\"\nlag_sample_secs = 1\n{extra}",
-        data_dir.display(),
-        socket_dir.display(),
-        repl_pw.display(),
-        admin_socket.display(),
-    )
+/// How the agents of a [`MigrationRig`] are started (and started again): their arguments, and
+/// the network namespace each runs in, if any.
+struct Launcher {
+    dir: PathBuf,
+    source_args: Vec<String>,
+    target_args: Vec<String>,
+    source_netns: Option<String>,
+    target_netns: Option<String>,
+}
+
+impl Launcher {
+    /// `pgferry-source run`; returns once it listens.
+    fn source(&self, certs: &Certs) -> Result<Agent> {
+        let agent = Agent::start_with(
+            "source",
+            "source",
+            &self.dir,
+            certs,
+            "source",
+            &self.source_args,
+            self.source_netns.as_deref(),
+        )?;
+        agent.wait_for("listening on")?;
+        Ok(agent)
+    }
+
+    /// `pgferry-target run`; returns once its tunnel is up.
+    fn target(&self, certs: &Certs) -> Result<Agent> {
+        let agent = Agent::start_with(
+            "target",
+            "target",
+            &self.dir,
+            certs,
+            "target",
+            &self.target_args,
+            self.target_netns.as_deref(),
+        )?;
+        agent.wait_for("tunnel up")?;
+        Ok(agent)
+    }
+}
+
+type Prepare<'p> = Box<dyn FnOnce(&PgCluster) -> Result<()> + 'p>;
+
+/// What a [`MigrationRig`] is made of, beyond the defaults; [`MigrationRig::builder`].
+pub struct RigBuilder<'p> {
+    megabytes: u32,
+    prepare: Option<Prepare<'p>>,
+    replication_password: Option<String>,
+    target_config: String,
+    netns: Option<NetnsPair>,
+}
+
+impl<'p> RigBuilder<'p> {
+    /// Runs `prepare` on the source cluster (as postgres) after the sample data is loaded and
+    /// before the agents start.
+    pub fn prepare(mut self, prepare: impl FnOnce(&PgCluster) -> Result<()> + 'p) -> Self {
+        self.prepare = Some(Box::new(prepare));
+        self
+    }
+
+    /// Writes `password` into the target's replication password file instead of the source
+    /// cluster's (rewrite [`MigrationRig::repl_pw`] to fix it).
+    pub fn replication_password(mut self, password: &str) -> Self {
+        self.replication_password = Some(password.to_string());
+        self
+    }
+
+    /// Extra lines at the end of the target config's `[target]` section.
+    pub fn target_config(mut self, lines: &str) -> Self {
+        self.target_config.push_str(lines);
+        self
+    }
+
+    /// Two "hosts": the source cluster and agent in namespace `a` of `net`, listening on its
+    /// veth address; the target agent (and so the new cluster) in `b`. The rig keeps `net`
+    /// until everything in it has stopped.
+    pub fn netns(mut self, net: NetnsPair) -> Self {
+        self.netns = Some(net);
+        self
+    }
+
+    /// The source cluster with its sample data, `prepare` run on it.
+    fn source_cluster(&mut self, dir: &TestDir) -> Result<PgCluster> {
+        let mut pg = PgCluster::init(&dir.join("source-pg"), free_tcp_port())?;
+        if let Some(net) = &self.netns {
+            pg = pg.with_netns(&net.a);
+        }
+        pg.start()?;
+        load_sample_data(&pg, self.megabytes)?;
+        if let Some(prepare) = self.prepare.take() {
+            prepare(&pg)?;
+        }
+        Ok(pg)
+    }
+
+    /// The source cluster, certificates, secrets, the target's config, both agents up.
+    pub fn start(mut self) -> Result<MigrationRig> {
+        let dir = TestDir::new()?;
+        let pg = self.source_cluster(&dir)?;
+        let certs = Certs::make(&dir.join("certs"))?;
+        let source_pw = dir.join("source-pgpass");
+        write_secret_file(&source_pw, &pg.password)?;
+        let repl_pw = dir.join("repl-pgpass");
+        let repl_secret = self.replication_password.as_deref();
+        write_secret_file(&repl_pw, repl_secret.unwrap_or(&pg.password))?;
+        let (udp, local, target_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
+        // Over loopback, or to the source namespace's veth address (which the certificates
+        // do not name: they name 127.0.0.1 and localhost).
+        let (quic, network) = match &self.netns {
+            None => (format!("127.0.0.1:{udp}"), String::new()),
+            Some(net) => (
+                format!("{}:{udp}", net.addr_a),
+                "server_name = \"localhost\"\n".to_string(),
+            ),
+        };
+        let (socket, data_dir) = (dir.join("admin.sock"), dir.join("new/data"));
+        let state_file = dir.join("target.state.json");
+        let config = format!(
+            "[network]\nconnect = \"{quic}\"\n{network}\
+             [[service]]\nname = \"postgres\"\nlocal = \"127.0.0.1:{local}\"\n\
+             [target]\ndata_dir = \"{}\"\nport = {target_port}\nsocket_dir = \"{}\"\n\
+             os_user = \"postgres\"\nreplication_password_file = \"{}\"\nadmin_socket = \"{}\"\n\
+             lag_sample_secs = 1\nstate_file = \"{}\"\n{}",
+            data_dir.display(),
+            dir.path().display(),
+            repl_pw.display(),
+            socket.display(),
+            state_file.display(),
+            self.target_config,
+        );
+        std::fs::write(dir.join("target.toml"), config)?;
+        let launch = Launcher {
+            dir: dir.path().to_path_buf(),
+            source_args: source_args(&quic, pg.port, &source_pw),
+            target_args: vec![
+                "--config".to_string(),
+                dir.join("target.toml").to_string_lossy().into(),
+            ],
+            source_netns: self.netns.as_ref().map(|n| n.a.clone()),
+            target_netns: self.netns.as_ref().map(|n| n.b.clone()),
+        };
+        let source = launch.source(&certs)?;
+        let target = launch.target(&certs)?;
+        Ok(MigrationRig {
+            source,
+            target,
+            standby: ClusterStopGuard(data_dir.clone()),
+            pg,
+            certs,
+            socket,
+            data_dir,
+            target_port,
+            state_file,
+            repl_pw,
+            launch,
+            dir,
+            netns: self.netns,
+        })
+    }
 }
 
 /// `pgferry-source run` arguments: listen on `listen`, forward to and control the cluster on
 /// 127.0.0.1:`pg_port` with the password in `password_file`.
-pub fn source_args(listen: &str, pg_port: u16, password_file: &Path) -> Vec<String> {
+fn source_args(listen: &str, pg_port: u16, password_file: &Path) -> Vec<String> {
     vec![
         "--listen".into(),
         listen.into(),
@@ -178,10 +325,21 @@ pub fn source_args(listen: &str, pg_port: u16, password_file: &Path) -> Vec<Stri
 /// A source cluster with sample data, certificates, both agents up and tunnelled, and the
 /// target's config for a migration into `dir/new/data`: what a whole-migration test starts
 /// from. Agents can be killed (SIGKILL) and started again with the same arguments.
+///
+/// ```text
+///   dir/source-pg        the source cluster (127.0.0.1:pg.port, unix socket in source-pg)
+///   dir/certs            CA, source.pem (DE), target.pem (FR)
+///   dir/source-pgpass    the source agent's password for postgres
+///   dir/repl-pgpass      the target's replication password (repl_pw)
+///   dir/target.toml      the target agent's config; state in dir/target.state.json
+///   dir/admin.sock       the target agent's admin socket
+///   dir/new/data         the new cluster (127.0.0.1:target_port, unix socket in dir)
+///   dir/*.audit.jsonl    both agents' audit logs
+/// ```
 pub struct MigrationRig {
     pub source: Agent,
     pub target: Agent,
-    standby: Option<ClusterStopGuard>,
+    standby: ClusterStopGuard,
     pub pg: PgCluster,
     pub certs: Certs,
     /// The admin socket of the target agent.
@@ -190,80 +348,31 @@ pub struct MigrationRig {
     pub data_dir: PathBuf,
     pub target_port: u16,
     pub state_file: PathBuf,
-    source_args: Vec<String>,
-    target_args: Vec<String>,
+    /// The target's replication password file.
+    pub repl_pw: PathBuf,
+    launch: Launcher,
     pub dir: TestDir,
+    /// Dropped last: the clusters and agents in it stop first.
+    pub netns: Option<NetnsPair>,
 }
 
 impl MigrationRig {
     /// `megabytes` of sample data on a new source cluster, `prepare` run on it (as postgres,
     /// before the agents start), then both agents started and tunnelled.
     pub fn start(megabytes: u32, prepare: impl FnOnce(&PgCluster) -> Result<()>) -> Result<Self> {
-        let dir = TestDir::new()?;
-        let port = free_tcp_port();
-        let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
-        pg.start()?;
-        load_sample_data(&pg, megabytes)?;
-        prepare(&pg)?;
-        let certs = Certs::make(&dir.join("certs"))?;
-        let source_pw = dir.join("source-pgpass");
-        write_secret_file(&source_pw, &pg.password)?;
-        let repl_pw = dir.join("repl-pgpass");
-        write_secret_file(&repl_pw, &pg.password)?;
-        let (udp, local, target_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
-        let socket = dir.join("admin.sock");
-        let data_dir = dir.join("new/data");
-        let state_file = dir.join("target.state.json");
-        std::fs::write(
-            dir.join("target.toml"),
-            target_toml(
-                udp,
-                local,
-                &data_dir,
-                target_port,
-                dir.path(),
-                &repl_pw,
-                &socket,
-                &format!("state_file = \"{}\"\n", state_file.display()),
-            ),
-        )?;
-        let source_args = source_args(&format!("127.0.0.1:{udp}"), port, &source_pw);
-        let target_args = vec![
-            "--config".to_string(),
-            dir.join("target.toml").to_string_lossy().into(),
-        ];
-        let source = Agent::start(
-            "source",
-            "source",
-            dir.path(),
-            &certs,
-            "source",
-            &source_args,
-        )?;
-        source.wait_for("listening on")?;
-        let target = Agent::start(
-            "target",
-            "target",
-            dir.path(),
-            &certs,
-            "target",
-            &target_args,
-        )?;
-        target.wait_for("tunnel up")?;
-        Ok(Self {
-            source,
-            target,
-            standby: Some(ClusterStopGuard(data_dir.clone())),
-            pg,
-            certs,
-            socket,
-            data_dir,
-            target_port,
-            state_file,
-            source_args,
-            target_args,
-            dir,
-        })
+        Self::builder(megabytes).prepare(prepare).start()
+    }
+
+    /// A rig with `megabytes` of sample data on the source; options, then
+    /// [`start`](RigBuilder::start).
+    pub fn builder<'p>(megabytes: u32) -> RigBuilder<'p> {
+        RigBuilder {
+            megabytes,
+            prepare: None,
+            replication_password: None,
+            target_config: String::new(),
+            netns: None,
+        }
     }
 
     /// `pgferry-target <verb> <extra>` against this rig's target agent.
@@ -271,44 +380,39 @@ impl MigrationRig {
         target_cmd(verb, &self.socket, extra)
     }
 
+    /// `pgferry-target <verb> <extra>` against this rig's target agent, not yet run.
+    pub fn command(&self, verb: &str, extra: &[&str]) -> Command {
+        target_command(verb, &self.socket, extra)
+    }
+
     /// `pgferry-target <verb> <extra>` running in the background.
     pub fn spawn_cmd(&self, verb: &str, extra: &[&str]) -> Result<ChildGuard> {
-        let mut cmd = Command::new(bin_path("pgferry-target"));
-        cmd.arg(verb)
-            .arg("--admin-socket")
-            .arg(&self.socket)
-            .args(extra);
-        ChildGuard::spawn(verb, cmd)
+        ChildGuard::spawn(verb, self.command(verb, extra))
     }
 
     /// SIGKILL the source agent and start it again with the same arguments (same audit log).
     pub fn kill_and_restart_source(&mut self) -> Result<()> {
         self.source.child.kill();
-        self.source = Agent::start(
-            "source",
-            "source",
-            self.dir.path(),
-            &self.certs,
-            "source",
-            &self.source_args,
-        )?;
-        self.source.wait_for("listening on")?;
+        self.source = self.launch.source(&self.certs)?;
+        Ok(())
+    }
+
+    /// SIGKILL the target agent; it stays down until [`start_target`](Self::start_target).
+    pub fn kill_target(&mut self) {
+        self.target.child.kill();
+    }
+
+    /// Starts the target agent again with the same arguments (same audit log); returns once
+    /// its tunnel is up.
+    pub fn start_target(&mut self) -> Result<()> {
+        self.target = self.launch.target(&self.certs)?;
         Ok(())
     }
 
     /// SIGKILL the target agent and start it again; returns once its tunnel is up.
     pub fn kill_and_restart_target(&mut self) -> Result<()> {
-        self.target.child.kill();
-        self.target = Agent::start(
-            "target",
-            "target",
-            self.dir.path(),
-            &self.certs,
-            "target",
-            &self.target_args,
-        )?;
-        self.target.wait_for("tunnel up")?;
-        Ok(())
+        self.kill_target();
+        self.start_target()
     }
 
     /// The persisted migration phase (`fenced`, `rolled_back`, …).
@@ -330,8 +434,16 @@ impl MigrationRig {
         self.pg.connect("127.0.0.1", self.target_port).await
     }
 
-    /// Stops the new cluster now (before the source, whose agent it may depend on).
-    pub fn stop_new_cluster(&mut self) {
-        self.standby = None;
+    /// Stops the new cluster now (before the source, whose agent it may depend on). A cluster
+    /// started later in the same directory is stopped on drop again.
+    pub fn stop_new_cluster(&self) {
+        self.standby.stop();
+    }
+
+    /// SIGTERM both agents (target first, as an operator would after the migration), each
+    /// asserted to exit cleanly.
+    pub fn stop_agents(&mut self) -> Result<()> {
+        self.target.stop()?;
+        self.source.stop()
     }
 }

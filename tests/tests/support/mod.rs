@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use pgferry_tests::{bin_path, free_udp_port, ChildGuard};
+use pgferry_tests::{bin_path, free_udp_port, ChildGuard, NetnsPair};
 
 #[allow(unused_imports)] // not every test binary names the migration
 pub use pgferry_tests::certs::{Certs, MIGRATION};
@@ -37,6 +37,7 @@ impl Agent {
         Self::start_with(role, name, dir, certs, cert_name, args, None)
     }
 
+    /// [`start`](Self::start), inside network namespace `netns` if given.
     pub fn start_with(
         role: &str,
         name: &str,
@@ -49,11 +50,7 @@ impl Agent {
         let audit = dir.join(format!("{name}.audit.jsonl"));
         let bin = bin_path(&format!("pgferry-{role}"));
         let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin);
-                c
-            }
+            Some(ns) => NetnsPair::command(ns, bin),
             None => Command::new(bin),
         };
         cmd.arg("run")
