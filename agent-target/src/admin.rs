@@ -20,8 +20,11 @@ use serde_json::Value;
 
 use crate::cli::AdminArgs;
 use crate::config::TargetSettings;
-use pgferry_common::admin::{AdminLine, AdminRequest};
-use pgferry_common::preflight::{Check, TargetFacts};
+use pgferry_common::admin::{
+    AdminLine, AdminRequest, CutoverReport, PreflightReport, StatusReport, TunnelStatus,
+};
+use pgferry_common::migration::Lsn;
+use pgferry_common::preflight::TargetFacts;
 
 /// Longest admin request line accepted by the agent.
 pub const MAX_ADMIN_REQUEST: usize = 64 * 1024;
@@ -130,11 +133,7 @@ fn socket_of(args: &AdminArgs) -> Result<PathBuf> {
 pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
     let c = &m.cutover;
     let socket = socket_of(&c.admin)?;
-    let status = request(&socket, &AdminRequest::Status, Duration::from_secs(60))?;
-    let phase = status["migration"]["phase"]
-        .as_str()
-        .unwrap_or("new")
-        .to_string();
+    let phase = status(&socket)?.migration.name();
     if phase == "completed" {
         println!("migrate: the migration is already complete");
         return Ok(ExitCode::SUCCESS);
@@ -155,8 +154,7 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
         let deadline = std::time::Instant::now() + Duration::from_secs(m.catch_up_timeout_secs);
         let mut last_print = std::time::Instant::now() - Duration::from_secs(10);
         loop {
-            let st = request(&socket, &AdminRequest::Status, Duration::from_secs(60))?;
-            let lag = st["lag_bytes"].as_u64();
+            let lag = status(&socket)?.lag_bytes;
             if last_print.elapsed() >= Duration::from_secs(2) {
                 eprintln!(
                     "migrate: catching up, lag {} bytes (cutover at ≤ {})",
@@ -208,6 +206,13 @@ pub fn cli_migrate(m: &crate::cli::MigrateArgs) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The running agent's `status`, typed.
+fn status(socket: &Path) -> Result<StatusReport> {
+    let answer = request(socket, &AdminRequest::Status, Duration::from_secs(60))?;
+    serde_json::from_value(answer)
+        .context("the agent's status answer does not have the expected shape")
 }
 
 /// One request to the admin socket.
@@ -333,169 +338,158 @@ impl TakeLimited for UnixStream {
     }
 }
 
-/// Text for a terminal.
+/// Text for a terminal: each verb's typed answer, or the failure's error line.
 pub fn render(verb: &str, answer: &Value) -> String {
-    let mut out = String::new();
     if let (Some(e), false) = (answer["error"].as_str(), verb == "status") {
-        out.push_str(&format!("{verb}: error: {e}\n"));
-        return out;
+        return format!("{verb}: error: {e}\n");
     }
-    match verb {
-        "preflight" => {
-            let checks: Vec<Check> =
-                serde_json::from_value(answer["checks"].clone()).unwrap_or_default();
-            for c in &checks {
-                out.push_str(&format!(
-                    "  {:<4}  {:<25} {}\n",
-                    match (c.ok, c.warning) {
-                        (false, _) => "FAIL",
-                        (true, true) => "warn",
-                        (true, false) => "ok",
-                    },
-                    c.name,
-                    c.detail
-                ));
-                if !c.ok || c.warning {
-                    out.push_str(&format!("        {:<25} fix: {}\n", "", c.fix));
-                }
-            }
-            let failed = checks.iter().filter(|c| !c.ok).count();
-            let warned = checks.iter().filter(|c| c.warning).count();
-            if failed == 0 && warned > 0 {
-                out.push_str(&format!(
-                    "preflight: all {} checks passed, {warned} with a warning to settle before the cutover\n",
-                    checks.len()
-                ));
-            } else if failed == 0 {
-                out.push_str(&format!("preflight: all {} checks passed\n", checks.len()));
+    let typed = match verb {
+        "preflight" => serde_json::from_value(answer.clone()).map(|r| render_preflight(&r)),
+        "cutover" => serde_json::from_value(answer["report"].clone()).map(|r| render_cutover(&r)),
+        "status" => serde_json::from_value(answer.clone()).map(|r| render_status(&r)),
+        _ => Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(answer).unwrap_or_default()
+        )),
+    };
+    typed.unwrap_or_else(|e| {
+        format!(
+            "{verb}: the agent's answer does not have the expected shape ({e}); with --json it prints as is\n"
+        )
+    })
+}
+
+/// `preflight`: one line per check (with the fix for failures and warnings), then the verdict.
+fn render_preflight(r: &PreflightReport) -> String {
+    let mut out = String::new();
+    for c in &r.checks {
+        let verdict = match (c.ok, c.warning) {
+            (false, _) => "FAIL",
+            (true, true) => "warn",
+            (true, false) => "ok",
+        };
+        out.push_str(&format!("  {verdict:<4}  {:<25} {}\n", c.name, c.detail));
+        if !c.ok || c.warning {
+            out.push_str(&format!("        {:<25} fix: {}\n", "", c.fix));
+        }
+    }
+    let n = r.checks.len();
+    let failed = r.checks.iter().filter(|c| !c.ok).count();
+    let warned = r.checks.iter().filter(|c| c.warning).count();
+    out.push_str(&if failed > 0 {
+        format!("preflight: {failed} of {n} checks failed; nothing was changed\n")
+    } else if warned > 0 {
+        format!("preflight: all {n} checks passed, {warned} with a warning to settle before the cutover\n")
+    } else {
+        format!("preflight: all {n} checks passed\n")
+    });
+    out
+}
+
+/// `cutover`: the downtime and its phases, what was not verified, the source's fate, and the
+/// migration's timeline (or, for a dry run, what would be done).
+fn render_cutover(r: &CutoverReport) -> String {
+    let tables = r.tables.as_ref().map_or(0, Vec::len);
+    let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    if r.dry_run == Some(true) {
+        return format!(
+            "dry run: lag {} bytes; {tables} table(s) would be verified; nothing changed\n",
+            or_dash(r.lag_bytes_at_start)
+        );
+    }
+    let mut out = format!(
+        "cutover complete: write downtime {} ms (fence → writable); {tables} table(s), {} rows verified\n",
+        or_dash(r.downtime_ms),
+        or_dash(r.verified_rows)
+    );
+    let p = &r.phases;
+    for (name, ms) in [
+        ("prepass_ms", p.prepass_ms),
+        ("fence_ms", p.fence_ms),
+        ("drain_ms", p.drain_ms),
+        ("verify_ms", p.verify_ms),
+        ("promote_ms", p.promote_ms),
+    ] {
+        if let Some(ms) = ms {
+            out.push_str(&format!("  {name:<12} {ms} ms\n"));
+        }
+    }
+    let skipped = r.tables_skipped.as_deref().unwrap_or_default();
+    if !skipped.is_empty() {
+        out.push_str(&format!(
+            "NOT VERIFIED (unlogged, an unusual name, or over the fence's time budget; --all-tables or --tables next time): {}\n",
+            skipped.join(", ")
+        ));
+    }
+    match r.source_stopped {
+        Some(true) => out.push_str("the source cluster is shut down (--fence stop)\n"),
+        Some(false) => out.push_str(
+            "the source cluster could NOT be shut down: it stays fenced read-only; stop it by hand\n",
+        ),
+        None => {}
+    }
+    let timeline = r.timeline.as_deref().unwrap_or_default();
+    if !timeline.is_empty() {
+        out.push_str("migration timeline (time in each phase):\n");
+        for t in timeline {
+            let ms =
+                t.ms.map_or("-".to_string(), |m| format!("{:.1} s", m as f64 / 1000.0));
+            out.push_str(&format!("  {:<16} {ms:>9}  {}\n", t.phase, t.step));
+        }
+    }
+    out
+}
+
+/// `status`: tunnel, phase, the source's LSN and walsenders, the new cluster, the lag.
+fn render_status(r: &StatusReport) -> String {
+    let mut out = match &r.tunnel {
+        TunnelStatus::Up {
+            peer,
+            streams,
+            rtt_ms,
+            ..
+        } => format!(
+            "tunnel     up with {} (source {}, migration {}), rtt {rtt_ms} ms, {streams} stream(s)\n",
+            peer.address, peer.region, peer.migration
+        ),
+        TunnelStatus::Down => "tunnel     down\n".to_string(),
+    };
+    out.push_str(&format!("phase      {}\n", r.migration.name()));
+    let lsn = |l: Option<Lsn>| l.map_or("-".to_string(), |l| l.to_string());
+    if let Some(src) = r.source_status() {
+        out.push_str(&format!("source     current LSN {}", src.current_lsn));
+        for w in &src.replication {
+            out.push_str(&format!(
+                "; walsender {} sent {} replayed {} (replay lag {} ms)",
+                w.state,
+                lsn(w.sent_lsn),
+                lsn(w.replay_lsn),
+                w.replay_lag_ms.map_or("-".to_string(), |v| v.to_string())
+            ));
+        }
+        if let Some(slot) = &src.slot {
+            let active = if slot.active { "active" } else { "inactive" };
+            out.push_str(&format!("; slot {} {active}", slot.name));
+        }
+        out.push('\n');
+    }
+    if let Some(new) = r.standby().filter(|n| n.replay_lsn.is_some()) {
+        out.push_str(&format!(
+            "new        {}, received {}, replayed {}\n",
+            if new.in_recovery {
+                "standby"
             } else {
-                out.push_str(&format!(
-                    "preflight: {failed} of {} checks failed; nothing was changed\n",
-                    checks.len()
-                ));
-            }
-        }
-        "cutover" => {
-            let r = &answer["report"];
-            if r["dry_run"] == true {
-                out.push_str(&format!(
-                    "dry run: lag {} bytes; {} table(s) would be verified; nothing changed\n",
-                    r["lag_bytes_at_start"],
-                    r["tables"].as_array().map_or(0, Vec::len)
-                ));
-            } else {
-                out.push_str(&format!(
-                    "cutover complete: write downtime {} ms (fence → writable); {} table(s), {} rows verified\n",
-                    r["downtime_ms"],
-                    r["tables"].as_array().map_or(0, Vec::len),
-                    r["verified_rows"]
-                ));
-                for (k, v) in r["phases"].as_object().into_iter().flatten() {
-                    out.push_str(&format!("  {k:<12} {v} ms\n"));
-                }
-                let skipped: Vec<&str> = r["tables_skipped"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect();
-                if !skipped.is_empty() {
-                    out.push_str(&format!(
-                        "NOT VERIFIED (unlogged, an unusual name, or over the fence's time budget; --all-tables or --tables next time): {}\n",
-                        skipped.join(", ")
-                    ));
-                }
-                match r["source_stopped"].as_bool() {
-                    Some(true) => out.push_str("the source cluster is shut down (--fence stop)\n"),
-                    Some(false) => out.push_str(
-                        "the source cluster could NOT be shut down: it stays fenced read-only; stop it by hand\n",
-                    ),
-                    None => {}
-                }
-                let timeline = r["timeline"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-                if !timeline.is_empty() {
-                    out.push_str("migration timeline (time in each phase):\n");
-                    for t in timeline {
-                        let ms = t["ms"]
-                            .as_u64()
-                            .map_or("-".to_string(), |m| format!("{:.1} s", m as f64 / 1000.0));
-                        out.push_str(&format!(
-                            "  {:<16} {:>9}  {}\n",
-                            t["phase"].as_str().unwrap_or("?"),
-                            ms,
-                            t["step"].as_str().unwrap_or("")
-                        ));
-                    }
-                }
-            }
-        }
-        "status" => {
-            let t = &answer["tunnel"];
-            let phase = answer["migration"]["phase"].as_str().unwrap_or("unknown");
-            if t["state"] == "up" {
-                out.push_str(&format!(
-                    "tunnel     up with {} (source {}, migration {}), rtt {} ms, {} stream(s)\n",
-                    t["peer"]["address"].as_str().unwrap_or("?"),
-                    t["peer"]["region"].as_str().unwrap_or("?"),
-                    t["peer"]["migration"].as_str().unwrap_or("?"),
-                    t["rtt_ms"],
-                    t["streams"]
-                ));
-            } else {
-                out.push_str("tunnel     down\n");
-            }
-            out.push_str(&format!("phase      {phase}\n"));
-            let src = &answer["source"];
-            if let Some(lsn) = src["current_lsn"].as_str() {
-                out.push_str(&format!("source     current LSN {lsn}"));
-                for r in src["replication"].as_array().into_iter().flatten() {
-                    out.push_str(&format!(
-                        "; walsender {} sent {} replayed {} (replay lag {} ms)",
-                        r["state"].as_str().unwrap_or("?"),
-                        r["sent_lsn"].as_str().unwrap_or("-"),
-                        r["replay_lsn"].as_str().unwrap_or("-"),
-                        r["replay_lag_ms"]
-                            .as_u64()
-                            .map_or("-".to_string(), |v| v.to_string())
-                    ));
-                }
-                if let Some(slot) = src["slot"].as_object() {
-                    out.push_str(&format!(
-                        "; slot {} {}",
-                        slot.get("name").and_then(Value::as_str).unwrap_or("?"),
-                        if slot.get("active") == Some(&Value::Bool(true)) {
-                            "active"
-                        } else {
-                            "inactive"
-                        }
-                    ));
-                }
-                out.push('\n');
-            }
-            let new = &answer["new_cluster"];
-            if let Some(replay) = new["replay_lsn"].as_str() {
-                out.push_str(&format!(
-                    "new        {}, received {}, replayed {}\n",
-                    if new["in_recovery"] == true {
-                        "standby"
-                    } else {
-                        "primary"
-                    },
-                    new["receive_lsn"].as_str().unwrap_or("-"),
-                    replay
-                ));
-            }
-            if let Some(lag) = answer["lag_bytes"].as_u64() {
-                out.push_str(&format!("lag        {lag} bytes\n"));
-            }
-            if let Some(e) = answer["error"].as_str() {
-                out.push_str(&format!("error      {e}\n"));
-            }
-        }
-        _ => {
-            out.push_str(&serde_json::to_string_pretty(answer).unwrap_or_default());
-            out.push('\n');
-        }
+                "primary"
+            },
+            lsn(new.receive_lsn),
+            lsn(new.replay_lsn)
+        ));
+    }
+    if let Some(lag) = r.lag_bytes {
+        out.push_str(&format!("lag        {lag} bytes\n"));
+    }
+    if let Some(e) = &r.error {
+        out.push_str(&format!("error      {e}\n"));
     }
     out
 }
@@ -531,6 +525,60 @@ pub(crate) async fn read_request(stream: &mut tokio::net::UnixStream) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The terminal text is built from the typed answers: every part the operator needs, and
+    /// a failure as one error line.
+    #[test]
+    fn render_reads_the_typed_answers() {
+        let status = serde_json::json!({
+            "ok": true,
+            "tunnel": {"state": "up", "peer": {"address": "10.0.0.1:7443", "role": "source",
+                "region": "DE", "migration": "m1", "fingerprint": "ab"},
+                "streams": 2, "rtt_ms": 3, "udp_bytes_received": 10, "udp_bytes_sent": 20},
+            "migration": {"phase": "catching_up", "slot": "pgferry_m1"},
+            "source": {"current_lsn": "0/3000060", "now_ms": 1,
+                "replication": [{"application_name": "m1", "state": "streaming",
+                    "sent_lsn": "0/3000060", "write_lsn": null, "flush_lsn": null,
+                    "replay_lsn": "0/3000000", "write_lag_ms": null, "flush_lag_ms": null,
+                    "replay_lag_ms": 7}],
+                "slot": {"name": "pgferry_m1", "active": true, "restart_lsn": null, "wal_status": null}},
+            "new_cluster": {"in_recovery": true, "receive_lsn": "0/3000060",
+                "replay_lsn": "0/3000000", "last_replay_ms": null, "now_ms": 2},
+            "lag_bytes": 96,
+        });
+        let text = render("status", &status);
+        for want in [
+            "tunnel     up with 10.0.0.1:7443 (source DE, migration m1), rtt 3 ms, 2 stream(s)",
+            "phase      catching_up",
+            "walsender streaming sent 0/3000060 replayed 0/3000000 (replay lag 7 ms); slot pgferry_m1 active",
+            "new        standby, received 0/3000060, replayed 0/3000000",
+            "lag        96 bytes",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in\n{text}");
+        }
+
+        let cutover = serde_json::json!({"ok": true, "phase": "completed", "report": {
+            "phases": {"fence_ms": 20, "drain_ms": 5, "verify_ms": 30, "promote_ms": 100},
+            "tables": ["public.a", "public.b"], "tables_skipped": ["public.big"],
+            "verified_rows": 1000, "downtime_ms": 155, "source_stopped": false,
+            "timeline": [{"phase": "completed", "step": "done", "at_ms": 1, "ms": null}]}});
+        let text = render("cutover", &cutover);
+        for want in [
+            "write downtime 155 ms (fence → writable); 2 table(s), 1000 rows verified",
+            "  verify_ms    30 ms",
+            "NOT VERIFIED (",
+            "public.big",
+            "could NOT be shut down",
+            "  completed                -  done",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in\n{text}");
+        }
+
+        let failed = serde_json::json!({"ok": false, "error": "no tunnel", "phase": "ready"});
+        assert_eq!(render("cutover", &failed), "cutover: error: no tunnel\n");
+        let odd = render("preflight", &serde_json::json!({"ok": true, "checks": 3}));
+        assert!(odd.contains("expected shape"), "{odd}");
+    }
 
     /// What the admin socket accepts: one typed request per line; anything else is refused with
     /// the verbs it knows, and an endless line is cut at the bound.

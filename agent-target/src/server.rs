@@ -15,10 +15,18 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use pgferry_common::admin::{AdminLine, AdminRequest, CutoverOptions};
+use pgferry_common::admin::{
+    AdminFailure, AdminLine, AdminRequest, CutoverOptions, Part, PeerStatus, PhaseStatus,
+    PreflightReport, StatusReport, TunnelStatus,
+};
+use pgferry_common::control::{Request, Response};
+use pgferry_common::migration::State;
 use pgferry_common::runtime::config::Endpoint;
 
 use crate::{Cx, Link};
+
+/// The answer of every verb that needs the tunnel while it is down.
+const NO_TUNNEL: &str = "no tunnel to the source agent (is pgferry-source running and reachable?)";
 
 pub(crate) fn bind_admin(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -64,10 +72,13 @@ pub(crate) async fn serve_admin(cx: Cx, listener: tokio::net::UnixListener) {
                 }
                 Ok(AdminRequest::Status) => {
                     let current = sh.target.current.borrow().clone();
-                    admin_status(&sh, current).await
+                    json!(admin_status(&sh, current).await)
                 }
-                Ok(AdminRequest::Preflight) => admin_preflight(&sh).await,
-                Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+                Ok(AdminRequest::Preflight) => match admin_preflight(&sh).await {
+                    Ok(report) => json!(report),
+                    Err(failure) => json!(failure),
+                },
+                Err(e) => json!(AdminFailure::new(format!("{e:#}"))),
             };
             let _ = write_admin_line(&mut stream, &answer).await;
         });
@@ -94,10 +105,10 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
     // One migration step at a time: a second clone/cutover/rollback (an impatient retry from
     // another terminal) must not race the first.
     let Ok(_job) = cx.target.job.try_lock() else {
-        return json!({"ok": false, "error": "another clone, cutover or rollback is running on this agent; wait for it (pgferry-target status shows the phase)"});
+        return json!(AdminFailure::new("another clone, cutover or rollback is running on this agent; wait for it (pgferry-target status shows the phase)"));
     };
     let Some(pc) = cx.target.current.borrow().clone() else {
-        return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+        return json!(AdminFailure::new(NO_TUNNEL));
     };
     let control = pc.control.clone();
     let settings = cx.target.settings.clone();
@@ -113,7 +124,9 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             _ => None,
         });
     let Some(local) = local else {
-        return json!({"ok": false, "error": "clone needs a TCP local endpoint for the postgres service"});
+        return json!(AdminFailure::new(
+            "clone needs a TCP local endpoint for the postgres service"
+        ));
     };
     let migration = cx.tunnel.own().migration.to_string();
     let store = crate::state_store::StateStore::new(settings.state_file.clone(), &migration);
@@ -135,28 +148,25 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             progress: &progress,
         };
         let check = async {
-            let v = admin_preflight(&sh).await;
-            if v["ok"] == true {
-                Ok(())
-            } else if let Some(e) = v["error"].as_str() {
-                Err(anyhow!("preflight: {e}"))
-            } else {
-                let failed: Vec<String> = v["checks"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| c["ok"] == false)
-                    .map(|c| {
-                        format!(
-                            "{}: {} (fix: {})",
-                            c["name"].as_str().unwrap_or(""),
-                            c["detail"].as_str().unwrap_or(""),
-                            c["fix"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect();
-                Err(anyhow!("preflight failed: {}", failed.join("; ")))
+            let report = admin_preflight(&sh)
+                .await
+                .map_err(|f| anyhow!("preflight: {}", f.error))?;
+            for c in report.checks.iter().filter(|c| c.ok && c.warning) {
+                progress(format!(
+                    "preflight warning: {}: {} (fix: {})",
+                    c.name, c.detail, c.fix
+                ));
             }
+            if report.ok {
+                return Ok(());
+            }
+            let failed: Vec<String> = report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {} (fix: {})", c.name, c.detail, c.fix))
+                .collect();
+            Err(anyhow!("preflight failed: {}", failed.join("; ")))
         };
         let r = match &job {
             Job::Clone => exec
@@ -177,7 +187,10 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
     let ((result, phase), ()) = tokio::join!(work, forward);
     match result {
         Ok(report) => json!({"ok": true, "phase": phase, "report": report}),
-        Err(e) => json!({"ok": false, "error": format!("{e:#}"), "phase": phase}),
+        Err(e) => json!(AdminFailure {
+            phase: Some(phase.to_string()),
+            ..AdminFailure::new(format!("{e:#}"))
+        }),
     }
 }
 
@@ -202,77 +215,86 @@ pub(crate) async fn sample_lag(cx: Cx) {
         }
         let current = cx.target.current.borrow().clone();
         let st = admin_status(&cx, current).await;
+        let source = st.source_status();
+        let (udp_bytes_received, tunnel) = match &st.tunnel {
+            TunnelStatus::Up {
+                udp_bytes_received, ..
+            } => (Some(*udp_bytes_received), "up"),
+            TunnelStatus::Down => (None, "down"),
+        };
+        let replay_lag_ms = source
+            .and_then(|s| s.replication.first())
+            .and_then(|r| r.replay_lag_ms);
         cx.tunnel.audit(
             "lag_sample",
             json!({
-                "lag_bytes": st["lag_bytes"],
-                "source_lsn": st["source"]["current_lsn"],
-                "replay_lsn": st["new_cluster"]["replay_lsn"],
-                "replay_lag_ms": st["source"]["replication"][0]["replay_lag_ms"],
-                "tunnel": st["tunnel"]["state"],
-                "udp_bytes_received": st["tunnel"]["udp_bytes_received"],
+                "lag_bytes": st.lag_bytes,
+                "source_lsn": source.map(|s| s.current_lsn),
+                "replay_lsn": st.standby().and_then(|n| n.replay_lsn),
+                "replay_lag_ms": replay_lag_ms,
+                "tunnel": tunnel,
+                "udp_bytes_received": udp_bytes_received,
             }),
         );
     }
 }
 
 /// `status`: tunnel, migration phase, and lag from both ends.
-async fn admin_status(cx: &Cx, current: Option<Link>) -> Value {
+async fn admin_status(cx: &Cx, current: Option<Link>) -> StatusReport {
     let settings = cx.target.settings.clone();
     let migration = cx.tunnel.own().migration.to_string();
     let store = crate::state_store::StateStore::new(settings.state_file.clone(), &migration);
     let state = store.load();
     let phase = match &state {
-        Ok(s) => json!(s),
-        Err(e) => json!({"phase": "unknown", "error": format!("{e:#}")}),
+        Ok(s) => PhaseStatus::Known(s.clone()),
+        Err(e) => PhaseStatus::Unknown {
+            phase: "unknown".into(),
+            error: format!("{e:#}"),
+        },
     };
     let Some(pc) = current else {
-        return json!({"ok": false, "tunnel": {"state": "down"}, "migration": phase, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
+        return StatusReport {
+            ok: false,
+            tunnel: TunnelStatus::Down,
+            migration: phase,
+            error: Some(NO_TUNNEL.into()),
+            source: None,
+            new_cluster: None,
+            lag_bytes: None,
+            lag_ms_source: None,
+        };
     };
-    let qs = pc.conn.stats();
-    let mut out = json!({
-        "ok": true,
-        "tunnel": {
-            "state": "up",
-            "peer": {
-                "address": pc.conn.remote_address().to_string(),
-                "role": pc.peer.role.to_string(),
-                "region": pc.peer.region.to_string(),
-                "migration": pc.peer.migration.to_string(),
-                "fingerprint": pc.peer.fingerprint.to_string(),
-            },
-            "streams": pc.stats.streams.load(Ordering::SeqCst),
-            "rtt_ms": pc.conn.rtt().as_millis() as u64,
-            "udp_bytes_received": qs.udp_rx.bytes,
-            "udp_bytes_sent": qs.udp_tx.bytes,
-        },
-        "migration": phase,
-    });
-    use pgferry_common::migration::State as S;
     let slot = state.ok().and_then(|s| match s {
-        S::SlotCreated { slot }
-        | S::BaseBackupDone { slot }
-        | S::StandbyStarted { slot }
-        | S::CatchingUp { slot }
-        | S::Ready { slot } => Some(slot),
+        State::SlotCreated { slot }
+        | State::BaseBackupDone { slot }
+        | State::StandbyStarted { slot }
+        | State::CatchingUp { slot }
+        | State::Ready { slot } => Some(slot),
         _ => None,
     });
+    let source = match pc
+        .control
+        .request(Request::Status { slot }, Duration::from_secs(20))
+        .await
     {
-        match pc
-            .control
-            .request(
-                pgferry_common::control::Request::Status { slot },
-                Duration::from_secs(20),
-            )
-            .await
-        {
-            Ok(pgferry_common::control::Response::Status { status }) => {
-                out["source"] = json!(status)
-            }
-            Ok(other) => out["source"] = json!({"error": format!("{other:?}")}),
-            Err(e) => out["source"] = json!({"error": format!("{e:#}")}),
-        }
-    }
+        Ok(Response::Status { status }) => Part::Ok(status),
+        Ok(other) => Part::Failed {
+            error: format!("{other:?}"),
+        },
+        Err(e) => Part::Failed {
+            error: format!("{e:#}"),
+        },
+    };
+    let mut report = StatusReport {
+        ok: true,
+        tunnel: tunnel_status(&pc),
+        migration: phase,
+        error: None,
+        source: Some(source),
+        new_cluster: None,
+        lag_bytes: None,
+        lag_ms_source: None,
+    };
     let running = settings
         .data_dir
         .as_ref()
@@ -282,60 +304,69 @@ async fn admin_status(cx: &Cx, current: Option<Link>) -> Value {
             Ok(c) => crate::migrate::standby_status(&c).await,
             Err(e) => Err(e),
         };
-        match standby {
-            Ok(st) => {
-                let src = out["source"]["current_lsn"]
-                    .as_str()
-                    .and_then(|s| s.parse::<pgferry_common::migration::Lsn>().ok());
-                if let (Some(src), Some(replay)) = (src, st.replay_lsn) {
-                    out["lag_bytes"] = json!(src.0.saturating_sub(replay.0));
-                }
-                if let Some(ms) = out["source"]["replication"][0]["replay_lag_ms"].as_u64() {
-                    out["lag_ms_source"] = json!(ms);
-                }
-                out["new_cluster"] = json!(st);
-            }
-            Err(e) => out["new_cluster"] = json!({"error": format!("{e:#}")}),
+        report.new_cluster = Some(match standby {
+            Ok(st) => Part::Ok(st),
+            Err(e) => Part::Failed {
+                error: format!("{e:#}"),
+            },
+        });
+        if let (Some(src), Some(st)) = (report.source_status(), report.standby()) {
+            let lag_bytes = st
+                .replay_lsn
+                .map(|replay| src.current_lsn.0.saturating_sub(replay.0));
+            let lag_ms = src.replication.first().and_then(|r| r.replay_lag_ms);
+            (report.lag_bytes, report.lag_ms_source) = (lag_bytes, lag_ms);
         }
     }
-    out
+    report
+}
+
+/// The tunnel that is up: its peer, streams, round trip and UDP volume.
+fn tunnel_status(pc: &Link) -> TunnelStatus {
+    let qs = pc.conn.stats();
+    TunnelStatus::Up {
+        peer: PeerStatus {
+            address: pc.conn.remote_address().to_string(),
+            role: pc.peer.role.to_string(),
+            region: pc.peer.region.to_string(),
+            migration: pc.peer.migration.to_string(),
+            fingerprint: pc.peer.fingerprint.to_string(),
+        },
+        streams: pc.stats.streams.load(Ordering::SeqCst),
+        rtt_ms: pc.conn.rtt().as_millis() as u64,
+        udp_bytes_received: qs.udp_rx.bytes,
+        udp_bytes_sent: qs.udp_tx.bytes,
+    }
 }
 
 /// `preflight`: the source's facts (by request) and this host's, checked.
-async fn admin_preflight(cx: &Cx) -> Value {
+async fn admin_preflight(cx: &Cx) -> Result<PreflightReport, AdminFailure> {
     let current = cx.target.current.borrow().clone();
-    let Some(pc) = current else {
-        return json!({"ok": false, "error": "no tunnel to the source agent (is pgferry-source running and reachable?)"});
-    };
+    let pc = current.ok_or_else(|| AdminFailure::new(NO_TUNNEL))?;
     let control = pc.control.clone();
     let t0 = Instant::now();
     let r = control
-        .request(
-            pgferry_common::control::Request::PreflightFacts,
-            Duration::from_secs(60),
-        )
+        .request(Request::PreflightFacts, Duration::from_secs(60))
         .await;
     let rtt_ms = t0.elapsed().as_millis() as u64;
     let facts = match r {
-        Ok(pgferry_common::control::Response::Facts { facts }) => facts,
-        Ok(pgferry_common::control::Response::Error { message }) => {
-            return json!({"ok": false, "error": format!("the source agent could not gather its facts: {message}")})
+        Ok(Response::Facts { facts }) => facts,
+        Ok(Response::Error { message }) => {
+            return Err(AdminFailure::new(format!(
+                "the source agent could not gather its facts: {message}"
+            )))
         }
-        Ok(other) => return json!({"ok": false, "error": format!("unexpected answer {other:?}")}),
-        Err(e) => return json!({"ok": false, "error": format!("{e:#}")}),
+        Ok(other) => return Err(AdminFailure::new(format!("unexpected answer {other:?}"))),
+        Err(e) => return Err(AdminFailure::new(format!("{e:#}"))),
     };
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
     let settings = cx.target.settings.clone();
-    let tf = match tokio::task::spawn_blocking(move || {
-        crate::admin::target_facts(&settings, now_ms, rtt_ms)
-    })
-    .await
-    {
-        Ok(Ok(tf)) => tf,
-        Ok(Err(e)) => return json!({"ok": false, "error": format!("{e:#}")}),
-        Err(e) => return json!({"ok": false, "error": e.to_string()}),
-    };
+    let tf =
+        tokio::task::spawn_blocking(move || crate::admin::target_facts(&settings, now_ms, rtt_ms))
+            .await
+            .map_err(|e| AdminFailure::new(e.to_string()))?
+            .map_err(|e| AdminFailure::new(format!("{e:#}")))?;
     let checks = pgferry_common::preflight::evaluate(&facts, &tf);
     let ok = checks.iter().all(|c| c.ok);
     cx.tunnel.audit(
@@ -346,5 +377,10 @@ async fn admin_preflight(cx: &Cx) -> Value {
             "checks": checks.len() as u64,
         }),
     );
-    json!({"ok": ok, "checks": checks, "source": facts, "target": tf})
+    Ok(PreflightReport {
+        ok,
+        checks,
+        source: facts,
+        target: tf,
+    })
 }

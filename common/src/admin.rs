@@ -9,7 +9,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::{FenceMode, FenceReport, TableDigest};
+use crate::control::{FenceMode, FenceReport, SourceStatus, TableDigest};
+use crate::migration::{Lsn, State};
+use crate::preflight::{Check, SourceFacts, TargetFacts};
 
 /// One request on the target agent's admin socket: a JSON line
 /// `{"verb": "cutover", "options": {…}}`. The wire format of `pgferry-target <verb>`.
@@ -243,9 +245,219 @@ pub struct AtFenceReport {
     pub tables_dropped: Vec<String>,
 }
 
+/// A verb that failed (or could not start): `{"ok": false, "error": …}`, with the migration
+/// phase when a job ran. Every verb's failure has this shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminFailure {
+    /// Always `false`.
+    pub ok: bool,
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+impl AdminFailure {
+    /// A failure with its message.
+    pub fn new(error: impl Into<String>) -> Self {
+        AdminFailure {
+            ok: false,
+            error: error.into(),
+            phase: None,
+        }
+    }
+}
+
+/// `preflight`'s answer: every check, and the facts they were made from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreflightReport {
+    /// Every check passed (warnings included).
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    pub source: SourceFacts,
+    pub target: TargetFacts,
+}
+
+/// A part of `status` that may have failed on its own: its value, or `{"error": …}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Part<T> {
+    Ok(T),
+    Failed { error: String },
+}
+
+impl<T> Part<T> {
+    /// The value, if this part did not fail.
+    pub fn ok(&self) -> Option<&T> {
+        match self {
+            Part::Ok(v) => Some(v),
+            Part::Failed { .. } => None,
+        }
+    }
+}
+
+/// The migration phase as the state file says, or why it could not be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PhaseStatus {
+    Known(State),
+    /// `{"phase": "unknown", "error": …}`
+    Unknown {
+        phase: String,
+        error: String,
+    },
+}
+
+impl PhaseStatus {
+    /// The phase's name (`catching_up`, …, or `unknown`).
+    pub fn name(&self) -> String {
+        match self {
+            PhaseStatus::Known(s) => s.phase().to_string(),
+            PhaseStatus::Unknown { phase, .. } => phase.clone(),
+        }
+    }
+}
+
+/// The tunnel as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum TunnelStatus {
+    Up {
+        peer: PeerStatus,
+        /// Data streams open now.
+        streams: u64,
+        rtt_ms: u64,
+        udp_bytes_received: u64,
+        udp_bytes_sent: u64,
+    },
+    Down,
+}
+
+/// The source agent at the other end of the tunnel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub address: String,
+    pub role: String,
+    pub region: String,
+    pub migration: String,
+    pub fingerprint: String,
+}
+
+/// The standby's side of the lag: received and replayed LSNs, last replayed commit time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StandbyStatus {
+    pub in_recovery: bool,
+    pub receive_lsn: Option<Lsn>,
+    pub replay_lsn: Option<Lsn>,
+    /// ms since the epoch of the last replayed transaction.
+    pub last_replay_ms: Option<u64>,
+    pub now_ms: u64,
+}
+
+/// `status`'s answer: the tunnel, the migration phase, and the lag from both ends. Parts that
+/// could not be asked (no tunnel, no new cluster running) are left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The tunnel is up (the rest could be asked).
+    pub ok: bool,
+    pub tunnel: TunnelStatus,
+    pub migration: PhaseStatus,
+    /// Why `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The source's LSN, walsenders and slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Part<SourceStatus>>,
+    /// The new cluster, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_cluster: Option<Part<StandbyStatus>>,
+    /// Source's current LSN minus the standby's replay LSN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<u64>,
+    /// The walsender's replay lag as the source measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_ms_source: Option<u64>,
+}
+
+impl StatusReport {
+    /// The source's status, when it answered.
+    pub fn source_status(&self) -> Option<&SourceStatus> {
+        self.source.as_ref().and_then(Part::ok)
+    }
+
+    /// The new cluster's status, when it answered.
+    pub fn standby(&self) -> Option<&StandbyStatus> {
+        self.new_cluster.as_ref().and_then(Part::ok)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `status --json` keeps the shape it had when it was built with `json!` field by field:
+    /// the tunnel tagged by `state`, the phase as the state file writes it, failed parts as
+    /// `{"error": …}`, absent parts left out.
+    #[test]
+    fn status_report_shape() {
+        let down = StatusReport {
+            ok: false,
+            tunnel: TunnelStatus::Down,
+            migration: PhaseStatus::Known(State::CatchingUp { slot: "s".into() }),
+            error: Some("no tunnel".into()),
+            source: None,
+            new_cluster: Some(Part::Failed {
+                error: "refused".into(),
+            }),
+            lag_bytes: None,
+            lag_ms_source: None,
+        };
+        let v = serde_json::to_value(&down).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "ok": false,
+                "tunnel": {"state": "down"},
+                "migration": {"phase": "catching_up", "slot": "s"},
+                "error": "no tunnel",
+                "new_cluster": {"error": "refused"},
+            })
+        );
+        assert_eq!(serde_json::from_value::<StatusReport>(v).unwrap(), down);
+
+        let up: StatusReport = serde_json::from_value(serde_json::json!({
+            "ok": true,
+            "tunnel": {"state": "up", "peer": {"address": "10.0.0.1:7443", "role": "source",
+                "region": "DE", "migration": "m1", "fingerprint": "ab"},
+                "streams": 2, "rtt_ms": 3, "udp_bytes_received": 10, "udp_bytes_sent": 20},
+            "migration": {"phase": "unknown", "error": "state file unreadable"},
+            "source": {"current_lsn": "0/3000060", "replication": [], "slot": null, "now_ms": 1},
+            "new_cluster": {"in_recovery": true, "receive_lsn": "0/3000060",
+                "replay_lsn": "0/3000000", "last_replay_ms": null, "now_ms": 2},
+            "lag_bytes": 96,
+        }))
+        .unwrap();
+        assert_eq!(up.migration.name(), "unknown");
+        assert_eq!(up.source_status().unwrap().current_lsn, Lsn(0x3000060));
+        assert_eq!(up.standby().unwrap().replay_lsn, Some(Lsn(0x3000000)));
+        assert!(matches!(up.tunnel, TunnelStatus::Up { streams: 2, .. }));
+    }
+
+    #[test]
+    fn failures_carry_the_phase_only_when_a_job_ran() {
+        let f = AdminFailure::new("no tunnel");
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"ok":false,"error":"no tunnel"}"#
+        );
+        let f = AdminFailure {
+            phase: Some("ready".into()),
+            ..f
+        };
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"ok":false,"error":"no tunnel","phase":"ready"}"#
+        );
+    }
 
     #[test]
     fn admin_requests_on_the_wire() {

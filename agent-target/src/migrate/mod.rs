@@ -552,17 +552,9 @@ pub async fn connect_new_cluster(settings: &TargetSettings) -> Result<tokio_post
     Ok(client)
 }
 
-/// The standby's side of the lag: received and replayed LSNs, last replayed commit time.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StandbyStatus {
-    pub in_recovery: bool,
-    pub receive_lsn: Option<pgferry_common::migration::Lsn>,
-    pub replay_lsn: Option<pgferry_common::migration::Lsn>,
-    /// ms since the epoch of the last replayed transaction.
-    pub last_replay_ms: Option<u64>,
-    pub now_ms: u64,
-}
+pub use pgferry_common::admin::StandbyStatus;
 
+/// The standby's side of the lag: received and replayed LSNs, last replayed commit time.
 pub async fn standby_status(c: &tokio_postgres::Client) -> Result<StandbyStatus> {
     let r = c
         .query_one(
