@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use bytes::BytesMut;
-use serde_json::json;
 use tracing::warn;
 
+use pgferry_common::audit::event::{StreamOpened, StreamRefused};
 use pgferry_common::control::{StreamHeader, StreamKind};
 use pgferry_common::frame::{DirectionStats, ResetCode};
 use pgferry_common::runtime::agent::{PeerConn, Tunnel, HELLO_TIMEOUT};
@@ -92,18 +92,22 @@ async fn source_stream(
             header.service
         );
         warn!("session {session}: {msg}");
-        tunnel.audit(
-            "stream_refused",
-            json!({"session_id": session, "service": header.service, "reason": msg}),
-        );
+        tunnel.audit_event(&StreamRefused {
+            session_id: session.to_string(),
+            service: header.service.clone(),
+            reason: msg.clone(),
+        });
         pump::send_reset(&mut send, 0, ResetCode::Refused, &msg).await;
         let _ = recv.stop(pump::codes::PROTOCOL.into());
         return;
     };
-    tunnel.audit(
-        "stream_opened",
-        json!({"session_id": session, "service": service.name, "upstream": service.endpoint.to_string(), "peer_fingerprint": pc.peer.fingerprint.to_string()}),
-    );
+    tunnel.audit_event(&StreamOpened {
+        session_id: session.to_string(),
+        service: service.name.clone(),
+        upstream: Some(service.endpoint.to_string()),
+        client: None,
+        peer_fingerprint: Some(pc.peer.fingerprint.to_string()),
+    });
     let local = match connect_upstream(&service.endpoint).await {
         Ok(l) => l,
         Err(e) => {

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
-use serde_json::json;
 use tracing::{info, warn};
 
+use pgferry_common::audit::event::StreamOpened;
 use pgferry_common::control::{StreamHeader, StreamKind};
 use pgferry_common::runtime::config::{Endpoint, Service};
 use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
@@ -139,10 +139,13 @@ async fn target_stream(cx: Cx, service: Service, local: LocalConn, client: Strin
             return;
         }
     };
-    cx.tunnel.audit(
-        "stream_opened",
-        json!({"session_id": session, "service": service.name, "client": client, "peer_fingerprint": pc.peer.fingerprint.to_string()}),
-    );
+    cx.tunnel.audit_event(&StreamOpened {
+        session_id: session.to_string(),
+        service: service.name.clone(),
+        upstream: None,
+        client: Some(client.to_string()),
+        peer_fingerprint: Some(pc.peer.fingerprint.to_string()),
+    });
     let report = pump::pump(local, send, recv, BytesMut::new(), cx.tunnel.pump_options()).await;
     if let Outcome::PeerReset { code, message } = &report.outcome {
         warn!("session {session}: source reset the connection ({code:?}): {message}");

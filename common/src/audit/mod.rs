@@ -33,7 +33,8 @@
 //! # Layout
 //!
 //! ```text
-//!   record   the format: canonical form, hashing, time, per-event schemas shared by both sides
+//!   record   the format: canonical form, hashing, time, certificate keys
+//!   event    one serde struct per record the agents write; the writer and the readers share them
 //!   writer   CheckpointSigner and AuditLog (lock, open/verify/resume, append, checkpoint)
 //!   verify   verify_reader / verify_file → Verified (agents, runs, tunnel sessions, streams)
 //!   peer     compare_peer: the two agents' logs describe the same sessions and the same bytes
@@ -112,6 +113,7 @@
 //! chain is broken is never appended to: open fails with the line number, and the operator moves
 //! the file aside (a new file starts a new chain).
 
+pub mod event;
 mod peer;
 mod record;
 mod report;

@@ -238,9 +238,4 @@ impl<'a> Fields<'a> {
             prefix: format!("{}{key}.", self.prefix),
         })
     }
-
-    /// A string if present (and a string), else `None`.
-    pub fn opt_str(&self, key: &str) -> Option<&'a str> {
-        self.map.get(key).and_then(Value::as_str)
-    }
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::record::{events, format_time};
-use super::verify::{parse_stream_closed, verify_records, Record, VerifyError, VerifyOptions};
+use super::verify::{
+    parse_stream_closed, verify_records, Record, Verified, VerifyError, VerifyOptions,
+};
 
 /// Verifies the log at `path` (an unsigned tail is allowed and flagged in the report) and
 /// renders the report. A log that does not verify yields the [`VerifyError`] instead.
@@ -28,6 +30,20 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
 
     let mut out = String::new();
     let o = &mut out;
+    summary(o, path, &v);
+    agents(o, &records, &v);
+    handshakes(o, &records);
+    streams(o, &records);
+    integrity_failures(o, &records);
+    errors(o, &records);
+    tunnel_sessions(o, &records);
+    checkpoints(o, &records);
+    event_counts(o, &records);
+    Ok(out)
+}
+
+/// The log, its records, period and signatures, and what one log cannot show.
+fn summary(o: &mut String, path: &Path, v: &Verified) {
     line(o, "pgferry audit report");
     line(o, "====================");
     line(o, &format!("Log:      {}", path.display()));
@@ -83,7 +99,10 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         o,
         "Not detectable from one log: a cut right after the final checkpoint of an earlier run of the agent (compare with the peer's log).",
     );
+}
 
+/// Who ran: each start (role, region, migration, version, certificate, TLS) and stop.
+fn agents(o: &mut String, records: &[Record], v: &Verified) {
     section(o, "Agents");
     let mut any = false;
     for r in records.iter().filter(|r| r.event == events::AGENT_STARTED) {
@@ -115,10 +134,13 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         line(o, &format!("  {}  stopped  {}", head(r), json(&r.details)));
     }
     none_if(o, any);
+}
 
+/// Whom they talked to: accepted handshakes (peer, TLS), refusals and failures.
+fn handshakes(o: &mut String, records: &[Record]) {
     section(o, "Handshakes");
-    any = false;
-    for r in &records {
+    let mut any = false;
+    for r in records {
         let d = &r.details;
         match r.event.as_str() {
             events::HANDSHAKE_ACCEPTED => {
@@ -181,7 +203,10 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         any = true;
     }
     none_if(o, any);
+}
 
+/// What went through: each forwarded stream's bytes raw and on the wire, digests and outcome; totals; refused streams.
+fn streams(o: &mut String, records: &[Record]) {
     section(o, "Streams");
     let mut totals = [0u64; 4];
     let mut count = 0usize;
@@ -251,7 +276,7 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
             ),
         );
     }
-    any = false;
+    let mut any = false;
     for r in records.iter().filter(|r| r.event == "stream_refused") {
         if !any {
             line(o, "  refused streams:");
@@ -268,9 +293,12 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
             ),
         );
     }
+}
 
+/// Chunks that failed their BLAKE3 check.
+fn integrity_failures(o: &mut String, records: &[Record]) {
     section(o, "Integrity failures");
-    any = false;
+    let mut any = false;
     for r in records
         .iter()
         .filter(|r| r.event == events::INTEGRITY_FAILURE)
@@ -288,17 +316,23 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         line(o, &format!("{PAD}{}", json(&r.details)));
     }
     none_if(o, any);
+}
 
+/// Errors worth an auditor's attention.
+fn errors(o: &mut String, records: &[Record]) {
     section(o, "Errors");
-    any = false;
+    let mut any = false;
     for r in records.iter().filter(|r| r.event == events::ERROR) {
         any = true;
         line(o, &format!("  {}  {}", head(r), json(&r.details)));
     }
     none_if(o, any);
+}
 
+/// Each QUIC connection's end: duration, streams, reason.
+fn tunnel_sessions(o: &mut String, records: &[Record]) {
     section(o, "Tunnel sessions");
-    any = false;
+    let mut any = false;
     for r in records.iter().filter(|r| r.event == events::SESSION_ENDED) {
         any = true;
         let d = &r.details;
@@ -316,9 +350,12 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         line(o, &format!("{PAD}reason: {}", s(d, &["reason"])));
     }
     none_if(o, any);
+}
 
+/// What is signed: each checkpoint and what it covers.
+fn checkpoints(o: &mut String, records: &[Record]) {
     section(o, "Checkpoints");
-    any = false;
+    let mut any = false;
     for r in records.iter().filter(|r| r.event == events::CHECKPOINT) {
         any = true;
         line(
@@ -332,16 +369,18 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
         );
     }
     none_if(o, any);
+}
 
+/// How many records of each event.
+fn event_counts(o: &mut String, records: &[Record]) {
     section(o, "Event counts");
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in &records {
+    for r in records {
         *counts.entry(r.event.as_str()).or_default() += 1;
     }
     for (event, n) in counts {
         line(o, &format!("  {event:<20} {n}"));
     }
-    Ok(out)
 }
 
 /// Indentation of a record's continuation lines: under its time stamp.

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use super::event;
 use super::record::{
     events, find_float, hash_bytes, normalize_fingerprint, parse_time, record_hash, CertKey,
     Fields, CHECKPOINT_ALGORITHM, GENESIS_PREV, MAX_RECORD_BYTES,
@@ -276,6 +277,16 @@ pub fn verify_file(path: &Path, opts: &VerifyOptions) -> Result<Verified, Verify
     verify_reader(std::io::BufReader::new(file), opts)
 }
 
+/// A line that parsed and continues the chain, before its event is interpreted.
+struct ParsedLine {
+    seq: u64,
+    hash: String,
+    time_text: String,
+    time: OffsetDateTime,
+    event: String,
+    details: Map<String, Value>,
+}
+
 /// A record that passed every check.
 #[derive(Debug)]
 pub(crate) struct Record {
@@ -449,7 +460,30 @@ impl Verifier {
         })
     }
 
+    /// Checks one line (syntax, chain, its event's schema and claims) and takes what the peer
+    /// comparison and the report need from it.
     fn feed(&mut self, line: usize, bytes: &[u8]) -> Result<Record, VerifyError> {
+        let r = self.parse_line(line, bytes)?;
+        if r.event == events::AGENT_STARTED || r.event == events::LOG_RESUMED {
+            // A new process: whatever the previous run wrote last is where it ended.
+            self.end_run(false);
+        }
+        self.interpret(line, r.seq, &r)?;
+        if r.event != events::AGENT_STARTED && r.event != events::CHECKPOINT {
+            self.check_writer_claims(line, &r.event, &r.details)?;
+        }
+        self.advance(line, r.seq, &r.event, r.hash, r.time);
+        Ok(Record {
+            line,
+            time: r.time_text,
+            event: r.event,
+            details: r.details,
+        })
+    }
+
+    /// One line as a record: UTF-8, canonical JSON without floats, the six fields, `seq` and
+    /// `prev` continuing the chain, `hash` matching.
+    fn parse_line(&self, line: usize, bytes: &[u8]) -> Result<ParsedLine, VerifyError> {
         let err = |reason: String| VerifyError::at(line, reason);
         let text = std::str::from_utf8(bytes).map_err(|_| err("not valid UTF-8".into()))?;
         if text.is_empty() {
@@ -499,23 +533,7 @@ impl Verifier {
             return Err(err("field event is empty".into()));
         }
         top.object("details").map_err(err)?;
-
-        if seq != self.next_seq {
-            return Err(err(format!(
-                "seq {seq}, expected {} (a line was deleted, inserted or moved)",
-                self.next_seq
-            )));
-        }
-        if prev != self.last_hash {
-            return Err(err(if line == 1 {
-                "prev of the first record must be 64 zeros (the start of the log is missing)".into()
-            } else {
-                format!(
-                    "prev does not match the hash of line {} (a line was deleted, inserted or moved)",
-                    line - 1
-                )
-            }));
-        }
+        self.check_chain(line, seq, prev)?;
         map.remove("hash");
         if record_hash(&map) != hash {
             return Err(err("hash mismatch (record was modified)".into()));
@@ -523,16 +541,54 @@ impl Verifier {
         let Some(Value::Object(details)) = map.remove("details") else {
             return Err(err("field details must be an object".into()));
         };
+        Ok(ParsedLine {
+            seq,
+            hash,
+            time_text,
+            time,
+            event,
+            details,
+        })
+    }
 
-        if event == events::AGENT_STARTED || event == events::LOG_RESUMED {
-            // A new process: whatever the previous run wrote last is where it ended.
-            self.end_run(false);
+    /// `seq` and `prev` continue the chain.
+    fn check_chain(&self, line: usize, seq: u64, prev: &str) -> Result<(), VerifyError> {
+        if seq != self.next_seq {
+            return Err(VerifyError::at(
+                line,
+                format!(
+                    "seq {seq}, expected {} (a line was deleted, inserted or moved)",
+                    self.next_seq
+                ),
+            ));
         }
-        match event.as_str() {
-            events::AGENT_STARTED => self.agent_started(line, &time_text, time, &details)?,
-            events::CHECKPOINT => self.checkpoint(line, seq, &details)?,
+        if prev != self.last_hash {
+            return Err(VerifyError::at(
+                line,
+                if line == 1 {
+                    "prev of the first record must be 64 zeros (the start of the log is missing)"
+                        .into()
+                } else {
+                    format!(
+                        "prev does not match the hash of line {} (a line was deleted, inserted or moved)",
+                        line - 1
+                    )
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// What each event the verifier knows means: runs, checkpoints, resumes, streams, tunnel
+    /// sessions, refusals.
+    fn interpret(&mut self, line: usize, seq: u64, r: &ParsedLine) -> Result<(), VerifyError> {
+        let err = |reason: String| VerifyError::at(line, reason);
+        let (details, time) = (&r.details, r.time);
+        match r.event.as_str() {
+            events::AGENT_STARTED => self.agent_started(line, &r.time_text, time, details)?,
+            events::CHECKPOINT => self.checkpoint(line, seq, details)?,
             events::LOG_RESUMED => {
-                let unsigned = parse_log_resumed(&details).map_err(err)?;
+                let unsigned = parse_log_resumed(details).map_err(err)?;
                 if unsigned != self.since_checkpoint {
                     return Err(err(format!(
                         "log_resumed counts {unsigned} unsigned records, but {} records follow the last checkpoint",
@@ -545,38 +601,25 @@ impl Verifier {
                 });
             }
             events::STREAM_CLOSED => {
-                let mut s = parse_stream_closed(&details).map_err(err)?;
+                let mut s = parse_stream_closed(details).map_err(err)?;
                 s.line = line;
-                s.time.clone_from(&time_text);
+                s.time.clone_from(&r.time_text);
                 self.sessions.push(s);
             }
             events::INTEGRITY_FAILURE => self.integrity_failures += 1,
             events::HANDSHAKE_ACCEPTED => {
-                let (address, peer_fingerprint) =
-                    parse_handshake_accepted(&details).map_err(err)?;
-                if self.in_run {
-                    let run = self.runs.len() - 1;
-                    self.tunnel_sessions.push(TunnelSession {
-                        line,
-                        start: time,
-                        address,
-                        peer_fingerprint: normalize_fingerprint(&peer_fingerprint),
-                        own_fingerprint: self.runs[run].fingerprint.clone(),
-                        run,
-                        end: None,
-                        streams: None,
-                    });
-                }
+                let accepted: event::HandshakeAccepted = event::read(details).map_err(err)?;
+                self.handshake_accepted(line, time, accepted);
             }
             events::SESSION_ENDED => {
-                let ended = parse_session_ended(&details).map_err(err)?;
+                let ended: event::SessionEnded = event::read(details).map_err(err)?;
                 self.session_ended(line, time, &ended);
             }
             events::HANDSHAKE_FAILED | events::HANDSHAKE_REFUSED => {
-                let named = details
-                    .get("fingerprint")
-                    .and_then(Value::as_str)
-                    .map(normalize_fingerprint)
+                let problem: event::HandshakeProblem = event::read(details).unwrap_or_default();
+                let named = problem
+                    .fingerprint
+                    .map(|f| normalize_fingerprint(&f))
                     .filter(|f| super::record::is_hash_hex(f));
                 if let Some(fingerprint) = named {
                     self.handshake_failures.push(HandshakeFailure {
@@ -587,10 +630,7 @@ impl Verifier {
                 }
             }
             events::STREAM_OPENED | events::STREAM_REFUSED => {
-                let session_id = Fields::new(&details, "details.")
-                    .str("session_id")
-                    .map_err(err)?
-                    .to_string();
+                let session_id = stream_session_id(&r.event, details).map_err(err)?;
                 self.streams_seen.push(StreamSeen {
                     session_id,
                     line,
@@ -599,27 +639,64 @@ impl Verifier {
             }
             _ => {}
         }
-        if event != events::AGENT_STARTED && event != events::CHECKPOINT {
-            let fields = self_description(&details);
-            if !fields.is_empty() {
-                let d = SelfDescription {
-                    line,
-                    event: event.clone(),
-                    fields,
-                };
-                match &self.signer {
-                    Some(signer) => check_self_description(&d, signer)?,
-                    None => self.unbound.push(d),
-                }
-            }
+        Ok(())
+    }
+
+    /// A tunnel session of the current run begins.
+    fn handshake_accepted(
+        &mut self,
+        line: usize,
+        start: OffsetDateTime,
+        accepted: event::HandshakeAccepted,
+    ) {
+        if !self.in_run {
+            return;
         }
+        let run = self.runs.len() - 1;
+        self.tunnel_sessions.push(TunnelSession {
+            line,
+            start,
+            address: accepted.address,
+            peer_fingerprint: normalize_fingerprint(&accepted.peer.fingerprint),
+            own_fingerprint: self.runs[run].fingerprint.clone(),
+            run,
+            end: None,
+            streams: None,
+        });
+    }
+
+    /// A record that names its writer's role, region or migration must agree with the signing
+    /// certificate (checked when the signer is known, else kept until it is).
+    fn check_writer_claims(
+        &mut self,
+        line: usize,
+        event: &str,
+        details: &Map<String, Value>,
+    ) -> Result<(), VerifyError> {
+        let fields = self_description(details);
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let d = SelfDescription {
+            line,
+            event: event.to_string(),
+            fields,
+        };
+        match &self.signer {
+            Some(signer) => check_self_description(&d, signer)?,
+            None => self.unbound.push(d),
+        }
+        Ok(())
+    }
+
+    /// Moves the chain past this record.
+    fn advance(&mut self, line: usize, seq: u64, event: &str, hash: String, time: OffsetDateTime) {
         if self.in_run {
             self.run_last = Some((line, time));
             if event == events::AGENT_STOPPED {
                 self.run_stopped = Some((line, time));
             }
         }
-
         if event == events::CHECKPOINT {
             self.closed_by_stop = self.prev_event == events::AGENT_STOPPED;
             self.since_checkpoint = 0;
@@ -628,16 +705,10 @@ impl Verifier {
             self.since_checkpoint += 1;
         }
         self.next_seq += 1;
-        self.prev_event.clone_from(&event);
+        self.prev_event = event.to_string();
         self.last_hash = hash;
         self.first_time.get_or_insert(time);
         self.last_time = Some(time);
-        Ok(Record {
-            line,
-            time: time_text,
-            event,
-            details,
-        })
     }
 
     fn agent_started(
@@ -780,7 +851,7 @@ impl Verifier {
     }
 
     /// Pairs a `session_ended` with the earliest open session of this run to the same address.
-    fn session_ended(&mut self, line: usize, time: OffsetDateTime, ended: &SessionEnded) {
+    fn session_ended(&mut self, line: usize, time: OffsetDateTime, ended: &event::SessionEnded) {
         let Some(run) = self.in_run.then(|| self.runs.len() - 1) else {
             return;
         };
@@ -866,16 +937,16 @@ impl Verifier {
 
 /// Checks the details of the events the verifier interprets; the writer runs the same checks so
 /// that it can never write a record the verifier rejects.
-pub(crate) fn check_event_details(event: &str, details: &Map<String, Value>) -> Result<(), String> {
-    match event {
+pub(crate) fn check_event_details(name: &str, details: &Map<String, Value>) -> Result<(), String> {
+    match name {
         events::AGENT_STARTED => parse_agent_started(details).map(drop),
         events::STREAM_CLOSED => parse_stream_closed(details).map(drop),
         events::CHECKPOINT => parse_checkpoint(details).map(drop),
         events::LOG_RESUMED => parse_log_resumed(details).map(drop),
-        events::HANDSHAKE_ACCEPTED => parse_handshake_accepted(details).map(drop),
-        events::SESSION_ENDED => parse_session_ended(details).map(drop),
+        events::HANDSHAKE_ACCEPTED => event::read::<event::HandshakeAccepted>(details).map(drop),
+        events::SESSION_ENDED => event::read::<event::SessionEnded>(details).map(drop),
         events::STREAM_OPENED | events::STREAM_REFUSED => {
-            Fields::new(details, "details.").str("session_id").map(drop)
+            stream_session_id(name, details).map(drop)
         }
         _ => Ok(()),
     }
@@ -890,23 +961,22 @@ pub(crate) struct AgentStarted {
 }
 
 pub(crate) fn parse_agent_started(details: &Map<String, Value>) -> Result<AgentStarted, String> {
-    let f = Fields::new(details, "details.");
+    let e: event::AgentStarted = event::read(details)?;
     let der = base64::engine::general_purpose::STANDARD
-        .decode(f.str("certificate")?)
+        .decode(&e.certificate)
         .map_err(|_| "field details.certificate is not base64".to_string())?;
     let cert = CertKey::parse(&der).map_err(|e| format!("details.certificate: {e}"))?;
-    let claimed = f.str("fingerprint")?;
-    if normalize_fingerprint(claimed) != cert.fingerprint {
+    if normalize_fingerprint(&e.fingerprint) != cert.fingerprint {
         return Err(format!(
-            "details.fingerprint {claimed} is not the SHA-256 of details.certificate ({})",
-            cert.fingerprint
+            "details.fingerprint {} is not the SHA-256 of details.certificate ({})",
+            e.fingerprint, cert.fingerprint
         ));
     }
     let started = AgentStarted {
-        role: f.str("role")?.to_string(),
-        region: f.str("region")?.to_string(),
-        migration: f.str("migration")?.to_string(),
-        version: f.str("version")?.to_string(),
+        role: e.role,
+        region: e.region,
+        migration: e.migration,
+        version: e.version,
         cert,
     };
     // The record speaks for the certificate whose key signs the checkpoints after it, so it
@@ -963,53 +1033,31 @@ fn check_self_description(d: &SelfDescription, signer: &CertIdentity) -> Result<
     Ok(())
 }
 
-/// `handshake_accepted`: the peer's address and certificate fingerprint.
-fn parse_handshake_accepted(details: &Map<String, Value>) -> Result<(String, String), String> {
-    let f = Fields::new(details, "details.");
-    Ok((
-        f.str("address")?.to_string(),
-        f.object("peer")?.str("fingerprint")?.to_string(),
-    ))
-}
-
-pub(crate) struct SessionEnded {
-    pub address: String,
-    pub peer_fingerprint: Option<String>,
-    pub streams: Option<u64>,
-}
-
-fn parse_session_ended(details: &Map<String, Value>) -> Result<SessionEnded, String> {
-    let f = Fields::new(details, "details.");
-    Ok(SessionEnded {
-        address: f.str("address")?.to_string(),
-        peer_fingerprint: f.opt_str("peer_fingerprint").map(str::to_string),
-        streams: details.get("streams").and_then(Value::as_u64),
-    })
+/// The `session_id` of a `stream_opened` or `stream_refused`.
+fn stream_session_id(name: &str, details: &Map<String, Value>) -> Result<String, String> {
+    if name == events::STREAM_REFUSED {
+        event::read::<event::StreamRefused>(details).map(|e| e.session_id)
+    } else {
+        event::read::<event::StreamOpened>(details).map(|e| e.session_id)
+    }
 }
 
 pub(crate) fn parse_stream_closed(details: &Map<String, Value>) -> Result<StreamSummary, String> {
-    let f = Fields::new(details, "details.");
-    let sent = f.object("sent")?;
-    let received = f.object("received")?;
-    if let Some(d) = details.get("detail") {
-        if !d.is_string() {
-            return Err("field details.detail must be a string".into());
-        }
-    }
+    let e: event::StreamClosed = event::read(details)?;
     Ok(StreamSummary {
-        session_id: f.str("session_id")?.to_string(),
-        service: f.str("service")?.to_string(),
-        outcome: f.str("outcome")?.to_string(),
-        detail: f.opt_str("detail").unwrap_or_default().to_string(),
-        sent_digest: sent.hash_hex("digest")?.to_string(),
-        received_digest: received.hash_hex("digest")?.to_string(),
-        sent_raw_bytes: sent.u64("raw_bytes")?,
-        received_raw_bytes: received.u64("raw_bytes")?,
-        sent_wire_bytes: sent.u64("wire_bytes")?,
-        received_wire_bytes: received.u64("wire_bytes")?,
-        sent_chunks: sent.u64("chunks")?,
-        received_chunks: received.u64("chunks")?,
-        duration_ms: f.u64("duration_ms")?,
+        session_id: e.session_id,
+        service: e.service,
+        outcome: e.outcome,
+        detail: e.detail,
+        sent_digest: e.sent.digest.0,
+        received_digest: e.received.digest.0,
+        sent_raw_bytes: e.sent.raw_bytes,
+        received_raw_bytes: e.received.raw_bytes,
+        sent_wire_bytes: e.sent.wire_bytes,
+        received_wire_bytes: e.received.wire_bytes,
+        sent_chunks: e.sent.chunks,
+        received_chunks: e.received.chunks,
+        duration_ms: e.duration_ms,
         time: String::new(),
         line: 0,
     })
@@ -1053,5 +1101,5 @@ pub(crate) fn parse_checkpoint(details: &Map<String, Value>) -> Result<Checkpoin
 }
 
 fn parse_log_resumed(details: &Map<String, Value>) -> Result<u64, String> {
-    Fields::new(details, "details.").u64("unsigned_records")
+    event::read::<event::LogResumed>(details).map(|e| e.unsigned_records)
 }

@@ -34,6 +34,11 @@ use super::config::{AgentConfig, Transport};
 use super::pump::{self, Outcome, PumpOptions, StreamReport};
 use super::tls::{self, RefusalSlot, TlsIdentity};
 use crate::admission::{HandshakeLimits, PendingHandshakes, RefusalLimiter, Verdict};
+use crate::audit::event::{
+    AgentStarted, AgentStopped, AuditEvent, DirectionRecord, HandshakeAccepted, HexHash,
+    IntegrityFailure, PathRecord, PeerRecord, ServiceRecord, SessionEnded, StreamClosed, TlsParams,
+    TransportRecord,
+};
 use crate::audit::{AuditLog, CheckpointSigner};
 use crate::control::{
     self, ControlMessage, Hello, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
@@ -116,6 +121,10 @@ impl Tunnel {
     pub fn audit(&self, event: &str, details: Value) {
         self.0.audit.record(event, details)
     }
+    /// Appends a typed audit record ([`crate::audit::event`]).
+    pub fn audit_event<E: AuditEvent>(&self, e: &E) {
+        self.0.audit.event(e)
+    }
     pub fn pump_options(&self) -> &PumpOptions {
         &self.0.pump
     }
@@ -150,6 +159,13 @@ impl Audit {
         let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = log.append(event, details) {
             error!("audit log {}: {e}", log.path().display());
+        }
+    }
+    /// Appends a typed record.
+    fn event<E: AuditEvent>(&self, e: &E) {
+        match serde_json::to_value(e) {
+            Ok(details) => self.record(E::NAME, details),
+            Err(err) => error!("audit record {}: {err}", E::NAME),
         }
     }
     fn checkpoint(&self) {
@@ -342,34 +358,54 @@ fn load_identity(cfg: &AgentConfig) -> Result<TlsIdentity> {
 /// `agent_started`: who this agent is (its certificate embedded) and how it is configured.
 fn record_started(audit: &Audit, cfg: &AgentConfig, identity: &TlsIdentity) {
     let own = &identity.own;
-    let transport_desc = match &cfg.transport {
-        Transport::Listen(a) => json!({"listen": a.to_string()}),
-        Transport::Connect { addr, server_name } => {
-            json!({"connect": addr, "server_name": server_name})
-        }
+    let transport = match &cfg.transport {
+        Transport::Listen(a) => TransportRecord {
+            listen: Some(a.to_string()),
+            ..Default::default()
+        },
+        Transport::Connect { addr, server_name } => TransportRecord {
+            connect: Some(addr.clone()),
+            server_name: Some(server_name.clone()),
+            ..Default::default()
+        },
     };
     use base64::Engine as _;
-    audit.record(
-        "agent_started",
-        json!({
-            "role": own.role.to_string(),
-            "region": own.region.to_string(),
-            "migration": own.migration.to_string(),
-            "fingerprint": own.fingerprint.to_string(),
-            "certificate": base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
-            "not_after": own.not_after.unix_timestamp(),
-            "version": crate::AGENT_VERSION,
-            "protocol_version": PROTOCOL_VERSION,
-            "transport": transport_desc,
-            "allowed_regions": cfg.allowed_regions.to_string(),
-            "services": cfg.services.iter().map(|s| json!({"name": s.name, "endpoint": s.endpoint.to_string()})).collect::<Vec<_>>(),
-            "compression_level": cfg.compression_level,
-            "handshake_timeout_secs": cfg.handshake_timeout.as_secs(),
-            "congestion_control": cfg.congestion_control.to_string(),
-            "allow_non_loopback_local": cfg.allow_non_loopback_local,
-            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP},
-        }),
-    );
+    audit.event(&AgentStarted {
+        role: own.role.to_string(),
+        region: own.region.to_string(),
+        migration: own.migration.to_string(),
+        fingerprint: own.fingerprint.to_string(),
+        certificate: base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
+        not_after: own.not_after.unix_timestamp(),
+        version: crate::AGENT_VERSION.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+        transport,
+        allowed_regions: cfg.allowed_regions.to_string(),
+        services: cfg
+            .services
+            .iter()
+            .map(|s| ServiceRecord {
+                name: s.name.clone(),
+                endpoint: s.endpoint.to_string(),
+            })
+            .collect(),
+        compression_level: cfg.compression_level,
+        handshake_timeout_secs: cfg.handshake_timeout.as_secs(),
+        congestion_control: cfg.congestion_control.to_string(),
+        allow_non_loopback_local: cfg.allow_non_loopback_local,
+        tls: tls_params(None),
+    });
+}
+
+/// The TLS parameters every tunnel uses (one protocol, suite and group), with the ALPN a
+/// session negotiated.
+fn tls_params(alpn: Option<String>) -> TlsParams {
+    TlsParams {
+        protocol: tls::TLS_PROTOCOL.into(),
+        cipher_suite: tls::TLS_CIPHER_SUITE.into(),
+        kx_group: tls::TLS_KX_GROUP.into(),
+        alpn,
+    }
 }
 
 /// The first forwarded session id of this run: top bits random, low 20 bits count, so ids
@@ -431,10 +467,10 @@ async fn drain_and_stop<R: RoleDriver>(
         .drain();
     write_refusal_summaries(shared, left_over);
     role.stopped(&shared.cfg);
-    shared.audit.record(
-        "agent_stopped",
-        json!({"drained": drained, "streams_cut": if drained { 0 } else { left }}),
-    );
+    shared.audit.event(&AgentStopped {
+        drained,
+        streams_cut: if drained { 0 } else { left as u64 },
+    });
     shared.audit.checkpoint();
     info!("stopped");
 }
@@ -957,22 +993,19 @@ fn record_accepted(
         "tunnel up with {remote}: peer {} {} (migration {}, certificate {})",
         peer.role, peer.region, peer.migration, peer.fingerprint
     );
-    shared.audit.record(
-        "handshake_accepted",
-        json!({
-            "address": remote.to_string(),
-            "dialed": dialed,
-            "peer": {
-                "fingerprint": peer.fingerprint.to_string(),
-                "role": peer.role.to_string(),
-                "region": peer.region.to_string(),
-                "migration": peer.migration.to_string(),
-                "subject": peer.subject,
-                "not_after": peer.not_after.unix_timestamp(),
-            },
-            "tls": {"protocol": tls::TLS_PROTOCOL, "cipher_suite": tls::TLS_CIPHER_SUITE, "kx_group": tls::TLS_KX_GROUP, "alpn": alpn},
-        }),
-    );
+    shared.audit.event(&HandshakeAccepted {
+        address: remote.to_string(),
+        dialed,
+        peer: PeerRecord {
+            fingerprint: peer.fingerprint.to_string(),
+            role: peer.role.to_string(),
+            region: peer.region.to_string(),
+            migration: peer.migration.to_string(),
+            subject: peer.subject.clone(),
+            not_after: peer.not_after.unix_timestamp(),
+        },
+        tls: tls_params(alpn),
+    });
 }
 
 /// A peer that reconnects (an agent restarted after a crash, or a path that changed) replaces
@@ -1039,28 +1072,26 @@ fn record_session_ended(
         path.congestion_events,
         shared.cfg.congestion_control
     );
-    shared.audit.record(
-        "session_ended",
-        json!({
-            "address": remote.to_string(),
-            "peer_fingerprint": peer.fingerprint.to_string(),
-            "reason": reason,
-            "duration_ms": started.elapsed().as_millis() as u64,
-            "streams": stats.streams.load(Ordering::SeqCst),
-            "udp_bytes_sent": qs.udp_tx.bytes,
-            "udp_bytes_received": qs.udp_rx.bytes,
-            "path": {
-                "mtu": path.current_mtu,
-                "rtt_ms": path.rtt.as_millis() as u64,
-                "min_rtt_ms": path.min_rtt.as_millis() as u64,
-                "sent_packets": path.sent_packets,
-                "lost_packets": path.lost_packets,
-                "congestion_events": path.congestion_events,
-                "black_holes_detected": path.black_holes_detected,
-                "congestion_control": shared.cfg.congestion_control.to_string(),
-            },
+    shared.audit.event(&SessionEnded {
+        address: remote.to_string(),
+        peer_fingerprint: Some(peer.fingerprint.to_string()),
+        reason: reason.to_string(),
+        duration_ms: started.elapsed().as_millis() as u64,
+        streams: Some(stats.streams.load(Ordering::SeqCst)),
+        udp_bytes_sent: qs.udp_tx.bytes,
+        udp_bytes_received: qs.udp_rx.bytes,
+        path: Some(PathRecord {
+            mtu: path.current_mtu,
+            rtt_ms: path.rtt.as_millis() as u64,
+            min_rtt_ms: path.min_rtt.as_millis() as u64,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            congestion_events: path.congestion_events,
+            black_holes_detected: path.black_holes_detected,
+            congestion_control: shared.cfg.congestion_control.to_string(),
         }),
-    );
+    });
+
     shared.audit.checkpoint();
 }
 
@@ -1186,13 +1217,13 @@ async fn exchange_hello(
     }
 }
 
-fn direction_json(d: &DirectionStats) -> Value {
-    json!({
-        "raw_bytes": d.raw_bytes,
-        "wire_bytes": d.wire_bytes,
-        "chunks": d.chunks,
-        "digest": hex::encode(d.digest()),
-    })
+fn direction_record(d: &DirectionStats) -> DirectionRecord {
+    DirectionRecord {
+        raw_bytes: d.raw_bytes,
+        wire_bytes: d.wire_bytes,
+        chunks: d.chunks,
+        digest: HexHash(hex::encode(d.digest())),
+    }
 }
 
 fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport) {
@@ -1204,10 +1235,13 @@ fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport
         ),
         Outcome::IntegrityFailure(m) => {
             error!("session {session} ({service}): INTEGRITY FAILURE, stream reset, nothing of the bad chunk delivered: {m}");
-            shared.audit.record(
-                "integrity_failure",
-                json!({"session_id": session, "service": service, "reason": m, "delivered_chunks": r.received.chunks, "delivered_bytes": r.received.raw_bytes}),
-            );
+            shared.audit.event(&IntegrityFailure {
+                session_id: session.to_string(),
+                service: service.to_string(),
+                reason: m.clone(),
+                delivered_chunks: r.received.chunks,
+                delivered_bytes: r.received.raw_bytes,
+            });
         }
         o => warn!(
             "session {session} ({service}) closed with {}: {}",
@@ -1215,16 +1249,13 @@ fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport
             o.detail()
         ),
     }
-    shared.audit.record(
-        "stream_closed",
-        json!({
-            "session_id": session,
-            "service": service,
-            "outcome": r.outcome.label(),
-            "detail": r.outcome.detail(),
-            "duration_ms": duration_ms,
-            "sent": direction_json(&r.sent),
-            "received": direction_json(&r.received),
-        }),
-    );
+    shared.audit.event(&StreamClosed {
+        session_id: session.to_string(),
+        service: service.to_string(),
+        outcome: r.outcome.label().to_string(),
+        detail: r.outcome.detail().to_string(),
+        duration_ms,
+        sent: direction_record(&r.sent),
+        received: direction_record(&r.received),
+    });
 }

@@ -1,0 +1,384 @@
+//! The audit records the agents write, one serde struct per event. The writer serialises them
+//! (`Audit::event`, runtime) and the verifier, the peer comparison and the report read the same
+//! structs back, so what is written and what is checked cannot drift apart.
+//!
+//! Reading is lenient where it may be and strict where it matters: the fields the verifier
+//! checks (identities, session ids, digests, byte counts) are required and typed, so a record
+//! without them fails at its line ("missing field details.sent.digest"); descriptive fields
+//! default when absent, so logs written by an older agent still verify.
+//!
+//! Events not listed here (the migration's phases, preflight, lag samples, …) are written as
+//! free-form details: chained and signed like every record, checked by no one field by field.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use super::record::{events, is_hash_hex};
+
+/// A typed audit record: its event name and its details.
+pub trait AuditEvent: Serialize + DeserializeOwned {
+    /// The record's `event`.
+    const NAME: &'static str;
+}
+
+/// Reads a record's details as `E`; errors name the field as the log spells it
+/// (`missing field details.sent.digest`, `field details.sent.raw_bytes: invalid type…`).
+pub fn read<E: DeserializeOwned>(details: &Map<String, Value>) -> Result<E, String> {
+    let value = Value::Object(details.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            "details".to_string()
+        } else {
+            format!("details.{path}")
+        };
+        let msg = e.inner().to_string();
+        if let Some(field) = msg
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            format!("missing field {at}.{field}")
+        } else if msg.starts_with("must ") {
+            format!("field {at} {msg}")
+        } else {
+            format!("field {at}: {msg}")
+        }
+    })
+}
+
+/// A BLAKE3 or SHA-256 value as the log writes it: 64 lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct HexHash(pub String);
+
+impl<'de> Deserialize<'de> for HexHash {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if is_hash_hex(&s) {
+            Ok(HexHash(s))
+        } else {
+            Err(serde::de::Error::custom("must be 64 lowercase hex digits"))
+        }
+    }
+}
+
+/// TLS parameters of the tunnel (the agent's configuration, or a session's negotiation).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsParams {
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default)]
+    pub cipher_suite: String,
+    #[serde(default)]
+    pub kx_group: String,
+    /// The negotiated ALPN (sessions only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpn: Option<String>,
+}
+
+/// How an agent reaches its peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// A forwarded service as configured on this side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub endpoint: String,
+}
+
+/// `agent_started`: the process, its certificate (the key for the checkpoints that follow)
+/// and its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStarted {
+    pub role: String,
+    pub region: String,
+    pub migration: String,
+    /// SHA-256 of `certificate`.
+    pub fingerprint: String,
+    /// The agent's certificate, DER in standard base64.
+    pub certificate: String,
+    pub version: String,
+    /// The certificate's end of validity (Unix seconds).
+    #[serde(default)]
+    pub not_after: i64,
+    #[serde(default)]
+    pub protocol_version: u32,
+    #[serde(default)]
+    pub transport: TransportRecord,
+    /// The region policy in force, as configured.
+    #[serde(default)]
+    pub allowed_regions: String,
+    #[serde(default)]
+    pub services: Vec<ServiceRecord>,
+    #[serde(default)]
+    pub compression_level: i32,
+    #[serde(default)]
+    pub handshake_timeout_secs: u64,
+    #[serde(default)]
+    pub congestion_control: String,
+    #[serde(default)]
+    pub allow_non_loopback_local: bool,
+    #[serde(default)]
+    pub tls: TlsParams,
+}
+
+impl AuditEvent for AgentStarted {
+    const NAME: &'static str = events::AGENT_STARTED;
+}
+
+/// `agent_stopped`: a clean stop, drained or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStopped {
+    pub drained: bool,
+    /// Forwarded connections cut at the drain limit.
+    #[serde(default)]
+    pub streams_cut: u64,
+}
+
+impl AuditEvent for AgentStopped {
+    const NAME: &'static str = events::AGENT_STOPPED;
+}
+
+/// The peer's certificate, as a handshake presented it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub fingerprint: String,
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub migration: String,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub not_after: i64,
+}
+
+/// `handshake_accepted`: a QUIC connection passed the certificate policy and the Hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeAccepted {
+    /// The peer's UDP address.
+    pub address: String,
+    /// This agent dialed (rather than accepted).
+    #[serde(default)]
+    pub dialed: bool,
+    pub peer: PeerRecord,
+    #[serde(default)]
+    pub tls: TlsParams,
+}
+
+impl AuditEvent for HandshakeAccepted {
+    const NAME: &'static str = events::HANDSHAKE_ACCEPTED;
+}
+
+/// What the path was like over a session (quinn's path statistics at its end).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathRecord {
+    /// The MTU path-MTU discovery reached.
+    pub mtu: u16,
+    pub rtt_ms: u64,
+    pub min_rtt_ms: u64,
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+    pub black_holes_detected: u64,
+    pub congestion_control: String,
+}
+
+/// `session_ended`: a QUIC connection with the peer ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEnded {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_fingerprint: Option<String>,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Data streams the session carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u64>,
+    #[serde(default)]
+    pub udp_bytes_sent: u64,
+    #[serde(default)]
+    pub udp_bytes_received: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRecord>,
+}
+
+impl AuditEvent for SessionEnded {
+    const NAME: &'static str = events::SESSION_ENDED;
+}
+
+/// `stream_opened`: a forwarded connection began (both agents write it, same `session_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpened {
+    pub session_id: String,
+    #[serde(default)]
+    pub service: String,
+    /// Source: the upstream it was connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Target: the local client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_fingerprint: Option<String>,
+}
+
+impl AuditEvent for StreamOpened {
+    const NAME: &'static str = events::STREAM_OPENED;
+}
+
+/// `stream_refused`: the source refused a forwarded connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRefused {
+    pub session_id: String,
+    #[serde(default)]
+    pub service: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl AuditEvent for StreamRefused {
+    const NAME: &'static str = events::STREAM_REFUSED;
+}
+
+/// One direction of a forwarded connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionRecord {
+    /// Bytes before compression.
+    pub raw_bytes: u64,
+    /// Payload bytes on the wire (after compression).
+    pub wire_bytes: u64,
+    pub chunks: u64,
+    /// BLAKE3 of everything in this direction.
+    pub digest: HexHash,
+}
+
+/// `stream_closed`: a forwarded connection ended; compared with the peer's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamClosed {
+    pub session_id: String,
+    pub service: String,
+    /// `ok`, `integrity_failure`, `peer_reset`, …
+    pub outcome: String,
+    /// Why it did not end `ok` (empty when it did).
+    #[serde(default)]
+    pub detail: String,
+    pub duration_ms: u64,
+    /// What this agent sent into the tunnel.
+    pub sent: DirectionRecord,
+    /// What this agent took out of the tunnel.
+    pub received: DirectionRecord,
+}
+
+impl AuditEvent for StreamClosed {
+    const NAME: &'static str = events::STREAM_CLOSED;
+}
+
+/// `integrity_failure`: a chunk failed its BLAKE3 check; the stream was reset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegrityFailure {
+    pub session_id: String,
+    pub service: String,
+    pub reason: String,
+    /// Verified chunks delivered before the bad one.
+    pub delivered_chunks: u64,
+    pub delivered_bytes: u64,
+}
+
+impl AuditEvent for IntegrityFailure {
+    const NAME: &'static str = events::INTEGRITY_FAILURE;
+}
+
+/// `log_resumed`: the agent restarted after a crash; records after the last checkpoint are
+/// unsigned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogResumed {
+    pub unsigned_records: u64,
+}
+
+impl AuditEvent for LogResumed {
+    const NAME: &'static str = events::LOG_RESUMED;
+}
+
+/// `handshake_refused` or `handshake_failed` (written in several shapes: per refusal, or a
+/// summary of many), read for the certificate it names, if any.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeProblem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn details(v: Value) -> Map<String, Value> {
+        let Value::Object(m) = v else { panic!() };
+        m
+    }
+
+    #[test]
+    fn errors_name_the_field_as_the_log_spells_it() {
+        let dir = json!({"raw_bytes": 1, "wire_bytes": 1, "chunks": 1, "digest": "a".repeat(64)});
+        let ok = json!({"session_id": "s", "service": "postgres", "outcome": "ok",
+            "duration_ms": 3, "sent": dir, "received": dir});
+        let closed: StreamClosed = read(&details(ok.clone())).unwrap();
+        assert_eq!(closed.detail, "");
+        assert_eq!(serde_json::to_value(&closed).unwrap()["sent"], dir);
+
+        let mut v = ok.clone();
+        v["sent"].as_object_mut().unwrap().remove("digest");
+        let e = read::<StreamClosed>(&details(v)).unwrap_err();
+        assert_eq!(e, "missing field details.sent.digest");
+
+        let mut v = ok.clone();
+        v["received"]["digest"] = json!("ABC");
+        let e = read::<StreamClosed>(&details(v)).unwrap_err();
+        assert_eq!(
+            e,
+            "field details.received.digest must be 64 lowercase hex digits"
+        );
+
+        let mut v = ok.clone();
+        v["sent"]["raw_bytes"] = json!("many");
+        let e = read::<StreamClosed>(&details(v)).unwrap_err();
+        assert!(
+            e.starts_with("field details.sent.raw_bytes: invalid type"),
+            "{e}"
+        );
+
+        let e = read::<LogResumed>(&Map::new()).unwrap_err();
+        assert_eq!(e, "missing field details.unsigned_records");
+    }
+
+    #[test]
+    fn descriptive_fields_default_for_older_logs() {
+        let s: SessionEnded = read(&details(json!({"address": "10.0.0.1:7443"}))).unwrap();
+        assert_eq!((s.streams, s.path), (None, None));
+        let a: HandshakeAccepted = read(&details(
+            json!({"address": "a", "peer": {"fingerprint": "f"}}),
+        ))
+        .unwrap();
+        assert_eq!(a.tls, TlsParams::default());
+    }
+}
