@@ -17,6 +17,7 @@
 //!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   preflight source/target facts → checks with what to fix (pure)
+//!   level     the sender's zstd level control (goodput per window, probes; time as input)
 //!   fence     the fenced pg_hba.conf, what to save and restore, which processes are connecting
 //!   verify    block-range digests, pg_waldump lines → ranges changed since their digest
 //!   runtime   (feature "runtime") the tunnel both agents share (endpoint, handshake and policy,
@@ -35,6 +36,7 @@ pub mod control;
 pub mod fence;
 pub mod frame;
 pub mod identity;
+pub mod level;
 pub mod migration;
 pub mod preflight;
 pub mod verify;

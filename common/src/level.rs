@@ -1,0 +1,336 @@
+//! The sender's zstd level control (pure: it takes the time as input). Each window of
+//! [`ADAPT_WINDOW`] raw bytes measures the goodput at the current level; now and then it probes
+//! a neighbouring level and keeps whichever moved more data. The pump
+//! (`runtime::pump::outbound`) asks it for the level of each large chunk.
+
+use std::time::Instant;
+
+/// A change of level at the end of a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelChange {
+    /// `None` is RAW.
+    pub from: Option<i32>,
+    pub to: Option<i32>,
+    /// Raw bytes per second measured at `from`.
+    pub rate: f64,
+}
+
+/// zstd levels the sender moves between (never above the configured level): negative levels
+/// compress 2-4x faster than 3 at a lower ratio, for links faster than the CPU. Below the
+/// lowest, chunks go RAW (no compression at all).
+const LEVEL_LADDER: [i32; 8] = [-7, -3, 1, 3, 6, 9, 12, 19];
+
+/// Raw bytes sent per measurement of [`LevelControl`] (about the send window: less would
+/// measure how fast the window fills rather than how fast the link drains it).
+const ADAPT_WINDOW: usize = 16 << 20;
+
+/// Windows at one level before the first probe of a neighbouring level; doubled after each
+/// probe that changes nothing (up to [`PROBE_EVERY_MAX`]), reset by one that does.
+const PROBE_EVERY: u32 = 8;
+const PROBE_EVERY_MAX: u32 = 64;
+
+/// Windows before the first probe. The first windows of a stream fill the QUIC send window
+/// (16 MiB on the wire, ~50 MiB of raw data at ratio 3) as fast as the CPU compresses, even on
+/// a slow link; a probe compared against them would take a link bound for a CPU bound. Not
+/// many more: a bulk transfer whose CPU is the bound should not spend long at a slow level.
+const FIRST_PROBE_AFTER: u32 = 5;
+
+/// Windows after a kept step down before the step back up is tried.
+const RECHECK_AFTER_DOWN: u32 = 2;
+
+/// A lower level is kept only if it moves this much more data per second than the level the
+/// probe left: a lower level costs ratio, so noise must not buy it.
+const DOWN_GAIN: f64 = 1.05;
+
+/// A higher level is kept if it moves at least this share of the data per second: at equal
+/// speed the better ratio wins (fewer bytes on the link). Between this and [`DOWN_GAIN`] a
+/// level ties with the one the probe left.
+const UP_KEEP: f64 = 0.97;
+
+/// Chooses the zstd level of large chunks by the measured goodput (DESIGN §6): raw bytes per
+/// second that leave the pump, whatever the bound is. Now and then it probes the neighbouring
+/// level for one window: a faster lower level or a not-slower higher one is kept, and the
+/// probe goes on in the same direction at once. A lower level that ties goes on down too
+/// (the levels between fast zstd and RAW can all cost about the same while RAW costs much
+/// less), and the probe returns to where it started if no level below was faster.
+///
+/// When the CPU is the bound, lower levels move more data and it descends (to RAW when
+/// hashing and sending bare chunks is cheaper than compressing them); when the link is, higher
+/// levels move more (better ratio) and it climbs back to the configured level; when the local
+/// socket is, all levels tie and the configured level stays.
+///
+/// An earlier controller stepped on "waiting for compression" vs "waiting for the QUIC
+/// stream"; on a shared CPU the stream also waits for a starved connection task, which read
+/// as a link bound and kept level 3 where RAW moved 2.6x as much (bench, unlimited link).
+#[derive(Debug)]
+pub struct LevelControl {
+    /// `None` is RAW.
+    ladder: Vec<Option<i32>>,
+    at: usize,
+    bytes: usize,
+    window_start: Option<std::time::Instant>,
+    /// Windows measured at this level since the last probe, and how many to wait.
+    settled: u32,
+    probe_every: u32,
+    /// The level a probe left, and its goodput then.
+    probe: Option<(usize, f64)>,
+    /// Direction of the next probe.
+    next_down: bool,
+    /// Whether the last kept probe went down.
+    went_down: bool,
+}
+
+impl LevelControl {
+    /// Starts at `max`, the configured level.
+    pub fn new(max: i32) -> Self {
+        let mut ladder = vec![None];
+        ladder.extend(LEVEL_LADDER.iter().filter(|l| **l < max).map(|l| Some(*l)));
+        ladder.push(Some(max));
+        let at = ladder.len() - 1;
+        Self {
+            ladder,
+            at,
+            bytes: 0,
+            window_start: None,
+            settled: PROBE_EVERY - FIRST_PROBE_AFTER,
+            probe_every: PROBE_EVERY,
+            probe: None,
+            next_down: true,
+            went_down: false,
+        }
+    }
+
+    /// The zstd level of the next large chunk; `None`: send it RAW.
+    pub fn level(&self) -> Option<i32> {
+        self.ladder[self.at]
+    }
+
+    /// `raw` bytes were handed to the QUIC stream at `now`. Returns the change of level a
+    /// window's end decided, if any: `(from, to, rate at from in bytes/s)`.
+    pub fn sent(&mut self, raw: usize, now: Instant) -> Option<LevelChange> {
+        let Some(start) = self.window_start else {
+            // The window starts at the first send: time before it is not the pump's.
+            self.window_start = Some(now);
+            return None;
+        };
+        self.bytes += raw;
+        if self.bytes < ADAPT_WINDOW {
+            return None;
+        }
+        let secs = now.duration_since(start).as_secs_f64().max(1e-6);
+        let rate = self.bytes as f64 / secs;
+        self.bytes = 0;
+        self.window_start = Some(now);
+        self.decide(rate)
+    }
+
+    /// One window measured `rate` raw bytes/s at the current level.
+    fn decide(&mut self, rate: f64) -> Option<LevelChange> {
+        let before = self.at;
+        match self.probe.take() {
+            Some((from, from_rate)) if self.at < from => {
+                if rate > from_rate * DOWN_GAIN {
+                    self.moved(rate, true);
+                } else if rate >= from_rate * UP_KEEP && self.at > 0 {
+                    // A tie: look one level further down before giving up.
+                    self.probe = Some((from, from_rate));
+                    self.at -= 1;
+                } else {
+                    self.back(from, false);
+                }
+            }
+            Some((from, from_rate)) => {
+                if rate >= from_rate * UP_KEEP {
+                    self.moved(rate, false);
+                } else {
+                    self.back(from, true);
+                }
+            }
+            None => {
+                self.settled += 1;
+                if self.settled >= self.probe_every {
+                    self.settled = 0;
+                    self.went_down = false;
+                    let down = (self.next_down && self.at > 0) || self.at + 1 == self.ladder.len();
+                    self.next_down = !down;
+                    self.step(rate, down);
+                }
+            }
+        }
+        (self.at != before).then(|| LevelChange {
+            from: self.ladder[before],
+            to: self.level(),
+            rate,
+        })
+    }
+
+    /// A probe in direction `down` was kept: go on probing that way while there is room.
+    fn moved(&mut self, rate: f64, down: bool) {
+        self.probe_every = PROBE_EVERY;
+        self.went_down = down;
+        if !self.step(rate, down) {
+            self.settle_after_move(down);
+        }
+    }
+
+    /// A probe gained nothing: return to `from` and probe the other way next. Less often,
+    /// unless this probe went on from a kept step down: then the way back up is tried soon,
+    /// because a step down can also be kept for a wrong reason (the first windows after a
+    /// faster level fill the QUIC send window at CPU speed even when the link is the bound).
+    fn back(&mut self, from: usize, next_down: bool) {
+        let after_down = self.went_down && self.at < from;
+        self.at = from;
+        if after_down {
+            self.settle_after_move(true);
+        } else {
+            self.settled = 0;
+            self.next_down = next_down;
+            self.probe_every = (self.probe_every * 2).min(PROBE_EVERY_MAX);
+        }
+    }
+
+    fn settle_after_move(&mut self, down: bool) {
+        self.next_down = !down;
+        self.settled = if down {
+            PROBE_EVERY - RECHECK_AFTER_DOWN
+        } else {
+            0
+        };
+    }
+
+    /// Starts a probe one level down or up from here; false if there is none that way.
+    fn step(&mut self, rate: f64, down: bool) -> bool {
+        let next = if down {
+            self.at.checked_sub(1)
+        } else {
+            Some(self.at + 1).filter(|n| *n < self.ladder.len())
+        };
+        match next {
+            Some(n) => {
+                self.probe = Some((self.at, rate));
+                self.at = n;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+pub fn level_name(level: Option<i32>) -> String {
+    level.map_or_else(|| "raw".to_string(), |l| l.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn level_ladder_stops_at_the_configured_level() {
+        assert_eq!(
+            LevelControl::new(3).ladder,
+            [None, Some(-7), Some(-3), Some(1), Some(3)]
+        );
+        assert_eq!(LevelControl::new(5).ladder.last(), Some(&Some(5)));
+        assert_eq!(LevelControl::new(-3).ladder, [None, Some(-7), Some(-3)]);
+        assert_eq!(
+            LevelControl::new(3).level(),
+            Some(3),
+            "starts at the configured level"
+        );
+    }
+
+    /// Runs `windows` windows against a model of the goodput at each level; returns the share
+    /// of windows spent at each level (index as in the ladder).
+    fn simulate(
+        c: &mut LevelControl,
+        windows: usize,
+        rate: impl Fn(Option<i32>) -> f64,
+    ) -> Vec<f64> {
+        let mut at = vec![0usize; c.ladder.len()];
+        for _ in 0..windows {
+            at[c.at] += 1;
+            c.decide(rate(c.level()));
+        }
+        at.iter().map(|n| *n as f64 / windows as f64).collect()
+    }
+
+    /// Ratio of our sample data at each level (roughly as measured).
+    fn ratio(level: Option<i32>) -> f64 {
+        match level {
+            None => 1.0,
+            Some(-7) => 2.0,
+            Some(-3) => 2.4,
+            Some(1) => 3.0,
+            _ => 3.2,
+        }
+    }
+
+    #[test]
+    fn cpu_bound_descends_to_the_fastest_level_even_past_ties() {
+        // As measured on the unlimited link: the fast levels all cost about the same, RAW much
+        // less. It must get past the tie between -3 and -7.
+        let mut c = LevelControl::new(3);
+        let share = simulate(&mut c, 400, |l| match l {
+            None => 400e6,
+            Some(-7) => 210e6,
+            Some(-3) => 205e6,
+            Some(1) => 180e6,
+            _ => 130e6,
+        });
+        assert!(share[0] > 0.85, "mostly RAW: {share:?}");
+        assert_eq!(c.level(), None);
+    }
+
+    #[test]
+    fn link_bound_stays_at_the_configured_level() {
+        let mut c = LevelControl::new(3);
+        let share = simulate(&mut c, 400, |l| 12.5e6 * ratio(l));
+        assert!(share[4] > 0.9, "mostly level 3: {share:?}");
+        assert_eq!(c.level(), Some(3));
+    }
+
+    #[test]
+    fn a_link_that_speeds_up_is_followed_both_ways() {
+        let mut c = LevelControl::new(3);
+        // A fast link with a CPU that compresses at 150 MB/s at level 3: RAW moves most.
+        let fast = |l: Option<i32>| match l {
+            None => 300e6,
+            Some(3) => 150e6,
+            _ => 200e6,
+        };
+        simulate(&mut c, 200, fast);
+        assert_eq!(c.level(), None);
+        // Then the link slows to 100 Mbit/s: back up to the configured level.
+        let share = simulate(&mut c, 400, |l| (12.5e6 * ratio(l)).min(fast(l)));
+        assert_eq!(c.level(), Some(3), "{share:?}");
+        assert!(share[4] > 0.8, "{share:?}");
+    }
+
+    #[test]
+    fn input_bound_keeps_the_ratio_and_probes_less_often() {
+        // The local socket is the bound: every level moves the same.
+        let mut c = LevelControl::new(3);
+        let share = simulate(&mut c, 1000, |_| 20e6);
+        assert!(share[4] > 0.9, "mostly level 3: {share:?}");
+        assert_eq!(c.probe_every, PROBE_EVERY_MAX, "probes back off");
+    }
+
+    #[test]
+    fn decisions_only_at_the_end_of_a_window() {
+        let mut c = LevelControl::new(3);
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        c.sent(1 << 20, t0); // starts the clock
+                             // The first probe (one level down) comes at the end of window FIRST_PROBE_AFTER.
+        let halves = 2 * u64::from(FIRST_PROBE_AFTER);
+        for i in 1..halves {
+            c.sent(ADAPT_WINDOW / 2, ms(i * 10));
+        }
+        assert_eq!(c.level(), Some(3));
+        c.sent(ADAPT_WINDOW / 2, ms(halves * 10));
+        assert_eq!(c.level(), Some(1));
+        c.sent(ADAPT_WINDOW - 1, ms(halves * 10 + 10));
+        assert_eq!(c.level(), Some(1));
+    }
+}
