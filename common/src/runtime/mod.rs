@@ -2,8 +2,10 @@
 //! both roles use. Each role's own code is in its crate (`agent-source`, `agent-target`).
 //!
 //! ```text
-//!   agent   the tunnel: endpoint, handshakes, Hello, peer re-checks, drain, audit of sessions
-//!           and streams; calls the role's RoleDriver for what it does with a connection
+//!   agent   the tunnel: handshakes, Hello, peer re-checks, drain; calls the role's RoleDriver
+//!           for what it does with a connection
+//!     endpoint  QUIC transport settings, server/client configs, keys derived from the agent's key
+//!     records   the tunnel's audit records (start, sessions with their path, streams, refusals)
 //!   pump    one forwarded connection ⇄ one QUIC stream of frames (compress, verify, deliver)
 //!   tls     rustls configs whose verifiers add the identity policy to WebPKI
 //!   config  TOML + flags → AgentConfig, validated before any socket is opened

@@ -17,6 +17,7 @@
 //! ```
 //!
 //! Roles come from certificates, not from who dials: either agent may listen or connect.
+//! [`endpoint`] builds the QUIC endpoint; [`records`] writes the tunnel's audit records.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -30,21 +31,24 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
+mod endpoint;
+mod records;
+
 use super::config::{AgentConfig, Transport};
-use super::pump::{self, Outcome, PumpOptions, StreamReport};
+use super::pump::{self, PumpOptions, StreamReport};
 use super::tls::{self, RefusalSlot, TlsIdentity};
 use crate::admission::{HandshakeLimits, PendingHandshakes, RefusalLimiter, Verdict};
-use crate::audit::event::{
-    AgentStarted, AgentStopped, AuditEvent, DirectionRecord, HandshakeAccepted, HexHash,
-    IntegrityFailure, PathRecord, PeerRecord, ServiceRecord, SessionEnded, StreamClosed, TlsParams,
-    TransportRecord,
-};
+use crate::audit::event::{AgentStopped, AuditEvent};
 use crate::audit::{AuditLog, CheckpointSigner};
 use crate::control::{
     self, ControlMessage, Hello, StreamKind, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
 };
-use crate::frame::DirectionStats;
 use crate::identity::{PeerIdentity, Policy, Role};
+use endpoint::{make_endpoint, transport_config};
+use records::{
+    record_accepted, record_closed, record_session_ended, record_started, write_refusal_summaries,
+    Audit,
+};
 
 /// Most authenticated peer certificates served at once (one is normal). A peer that
 /// reconnects replaces its own previous connection first, so it always gets in. Handshakes that
@@ -147,32 +151,6 @@ impl Tunnel {
     /// Logs and audits the end of a forwarded stream.
     pub fn record_closed(&self, session: &str, service: &str, r: &StreamReport) {
         record_closed(&self.0, session, service, r)
-    }
-}
-
-/// Audit log shared by all tasks. A failure to write is logged; the agent keeps serving.
-#[derive(Clone)]
-struct Audit(Arc<Mutex<AuditLog>>);
-
-impl Audit {
-    fn record(&self, event: &str, details: Value) {
-        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = log.append(event, details) {
-            error!("audit log {}: {e}", log.path().display());
-        }
-    }
-    /// Appends a typed record.
-    fn event<E: AuditEvent>(&self, e: &E) {
-        match serde_json::to_value(e) {
-            Ok(details) => self.record(E::NAME, details),
-            Err(err) => error!("audit record {}: {err}", E::NAME),
-        }
-    }
-    fn checkpoint(&self) {
-        let mut log = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = log.checkpoint() {
-            error!("audit log {}: checkpoint failed: {e}", log.path().display());
-        }
     }
 }
 
@@ -355,59 +333,6 @@ fn load_identity(cfg: &AgentConfig) -> Result<TlsIdentity> {
     Ok(identity)
 }
 
-/// `agent_started`: who this agent is (its certificate embedded) and how it is configured.
-fn record_started(audit: &Audit, cfg: &AgentConfig, identity: &TlsIdentity) {
-    let own = &identity.own;
-    let transport = match &cfg.transport {
-        Transport::Listen(a) => TransportRecord {
-            listen: Some(a.to_string()),
-            ..Default::default()
-        },
-        Transport::Connect { addr, server_name } => TransportRecord {
-            connect: Some(addr.clone()),
-            server_name: Some(server_name.clone()),
-            ..Default::default()
-        },
-    };
-    use base64::Engine as _;
-    audit.event(&AgentStarted {
-        role: own.role.to_string(),
-        region: own.region.to_string(),
-        migration: own.migration.to_string(),
-        fingerprint: own.fingerprint.to_string(),
-        certificate: base64::engine::general_purpose::STANDARD.encode(identity.cert.as_ref()),
-        not_after: own.not_after.unix_timestamp(),
-        version: crate::AGENT_VERSION.to_string(),
-        protocol_version: PROTOCOL_VERSION,
-        transport,
-        allowed_regions: cfg.allowed_regions.to_string(),
-        services: cfg
-            .services
-            .iter()
-            .map(|s| ServiceRecord {
-                name: s.name.clone(),
-                endpoint: s.endpoint.to_string(),
-            })
-            .collect(),
-        compression_level: cfg.compression_level,
-        handshake_timeout_secs: cfg.handshake_timeout.as_secs(),
-        congestion_control: cfg.congestion_control.to_string(),
-        allow_non_loopback_local: cfg.allow_non_loopback_local,
-        tls: tls_params(None),
-    });
-}
-
-/// The TLS parameters every tunnel uses (one protocol, suite and group), with the ALPN a
-/// session negotiated.
-fn tls_params(alpn: Option<String>) -> TlsParams {
-    TlsParams {
-        protocol: tls::TLS_PROTOCOL.into(),
-        cipher_suite: tls::TLS_CIPHER_SUITE.into(),
-        kx_group: tls::TLS_KX_GROUP.into(),
-        alpn,
-    }
-}
-
 /// The first forwarded session id of this run: top bits random, low 20 bits count, so ids
 /// are unique per run and across runs.
 fn session_base() -> Result<u64> {
@@ -473,119 +398,6 @@ async fn drain_and_stop<R: RoleDriver>(
     });
     shared.audit.checkpoint();
     info!("stopped");
-}
-
-fn transport_config(cfg: &AgentConfig) -> Result<quinn::TransportConfig> {
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(cfg.keep_alive));
-    t.max_idle_timeout(Some(cfg.idle_timeout.try_into()?));
-    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
-    t.max_concurrent_uni_streams(0u32.into());
-    // Windows sized for a ~100 ms × 1 Gbit/s path (12.5 MB in flight); quinn's defaults
-    // target much smaller links. The send window is kept near that product rather than far
-    // above it: data it buffers beyond what the link carries only delays the backpressure
-    // that tells the sender the link, not the CPU, is the bound (pump::LevelControl).
-    // quinn's default initial RTT (333 ms) puts the first Initial retransmission a second after
-    // the first: a dial that races the peer's restart would wait that long. 100 ms is still
-    // above any EEA path's RTT.
-    t.initial_rtt(Duration::from_millis(100));
-    use super::config::CongestionControl as Cc;
-    use quinn::congestion as cc;
-    match cfg.congestion_control {
-        Cc::Bbr => t.congestion_controller_factory(Arc::new(cc::BbrConfig::default())),
-        Cc::Cubic => t.congestion_controller_factory(Arc::new(cc::CubicConfig::default())),
-        Cc::NewReno => t.congestion_controller_factory(Arc::new(cc::NewRenoConfig::default())),
-    };
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
-    t.send_window(16 << 20);
-    Ok(t)
-}
-
-fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
-    let transport = Arc::new(transport_config(&shared.cfg)?);
-    let bind: SocketAddr = match &shared.cfg.transport {
-        Transport::Listen(a) => *a,
-        Transport::Connect { addr, .. } => {
-            let remote = addr
-                .to_socket_addrs()
-                .with_context(|| format!("resolving {addr}"))?
-                .next()
-                .with_context(|| format!("{addr} resolves to no address"))?;
-            if remote.is_ipv4() {
-                "0.0.0.0:0".parse()?
-            } else {
-                "[::]:0".parse()?
-            }
-        }
-    };
-    let socket = std::net::UdpSocket::bind(bind)
-        .with_context(|| format!("binding UDP {bind} (is another agent running?)"))?;
-    {
-        // Larger kernel buffers absorb bursts at high bandwidth-delay products.
-        let s = socket2::SockRef::from(&socket);
-        let _ = s.set_recv_buffer_size(8 << 20);
-        let _ = s.set_send_buffer_size(8 << 20);
-    }
-    let server = match &shared.cfg.transport {
-        Transport::Listen(_) => {
-            let mut sc = shared.identity.server_config(&RefusalSlot::new())?;
-            sc.transport_config(transport.clone());
-            Some(sc)
-        }
-        Transport::Connect { .. } => None,
-    };
-    let mut ep_config =
-        quinn::EndpointConfig::new(Arc::new(stateless_reset_key(&shared.identity.key_pkcs8)));
-    // quinn drops packets whose connection id its generator does not recognise, before any
-    // reset: the restarted agent must recognise the ids its previous run handed out.
-    let cid_key = connection_id_key(&shared.identity.key_pkcs8);
-    ep_config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    let mut ep = quinn::Endpoint::new(ep_config, server, socket, Arc::new(quinn::TokioRuntime))?;
-    if let Transport::Connect { .. } = &shared.cfg.transport {
-        let mut cc = shared.identity.client_config(&RefusalSlot::new())?;
-        cc.transport_config(transport);
-        ep.set_default_client_config(cc);
-    }
-    Ok(ep)
-}
-
-/// The key behind this agent's stateless reset tokens, derived from its private key, so that
-/// the same agent restarted after a crash still owns the tokens it handed out: the first packet
-/// the peer sends on the dead connection is answered with a reset the peer can verify, and the
-/// peer reconnects at once instead of after the idle timeout (RFC 9000 §10.3; quinn's default
-/// key is random per process, so a restarted agent's resets would be ignored). HKDF makes the
-/// derivation one-way: nothing about the private key can be learnt from a token.
-fn stateless_reset_key(key_pkcs8: &[u8]) -> ring::hmac::Key {
-    let prk = agent_key_prk(key_pkcs8);
-    let okm = prk
-        .expand(&[b"quic-reset"], ring::hmac::HMAC_SHA256)
-        .expect("HMAC-SHA256 key length is a valid HKDF output length");
-    ring::hmac::Key::from(okm)
-}
-
-/// The key that marks this agent's connection ids as its own (quinn's hashed generator), also
-/// derived from the agent's key so that it survives a restart; see [`stateless_reset_key`].
-fn connection_id_key(key_pkcs8: &[u8]) -> u64 {
-    struct Len8;
-    impl ring::hkdf::KeyType for Len8 {
-        fn len(&self) -> usize {
-            8
-        }
-    }
-    let mut out = [0u8; 8];
-    agent_key_prk(key_pkcs8)
-        .expand(&[b"quic-cid"], Len8)
-        .and_then(|okm| okm.fill(&mut out))
-        .expect("8 bytes is a valid HKDF output length");
-    u64::from_le_bytes(out)
-}
-
-fn agent_key_prk(key_pkcs8: &[u8]) -> ring::hkdf::Prk {
-    ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"pgferry agent-key derivations v1")
-        .extract(key_pkcs8)
 }
 
 /// Gives back a pending-handshake slot when the handshake ends, whichever way.
@@ -848,31 +660,6 @@ async fn flush_refusals(shared: Arc<Shared>) {
     }
 }
 
-fn write_refusal_summaries(shared: &Shared, summaries: Vec<crate::admission::RefusalSummary>) {
-    for s in summaries {
-        let address = s
-            .address
-            .map_or_else(|| "other addresses".to_string(), |a| a.to_string());
-        let reasons: Vec<String> = s.reasons.iter().map(|(k, n)| format!("{k} ×{n}")).collect();
-        warn!(
-            "{} more refused or failed handshakes from {address} in {} s ({})",
-            s.count,
-            s.span.as_secs(),
-            reasons.join(", ")
-        );
-        shared.audit.record(
-            "handshake_refusals_summary",
-            json!({
-                "address": address,
-                "count": s.count,
-                "span_ms": s.span.as_millis() as u64,
-                "window_secs": RefusalLimiter::WINDOW.as_secs(),
-                "reasons": s.reasons,
-            }),
-        );
-    }
-}
-
 fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
     let certs = conn
         .peer_identity()
@@ -980,34 +767,6 @@ async fn hello_or_refuse(
     }
 }
 
-/// `handshake_accepted`: the peer's certificate identity and the TLS parameters.
-fn record_accepted(
-    shared: &Shared,
-    conn: &quinn::Connection,
-    peer: &PeerIdentity,
-    dialed: bool,
-    alpn: Option<String>,
-) {
-    let remote = conn.remote_address();
-    info!(
-        "tunnel up with {remote}: peer {} {} (migration {}, certificate {})",
-        peer.role, peer.region, peer.migration, peer.fingerprint
-    );
-    shared.audit.event(&HandshakeAccepted {
-        address: remote.to_string(),
-        dialed,
-        peer: PeerRecord {
-            fingerprint: peer.fingerprint.to_string(),
-            role: peer.role.to_string(),
-            region: peer.region.to_string(),
-            migration: peer.migration.to_string(),
-            subject: peer.subject.clone(),
-            not_after: peer.not_after.unix_timestamp(),
-        },
-        tls: tls_params(alpn),
-    });
-}
-
 /// A peer that reconnects (an agent restarted after a crash, or a path that changed) replaces
 /// its old connection at once, rather than when the idle timeout notices; the old one's
 /// sessions (a walsender holding the replication slot) end with it. This comes before the
@@ -1047,52 +806,6 @@ fn admit_peer(shared: &Shared, conn: &quinn::Connection, peer: &PeerIdentity) ->
         return false;
     }
     true
-}
-
-/// `session_ended`: how long, why, how many streams and UDP bytes; then a signed checkpoint.
-fn record_session_ended(
-    shared: &Shared,
-    conn: &quinn::Connection,
-    peer: &PeerIdentity,
-    reason: &str,
-    started: Instant,
-    stats: &ConnStats,
-) {
-    let remote = conn.remote_address();
-    let qs = conn.stats();
-    let path = &qs.path;
-    // What the path was like: the MTU path-MTU discovery reached (1200 is QUIC's floor; a
-    // link that allows more but stays there halves throughput, quinn#1457), RTT and loss.
-    info!(
-        "tunnel with {remote} closed: {reason} (MTU {} B, RTT {} ms, {} of {} packets lost, {} congestion events, {})",
-        path.current_mtu,
-        path.rtt.as_millis(),
-        path.lost_packets,
-        path.sent_packets,
-        path.congestion_events,
-        shared.cfg.congestion_control
-    );
-    shared.audit.event(&SessionEnded {
-        address: remote.to_string(),
-        peer_fingerprint: Some(peer.fingerprint.to_string()),
-        reason: reason.to_string(),
-        duration_ms: started.elapsed().as_millis() as u64,
-        streams: Some(stats.streams.load(Ordering::SeqCst)),
-        udp_bytes_sent: qs.udp_tx.bytes,
-        udp_bytes_received: qs.udp_rx.bytes,
-        path: Some(PathRecord {
-            mtu: path.current_mtu,
-            rtt_ms: path.rtt.as_millis() as u64,
-            min_rtt_ms: path.min_rtt.as_millis() as u64,
-            sent_packets: path.sent_packets,
-            lost_packets: path.lost_packets,
-            congestion_events: path.congestion_events,
-            black_holes_detected: path.black_holes_detected,
-            congestion_control: shared.cfg.congestion_control.to_string(),
-        }),
-    });
-
-    shared.audit.checkpoint();
 }
 
 /// Closes a live tunnel whose peer certificate is revoked or expires while it is up: the
@@ -1215,47 +928,4 @@ async fn exchange_hello(
         send.write_all(&out).await?;
         Ok((send, recv, buf))
     }
-}
-
-fn direction_record(d: &DirectionStats) -> DirectionRecord {
-    DirectionRecord {
-        raw_bytes: d.raw_bytes,
-        wire_bytes: d.wire_bytes,
-        chunks: d.chunks,
-        digest: HexHash(hex::encode(d.digest())),
-    }
-}
-
-fn record_closed(shared: &Shared, session: &str, service: &str, r: &StreamReport) {
-    let duration_ms = r.started.elapsed().as_millis() as u64;
-    match &r.outcome {
-        Outcome::Ok => info!(
-            "session {session} ({service}) closed: sent {} B ({} B on the wire), received {} B ({} B on the wire), {duration_ms} ms",
-            r.sent.raw_bytes, r.sent.wire_bytes, r.received.raw_bytes, r.received.wire_bytes
-        ),
-        Outcome::IntegrityFailure(m) => {
-            error!("session {session} ({service}): INTEGRITY FAILURE, stream reset, nothing of the bad chunk delivered: {m}");
-            shared.audit.event(&IntegrityFailure {
-                session_id: session.to_string(),
-                service: service.to_string(),
-                reason: m.clone(),
-                delivered_chunks: r.received.chunks,
-                delivered_bytes: r.received.raw_bytes,
-            });
-        }
-        o => warn!(
-            "session {session} ({service}) closed with {}: {}",
-            o.label(),
-            o.detail()
-        ),
-    }
-    shared.audit.event(&StreamClosed {
-        session_id: session.to_string(),
-        service: service.to_string(),
-        outcome: r.outcome.label().to_string(),
-        detail: r.outcome.detail().to_string(),
-        duration_ms,
-        sent: direction_record(&r.sent),
-        received: direction_record(&r.received),
-    });
 }
