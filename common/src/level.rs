@@ -1,5 +1,5 @@
 //! The sender's zstd level control (pure: it takes the time as input). Each window of
-//! [`ADAPT_WINDOW`] raw bytes measures the goodput at the current level; now and then it probes
+//! `ADAPT_WINDOW` raw bytes measures the goodput at the current level; now and then it probes
 //! a neighbouring level and keeps whichever moved more data. The pump
 //! (`runtime::pump::outbound`) asks it for the level of each large chunk.
 

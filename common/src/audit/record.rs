@@ -26,9 +26,9 @@ const TIME_FORMAT: &[BorrowedFormatItem<'static>] =
 pub mod events {
     /// An agent (re)started; `details.certificate` is the key for the following checkpoints.
     pub const AGENT_STARTED: &str = "agent_started";
-    /// A signed checkpoint; written by [`super::AuditLog::checkpoint`] only.
+    /// A signed checkpoint; written by [`crate::audit::AuditLog::checkpoint`] only.
     pub const CHECKPOINT: &str = "checkpoint";
-    /// Written by [`super::AuditLog::open`] after a crash; see the module docs.
+    /// Written by [`crate::audit::AuditLog::open`] after a crash; see the module docs.
     pub const LOG_RESUMED: &str = "log_resumed";
     /// A forwarded connection began (both agents record it with the same `session_id`).
     pub const STREAM_OPENED: &str = "stream_opened";

@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Roles come from certificates, not from who dials: either agent may listen or connect.
-//! [`endpoint`] builds the QUIC endpoint; [`records`] writes the tunnel's audit records.
+//! `endpoint` builds the QUIC endpoint; `records` writes the tunnel's audit records.
 
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
