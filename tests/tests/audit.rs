@@ -84,7 +84,14 @@ fn a_second_agent_on_a_running_agents_audit_log_is_refused() -> Result<()> {
             &[OsStr::new("verify"), log, OsStr::new("--allow-open")],
         );
         assert!(ok, "{role}: {text}");
+        // A live log's report needs --allow-open: without it, the unsigned tail fails it.
         let (ok, text) = audit_cli(role, &[OsStr::new("report"), log]);
+        assert!(!ok, "{role}: {text}");
+        assert!(text.contains("Verdict:  FAILED"), "{role}: {text}");
+        let (ok, text) = audit_cli(
+            role,
+            &[OsStr::new("report"), log, OsStr::new("--allow-open")],
+        );
         assert!(ok, "{role}: {text}");
 
         first.stop()?;

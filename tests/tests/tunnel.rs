@@ -267,10 +267,22 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
     );
     let (ok, report) = audit_cli(
         "source",
-        &[OsStr::new("report"), pair.source.audit.as_os_str()],
+        &[
+            OsStr::new("report"),
+            pair.source.audit.as_os_str(),
+            OsStr::new("--peer"),
+            pair.target.audit.as_os_str(),
+            OsStr::new("--ca"),
+            certs.ca().as_os_str(),
+        ],
     );
     assert!(ok, "{report}");
     assert!(report.contains("postgres"), "{report}");
+    assert!(
+        report.contains("Verdict:  OK: both logs verified (hash chains, signatures, CA) and agree"),
+        "{report}"
+    );
+    assert!(report.contains("Peers:    the two logs agree"), "{report}");
 
     tamper_checks(&pair.target.audit, &dir.join("tampered.jsonl"))?;
     Ok(())

@@ -128,7 +128,7 @@ pub use peer::{
     PeerMismatch, StreamMismatch, PEER_CLOCK_SLACK_MS,
 };
 pub use record::{events, CHECKPOINT_ALGORITHM, CHECKPOINT_DOMAIN};
-pub use report::render_report;
+pub use report::{render_report, Report, ReportOptions};
 pub use verify::{
     verify_file, verify_reader, AgentInfo, HandshakeFailure, Resume, Run, RunEnd, StreamSeen,
     StreamSummary, TunnelSession, Verified, VerifyError, VerifyOptions,

@@ -11,26 +11,74 @@ use serde_json::{Map, Value};
 
 use super::record::{events, format_time};
 use super::verify::{
-    parse_stream_closed, verify_records, Record, Verified, VerifyError, VerifyOptions,
+    parse_stream_closed, verify_records, Record, Tip, Verified, VerifyError, VerifyOptions,
 };
 
-/// Verifies the log at `path` (an unsigned tail is allowed and flagged in the report) and
-/// renders the report. A log that does not verify yields the [`VerifyError`] instead.
-pub fn render_report(path: &Path) -> Result<String, VerifyError> {
+/// What `audit report` checks beyond the log itself.
+#[derive(Debug, Clone, Default)]
+pub struct ReportOptions {
+    /// The other agent's log: verified too and compared (same sessions, same bytes, same
+    /// digests); its file name is used in the text.
+    pub peer: Option<std::path::PathBuf>,
+    /// The migration's CA: every `agent_started` certificate must be issued by it.
+    pub ca_der: Option<Vec<u8>>,
+    /// A log the agent is still writing: records after the last checkpoint are reported
+    /// (flagged) instead of failing the report.
+    pub allow_open: bool,
+}
+
+/// A rendered report and what makes it fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub text: String,
+    /// Why the logs cannot be relied on (empty: everything verified). The text says the same
+    /// in its first lines.
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    /// Every log verified, is signed to its end (unless allowed open) and agrees with its peer.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Verifies the log at `path` (and, with [`ReportOptions::peer`], the other agent's log and
+/// the comparison of both) and renders the report. A log that does not verify at all yields
+/// the [`VerifyError`]; a log that verifies but is not signed to its end, or a peer log that is
+/// broken or disagrees, yields a report whose first lines say so and whose
+/// [`Report::problems`] are not empty.
+pub fn render_report(path: &Path, opts: &ReportOptions) -> Result<Report, VerifyError> {
     let file = std::fs::File::open(path).map_err(|e| VerifyError {
         line: 0,
         reason: format!("cannot open {}: {e}", path.display()),
     })?;
-    let opts = VerifyOptions {
+    let vopts = VerifyOptions {
         allow_open: true,
-        ca_der: None,
+        ca_der: opts.ca_der.clone(),
     };
     let mut records = Vec::new();
-    let (v, _) = verify_records(std::io::BufReader::new(file), &opts, |r| records.push(r))?;
+    let (v, tip) = verify_records(std::io::BufReader::new(file), &vopts, |r| records.push(r))?;
+    let mut problems = Vec::new();
+    if v.unsigned_tail > 0 && !opts.allow_open {
+        problems.push(format!(
+            "{}: the last {} record(s) are not covered by a signed checkpoint: the log was cut, or the agent is still writing it (pass --allow-open for a live log)",
+            path.display(),
+            v.unsigned_tail
+        ));
+    }
+    let mut peer_lines = Vec::new();
+    if let Some(peer) = &opts.peer {
+        peer_lines = check_peer(path, &v, peer, opts, &mut problems);
+    }
 
     let mut out = String::new();
     let o = &mut out;
-    summary(o, path, &v);
+    verdict(o, &problems, opts);
+    summary(o, path, &v, &tip, &records);
+    for l in &peer_lines {
+        line(o, l);
+    }
     agents(o, &records, &v);
     handshakes(o, &records);
     streams(o, &records);
@@ -39,14 +87,88 @@ pub fn render_report(path: &Path) -> Result<String, VerifyError> {
     tunnel_sessions(o, &records);
     checkpoints(o, &records);
     event_counts(o, &records);
-    Ok(out)
+    Ok(Report {
+        text: out,
+        problems,
+    })
+}
+
+/// Verifies the peer's log and compares both; returns the lines the summary shows for it.
+fn check_peer(
+    path: &Path,
+    ours: &Verified,
+    peer: &Path,
+    opts: &ReportOptions,
+    problems: &mut Vec<String>,
+) -> Vec<String> {
+    let vopts = VerifyOptions {
+        allow_open: opts.allow_open,
+        ca_der: opts.ca_der.clone(),
+    };
+    let theirs = match super::verify_file(peer, &vopts) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(format!("peer log {}: {e}", peer.display()));
+            return vec![format!("Peer log: {}: FAILED: {e}", peer.display())];
+        }
+    };
+    let mut lines = vec![format!(
+        "Peer log: {}: {} records, {} checkpoint(s), verified",
+        peer.display(),
+        theirs.records,
+        theirs.checkpoints
+    )];
+    let (a, b) = (path.display().to_string(), peer.display().to_string());
+    match super::compare_peer_named(ours, &a, &theirs, &b) {
+        Ok(c) => lines.push(format!("Peers:    the two logs agree: {c}")),
+        Err(m) => {
+            problems.push(format!("the logs disagree: {m}"));
+            lines.push(format!("Peers:    DISAGREE: {m}"));
+        }
+    }
+    lines
+}
+
+/// The first lines: whether the logs can be relied on, and why not.
+fn verdict(o: &mut String, problems: &[String], opts: &ReportOptions) {
+    line(o, "pgferry audit report");
+    line(o, "====================");
+    if problems.is_empty() {
+        let what = match (&opts.peer, &opts.ca_der) {
+            (Some(_), Some(_)) => "both logs verified (hash chains, signatures, CA) and agree",
+            (Some(_), None) => "both logs verified (hash chains, signatures) and agree",
+            (None, Some(_)) => "the log verified (hash chain, signatures, CA)",
+            (None, None) => "the log verified (hash chain, signatures)",
+        };
+        line(o, &format!("Verdict:  OK: {what}"));
+    } else {
+        line(o, "Verdict:  FAILED: do not rely on this report");
+        for p in problems {
+            line(o, &format!("          - {p}"));
+        }
+    }
 }
 
 /// The log, its records, period and signatures, and what one log cannot show.
-fn summary(o: &mut String, path: &Path, v: &Verified) {
-    line(o, "pgferry audit report");
-    line(o, "====================");
+fn summary(o: &mut String, path: &Path, v: &Verified, tip: &Tip, records: &[Record]) {
     line(o, &format!("Log:      {}", path.display()));
+    line(
+        o,
+        &format!("Head:     line {} hash {}", v.records, tip.last_hash),
+    );
+    let last_checkpoint = records.iter().rev().find(|r| r.event == events::CHECKPOINT);
+    line(
+        o,
+        &match last_checkpoint {
+            Some(c) => format!(
+                "Ends at:  signed checkpoint at line {} (signs hash {}, by certificate {})",
+                c.line,
+                s(&c.details, &["signed_hash"]),
+                s(&c.details, &["fingerprint"])
+            ),
+            None => "Ends at:  no signed checkpoint".to_string(),
+        },
+    );
     line(
         o,
         &format!(

@@ -611,7 +611,9 @@ fn reopening_after_a_crash_records_the_unsigned_tail() {
             unsigned_records: 3
         }]
     );
-    let report = render_report(&path).unwrap();
+    let report = render_report(&path, &ReportOptions::default())
+        .unwrap()
+        .text;
     assert!(
         report.contains("unsigned tail before resume: 3 record(s), lines 9-11"),
         "{report}"
@@ -1436,7 +1438,7 @@ fn a_second_writer_is_refused_without_touching_the_log() {
     assert_eq!(std::fs::read(&path).unwrap(), before, "nothing written");
     // Readers need no lock, and reading (opening and closing the file) keeps the lock.
     verify_file(&path, &live()).unwrap();
-    render_report(&path).unwrap();
+    render_report(&path, &ReportOptions::default()).unwrap();
     assert!(matches!(
         AuditLog::open(&path, a.signer()),
         Err(AuditError::Locked { .. })
@@ -1452,7 +1454,9 @@ fn a_second_writer_is_refused_without_touching_the_log() {
 #[test]
 fn the_report_shows_agents_handshakes_streams_and_checkpoints() {
     let (_d, path, a) = sample("source");
-    let r = render_report(&path).unwrap();
+    let r = render_report(&path, &ReportOptions::default())
+        .unwrap()
+        .text;
     let digest = blake3::hash(b"000000000a100002 down").to_hex().to_string();
     for needle in [
         "Records:  16 (seq 0-15), 3 checkpoint(s)",
@@ -1471,12 +1475,22 @@ fn the_report_shows_agents_handshakes_streams_and_checkpoints() {
         assert!(r.contains(needle), "missing {needle:?} in\n{r}");
     }
     // Stable layout: the same log renders the same text.
-    assert_eq!(render_report(&path).unwrap(), r);
+    assert_eq!(
+        render_report(&path, &ReportOptions::default())
+            .unwrap()
+            .text,
+        r
+    );
     // A broken log yields the verification error instead.
     let mut lines = read_lines(&path);
     lines[2] = lines[2].replace("postgres", "mysql");
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    assert_eq!(render_report(&path).unwrap_err().line, 3);
+    assert_eq!(
+        render_report(&path, &ReportOptions::default())
+            .unwrap_err()
+            .line,
+        3
+    );
 }
 
 #[test]
@@ -1511,4 +1525,126 @@ fn fingerprints_in_other_notations_are_accepted_in_agent_started() {
     assert!(log.append("agent_started", wrong).is_err());
     log.checkpoint().unwrap();
     verify_file(log.path(), &live()).unwrap();
+}
+
+/// `audit report` binds the text to its logs: the verdict comes first, the head hash and the
+/// last signed checkpoint are printed, and a log not signed to its end, a broken peer log or a
+/// disagreeing one fails the report (exit 1 in the CLI) with the reason in the first lines.
+#[test]
+fn the_report_is_bound_to_its_logs_and_fails_first_when_they_cannot_be_relied_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (dir.path().join("s.jsonl"), dir.path().join("t.jsonl"));
+    let (sa, ta) = (agent(None, "source"), agent(None, "target"));
+    write_log_with_peer(&src, &sa, &ta.fingerprint());
+    write_log_with_peer(&tgt, &ta, &sa.fingerprint());
+    let with_peer = ReportOptions {
+        peer: Some(tgt.clone()),
+        ..Default::default()
+    };
+    let r = render_report(&src, &with_peer).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+    let lines = read_lines(&src);
+    let head = parse(&lines[15])["hash"].as_str().unwrap().to_string();
+    let signed = parse(&lines[15])["details"]["signed_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for needle in [
+        "Verdict:  OK: both logs verified (hash chains, signatures) and agree".to_string(),
+        format!("Head:     line 16 hash {head}"),
+        format!("Ends at:  signed checkpoint at line 16 (signs hash {signed}"),
+        format!(
+            "Peer log: {}: 16 records, 3 checkpoint(s), verified",
+            tgt.display()
+        ),
+        "Peers:    the two logs agree".to_string(),
+    ] {
+        assert!(
+            r.text.contains(&needle),
+            "missing {needle:?} in\n{}",
+            r.text
+        );
+    }
+    assert!(r
+        .text
+        .starts_with("pgferry audit report\n====================\nVerdict:  OK"));
+
+    // Cut before its final checkpoint: the report still renders, but fails, and says so first.
+    let cut = dir.path().join("cut.jsonl");
+    std::fs::write(&cut, lines[..15].join("\n") + "\n").unwrap();
+    let r = render_report(&cut, &ReportOptions::default()).unwrap();
+    assert!(!r.ok());
+    assert!(
+        r.problems[0].contains("not covered by a signed checkpoint"),
+        "{:?}",
+        r.problems
+    );
+    let verdict: Vec<&str> = r.text.lines().skip(2).take(2).collect();
+    assert_eq!(verdict[0], "Verdict:  FAILED: do not rely on this report");
+    assert!(
+        verdict[1].contains("cut.jsonl: the last 1 record(s)"),
+        "{}",
+        verdict[1]
+    );
+    // … unless the operator says it is a live log.
+    let live = ReportOptions {
+        allow_open: true,
+        ..Default::default()
+    };
+    assert!(render_report(&cut, &live).unwrap().ok());
+
+    // A peer log that is broken, and one that tells another story.
+    let mut broken = read_lines(&tgt);
+    broken[2] = broken[2].replace("postgres", "mysql");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, broken.join("\n") + "\n").unwrap();
+    let r = render_report(
+        &src,
+        &ReportOptions {
+            peer: Some(bad.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!r.ok());
+    assert!(
+        r.problems[0].starts_with(&format!("peer log {}: line 3", bad.display())),
+        "{:?}",
+        r.problems
+    );
+
+    // The target's log of the same session, but what it took out of the tunnel is not what
+    // the source put in.
+    let other = dir.path().join("other.jsonl");
+    {
+        let mut log = AuditLog::open(&other, ta.signer()).unwrap();
+        log.append("agent_started", ta.started()).unwrap();
+        let id = "000000000a100001";
+        log.append(
+            "stream_opened",
+            json!({"session_id": id, "service": "postgres"}),
+        )
+        .unwrap();
+        let mut closed = stream(id, "target", "ok");
+        closed["received"]["raw_bytes"] = 82_999_999.into();
+        log.append("stream_closed", closed).unwrap();
+        log.append("agent_stopped", json!({"drained": true, "streams_cut": 0}))
+            .unwrap();
+        log.checkpoint().unwrap();
+    }
+    let r = render_report(
+        &src,
+        &ReportOptions {
+            peer: Some(other.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(!r.ok());
+    assert!(
+        r.problems[0].starts_with("the logs disagree"),
+        "{:?}",
+        r.problems
+    );
+    assert!(r.text.contains("Peers:    DISAGREE"), "{}", r.text);
 }

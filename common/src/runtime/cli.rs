@@ -91,10 +91,22 @@ pub enum AuditCommand {
         #[arg(long)]
         allow_open: bool,
     },
-    /// Render a log for an auditor: who, when, what, where, how.
+    /// Render a log for an auditor: who, when, what, where, how. The log is verified first
+    /// (and the peer's, with --peer); exit 1 when a log is broken, not signed to its end, or
+    /// disagrees with its peer: the first lines of the text say why.
     Report {
-        /// The audit log to render (it is verified first).
+        /// The audit log to render.
         log: PathBuf,
+        /// The other agent's log: verified too, and compared with this one.
+        #[arg(long, value_name = "OTHER_LOG")]
+        peer: Option<PathBuf>,
+        /// Also check that the certificates in the logs were issued by this CA.
+        #[arg(long, value_name = "CA_PEM")]
+        ca: Option<PathBuf>,
+        /// Accept records after the last checkpoint (a log the agent is still writing); they
+        /// are flagged in the report.
+        #[arg(long)]
+        allow_open: bool,
     },
 }
 
@@ -263,16 +275,32 @@ pub fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Report { log } => match audit::render_report(&log) {
-            Ok(text) => {
-                print!("{text}");
-                Ok(ExitCode::SUCCESS)
+        AuditCommand::Report {
+            log,
+            peer,
+            ca,
+            allow_open,
+        } => {
+            let opts = audit::ReportOptions {
+                peer,
+                ca_der: ca.as_deref().map(read_pem_cert).transpose()?,
+                allow_open,
+            };
+            match audit::render_report(&log, &opts) {
+                Ok(report) => {
+                    print!("{}", report.text);
+                    Ok(if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    })
+                }
+                Err(e) => {
+                    println!("{}: FAILED: {e}", log.display());
+                    Ok(ExitCode::FAILURE)
+                }
             }
-            Err(e) => {
-                println!("{}: FAILED: {e}", log.display());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        }
     }
 }
 
