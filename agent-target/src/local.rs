@@ -6,17 +6,22 @@
 //!   client ─► local endpoint ─► target_stream ══ data stream: tag, StreamHeader ══► source
 //!                                   └─ waits (bounded) for the tunnel when it is reconnecting
 //! ```
+//!
+//! The client's first bytes are watched for its PostgreSQL startup message: who connected
+//! (user, database, application, replication) goes to the audit log as `stream_identified`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
+use tokio::io::AsyncRead;
 use tracing::{info, warn};
 
-use pgferry_common::audit::event::StreamOpened;
+use pgferry_common::audit::event::{StreamIdentified, StreamOpened};
 use pgferry_common::control::{StreamHeader, StreamKind};
-use pgferry_common::runtime::config::{Endpoint, Service};
+use pgferry_common::pgwire::{StartupInfo, StartupSniffer};
+use pgferry_common::runtime::config::{Endpoint, Service, DEFAULT_SERVICE};
 use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
 
 use crate::Cx;
@@ -146,9 +151,60 @@ async fn target_stream(cx: Cx, service: Service, local: LocalConn, client: Strin
         client: Some(client.to_string()),
         peer_fingerprint: Some(pc.peer.fingerprint.to_string()),
     });
-    let report = pump::pump(local, send, recv, BytesMut::new(), cx.tunnel.pump_options()).await;
+    // Who the client is, from its startup message, recorded while the stream runs.
+    let (identified_tx, identified_rx) = tokio::sync::oneshot::channel();
+    let local = LocalConn {
+        reader: Box::new(SniffReader {
+            inner: local.reader,
+            sniffer: StartupSniffer::new(),
+            tx: Some(identified_tx),
+        }),
+        ..local
+    };
+    let identify = async {
+        if let Ok(info) = identified_rx.await {
+            if !info.unrecognised || service.name == DEFAULT_SERVICE {
+                info!("session {session}: {} ({})", info.describe(), service.name);
+                cx.tunnel.audit_event(&StreamIdentified {
+                    session_id: session.clone(),
+                    service: service.name.clone(),
+                    postgres: info,
+                });
+            }
+        }
+    };
+    let pumped = pump::pump(local, send, recv, BytesMut::new(), cx.tunnel.pump_options());
+    let (report, ()) = tokio::join!(pumped, identify);
     if let Outcome::PeerReset { code, message } = &report.outcome {
         warn!("session {session}: source reset the connection ({code:?}): {message}");
     }
     cx.tunnel.record_closed(&session, &service.name, &report);
+}
+
+/// The client's read half, watched until its startup message is known: the bytes pass through
+/// unchanged; the sniffer sees at most PostgreSQL's startup-packet bound of them.
+struct SniffReader {
+    inner: Box<dyn AsyncRead + Send + Unpin>,
+    sniffer: StartupSniffer,
+    tx: Option<tokio::sync::oneshot::Sender<StartupInfo>>,
+}
+
+impl AsyncRead for SniffReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.tx.is_some() && matches!(r, std::task::Poll::Ready(Ok(()))) {
+            let fresh = buf.filled()[before..].to_vec();
+            if let Some(info) = self.sniffer.feed(&fresh) {
+                if let Some(tx) = self.tx.take() {
+                    let _ = tx.send(info);
+                }
+            }
+        }
+        r
+    }
 }

@@ -18,6 +18,7 @@
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   preflight source/target facts → checks with what to fix (pure)
 //!   level     the sender's zstd level control (goodput per window, probes; time as input)
+//!   pgwire    who a forwarded PostgreSQL connection is, from its startup message
 //!   fence     the fenced pg_hba.conf, what to save and restore, which processes are connecting
 //!   verify    block-range digests, pg_waldump lines → ranges changed since their digest
 //!   runtime   (feature "runtime") the tunnel both agents share (endpoint, handshake and policy,
@@ -38,6 +39,7 @@ pub mod frame;
 pub mod identity;
 pub mod level;
 pub mod migration;
+pub mod pgwire;
 pub mod preflight;
 pub mod verify;
 

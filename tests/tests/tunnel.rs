@@ -284,6 +284,35 @@ fn postgres_through_the_tunnel_end_to_end() -> Result<()> {
     );
     assert!(report.contains("Peers:    the two logs agree"), "{report}");
 
+    // The target's log tells a person's psql session from the base backup and its WAL stream:
+    // who connected, from the startup message (never a password or a query).
+    let (ok, report) = audit_cli(
+        "target",
+        &[
+            OsStr::new("report"),
+            pair.target.audit.as_os_str(),
+            OsStr::new("--peer"),
+            pair.source.audit.as_os_str(),
+        ],
+    );
+    assert!(ok, "{report}");
+    for who in [
+        "who       user postgres, database postgres, application psql",
+        "who       user postgres, application pg_basebackup, replication",
+    ] {
+        assert!(report.contains(who), "missing {who:?} in\n{report}");
+    }
+    let identified = audit_events(&pair.target.audit, "stream_identified");
+    assert!(
+        identified
+            .iter()
+            .filter(|r| details(r)["postgres"]["application_name"] == "pg_basebackup")
+            .count()
+            >= 2,
+        "pg_basebackup -X stream opens two replication connections: {identified:?}"
+    );
+    assert!(!std::fs::read_to_string(&pair.target.audit)?.contains(&pg.password));
+
     tamper_checks(&pair.target.audit, &dir.join("tampered.jsonl"))?;
     Ok(())
 }

@@ -240,6 +240,19 @@ impl AuditEvent for StreamOpened {
     const NAME: &'static str = events::STREAM_OPENED;
 }
 
+/// `stream_identified`: who a forwarded PostgreSQL connection is, from its startup message
+/// (target only; user, database, application, replication, never a secret or a query).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamIdentified {
+    pub session_id: String,
+    pub service: String,
+    pub postgres: crate::pgwire::StartupInfo,
+}
+
+impl AuditEvent for StreamIdentified {
+    const NAME: &'static str = "stream_identified";
+}
+
 /// `stream_refused`: the source refused a forwarded connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamRefused {

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use super::event::{read, AuditEvent, StreamIdentified};
 use super::record::{events, format_time};
 use super::verify::{
     parse_stream_closed, verify_records, Record, Tip, Verified, VerifyError, VerifyOptions,
@@ -332,6 +333,7 @@ fn streams(o: &mut String, records: &[Record]) {
     section(o, "Streams");
     let mut totals = [0u64; 4];
     let mut count = 0usize;
+    let who = identified(records);
     for r in records.iter().filter(|r| r.event == events::STREAM_CLOSED) {
         let Ok(st) = parse_stream_closed(&r.details) else {
             continue; // cannot happen: verified
@@ -348,6 +350,9 @@ fn streams(o: &mut String, records: &[Record]) {
                 st.duration_ms
             ),
         );
+        if let Some(w) = who.get(st.session_id.as_str()) {
+            line(o, &format!("{PAD}who       {w}"));
+        }
         line(
             o,
             &format!(
@@ -503,6 +508,19 @@ fn event_counts(o: &mut String, records: &[Record]) {
     for (event, n) in counts {
         line(o, &format!("  {event:<20} {n}"));
     }
+}
+
+/// Who each PostgreSQL stream was (`stream_identified`, target logs), by session id.
+fn identified(records: &[Record]) -> BTreeMap<&str, String> {
+    records
+        .iter()
+        .filter(|r| r.event == StreamIdentified::NAME)
+        .filter_map(|r| {
+            let id = read::<StreamIdentified>(&r.details).ok()?;
+            let session = r.details.get("session_id")?.as_str()?;
+            Some((session, id.postgres.describe()))
+        })
+        .collect()
 }
 
 /// Indentation of a record's continuation lines: under its time stamp.
