@@ -19,6 +19,7 @@ use pgferry_common::admin::{
     AdminFailure, AdminLine, AdminRequest, CutoverOptions, Part, PeerStatus, PhaseStatus,
     PreflightReport, StatusReport, TunnelStatus,
 };
+use pgferry_common::audit::event::AdminCommand;
 use pgferry_common::control::{Request, Response};
 use pgferry_common::migration::State;
 use pgferry_common::runtime::config::Endpoint;
@@ -61,7 +62,11 @@ pub(crate) async fn serve_admin(cx: Cx, listener: tokio::net::UnixListener) {
         };
         let sh = cx.clone();
         tokio::spawn(async move {
-            let answer = match crate::admin::read_request(&mut stream).await {
+            let request = crate::admin::read_request(&mut stream).await;
+            if let Ok(req) = &request {
+                record_operator(&sh, &stream, req);
+            }
+            let answer = match request {
                 Ok(AdminRequest::Clone) => admin_execute(&sh, &mut stream, Job::Clone).await,
                 Ok(AdminRequest::Rollback(o)) => {
                     let keep_slot = o.keep_slot;
@@ -84,6 +89,35 @@ pub(crate) async fn serve_admin(cx: Cx, listener: tokio::net::UnixListener) {
         });
     }
     let _ = std::fs::remove_file(&cx.target.settings.admin_socket);
+}
+
+/// Writes who ran a verb that changes something or reads the source (`status` runs every few
+/// seconds under `--watch` and changes nothing, so it is not recorded).
+fn record_operator(cx: &Cx, stream: &tokio::net::UnixStream, req: &AdminRequest) {
+    if matches!(req, AdminRequest::Status) {
+        return;
+    }
+    let Ok(cred) = stream.peer_cred() else {
+        warn!("admin socket: no peer credentials for {}", req.verb());
+        return;
+    };
+    let uid = cred.uid();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default();
+    let options = serde_json::to_value(req)
+        .ok()
+        .and_then(|v| v.get("options").cloned());
+    info!("admin: {} by {user} (uid {uid})", req.verb());
+    cx.tunnel.audit_event(&AdminCommand {
+        verb: req.verb().to_string(),
+        uid,
+        user,
+        pid: cred.pid(),
+        options,
+    });
 }
 
 async fn write_admin_line(stream: &mut tokio::net::UnixStream, v: &Value) -> std::io::Result<()> {

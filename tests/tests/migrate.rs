@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use pgferry_tests::{table_digest, wait_until};
-use support::audit_verify_peer;
 use support::migration::{number_after, MigrationRig, Writer};
+use support::{audit_events, audit_verify_peer, details};
 
 #[test]
 fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
@@ -87,5 +87,39 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
     let (ok, text) = audit_verify_peer("source", &rig.source.audit, &rig.target.audit);
     assert!(ok, "{text}");
     assert!(text.contains("peer comparison: OK"), "{text}");
+    // Who ran each step: the admin socket's peer credentials (this test runs as root).
+    let commands: Vec<(String, u64, String)> = audit_events(&rig.target.audit, "admin_command")
+        .iter()
+        .map(|r| {
+            let d = details(r);
+            (
+                d["verb"].as_str().unwrap_or_default().to_string(),
+                d["uid"].as_u64().unwrap_or(u64::MAX),
+                d["user"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let uid = u64::from(own_uid());
+    for verb in ["clone", "cutover"] {
+        assert!(
+            commands.iter().any(|(v, u, _)| v == verb && *u == uid),
+            "{verb} by uid {uid} in {commands:?}"
+        );
+    }
+    assert!(
+        commands.iter().all(|(v, _, _)| v != "status"),
+        "status is not recorded: {commands:?}"
+    );
     Ok(())
+}
+
+/// This process's uid, from /proc (the tests link no libc wrapper).
+fn own_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .expect("Uid line")
 }

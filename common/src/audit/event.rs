@@ -253,6 +253,28 @@ impl AuditEvent for StreamIdentified {
     const NAME: &'static str = "stream_identified";
 }
 
+/// `admin_command`: a local user ran a verb on the target's admin socket. The user is the
+/// socket's peer credentials (the kernel's word, not the client's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminCommand {
+    /// `preflight`, `clone`, `cutover` or `rollback` (`status` changes nothing and is not
+    /// recorded).
+    pub verb: String,
+    pub uid: u32,
+    /// The user name of `uid` on the target host (empty if it has none).
+    #[serde(default)]
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    /// The verb's options as given (`cutover`'s tables, budget, fence mode…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Value>,
+}
+
+impl AuditEvent for AdminCommand {
+    const NAME: &'static str = "admin_command";
+}
+
 /// `stream_refused`: the source refused a forwarded connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamRefused {
