@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use pgferry_tests::{table_digest, wait_until};
 use support::migration::{number_after, MigrationRig, Writer};
-use support::{audit_events, audit_verify_peer, details};
+use support::{audit_events, audit_stdout, audit_verify_peer, details};
 
 #[test]
 fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
@@ -110,6 +110,67 @@ fn migrate_with_a_writer_survives_a_killed_agent() -> Result<()> {
         commands.iter().all(|(v, _, _)| v != "status"),
         "status is not recorded: {commands:?}"
     );
+    auditor_report(&rig, downtime)?;
+    Ok(())
+}
+
+/// The auditor's report of this real migration, from both logs: countries, volume per database
+/// user, tables, downtime, who ran it; the JSON's figures are the stream records'; one CSV row
+/// per stream.
+fn auditor_report(rig: &MigrationRig, downtime: u64) -> Result<()> {
+    use std::ffi::OsStr;
+    let (target, source) = (rig.target.audit.as_os_str(), rig.source.audit.as_os_str());
+    let args = |format: &'static str| {
+        vec![
+            OsStr::new("report"),
+            target,
+            OsStr::new("--peer"),
+            source,
+            OsStr::new("--format"),
+            OsStr::new(format),
+        ]
+    };
+    let (ok, text) = audit_stdout("target", &args("text"));
+    assert!(ok, "{text}");
+    eprintln!("{text}");
+    for needle in [
+        "Verdict:  OK: both logs verified".to_string(),
+        "Direction:  Germany (DE) → France (FR)".to_string(),
+        "(replication): ".to_string(),
+        format!("write downtime {downtime} ms"),
+        "Outcome:    PROMOTED".to_string(),
+        "[target] cutover run by ".to_string(),
+        "[source] request ".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle:?} in\n{text}");
+    }
+    let (ok, json) = audit_stdout("target", &args("json"));
+    assert!(ok, "{json}");
+    let doc: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(doc["schema_version"], 1);
+    let closed = audit_events(&rig.target.audit, "stream_closed");
+    let received: u64 = closed
+        .iter()
+        .map(|r| details(r)["received"]["raw_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let reported: u64 = doc["transfer"]["streams"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| s["source_to_target_raw_bytes"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0);
+    assert_eq!(
+        reported, received,
+        "source → target bytes are the target's stream records"
+    );
+    assert!(doc["transfer"]["outcome"]["tables_verified"]
+        .as_array()
+        .is_some_and(|t| !t.is_empty()));
+    let (ok, csv) = audit_stdout("target", &args("csv"));
+    assert!(ok, "{csv}");
+    assert_eq!(csv.lines().count(), closed.len() + 1, "{csv}");
     Ok(())
 }
 

@@ -129,6 +129,12 @@ pub struct AgentStarted {
     pub allow_non_loopback_local: bool,
     #[serde(default)]
     pub tls: TlsParams,
+    /// The host's name (for the auditor's transfer record).
+    #[serde(default)]
+    pub host: String,
+    /// A revocation list is configured and re-read at every handshake.
+    #[serde(default)]
+    pub revocation_list: bool,
 }
 
 impl AuditEvent for AgentStarted {

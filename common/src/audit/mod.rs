@@ -38,7 +38,9 @@
 //!   writer   CheckpointSigner and AuditLog (lock, open/verify/resume, append, checkpoint)
 //!   verify   verify_reader / verify_file → Verified (agents, runs, tunnel sessions, streams)
 //!   peer     compare_peer: the two agents' logs describe the same sessions and the same bytes
-//!   report   render_report: the plain-text report an auditor reads
+//!   report   render_report: the report an auditor reads (text, JSON, CSV), bound to its logs
+//!   transfer the transfer record: parties, countries, volume per database user, outcome,
+//!            safeguards, migration events; the model behind every format
 //! ```
 //!
 //! # One writer, one signer
@@ -117,6 +119,7 @@ pub mod event;
 mod peer;
 mod record;
 mod report;
+mod transfer;
 mod verify;
 mod writer;
 
@@ -128,7 +131,11 @@ pub use peer::{
     PeerMismatch, StreamMismatch, PEER_CLOCK_SLACK_MS,
 };
 pub use record::{events, CHECKPOINT_ALGORITHM, CHECKPOINT_DOMAIN};
-pub use report::{render_report, Report, ReportOptions};
+pub use report::{render_report, Report, ReportFormat, ReportOptions};
+pub use transfer::{
+    country_name, human_bytes, streams_csv, MigrationEvent, Outcome, Party, Safeguards, StreamRow,
+    Transfer, Volume, REPORT_SCHEMA_VERSION,
+};
 pub use verify::{
     verify_file, verify_reader, AgentInfo, HandshakeFailure, Resume, Run, RunEnd, StreamSeen,
     StreamSummary, TunnelSession, Verified, VerifyError, VerifyOptions,

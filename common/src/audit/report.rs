@@ -11,6 +11,9 @@ use serde_json::{Map, Value};
 
 use super::event::{read, AuditEvent, StreamIdentified};
 use super::record::{events, format_time};
+use super::transfer::{
+    country_name, human_bytes, streams_csv, LogRecords, Transfer, REPORT_SCHEMA_VERSION,
+};
 use super::verify::{
     parse_stream_closed, verify_records, Record, Tip, Verified, VerifyError, VerifyOptions,
 };
@@ -26,6 +29,21 @@ pub struct ReportOptions {
     /// A log the agent is still writing: records after the last checkpoint are reported
     /// (flagged) instead of failing the report.
     pub allow_open: bool,
+    /// Text (default), JSON or CSV.
+    pub format: ReportFormat,
+}
+
+/// How `audit report` prints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// For people: verdict, transfer record, migration, then every section.
+    #[default]
+    Text,
+    /// For tools: the verdict, the logs' bindings and the transfer record
+    /// (`schema_version` [`REPORT_SCHEMA_VERSION`]).
+    Json,
+    /// For spreadsheets: one row per stream.
+    Csv,
 }
 
 /// A rendered report and what makes it fail.
@@ -50,84 +68,170 @@ impl Report {
 /// broken or disagrees, yields a report whose first lines say so and whose
 /// [`Report::problems`] are not empty.
 pub fn render_report(path: &Path, opts: &ReportOptions) -> Result<Report, VerifyError> {
-    let file = std::fs::File::open(path).map_err(|e| VerifyError {
-        line: 0,
-        reason: format!("cannot open {}: {e}", path.display()),
-    })?;
-    let vopts = VerifyOptions {
-        allow_open: true,
-        ca_der: opts.ca_der.clone(),
-    };
-    let mut records = Vec::new();
-    let (v, tip) = verify_records(std::io::BufReader::new(file), &vopts, |r| records.push(r))?;
+    let ours = Loaded::read(path, opts.ca_der.clone())?;
     let mut problems = Vec::new();
-    if v.unsigned_tail > 0 && !opts.allow_open {
-        problems.push(format!(
-            "{}: the last {} record(s) are not covered by a signed checkpoint: the log was cut, or the agent is still writing it (pass --allow-open for a live log)",
-            path.display(),
-            v.unsigned_tail
-        ));
+    if let Some(p) = ours.open_tail(opts) {
+        problems.push(p);
     }
     let mut peer_lines = Vec::new();
+    let mut theirs = None;
     if let Some(peer) = &opts.peer {
-        peer_lines = check_peer(path, &v, peer, opts, &mut problems);
+        let (lines, loaded) = check_peer(&ours, peer, opts, &mut problems);
+        (peer_lines, theirs) = (lines, loaded);
     }
-
-    let mut out = String::new();
-    let o = &mut out;
-    verdict(o, &problems, opts);
-    summary(o, path, &v, &tip, &records);
-    for l in &peer_lines {
-        line(o, l);
-    }
-    agents(o, &records, &v);
-    handshakes(o, &records);
-    streams(o, &records);
-    integrity_failures(o, &records);
-    errors(o, &records);
-    tunnel_sessions(o, &records);
-    checkpoints(o, &records);
-    event_counts(o, &records);
-    Ok(Report {
-        text: out,
-        problems,
-    })
+    let mut logs = vec![ours.log_records()];
+    logs.extend(theirs.as_ref().map(Loaded::log_records));
+    let transfer = Transfer::build(&logs);
+    let text = match opts.format {
+        ReportFormat::Text => {
+            let mut out = String::new();
+            let o = &mut out;
+            verdict(o, &problems, opts);
+            summary(o, path, &ours.v, &ours.tip, &ours.records);
+            for l in &peer_lines {
+                line(o, l);
+            }
+            transfer_record(o, &transfer);
+            migration(o, &transfer);
+            let records = &ours.records;
+            agents(o, records, &ours.v);
+            handshakes(o, records);
+            streams(o, records);
+            integrity_failures(o, records);
+            errors(o, records);
+            tunnel_sessions(o, records);
+            checkpoints(o, records);
+            event_counts(o, records);
+            out
+        }
+        ReportFormat::Json => {
+            let mut bindings = vec![ours.binding()];
+            bindings.extend(theirs.as_ref().map(Loaded::binding));
+            let doc = serde_json::json!({
+                "schema_version": REPORT_SCHEMA_VERSION,
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "logs": bindings,
+                "transfer": transfer,
+            });
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&doc).unwrap_or_default()
+            )
+        }
+        ReportFormat::Csv => streams_csv(&transfer.streams),
+    };
+    Ok(Report { text, problems })
 }
 
-/// Verifies the peer's log and compares both; returns the lines the summary shows for it.
+/// One verified log and its records.
+struct Loaded {
+    path: std::path::PathBuf,
+    records: Vec<Record>,
+    v: Verified,
+    tip: Tip,
+}
+
+impl Loaded {
+    /// Verifies (an unsigned tail allowed: the caller decides) and keeps the records.
+    fn read(path: &Path, ca_der: Option<Vec<u8>>) -> Result<Self, VerifyError> {
+        let file = std::fs::File::open(path).map_err(|e| VerifyError {
+            line: 0,
+            reason: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let vopts = VerifyOptions {
+            allow_open: true,
+            ca_der,
+        };
+        let mut records = Vec::new();
+        let (v, tip) = verify_records(std::io::BufReader::new(file), &vopts, |r| records.push(r))?;
+        Ok(Loaded {
+            path: path.to_path_buf(),
+            records,
+            v,
+            tip,
+        })
+    }
+
+    /// Why the log cannot be relied on to its end, if it is not signed to it.
+    fn open_tail(&self, opts: &ReportOptions) -> Option<String> {
+        (self.v.unsigned_tail > 0 && !opts.allow_open).then(|| {
+            format!(
+                "{}: the last {} record(s) are not covered by a signed checkpoint: the log was cut, or the agent is still writing it (pass --allow-open for a live log)",
+                self.path.display(),
+                self.v.unsigned_tail
+            )
+        })
+    }
+
+    fn log_records(&self) -> LogRecords<'_> {
+        LogRecords {
+            role: self
+                .v
+                .agents
+                .first()
+                .map(|a| a.role.clone())
+                .unwrap_or_default(),
+            records: &self.records,
+            checkpoints: self.v.checkpoints as u64,
+        }
+    }
+
+    /// What ties a report to this file: its size in records, head hash and last checkpoint.
+    fn binding(&self) -> Value {
+        let last = self
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.event == events::CHECKPOINT);
+        serde_json::json!({
+            "file": self.path.display().to_string(),
+            "role": self.v.agents.first().map(|a| a.role.clone()),
+            "records": self.v.records,
+            "head_hash": self.tip.last_hash,
+            "last_checkpoint_line": last.map(|c| c.line),
+            "last_checkpoint_signs": last.and_then(|c| c.details.get("signed_hash").cloned()),
+            "unsigned_tail": self.v.unsigned_tail,
+        })
+    }
+}
+
+/// Verifies the peer's log and compares both; returns the lines the summary shows for it, and
+/// the peer's log when it verified.
 fn check_peer(
-    path: &Path,
-    ours: &Verified,
+    ours: &Loaded,
     peer: &Path,
     opts: &ReportOptions,
     problems: &mut Vec<String>,
-) -> Vec<String> {
-    let vopts = VerifyOptions {
-        allow_open: opts.allow_open,
-        ca_der: opts.ca_der.clone(),
-    };
-    let theirs = match super::verify_file(peer, &vopts) {
+) -> (Vec<String>, Option<Loaded>) {
+    let theirs = match Loaded::read(peer, opts.ca_der.clone()) {
         Ok(t) => t,
         Err(e) => {
             problems.push(format!("peer log {}: {e}", peer.display()));
-            return vec![format!("Peer log: {}: FAILED: {e}", peer.display())];
+            return (
+                vec![format!("Peer log: {}: FAILED: {e}", peer.display())],
+                None,
+            );
         }
     };
+    if let Some(p) = theirs.open_tail(opts) {
+        problems.push(format!("peer log {p}"));
+    }
     let mut lines = vec![format!(
         "Peer log: {}: {} records, {} checkpoint(s), verified",
         peer.display(),
-        theirs.records,
-        theirs.checkpoints
+        theirs.v.records,
+        theirs.v.checkpoints
     )];
-    let (a, b) = (path.display().to_string(), peer.display().to_string());
-    match super::compare_peer_named(ours, &a, &theirs, &b) {
+    let (a, b) = (ours.path.display().to_string(), peer.display().to_string());
+    match super::compare_peer_named(&ours.v, &a, &theirs.v, &b) {
         Ok(c) => lines.push(format!("Peers:    the two logs agree: {c}")),
         Err(m) => {
             problems.push(format!("the logs disagree: {m}"));
             lines.push(format!("Peers:    DISAGREE: {m}"));
         }
     }
-    lines
+    (lines, Some(theirs))
 }
 
 /// The first lines: whether the logs can be relied on, and why not.
@@ -596,4 +700,193 @@ pub(crate) fn percent(wire: u64, raw: u64) -> String {
     }
     let per_mille = (u128::from(wire) * 1000 + u128::from(raw) / 2) / u128::from(raw);
     format!("{}.{} %", per_mille / 10, per_mille % 10)
+}
+
+/// The transfer record: what moved from which country to which, when, how much, under which
+/// safeguards, and how the migration ended.
+fn transfer_record(o: &mut String, t: &Transfer) {
+    section(o, "Transfer record");
+    line(o, &format!("  Migration:  {}", t.migration));
+    for p in &t.parties {
+        let host = if p.host.is_empty() {
+            String::new()
+        } else {
+            format!(", host {}", p.host)
+        };
+        line(
+            o,
+            &format!(
+                "  {:<10}  {} ({}){host}, certificate sha256 {}",
+                format!("{}:", capitalise(&p.role)),
+                p.country,
+                p.country_code,
+                p.fingerprint
+            ),
+        );
+    }
+    line(
+        o,
+        &format!("  Period:     {} to {} (UTC)", t.period_from, t.period_to),
+    );
+    let from = t.parties.iter().find(|p| p.role == "source");
+    let to = t.parties.iter().find(|p| p.role == "target");
+    if let (Some(f), Some(g)) = (from, to) {
+        line(
+            o,
+            &format!(
+                "  Direction:  {} ({}) → {} ({})",
+                f.country,
+                f.country_code,
+                country_name(&g.country_code),
+                g.country_code
+            ),
+        );
+    }
+    line(o, "  Volume (source → target, raw / on the wire; back):");
+    if t.volume.is_empty() {
+        line(o, "    (no streams)");
+    }
+    for v in &t.volume {
+        let who = match (v.user.as_str(), v.database.as_str()) {
+            ("", _) => "client not identified".to_string(),
+            (u, "") => format!("user {u}"),
+            (u, d) => format!("user {u}, database {d}"),
+        };
+        line(
+            o,
+            &format!(
+                "    {} {} ({}): {} stream(s), {} / {}; back {} / {}",
+                v.service,
+                who,
+                v.kind,
+                v.streams,
+                human_bytes(v.source_to_target_raw_bytes),
+                human_bytes(v.source_to_target_wire_bytes),
+                human_bytes(v.target_to_source_raw_bytes),
+                human_bytes(v.target_to_source_wire_bytes)
+            ),
+        );
+    }
+    line(
+        o,
+        &format!(
+            "  Refusals:   {} handshake(s) refused, {} stream(s) refused",
+            t.handshakes_refused, t.streams_refused
+        ),
+    );
+    outcome(o, t);
+    safeguards(o, t);
+}
+
+/// How the migration ended: phase, fence LSN, tables, downtime.
+fn outcome(o: &mut String, t: &Transfer) {
+    let m = &t.outcome;
+    if m.phase.is_empty() {
+        line(o, "  Outcome:    no migration recorded in these logs");
+        return;
+    }
+    let state = if m.promoted {
+        "PROMOTED: the new cluster took over"
+    } else if m.rolled_back {
+        "ROLLED BACK: the source stays the primary"
+    } else {
+        "in progress"
+    };
+    line(
+        o,
+        &format!("  Outcome:    {state} (last phase {})", m.phase),
+    );
+    if let Some(lsn) = &m.fence_lsn {
+        line(o, &format!("              fence LSN {lsn}"));
+    }
+    if let Some(ms) = m.downtime_ms {
+        line(o, &format!("              write downtime {ms} ms"));
+    }
+    let names = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    line(
+        o,
+        &format!(
+            "              tables verified equal: {}",
+            names(&m.tables_verified)
+        ),
+    );
+    line(
+        o,
+        &format!(
+            "              tables NOT verified: {}",
+            names(&m.tables_not_verified)
+        ),
+    );
+    if !m.tables_mismatched.is_empty() {
+        line(
+            o,
+            &format!(
+                "              tables DIFFERING: {}",
+                names(&m.tables_mismatched)
+            ),
+        );
+    }
+}
+
+/// The measures in force, in words an auditor can quote.
+fn safeguards(o: &mut String, t: &Transfer) {
+    let s = &t.safeguards;
+    let revocation = match s.revocation_checking {
+        Some(true) => "a revocation list re-read at every handshake",
+        Some(false) => "no revocation list configured",
+        None => "revocation checking not recorded",
+    };
+    let chunks = if s.every_chunk_verified {
+        format!("all {} chunks verified", s.chunks)
+    } else {
+        format!(
+            "{} INTEGRITY FAILURE(S) (the streams were reset)",
+            s.integrity_failures
+        )
+    };
+    line(
+        o,
+        &format!(
+            "  Safeguards: {} with {} and {}; mutual certificate authentication from the migration's private CA; \
+             region policy ({}); {revocation}; every chunk carries a BLAKE3 digest checked before delivery ({chunks}); \
+             the logs are hash-chained and signed ({} signed checkpoint(s)).",
+            or_unknown(&s.tls_protocol),
+            or_unknown(&s.cipher_suite),
+            or_unknown(&s.key_exchange),
+            s.allowed_regions.join("; "),
+            s.signed_checkpoints
+        ),
+    );
+}
+
+/// Every migration event of both logs, in time order.
+fn migration(o: &mut String, t: &Transfer) {
+    section(o, "Migration");
+    if t.migration_events.is_empty() {
+        line(o, "  (none)");
+    }
+    for e in &t.migration_events {
+        line(o, &format!("  {}  [{}] {}", e.time, e.agent, e.summary));
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "(not recorded)"
+    } else {
+        s
+    }
 }

@@ -1648,3 +1648,153 @@ fn the_report_is_bound_to_its_logs_and_fails_first_when_they_cannot_be_relied_on
     );
     assert!(r.text.contains("Peers:    DISAGREE"), "{}", r.text);
 }
+
+/// Writes a target log of a small migration: who ran it, its phases, the fence, the verified
+/// tables, the downtime, and two streams told apart by their startup messages.
+fn write_migration_log(path: &Path, a: &Agent, peer_fp: &str) {
+    let mut log = AuditLog::open(path, a.signer()).unwrap();
+    let mut started = a.started();
+    started["host"] = "db-new".into();
+    started["allowed_regions"] = "DE,FR".into();
+    started["tls"] = json!({"protocol": "TLSv1.3", "cipher_suite": "TLS13_AES_128_GCM_SHA256", "kx_group": "X25519"});
+    log.append("agent_started", started).unwrap();
+    log.append("handshake_accepted", handshake(a, peer_fp))
+        .unwrap();
+    log.append(
+        "admin_command",
+        json!({"verb": "clone", "uid": 0, "user": "root", "pid": 4242}),
+    )
+    .unwrap();
+    for (from, to) in [("new", "preflighted"), ("preflighted", "slot_created")] {
+        log.append("migration_state", json!({"from": from, "to": to}))
+            .unwrap();
+    }
+    for (id, who) in [
+        (
+            "000000000a100001",
+            json!({"user": "alice", "database": "shop", "application_name": "psql"}),
+        ),
+        (
+            "000000000a100002",
+            json!({"user": "postgres", "application_name": "pg_basebackup", "replication": "true"}),
+        ),
+    ] {
+        log.append(
+            "stream_opened",
+            json!({"session_id": id, "service": "postgres"}),
+        )
+        .unwrap();
+        log.append(
+            "stream_identified",
+            json!({"session_id": id, "service": "postgres", "postgres": who}),
+        )
+        .unwrap();
+        log.append("stream_closed", stream(id, "target", "ok"))
+            .unwrap();
+    }
+    log.append("source_fenced", json!({"lsn": "0/3000060"}))
+        .unwrap();
+    log.append(
+        "tables_verified",
+        json!({"tables": [{"table": "public.orders", "rows": 3, "blake3": "ab".repeat(32)}],
+               "mismatched": [], "not_verified": ["public.big"]}),
+    )
+    .unwrap();
+    log.append(
+        "migration_state",
+        json!({"from": "verified", "to": "completed"}),
+    )
+    .unwrap();
+    log.append("cutover_report", json!({"downtime_ms": 228}))
+        .unwrap();
+    log.append("session_ended", ended(peer_fp, 2)).unwrap();
+    log.append("agent_stopped", json!({"drained": true, "streams_cut": 0}))
+        .unwrap();
+    log.checkpoint().unwrap();
+}
+
+/// The transfer record an auditor files: countries by name, volume per database user, who ran
+/// the migration, its outcome and safeguards; the same figures as JSON (with its schema
+/// version) and one CSV row per stream.
+#[test]
+fn the_report_starts_with_the_transfer_record_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target.jsonl");
+    let (ta, sa) = (agent(None, "target"), agent(None, "source"));
+    write_migration_log(&path, &ta, &sa.fingerprint());
+    let text = render_report(&path, &ReportOptions::default())
+        .unwrap()
+        .text;
+    for needle in [
+        "Transfer record".to_string(),
+        format!("Target:     Germany (DE), host db-new, certificate sha256 {}", ta.fingerprint()),
+        format!("Source:     France (FR), certificate sha256 {}", sa.fingerprint()),
+        "Direction:  France (FR) → Germany (DE)".to_string(),
+        "postgres user alice, database shop (session): 1 stream(s), 83.00 MB / 27.00 MB; back 1.00 kB / 400 B".to_string(),
+        "postgres user postgres (replication): 1 stream(s)".to_string(),
+        "Outcome:    PROMOTED: the new cluster took over (last phase completed)".to_string(),
+        "fence LSN 0/3000060".to_string(),
+        "write downtime 228 ms".to_string(),
+        "tables verified equal: public.orders".to_string(),
+        "tables NOT verified: public.big".to_string(),
+        "TLSv1.3 with TLS13_AES_128_GCM_SHA256 and X25519".to_string(),
+        "region policy (target allows DE, FR)".to_string(),
+        "[target] clone run by root (uid 0)".to_string(),
+        "[target] phase new → preflighted".to_string(),
+        "who       user alice, database shop, application psql".to_string(),
+    ] {
+        assert!(text.contains(&needle), "missing {needle:?} in\n{text}");
+    }
+    // The transfer record comes before the per-record sections.
+    assert!(text.find("Transfer record").unwrap() < text.find("Agents").unwrap());
+
+    let json = ReportOptions {
+        format: ReportFormat::Json,
+        ..Default::default()
+    };
+    let doc: Value = serde_json::from_str(&render_report(&path, &json).unwrap().text).unwrap();
+    assert_eq!(doc["schema_version"], REPORT_SCHEMA_VERSION);
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["logs"][0]["records"], 18);
+    let t = &doc["transfer"];
+    assert_eq!(t["outcome"]["downtime_ms"], 228);
+    assert_eq!(t["outcome"]["tables_not_verified"], json!(["public.big"]));
+    // The figures equal the stream records: source → target is what the target received.
+    let streams = t["streams"].as_array().unwrap();
+    assert_eq!(streams.len(), 2);
+    assert_eq!(streams[0]["source_to_target_raw_bytes"], 83_000_000);
+    assert_eq!(streams[0]["target_to_source_raw_bytes"], 1000);
+    assert_eq!(streams[1]["replication"], true);
+
+    let csv = ReportOptions {
+        format: ReportFormat::Csv,
+        ..Default::default()
+    };
+    let csv = render_report(&path, &csv).unwrap().text;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "a header and one row per stream:\n{csv}");
+    assert!(rows[0].starts_with("session_id,service,closed_at,duration_ms,outcome,user,database"));
+    assert!(rows[1].starts_with("000000000a100001,postgres,"));
+    assert!(
+        rows[1].contains(",alice,shop,psql,false,83000000,"),
+        "{}",
+        rows[1]
+    );
+}
+
+#[test]
+fn units_countries_and_csv_cells() {
+    assert_eq!(human_bytes(999), "999 B");
+    assert_eq!(human_bytes(2_111_885_499), "2.11 GB");
+    assert_eq!(country_name("DE"), "Germany");
+    assert_eq!(country_name("ZZ"), "ZZ");
+    let row = StreamRow {
+        user: "=HYPERLINK(\"x\")".into(),
+        application: "a,b".into(),
+        ..Default::default()
+    };
+    let csv = streams_csv(&[row]);
+    let line = csv.lines().nth(1).unwrap();
+    assert!(line.contains("\"'=HYPERLINK(\"\"x\"\")\""), "{line}");
+    assert!(line.contains("\"a,b\""), "{line}");
+}

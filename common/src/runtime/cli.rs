@@ -107,6 +107,10 @@ pub enum AuditCommand {
         /// are flagged in the report.
         #[arg(long)]
         allow_open: bool,
+        /// text (for people), json (schema_version 1: verdict, log bindings, transfer
+        /// record), or csv (one row per stream).
+        #[arg(long, value_name = "text|json|csv", default_value = "text")]
+        format: String,
     },
 }
 
@@ -280,11 +284,19 @@ pub fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
             peer,
             ca,
             allow_open,
+            format,
         } => {
+            let format = match format.as_str() {
+                "text" => audit::ReportFormat::Text,
+                "json" => audit::ReportFormat::Json,
+                "csv" => audit::ReportFormat::Csv,
+                other => anyhow::bail!("--format {other:?}: use text, json or csv"),
+            };
             let opts = audit::ReportOptions {
                 peer,
                 ca_der: ca.as_deref().map(read_pem_cert).transpose()?,
                 allow_open,
+                format,
             };
             match audit::render_report(&log, &opts) {
                 Ok(report) => {

@@ -140,6 +140,19 @@ pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `pgferry-<role> audit ARGS…`: success and its standard output alone (for JSON and CSV).
+pub fn audit_stdout(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(bin_path(&format!("pgferry-{role}")))
+        .arg("audit")
+        .args(args)
+        .output()
+        .expect("running audit");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 /// `audit verify LOG --peer PEER_LOG` with `pgferry-<role>`: success and its output.
 pub fn audit_verify_peer(role: &str, log: &Path, peer: &Path) -> (bool, String) {
     use std::ffi::OsStr;

@@ -89,6 +89,10 @@ pub(super) fn record_started(audit: &Audit, cfg: &AgentConfig, identity: &TlsIde
         congestion_control: cfg.congestion_control.to_string(),
         allow_non_loopback_local: cfg.allow_non_loopback_local,
         tls: tls_params(None),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+        revocation_list: cfg.revocation_list.is_some(),
     });
 }
 
