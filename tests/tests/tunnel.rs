@@ -341,6 +341,11 @@ fn tamper_checks(log: &Path, scratch: &Path) -> Result<()> {
     let (ok, out) = verify(join(&edited));
     assert!(!ok, "edited log verified: {out}");
     assert!(out.contains(&format!("line {}", k + 1)), "{out}");
+    // The report refuses it too, the reason on its first line.
+    let (ok, out) = audit_cli("target", &[OsStr::new("report"), scratch.as_os_str()]);
+    assert!(!ok, "report of an edited log succeeded: {out}");
+    let first = out.lines().next().unwrap_or_default();
+    assert!(first.contains(&format!("FAILED: line {}", k + 1)), "{out}");
 
     // Delete that record: the next line no longer follows its predecessor.
     let mut deleted = lines.clone();
@@ -354,6 +359,13 @@ fn tamper_checks(log: &Path, scratch: &Path) -> Result<()> {
     let (ok, out) = verify(join(cut));
     assert!(!ok, "cut log verified: {out}");
     assert!(out.contains("line "), "{out}");
+    // The report of the cut log exits 1 and says so before anything else.
+    let (ok, out) = audit_cli("target", &[OsStr::new("report"), scratch.as_os_str()]);
+    assert!(!ok, "report of a cut log succeeded: {out}");
+    assert!(
+        out.lines().nth(2).unwrap_or_default() == "Verdict:  FAILED: do not rely on this report",
+        "{out}"
+    );
 
     // Cut right after the session's checkpoint (agent_stopped and its checkpoint gone).
     let cut = &lines[..lines.len() - 2];

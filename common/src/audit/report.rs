@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::event::{read, AuditEvent, StreamIdentified};
+use super::event::{read, AgentStopped, AuditEvent, StreamIdentified};
 use super::record::{events, format_time};
 use super::transfer::{
     country_name, human_bytes, streams_csv, LogRecords, Transfer, REPORT_SCHEMA_VERSION,
@@ -81,7 +81,8 @@ pub fn render_report(path: &Path, opts: &ReportOptions) -> Result<Report, Verify
     }
     let mut logs = vec![ours.log_records()];
     logs.extend(theirs.as_ref().map(Loaded::log_records));
-    let transfer = Transfer::build(&logs);
+    let mut transfer = Transfer::build(&logs);
+    transfer.safeguards.ca_fingerprint = opts.ca_der.as_deref().map(super::record::sha256_hex);
     let text = match opts.format {
         ReportFormat::Text => {
             let mut out = String::new();
@@ -358,7 +359,15 @@ fn agents(o: &mut String, records: &[Record], v: &Verified) {
     }
     for r in records.iter().filter(|r| r.event == events::AGENT_STOPPED) {
         any = true;
-        line(o, &format!("  {}  stopped  {}", head(r), json(&r.details)));
+        let stop = match read::<AgentStopped>(&r.details) {
+            Ok(a) if a.drained => "every forwarded connection drained".to_string(),
+            Ok(a) => format!(
+                "{} forwarded connection(s) cut at the drain limit",
+                a.streams_cut
+            ),
+            Err(_) => "details not recorded".to_string(),
+        };
+        line(o, &format!("  {}  stopped  {stop}", head(r)));
     }
     none_if(o, any);
 }
@@ -460,9 +469,9 @@ fn streams(o: &mut String, records: &[Record]) {
         line(
             o,
             &format!(
-                "{PAD}sent      {} B raw, {} B wire ({} of raw), {} chunk(s), blake3 {}",
-                st.sent_raw_bytes,
-                st.sent_wire_bytes,
+                "{PAD}sent      {} raw, {} wire ({} of raw), {} chunk(s), blake3 {}",
+                bytes(st.sent_raw_bytes),
+                bytes(st.sent_wire_bytes),
                 percent(st.sent_wire_bytes, st.sent_raw_bytes),
                 st.sent_chunks,
                 st.sent_digest
@@ -471,9 +480,9 @@ fn streams(o: &mut String, records: &[Record]) {
         line(
             o,
             &format!(
-                "{PAD}received  {} B raw, {} B wire ({} of raw), {} chunk(s), blake3 {}",
-                st.received_raw_bytes,
-                st.received_wire_bytes,
+                "{PAD}received  {} raw, {} wire ({} of raw), {} chunk(s), blake3 {}",
+                bytes(st.received_raw_bytes),
+                bytes(st.received_wire_bytes),
                 percent(st.received_wire_bytes, st.received_raw_bytes),
                 st.received_chunks,
                 st.received_digest
@@ -497,12 +506,12 @@ fn streams(o: &mut String, records: &[Record]) {
         line(
             o,
             &format!(
-                "  total: {count} stream(s); sent {} B raw, {} B wire ({}); received {} B raw, {} B wire ({})",
-                totals[0],
-                totals[1],
+                "  total: {count} stream(s); sent {} raw, {} wire ({}); received {} raw, {} wire ({})",
+                bytes(totals[0]),
+                bytes(totals[1]),
                 percent(totals[1], totals[0]),
-                totals[2],
-                totals[3],
+                bytes(totals[2]),
+                bytes(totals[3]),
                 percent(totals[3], totals[2])
             ),
         );
@@ -544,7 +553,18 @@ fn integrity_failures(o: &mut String, records: &[Record]) {
                 s(&r.details, &["service"])
             ),
         );
-        line(o, &format!("{PAD}{}", json(&r.details)));
+        line(o, &format!("{PAD}reason: {}", s(&r.details, &["reason"])));
+        line(
+            o,
+            &format!(
+                "{PAD}delivered before it: {} verified chunk(s), {}",
+                s(&r.details, &["delivered_chunks"]),
+                r.details
+                    .get("delivered_bytes")
+                    .and_then(Value::as_u64)
+                    .map_or("-".to_string(), human_bytes)
+            ),
+        );
     }
     none_if(o, any);
 }
@@ -555,7 +575,7 @@ fn errors(o: &mut String, records: &[Record]) {
     let mut any = false;
     for r in records.iter().filter(|r| r.event == events::ERROR) {
         any = true;
-        line(o, &format!("  {}  {}", head(r), json(&r.details)));
+        line(o, &format!("  {}  {}", head(r), words(&r.details)));
     }
     none_if(o, any);
 }
@@ -678,17 +698,40 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn json(d: &Map<String, Value>) -> String {
-    Value::Object(d.clone()).to_string()
+/// A byte count for people, exact beside it when rounded: `83.00 MB (83000000 B)`.
+fn bytes(n: u64) -> String {
+    if n < 1000 {
+        format!("{n} B")
+    } else {
+        format!("{} ({n} B)", human_bytes(n))
+    }
+}
+
+/// Free-form details as `key: value; …` (strings unquoted, nested values compact).
+fn words(d: &Map<String, Value>) -> String {
+    d.iter()
+        .map(|(k, v)| match v {
+            Value::String(t) => format!("{k}: {t}"),
+            other => format!("{k}: {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn tls(d: &Map<String, Value>) -> String {
+    let alpn = match d
+        .get("tls")
+        .and_then(|t| t.get("alpn"))
+        .and_then(Value::as_str)
+    {
+        Some(a) => format!(", ALPN {a}"),
+        None => String::new(),
+    };
     format!(
-        "protocol {}, cipher suite {}, key exchange {}, ALPN {}",
+        "protocol {}, cipher suite {}, key exchange {}{alpn}",
         s(d, &["tls", "protocol"]),
         s(d, &["tls", "cipher_suite"]),
         s(d, &["tls", "kx_group"]),
-        s(d, &["tls", "alpn"])
     )
 }
 
@@ -850,10 +893,14 @@ fn safeguards(o: &mut String, t: &Transfer) {
             s.integrity_failures
         )
     };
+    let ca = match &s.ca_fingerprint {
+        Some(fp) => format!("the migration's private CA (sha256 {fp}, checked)"),
+        None => "the migration's private CA (pass --ca to check it)".to_string(),
+    };
     line(
         o,
         &format!(
-            "  Safeguards: {} with {} and {}; mutual certificate authentication from the migration's private CA; \
+            "  Safeguards: {} with {} and {}; mutual certificate authentication from {ca}; \
              region policy ({}); {revocation}; every chunk carries a BLAKE3 digest checked before delivery ({chunks}); \
              the logs are hash-chained and signed ({} signed checkpoint(s)).",
             or_unknown(&s.tls_protocol),

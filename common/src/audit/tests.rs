@@ -1466,9 +1466,10 @@ fn the_report_shows_agents_handshakes_streams_and_checkpoints() {
         "accepted  address 192.0.2.7:7443  peer role target  region FR",
         "TLS protocol TLSv1.3, cipher suite TLS13_AES_256_GCM_SHA384, key exchange X25519, ALPN pgferry/1",
         "session 000000000a100002  service postgres  outcome ok  duration 1234 ms",
-        &format!("sent      83000000 B raw, 27000000 B wire (32.5 % of raw), 640 chunk(s), blake3 {digest}"),
-        "received  1000 B raw, 400 B wire (40.0 % of raw), 2 chunk(s)",
-        "{\"message\":\"upstream slow\"}",
+        &format!("sent      83.00 MB (83000000 B) raw, 27.00 MB (27000000 B) wire (32.5 % of raw), 640 chunk(s), blake3 {digest}"),
+        "received  1.00 kB (1000 B) raw, 400 B wire (40.0 % of raw), 2 chunk(s)",
+        "stopped  every forwarded connection drained",
+        "message: upstream slow",
         "signature valid  covers 15 record(s)",
         "stream_closed        3",
     ] {

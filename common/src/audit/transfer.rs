@@ -95,6 +95,8 @@ pub struct Safeguards {
     pub cipher_suite: String,
     pub key_exchange: String,
     pub mutual_certificate_authentication: bool,
+    /// SHA-256 of the CA both certificates were checked against (`report --ca`).
+    pub ca_fingerprint: Option<String>,
     /// The policy each agent enforced on its peer's country.
     pub allowed_regions: Vec<String>,
     /// Whether the agents re-read a revocation list at every handshake.
