@@ -41,6 +41,11 @@ pub struct Executor<'a> {
     pub progress: &'a (dyn Fn(String) + Send + Sync),
 }
 
+/// `application_name` of the base backup's connections (`PGAPPNAME`), as the source's
+/// `pg_stat_replication` and the audit report show them.
+pub const BASEBACKUP_APP: &str = "pgferry_basebackup";
+/// `application_name` of the standby's walreceiver.
+pub const STANDBY_APP: &str = "pgferry_standby";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {
@@ -335,7 +340,7 @@ impl Executor<'_> {
             "--progress",
             "--no-password",
         ])
-        .env("PGAPPNAME", "pgferry");
+        .env("PGAPPNAME", BASEBACKUP_APP);
         if let Some(p) = &self.settings.replication_password_file {
             let pw = pgferry_common::runtime::config::read_password_file(p)?;
             cmd.env("PGPASSWORD", pw);
@@ -360,7 +365,14 @@ impl Executor<'_> {
         let data_dir = self.data_dir()?;
         // Settings of the new host override what was copied from the source.
         let auto = data_dir.join("postgresql.auto.conf");
-        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        // The walreceiver names itself apart from the base backup (pg_basebackup -R wrote its
+        // own application_name into primary_conninfo): the audit report tells them apart.
+        let mut text = std::fs::read_to_string(&auto)
+            .unwrap_or_default()
+            .replace(
+                &format!("application_name={BASEBACKUP_APP}"),
+                &format!("application_name={STANDBY_APP}"),
+            );
         text.push_str(&format!(
             "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\nwal_retrieve_retry_interval = '1s'\n",
             self.settings.port,
