@@ -138,6 +138,8 @@ fn auditor_report(rig: &MigrationRig, downtime: u64) -> Result<()> {
         "(replication): ".to_string(),
         format!("write downtime {downtime} ms"),
         "Outcome:    PROMOTED".to_string(),
+        "tables verified equal: ferry.docs, ferry.events, ferry.orders, ferry.writes".to_string(),
+        "tables NOT verified: none".to_string(),
         "[target] cutover run by ".to_string(),
         "[source] request ".to_string(),
         // The base backup's connections and the standby's walreceiver, told apart.
