@@ -367,12 +367,10 @@ impl Executor<'_> {
         let auto = data_dir.join("postgresql.auto.conf");
         // The walreceiver names itself apart from the base backup (pg_basebackup -R wrote its
         // own application_name into primary_conninfo): the audit report tells them apart.
-        let mut text = std::fs::read_to_string(&auto)
-            .unwrap_or_default()
-            .replace(
-                &format!("application_name={BASEBACKUP_APP}"),
-                &format!("application_name={STANDBY_APP}"),
-            );
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default().replace(
+            &format!("application_name={BASEBACKUP_APP}"),
+            &format!("application_name={STANDBY_APP}"),
+        );
         text.push_str(&format!(
             "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\nwal_retrieve_retry_interval = '1s'\n",
             self.settings.port,

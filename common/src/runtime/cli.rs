@@ -80,16 +80,8 @@ pub enum AuditCommand {
     Verify {
         /// The audit log to check.
         log: PathBuf,
-        /// The other agent's log: both logs must describe the same tunnel sessions and streams
-        /// (outside the windows where one agent was down), with the same digests.
-        #[arg(long, value_name = "OTHER_LOG")]
-        peer: Option<PathBuf>,
-        /// Also check that the certificates embedded in the log were issued by this CA.
-        #[arg(long, value_name = "CA_PEM")]
-        ca: Option<PathBuf>,
-        /// Accept records after the last checkpoint (a log the agent is still writing).
-        #[arg(long)]
-        allow_open: bool,
+        #[command(flatten)]
+        check: CheckArgs,
     },
     /// Render a log for an auditor: who, when, what, where, how. The log is verified first
     /// (and the peer's, with --peer); exit 1 when a log is broken, not signed to its end, or
@@ -97,21 +89,29 @@ pub enum AuditCommand {
     Report {
         /// The audit log to render.
         log: PathBuf,
-        /// The other agent's log: verified too, and compared with this one.
-        #[arg(long, value_name = "OTHER_LOG")]
-        peer: Option<PathBuf>,
-        /// Also check that the certificates in the logs were issued by this CA.
-        #[arg(long, value_name = "CA_PEM")]
-        ca: Option<PathBuf>,
-        /// Accept records after the last checkpoint (a log the agent is still writing); they
-        /// are flagged in the report.
-        #[arg(long)]
-        allow_open: bool,
+        #[command(flatten)]
+        check: CheckArgs,
         /// text (for people), json (schema_version 1: verdict, log bindings, transfer
-        /// record), or csv (one row per stream).
+        /// record; docs/audit-report.md), or csv (one row per stream).
         #[arg(long, value_name = "text|json|csv", default_value = "text")]
         format: String,
     },
+}
+
+/// What `audit verify` and `audit report` check beyond the log itself.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The other agent's log: both logs must describe the same tunnel sessions and streams
+    /// (outside the windows where one agent was down), with the same digests.
+    #[arg(long, value_name = "OTHER_LOG")]
+    pub peer: Option<PathBuf>,
+    /// Also check that the certificates embedded in the logs were issued by this CA.
+    #[arg(long, value_name = "CA_PEM")]
+    pub ca: Option<PathBuf>,
+    /// Accept records after the last checkpoint (a log the agent is still writing; the report
+    /// flags them).
+    #[arg(long)]
+    pub allow_open: bool,
 }
 
 /// `--log`, global to every subcommand of both binaries (flattened into their clap trees).
@@ -230,9 +230,12 @@ pub fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
     match cmd {
         AuditCommand::Verify {
             log,
-            peer,
-            ca,
-            allow_open,
+            check:
+                CheckArgs {
+                    peer,
+                    ca,
+                    allow_open,
+                },
         } => {
             let ca_der = match &ca {
                 Some(p) => Some(read_pem_cert(p)?),
@@ -281,9 +284,12 @@ pub fn audit_command(cmd: AuditCommand) -> Result<ExitCode> {
         }
         AuditCommand::Report {
             log,
-            peer,
-            ca,
-            allow_open,
+            check:
+                CheckArgs {
+                    peer,
+                    ca,
+                    allow_open,
+                },
             format,
         } => {
             let format = match format.as_str() {
@@ -342,9 +348,20 @@ mod tests {
         assert!(matches!(
             p.audit,
             AuditCommand::Verify {
-                allow_open: true,
+                check: CheckArgs {
+                    allow_open: true,
+                    ..
+                },
                 ..
             }
+        ));
+        let p = Probe::try_parse_from([
+            "x", "report", "t.jsonl", "--peer", "s.jsonl", "--format", "csv",
+        ])
+        .unwrap();
+        assert!(matches!(
+            p.audit,
+            AuditCommand::Report { check: CheckArgs { peer: Some(_), .. }, format, .. } if format == "csv"
         ));
     }
 }
