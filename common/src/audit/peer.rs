@@ -50,7 +50,7 @@ use std::fmt;
 
 use time::{Duration, OffsetDateTime};
 
-use super::record::format_time;
+use super::record::{format_time, normalize_fingerprint};
 use super::verify::{RunEnd, StreamSummary, TunnelSession, Verified};
 
 /// Tolerance when comparing times of the two logs: the clock skew preflight allows between
@@ -581,7 +581,49 @@ fn check_agents(a: &Verified, b: &Verified, names: &Names<'_>) -> Result<(), Pee
             });
         }
     }
-    Ok(())
+    check_certificates(a, names.a, b, names.b)?;
+    check_certificates(b, names.b, a, names.a)
+}
+
+/// The other log must be written by an agent this log talked to: when this log has tunnel
+/// sessions, at least one names a certificate that signed the other log. Otherwise a log of
+/// another agent of the same migration (a second target, say), started after every session
+/// here, would pass: each session excused as "the other agent was not running yet".
+fn check_certificates(
+    this: &Verified,
+    this_name: &str,
+    other: &Verified,
+    other_name: &str,
+) -> Result<(), PeerMismatch> {
+    if this.tunnel_sessions.is_empty() || other.agents.is_empty() {
+        return Ok(());
+    }
+    let writers: Vec<String> = other
+        .agents
+        .iter()
+        .map(|a| normalize_fingerprint(&a.fingerprint))
+        .collect();
+    if this
+        .tunnel_sessions
+        .iter()
+        .any(|s| writers.contains(&s.peer_fingerprint))
+    {
+        return Ok(());
+    }
+    let mut talked: Vec<&str> = this
+        .tunnel_sessions
+        .iter()
+        .map(|s| s.peer_fingerprint.as_str())
+        .collect();
+    talked.sort_unstable();
+    talked.dedup();
+    Err(PeerMismatch::NotPeers {
+        reason: format!(
+            "{other_name} was written by certificate(s) {}, but every tunnel session in {this_name} was with {}: not the agent this log talked to",
+            writers.join(", "),
+            talked.join(", ")
+        ),
+    })
 }
 
 fn compare_direction(

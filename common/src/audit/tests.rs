@@ -1799,3 +1799,31 @@ fn units_countries_and_csv_cells() {
     assert!(line.contains("\"'=HYPERLINK(\"\"x\"\")\""), "{line}");
     assert!(line.contains("\"a,b\""), "{line}");
 }
+
+/// A log of another agent of the same migration (a second target certificate) is not the
+/// peer's, even when it started after every session of ours (which would excuse each of them
+/// as "the other agent was not running yet").
+#[test]
+fn a_log_of_an_agent_this_one_never_talked_to_is_not_its_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, stranger_log) = (dir.path().join("s.jsonl"), dir.path().join("x.jsonl"));
+    let (sa, ta, stranger) = (
+        agent(None, "source"),
+        agent(None, "target"),
+        agent(None, "target"),
+    );
+    write_log_with_peer(&src, &sa, &ta.fingerprint());
+    write_log_with_peer(&stranger_log, &stranger, &sa.fingerprint());
+    let vs = verify_file(&src, &closed()).unwrap();
+    let vx = verify_file(&stranger_log, &closed()).unwrap();
+    match compare_peer_named(&vs, "s.jsonl", &vx, "x.jsonl") {
+        Err(PeerMismatch::NotPeers { reason }) => {
+            assert!(
+                reason.contains("x.jsonl was written by certificate(s)"),
+                "{reason}"
+            );
+            assert!(reason.contains(&ta.fingerprint()), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
