@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use tracing::{info, warn};
 
 use crate::config::SourcePg;
+use pgferry_common::audit::event::{self, AuditEvent, ControlRequestAnswered};
 use pgferry_common::control::{self, ControlMessage, Response, MAX_CONTROL_MESSAGE};
 use pgferry_common::runtime::digest::ConnectFuture;
 use pgferry_common::runtime::pump;
@@ -107,16 +108,17 @@ fn reply_and_audit(
         .ok()
         .and_then(|v| v.get("result").cloned())
         .unwrap_or_default();
-    let mut details = serde_json::json!({"id": id, "op": op, "result": result});
-    if let Response::Error { message } = response {
-        details["message"] = message.clone().into();
-    }
-    info!(
-        "control request {id} {}: {}",
-        op.as_str().unwrap_or("?"),
-        result.as_str().unwrap_or("?")
-    );
-    audit("control_request", details);
+    let record = ControlRequestAnswered {
+        id,
+        op: op.as_str().unwrap_or("?").to_string(),
+        result: result.as_str().unwrap_or("?").to_string(),
+        message: match response {
+            Response::Error { message } => Some(message.clone()),
+            _ => None,
+        },
+    };
+    info!("control request {id} {}: {}", record.op, record.result);
+    audit(ControlRequestAnswered::NAME, event::details(&record));
 }
 
 /// The cached connection, (re)connecting when there is none or it has closed.

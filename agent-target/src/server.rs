@@ -19,7 +19,7 @@ use pgferry_common::admin::{
     AdminFailure, AdminLine, AdminRequest, CutoverOptions, Part, PeerStatus, PhaseStatus,
     PreflightReport, StatusReport, TunnelStatus,
 };
-use pgferry_common::audit::event::AdminCommand;
+use pgferry_common::audit::event::{AdminCommand, PreflightRun};
 use pgferry_common::control::{Request, Response};
 use pgferry_common::migration::State;
 use pgferry_common::runtime::config::Endpoint;
@@ -403,14 +403,15 @@ async fn admin_preflight(cx: &Cx) -> Result<PreflightReport, AdminFailure> {
             .map_err(|e| AdminFailure::new(format!("{e:#}")))?;
     let checks = pgferry_common::preflight::evaluate(&facts, &tf);
     let ok = checks.iter().all(|c| c.ok);
-    cx.tunnel.audit(
-        "preflight",
-        json!({
-            "ok": ok,
-            "failed": checks.iter().filter(|c| !c.ok).map(|c| c.name.clone()).collect::<Vec<_>>(),
-            "checks": checks.len() as u64,
-        }),
-    );
+    cx.tunnel.audit_event(&PreflightRun {
+        ok,
+        failed: checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.clone())
+            .collect(),
+        checks: checks.len() as u64,
+    });
     Ok(PreflightReport {
         ok,
         checks,

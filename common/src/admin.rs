@@ -129,6 +129,7 @@ pub const DEFAULT_VERIFY_BUDGET_SECS: u64 = 5;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CutoverReport {
     /// Milliseconds each step of the cutover took.
+    #[serde(default)]
     pub phases: CutoverPhases,
     /// Bytes the standby was behind when the cutover began.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use pgferry_common::admin::{CutoverReport, Verification};
+use pgferry_common::audit::event::{SourceFenced, TablesVerified};
 use pgferry_common::control::{FenceMode, Request, Response, SourceStatus};
 use pgferry_common::migration::{Event, Fence, State};
 
@@ -187,10 +188,10 @@ impl Cutover<'_, '_> {
             )),
             None => (self.exec.progress)(format!("source fenced at LSN {lsn}")),
         }
-        (self.exec.audit)(
-            "source_fenced",
-            json!({"lsn": lsn.to_string(), "fence": fenced}),
-        );
+        self.exec.record(&SourceFenced {
+            lsn: lsn.to_string(),
+            fence: fenced.clone(),
+        });
         self.report.fence = fenced;
         self.report.phases.fence_ms = Some(t_fence.elapsed().as_millis() as u64);
         Ok(Step::Next(
@@ -294,7 +295,7 @@ impl Cutover<'_, '_> {
             pre.report.rounds,
             pre.report.wal_records
         ));
-        (self.exec.audit)("verification_prepass", json!(pre.report));
+        self.exec.record(&pre.report);
         self.report.prepass = Some(pre.report.clone());
         self.report.phases.prepass_ms = Some(t_pre.elapsed().as_millis() as u64);
         self.prepass = Some(pre);
@@ -372,10 +373,13 @@ impl Cutover<'_, '_> {
         let mut skipped = plan.skipped.clone();
         skipped.extend(checked.not_verified.iter().cloned());
         // One record, whatever the outcome.
-        (self.exec.audit)(
-            "tables_verified",
-            json!({"tables": ours, "mismatched": checked.mismatched, "not_verified": skipped, "method": "block_ranges", "at_fence": at_fence}),
-        );
+        self.exec.record(&TablesVerified {
+            tables: ours.clone(),
+            mismatched: checked.mismatched.clone(),
+            not_verified: skipped.clone(),
+            method: Some("block_ranges".into()),
+            at_fence: Some(at_fence.clone()),
+        });
         if !checked.mismatched.is_empty() {
             bail!(
                 "table contents differ after the fence: {}",
@@ -460,10 +464,13 @@ impl Cutover<'_, '_> {
                 )
             })
             .collect();
-        (self.exec.audit)(
-            "tables_verified",
-            json!({"tables": ours, "mismatched": mismatched, "not_verified": plan.skipped}),
-        );
+        self.exec.record(&TablesVerified {
+            tables: ours.clone(),
+            mismatched: mismatched.clone(),
+            not_verified: plan.skipped.clone(),
+            method: None,
+            at_fence: None,
+        });
         if !mismatched.is_empty() || theirs.len() != ours.len() {
             bail!(
                 "table contents differ after the fence: {}",
@@ -609,6 +616,6 @@ impl Cutover<'_, '_> {
         self.report.total_ms = Some(t_start.elapsed().as_millis() as u64);
         self.report.phase = Some(state.phase().to_string());
         self.report.timeline = Some(timeline(&self.exec.store.history().unwrap_or_default()));
-        (self.exec.audit)("cutover_report", json!(self.report));
+        self.exec.record(&self.report);
     }
 }

@@ -26,6 +26,9 @@ use crate::config::TargetSettings;
 use crate::control_client::ControlClient;
 use crate::state_store::StateStore;
 use pgferry_common::admin::TimelineStep;
+use pgferry_common::audit::event::{
+    self, AuditEvent, BaseBackupDone, MigrationStateChanged, SlotKept, StandbyStarted,
+};
 use pgferry_common::control::{FenceMode, Request, Response};
 use pgferry_common::migration::{Event, State};
 
@@ -76,12 +79,18 @@ impl Executor<'_> {
         let from = state.phase();
         let next = state.next(event.clone())?;
         self.store.save(&next, now_ms())?;
-        (self.audit)(
-            "migration_state",
-            json!({"from": from, "to": next.phase(), "event": serde_json::to_value(&event).unwrap_or_default()}),
-        );
+        self.record(&MigrationStateChanged {
+            from: from.to_string(),
+            to: next.phase().to_string(),
+            event: serde_json::to_value(&event).unwrap_or_default(),
+        });
         (self.progress)(format!("phase {} → {}", from, next.phase()));
         Ok(next)
+    }
+
+    /// Appends a typed audit record.
+    pub(super) fn record<E: AuditEvent>(&self, e: &E) {
+        (self.audit)(E::NAME, event::details(e));
     }
 
     async fn ask(&self, request: Request) -> Result<Response> {
@@ -213,7 +222,7 @@ impl Executor<'_> {
                 (self.progress)(format!(
                     "keeping replication slot {slot} on the source (as asked): it retains WAL until a migration of the same name reuses it or you drop it (SELECT pg_drop_replication_slot('{slot}'))"
                 ));
-                (self.audit)("slot_kept", json!({"slot": slot}));
+                self.record(&SlotKept { slot: slot.clone() });
                 let kept = State::RollingBack {
                     from,
                     reason,
@@ -354,10 +363,12 @@ impl Executor<'_> {
         let mut verify = self.pg_tool("pg_verifybackup");
         verify.arg(data_dir);
         run_with_progress(verify, "pg_verifybackup", self.progress).await?;
-        (self.audit)(
-            "base_backup",
-            json!({"slot": slot, "data_dir": data_dir.display().to_string(), "duration_ms": (secs * 1000.0) as u64, "verified": true}),
-        );
+        self.record(&BaseBackupDone {
+            slot: slot.to_string(),
+            data_dir: data_dir.display().to_string(),
+            duration_ms: (secs * 1000.0) as u64,
+            verified: true,
+        });
         Ok(())
     }
 
@@ -394,10 +405,10 @@ impl Executor<'_> {
             .arg(&log)
             .args(["-w", "-t", "120", "start"]);
         run_with_progress(start, "pg_ctl start", self.progress).await?;
-        (self.audit)(
-            "standby_started",
-            json!({"data_dir": data_dir.display().to_string(), "port": self.settings.port}),
-        );
+        self.record(&StandbyStarted {
+            data_dir: data_dir.display().to_string(),
+            port: self.settings.port,
+        });
         Ok(())
     }
 }

@@ -368,6 +368,132 @@ pub struct HandshakeProblem {
     pub reason: Option<String>,
 }
 
+// The migration's records: written by the target's executor and admin server and the
+// source's request server; read by the transfer record of `audit report`.
+
+/// `migration_state`: the migration moved from one phase to the next (persisted first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStateChanged {
+    pub from: String,
+    pub to: String,
+    /// The state machine's event that moved it, as `migration::Event` serialises.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub event: Value,
+}
+
+impl AuditEvent for MigrationStateChanged {
+    const NAME: &'static str = "migration_state";
+}
+
+/// `preflight`: the checks of both clusters, and which failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreflightRun {
+    pub ok: bool,
+    #[serde(default)]
+    pub failed: Vec<String>,
+    pub checks: u64,
+}
+
+impl AuditEvent for PreflightRun {
+    const NAME: &'static str = "preflight";
+}
+
+/// `base_backup`: the copy is complete and `pg_verifybackup` passed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseBackupDone {
+    pub slot: String,
+    pub data_dir: String,
+    pub duration_ms: u64,
+    pub verified: bool,
+}
+
+impl AuditEvent for BaseBackupDone {
+    const NAME: &'static str = "base_backup";
+}
+
+/// `standby_started`: the new cluster runs as a standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyStarted {
+    pub data_dir: String,
+    pub port: u16,
+}
+
+impl AuditEvent for StandbyStarted {
+    const NAME: &'static str = "standby_started";
+}
+
+/// `slot_kept`: a rollback left the replication slot on the source (`--keep-slot`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotKept {
+    pub slot: String,
+}
+
+impl AuditEvent for SlotKept {
+    const NAME: &'static str = "slot_kept";
+}
+
+/// `source_fenced`: the source takes no more writes from LSN `lsn` on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFenced {
+    pub lsn: String,
+    /// What the fence changed on the source.
+    #[serde(default)]
+    pub fence: Option<crate::control::FenceReport>,
+}
+
+impl AuditEvent for SourceFenced {
+    const NAME: &'static str = "source_fenced";
+}
+
+/// `tables_verified`: the tables compared at the fence, once per cutover, whatever the outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TablesVerified {
+    /// The new cluster's digest of each table verified.
+    pub tables: Vec<crate::control::TableDigest>,
+    #[serde(default)]
+    pub mismatched: Vec<String>,
+    #[serde(default)]
+    pub not_verified: Vec<String>,
+    /// `block_ranges` (pre-pass) or absent (whole tables at the fence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_fence: Option<crate::admin::AtFenceReport>,
+}
+
+impl AuditEvent for TablesVerified {
+    const NAME: &'static str = "tables_verified";
+}
+
+impl AuditEvent for crate::admin::PrepassReport {
+    const NAME: &'static str = "verification_prepass";
+}
+
+impl AuditEvent for crate::admin::CutoverReport {
+    const NAME: &'static str = "cutover_report";
+}
+
+/// `control_request`: the source answered one of the target's typed requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlRequestAnswered {
+    pub id: u64,
+    /// The request (`fence`, `block_digests`, `drop_slot`, …).
+    pub op: String,
+    /// The answer's kind (`fenced`, `slot_dropped`, `error`, …).
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl AuditEvent for ControlRequestAnswered {
+    const NAME: &'static str = "control_request";
+}
+
+/// The details of a typed record, for writers that take `(event, details)`.
+pub fn details<E: AuditEvent>(e: &E) -> Value {
+    serde_json::to_value(e).unwrap_or(Value::Null)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

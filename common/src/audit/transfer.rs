@@ -8,9 +8,14 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::event::{read, AdminCommand, AgentStarted, AuditEvent, StreamIdentified};
+use super::event::{
+    read, AdminCommand, AgentStarted, AuditEvent, BaseBackupDone, ControlRequestAnswered,
+    MigrationStateChanged, PreflightRun, SlotKept, SourceFenced, StandbyStarted, StreamIdentified,
+    TablesVerified,
+};
 use super::record::events;
 use super::verify::{parse_stream_closed, Record};
+use crate::admin::{CutoverReport, PrepassReport};
 
 /// Version of the JSON report's shape (`schema_version`); raised on any incompatible change.
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -345,57 +350,58 @@ impl Transfer {
     }
 
     /// Words for one migration record; records the outcome on the way. `None`: not a
-    /// migration record.
+    /// migration record (or one this version cannot read).
     fn migration_summary(&mut self, r: &Record) -> Option<String> {
         let d = &r.details;
-        let text = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        let list = |k: &str| -> Vec<String> {
-            d.get(k)
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|t| t.as_str().or_else(|| t.get("table")?.as_str()))
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         let o = &mut self.outcome;
         Some(match r.event.as_str() {
-            "admin_command" => {
+            AdminCommand::NAME => {
                 let c = read::<AdminCommand>(d).ok()?;
                 format!("{} run by {} (uid {})", c.verb, or_dash(&c.user), c.uid)
             }
-            "migration_state" => {
-                let to = text("to");
-                o.phase.clone_from(&to);
-                o.promoted |= to == "promoted" || to == "completed";
-                o.rolled_back |= to == "rolled_back";
-                format!("phase {} → {to}", text("from"))
+            MigrationStateChanged::NAME => {
+                let m = read::<MigrationStateChanged>(d).ok()?;
+                o.promoted |= m.to == "promoted" || m.to == "completed";
+                o.rolled_back |= m.to == "rolled_back";
+                o.phase.clone_from(&m.to);
+                format!("phase {} → {}", m.from, m.to)
             }
-            "preflight" => format!(
-                "preflight {} ({} checks)",
-                if d.get("ok") == Some(&Value::Bool(true)) {
-                    "passed"
-                } else {
-                    "FAILED"
-                },
-                d.get("checks").and_then(Value::as_u64).unwrap_or(0)
-            ),
-            "base_backup" => format!(
-                "base backup copied and checked by pg_verifybackup in {} ms",
-                d.get("duration_ms").and_then(Value::as_u64).unwrap_or(0)
-            ),
-            "standby_started" => "standby started".into(),
-            "source_fenced" => {
-                o.fence_lsn = Some(text("lsn"));
-                format!("source fenced at LSN {}", text("lsn"))
+            PreflightRun::NAME => {
+                let p = read::<PreflightRun>(d).ok()?;
+                match p.ok {
+                    true => format!("preflight passed ({} checks)", p.checks),
+                    false => format!(
+                        "preflight FAILED ({} checks): {}",
+                        p.checks,
+                        p.failed.join(", ")
+                    ),
+                }
             }
-            "verification_prepass" => "verification pre-pass before the fence".into(),
-            "tables_verified" => {
-                o.tables_verified = list("tables");
-                o.tables_not_verified = list("not_verified");
-                o.tables_mismatched = list("mismatched");
+            BaseBackupDone::NAME => {
+                let b = read::<BaseBackupDone>(d).ok()?;
+                format!(
+                    "base backup copied{} in {} ms",
+                    if b.verified {
+                        " and checked by pg_verifybackup"
+                    } else {
+                        ""
+                    },
+                    b.duration_ms
+                )
+            }
+            StandbyStarted::NAME => "standby started".into(),
+            SourceFenced::NAME => {
+                let f = read::<SourceFenced>(d).ok()?;
+                let summary = format!("source fenced at LSN {}", f.lsn);
+                o.fence_lsn = Some(f.lsn);
+                summary
+            }
+            PrepassReport::NAME => "verification pre-pass before the fence".into(),
+            TablesVerified::NAME => {
+                let t = read::<TablesVerified>(d).ok()?;
+                o.tables_verified = t.tables.into_iter().map(|t| t.table).collect();
+                o.tables_not_verified = t.not_verified;
+                o.tables_mismatched = t.mismatched;
                 format!(
                     "{} table(s) verified equal, {} NOT verified, {} differing",
                     o.tables_verified.len(),
@@ -403,23 +409,26 @@ impl Transfer {
                     o.tables_mismatched.len()
                 )
             }
-            "cutover_report" => {
-                o.downtime_ms = d.get("downtime_ms").and_then(Value::as_u64);
-                match o.downtime_ms {
+            CutoverReport::NAME => {
+                let c = read::<CutoverReport>(d).ok()?;
+                o.downtime_ms = c.downtime_ms;
+                match c.downtime_ms {
                     Some(ms) => format!("cutover report: write downtime {ms} ms"),
                     None => "cutover report".into(),
                 }
             }
-            "slot_kept" => format!("replication slot {} kept", text("slot")),
-            // Status polls (every 200 ms while waiting) say nothing an auditor needs.
-            "control_request" if d.get("op").and_then(Value::as_str) == Some("status") => {
-                return None
+            SlotKept::NAME => format!("replication slot {} kept", read::<SlotKept>(d).ok()?.slot),
+            ControlRequestAnswered::NAME => {
+                let c = read::<ControlRequestAnswered>(d).ok()?;
+                // Status polls (every 200 ms while waiting) say nothing an auditor needs.
+                if c.op == "status" {
+                    return None;
+                }
+                match c.message {
+                    Some(m) => format!("request {}: {} ({m})", c.op, c.result),
+                    None => format!("request {}: {}", c.op, c.result),
+                }
             }
-            "control_request" => format!(
-                "request {}: {}",
-                d.get("op").and_then(Value::as_str).unwrap_or("?"),
-                d.get("result").and_then(Value::as_str).unwrap_or("?")
-            ),
             _ => return None,
         })
     }
