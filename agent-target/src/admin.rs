@@ -64,6 +64,7 @@ pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Resu
         free_bytes: free_bytes(data_dir)?,
         now_ms,
         round_trip_ms,
+        listen_addresses: Some(s.listen_addresses.clone()),
     })
 }
 

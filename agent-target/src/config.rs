@@ -51,6 +51,13 @@ pub struct TargetSection {
     /// the source retains no WAL for a standby that will not come). A kept slot is reused by
     /// the next migration of the same name.
     pub keep_slot_on_rollback: Option<bool>,
+    /// Addresses the new cluster listens on, as PostgreSQL's `listen_addresses` (default
+    /// `localhost`: applications on other hosts cannot reach it). Set when the standby first
+    /// starts, so the promoted cluster serves them without a restart.
+    pub listen_addresses: Option<String>,
+    /// A `pg_hba.conf` to install into the new cluster before the standby first starts
+    /// (default: the source's, as copied).
+    pub hba_file: Option<PathBuf>,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -72,6 +79,8 @@ pub struct TargetSettings {
     pub state_file: PathBuf,
     pub lag_sample: Duration,
     pub keep_slot_on_rollback: bool,
+    pub listen_addresses: String,
+    pub hba_file: Option<PathBuf>,
 }
 
 impl RoleSection for TargetSection {
@@ -83,6 +92,7 @@ impl RoleSection for TargetSection {
             &mut self.socket_dir,
             &mut self.replication_password_file,
             &mut self.state_file,
+            &mut self.hba_file,
         ]
     }
 }
@@ -174,8 +184,40 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
             .unwrap_or_else(|| beside_log("pgferry-target.state.json")),
         lag_sample: Duration::from_secs(s.lag_sample_secs.unwrap_or(10).max(1)),
         keep_slot_on_rollback: s.keep_slot_on_rollback.unwrap_or(false),
+        listen_addresses: check_listen_addresses(
+            s.listen_addresses.as_deref().unwrap_or("localhost"),
+        )?,
+        hba_file: s.hba_file,
     };
+    if let Some(h) = &settings.hba_file {
+        std::fs::metadata(h)
+            .with_context(|| format!("[target] hba_file {}: cannot read it", h.display()))?;
+    }
     Ok(TargetConfig { tunnel, settings })
+}
+
+/// `listen_addresses` as PostgreSQL takes it: host names or addresses, comma-separated, or
+/// `*`. Nothing that could break out of the quoted value it is written into.
+fn check_listen_addresses(v: &str) -> Result<String> {
+    let ok = !v.trim().is_empty()
+        && v.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-' | '*' | ',' | ' ' | '%' | '_')
+        });
+    if !ok {
+        anyhow::bail!(
+            "[target] listen_addresses {v:?}: give host names or addresses separated by commas, e.g. \"localhost,10.0.0.5\", or \"*\""
+        );
+    }
+    Ok(v.trim().to_string())
+}
+
+/// Whether the new cluster would listen on loopback only (applications elsewhere cannot reach
+/// it after the cutover).
+pub fn loopback_only(listen_addresses: &str) -> bool {
+    listen_addresses
+        .split(',')
+        .map(str::trim)
+        .all(|a| matches!(a, "localhost" | "127.0.0.1" | "::1" | ""))
 }
 
 /// The admin socket a CLI verb should talk to, from the running agent's config file alone:
@@ -244,6 +286,32 @@ mod tests {
         assert_eq!(s.data_dir, Some(PathBuf::from("/flag")));
         assert_eq!(s.port, 6000);
         assert_eq!(s.lag_sample, Duration::from_secs(1), "at least a second");
+    }
+
+    #[test]
+    fn listen_addresses_are_checked_and_default_to_loopback() {
+        let s = resolve_file(args(), TargetFile::default())
+            .unwrap()
+            .settings;
+        assert_eq!(s.listen_addresses, "localhost");
+        assert!(loopback_only(&s.listen_addresses));
+        let file: TargetFile =
+            toml::from_str("[target]\nlisten_addresses = \"localhost, 10.0.0.5\"\n").unwrap();
+        let s = resolve_file(args(), file).unwrap().settings;
+        assert!(!loopback_only(&s.listen_addresses));
+        for bad in ["x'; shared_preload_libraries='evil", "a\nb", ""] {
+            let file: TargetFile = toml::from_str(&format!(
+                "[target]\nlisten_addresses = {}\n",
+                toml::Value::String(bad.into())
+            ))
+            .unwrap();
+            let err = format!("{:#}", resolve_file(args(), file).unwrap_err());
+            assert!(err.contains("listen_addresses"), "{err}");
+        }
+        let file: TargetFile =
+            toml::from_str("[target]\nhba_file = \"/nonexistent/hba\"\n").unwrap();
+        let err = format!("{:#}", resolve_file(args(), file).unwrap_err());
+        assert!(err.contains("hba_file"), "{err}");
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct TargetFacts {
     pub now_ms: u64,
     /// Round trip of the facts request (ms): the skew estimate is only as good as half of it.
     pub round_trip_ms: u64,
+    /// The new cluster's `listen_addresses` (`[target] listen_addresses`); `None`: not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_addresses: Option<String>,
 }
 
 /// One preflight check's verdict.
@@ -349,6 +352,20 @@ fn target_checks(out: &mut Checks, s: &SourceFacts, t: &TargetFacts) {
             t.data_dir
         ),
     );
+    if let Some(listen) = &t.listen_addresses {
+        let loopback = listen
+            .split(',')
+            .map(str::trim)
+            .all(|a| matches!(a, "localhost" | "127.0.0.1" | "::1" | ""));
+        out.verdict(
+            "new_cluster_reachable",
+            if loopback { Verdict::Warn } else { Verdict::Ok },
+            format!("the new cluster will listen on {listen}"),
+            "applications on other hosts will not reach the promoted cluster: set [target] \
+             listen_addresses (and hba_file) so it serves them from the cutover on, without a restart"
+                .into(),
+        );
+    }
     let skew = s.now_ms.abs_diff(t.now_ms);
     let uncertainty = t.round_trip_ms / 2;
     out.check(
@@ -593,6 +610,7 @@ mod tests {
                 free_bytes: 100 << 30,
                 now_ms: 1_000_300,
                 round_trip_ms: 4,
+                listen_addresses: None,
             },
         )
     }
@@ -682,6 +700,19 @@ mod tests {
             .filter(|c| c.warning)
             .map(|c| c.name)
             .collect()
+    }
+
+    #[test]
+    fn a_loopback_only_new_cluster_is_a_warning() {
+        let (s, mut t) = good();
+        assert!(warnings(&s, &t).is_empty());
+        t.listen_addresses = Some("localhost".into());
+        assert_eq!(warnings(&s, &t), ["new_cluster_reachable"]);
+        t.listen_addresses = Some("localhost,10.0.0.5".into());
+        assert!(warnings(&s, &t).is_empty());
+        assert!(evaluate(&s, &t)
+            .iter()
+            .any(|c| c.name == "new_cluster_reachable" && c.ok));
     }
 
     #[test]

@@ -185,7 +185,10 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let hook = dir.join("promoted.flag");
     let (ok, out) = cutover(&[
         "--on-promoted",
-        &format!("echo $PGFERRY_NEW_PORT > {}", hook.display()),
+        &format!(
+            "echo \"$PGFERRY_NEW_PORT $PGFERRY_NEW_HOST $PGFERRY_FENCE_LSN $PGFERRY_MIGRATION\" > {}",
+            hook.display()
+        ),
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("cutover complete"), "{out}");
@@ -196,10 +199,19 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{out}"));
     assert!(downtime < 5_000, "downtime {downtime} ms");
-    assert_eq!(
-        std::fs::read_to_string(&hook)?.trim(),
-        target_port.to_string()
+    // The hook learns where the new primary is and the fence LSN.
+    let hook_env = std::fs::read_to_string(&hook)?;
+    let hook_env: Vec<&str> = hook_env.split_whitespace().collect();
+    assert_eq!(hook_env.len(), 4, "{hook_env:?}");
+    assert_eq!(hook_env[0], target_port.to_string());
+    assert_eq!(hook_env[1], "localhost", "loopback-only by default");
+    assert!(
+        hook_env[2]
+            .parse::<pgferry_common::migration::Lsn>()
+            .is_ok(),
+        "{hook_env:?}"
     );
+    assert!(!hook_env[3].is_empty());
     assert!(std::fs::read_to_string(state_file)?.contains("completed"));
     // After promotion there is no way back.
     let out = rig.command("rollback", &[]).output()?;

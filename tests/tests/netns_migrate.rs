@@ -1,7 +1,9 @@
 //! The whole migration across two "hosts": the source cluster and pgferry-source in one
 //! network namespace, pgferry-target and the new cluster in another, joined by a veth pair.
 //! Only the QUIC port crosses; a writer commits throughout; every committed write arrives; the
-//! cutover fences with `--fence stop`, so the source cluster ends shut down.
+//! cutover fences with `--fence stop`, so the source cluster ends shut down. The new cluster's
+//! serving settings (`listen_addresses`, `hba_file`) let an application on the source's host
+//! write to it right after the cutover, without a restart.
 //! (The test itself reaches both clusters through their unix sockets, which namespaces do not
 //! separate.) Skips, saying so, where namespaces cannot be made.
 
@@ -34,12 +36,26 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
         eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
         return Ok(());
     };
-    let (addr_b, ns_a) = (net.addr_b.clone(), net.a.clone());
+    let (addr_a, addr_b, ns_a) = (net.addr_a.clone(), net.addr_b.clone(), net.a.clone());
+    // The new cluster's serving settings: it listens on the target host's address too and
+    // admits the source host's address, from the standby's first start on.
+    let settings = tempfile::tempdir()?;
+    let hba = settings.path().join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all {addr_a}/32 scram-sha-256\n"
+        ),
+    )?;
     let rig = MigrationRig::builder(10)
         .prepare(|pg| {
             pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
                 .map(drop)
         })
+        .target_config(&format!(
+            "listen_addresses = \"localhost,{addr_b}\"\nhba_file = \"{}\"\n",
+            hba.display()
+        ))
         .netns(net)
         .start()?;
     let (pg, dir, port, new_port) = (&rig.pg, &rig.dir, rig.pg.port, rig.target_port);
@@ -92,14 +108,37 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
         anyhow::Ok(rows.iter().map(|r| r.get::<_, i32>(0)).collect())
     })?;
     assert_eq!(on_target, committed);
-    // The new cluster listens on the target namespace's loopback only: the source's namespace
-    // cannot reach it either.
+    // An application on another host (the source's namespace) reaches the promoted cluster on
+    // the target host's address right after `migrate` returns: no restart, no edit. It writes.
     let probe = NetnsPair::command(&ns_a, pg_bin("psql"))
         .arg(format!(
             "host={addr_b} port={new_port} user=postgres dbname=postgres connect_timeout=3"
         ))
-        .args(["-c", "SELECT 1"])
+        .args(["-X", "-A", "-t", "-c"])
+        .arg("INSERT INTO ferry.writes VALUES (-1) RETURNING pg_is_in_recovery()")
+        .env("PGPASSWORD", &pg.password)
         .output()?;
-    assert!(!probe.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&probe.stdout),
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    assert!(probe.status.success(), "{said}");
+    assert!(said.trim_start().starts_with('f'), "{said}");
+    // The operator's pg_hba.conf is the one in force: an address it does not list is refused.
+    let other = rt.block_on(async {
+        let c = unix_client(dir.path(), new_port).await?;
+        let rows = c
+            .query(
+                "SELECT count(*) FROM pg_hba_file_rules WHERE address = $1",
+                &[&addr_a],
+            )
+            .await?;
+        anyhow::Ok(rows[0].get::<_, i64>(0))
+    })?;
+    assert_eq!(
+        other, 1,
+        "the installed pg_hba.conf names the source host's address"
+    );
     Ok(())
 }

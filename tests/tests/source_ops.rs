@@ -26,6 +26,7 @@ fn target_facts(now_ms: u64) -> TargetFacts {
         free_bytes: 100 << 30,
         now_ms,
         round_trip_ms: 2,
+        listen_addresses: None,
     }
 }
 

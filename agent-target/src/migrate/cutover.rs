@@ -566,9 +566,29 @@ impl Cutover<'_, '_> {
     /// is; a source already stopped is said so). None of them fails the migration.
     async fn after_promotion(&mut self, fence: &Fence) {
         if let Some(cmd) = &self.opts.on_promoted {
+            let settings = self.exec.settings;
+            let host = settings
+                .listen_addresses
+                .split(',')
+                .map(str::trim)
+                .find(|a| {
+                    !matches!(
+                        *a,
+                        "localhost" | "127.0.0.1" | "::1" | "*" | "0.0.0.0" | "::"
+                    )
+                })
+                .unwrap_or("localhost")
+                .to_string();
             let st = tokio::process::Command::new("sh")
                 .args(["-c", cmd])
-                .env("PGFERRY_NEW_PORT", self.exec.settings.port.to_string())
+                .env("PGFERRY_NEW_HOST", &host)
+                .env("PGFERRY_NEW_PORT", settings.port.to_string())
+                .env(
+                    "PGFERRY_NEW_CONNINFO",
+                    format!("host={host} port={}", settings.port),
+                )
+                .env("PGFERRY_FENCE_LSN", fence.lsn.to_string())
+                .env("PGFERRY_MIGRATION", self.exec.migration)
                 .status()
                 .await;
             let ok = st.as_ref().is_ok_and(|s| s.success());

@@ -383,11 +383,19 @@ impl Executor<'_> {
             &format!("application_name={STANDBY_APP}"),
         );
         text.push_str(&format!(
-            "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = 'localhost'\nwal_retrieve_retry_interval = '1s'\n",
+            "\n# pgferry: the new cluster's own settings\nport = {}\nunix_socket_directories = '{}'\nlisten_addresses = '{}'\nwal_retrieve_retry_interval = '1s'\n",
             self.settings.port,
-            self.settings.socket_dir.display()
+            self.settings.socket_dir.display(),
+            self.settings.listen_addresses
         ));
         std::fs::write(&auto, text).with_context(|| format!("writing {}", auto.display()))?;
+        if let Some(hba) = &self.settings.hba_file {
+            install_hba(hba, data_dir)?;
+            (self.progress)(format!(
+                "installed {} as the new cluster's pg_hba.conf",
+                hba.display()
+            ));
+        }
         let log = data_dir
             .parent()
             .unwrap_or(Path::new("/tmp"))
@@ -411,6 +419,27 @@ impl Executor<'_> {
         });
         Ok(())
     }
+}
+
+/// Copies the operator's `pg_hba.conf` into the new data directory, owned like the directory
+/// (PostgreSQL runs as its owner) and mode 0600, replacing the copy of the source's.
+fn install_hba(hba: &Path, data_dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dest = data_dir.join("pg_hba.conf");
+    let tmp = data_dir.join("pg_hba.conf.pgferry-new");
+    std::fs::copy(hba, &tmp).with_context(|| {
+        format!(
+            "copying [target] hba_file {} into {}",
+            hba.display(),
+            data_dir.display()
+        )
+    })?;
+    let owner = std::fs::metadata(data_dir)?;
+    std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
+        .with_context(|| format!("chown {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("installing {}", dest.display()))?;
+    Ok(())
 }
 
 impl Executor<'_> {
