@@ -429,6 +429,9 @@ fn render_cutover(r: &CutoverReport) -> String {
         ),
         None => {}
     }
+    if let Some(conninfo) = &r.new_primary {
+        out.push_str(&format!("new primary: {conninfo}\n"));
+    }
     let timeline = r.timeline.as_deref().unwrap_or_default();
     if !timeline.is_empty() {
         out.push_str("migration timeline (time in each phase):\n");
@@ -562,6 +565,7 @@ mod tests {
             "phases": {"fence_ms": 20, "drain_ms": 5, "verify_ms": 30, "promote_ms": 100},
             "tables": ["public.a", "public.b"], "tables_skipped": ["public.big"],
             "verified_rows": 1000, "downtime_ms": 155, "source_stopped": false,
+            "new_primary": "host=10.0.0.5 port=5432 dbname=postgres",
             "timeline": [{"phase": "completed", "step": "done", "at_ms": 1, "ms": null}]}});
         let text = render("cutover", &cutover);
         for want in [
@@ -570,6 +574,7 @@ mod tests {
             "NOT VERIFIED (",
             "public.big",
             "could NOT be shut down",
+            "new primary: host=10.0.0.5 port=5432 dbname=postgres",
             "  completed                -  done",
         ] {
             assert!(text.contains(want), "{want:?} missing in\n{text}");

@@ -166,6 +166,9 @@ pub struct CutoverReport {
     /// `--fence stop`: whether the source was shut down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_stopped: Option<bool>,
+    /// The promoted cluster's connection string (host from `[target] listen_addresses`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_primary: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
     /// The migration phase when the cutover ended.

@@ -212,6 +212,13 @@ fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
         "{hook_env:?}"
     );
     assert!(!hook_env[3].is_empty());
+    // The report ends with where applications go now.
+    assert!(
+        out.contains(&format!(
+            "new primary: host=localhost port={target_port} dbname=postgres"
+        )),
+        "{out}"
+    );
     assert!(std::fs::read_to_string(state_file)?.contains("completed"));
     // After promotion there is no way back.
     let out = rig.command("rollback", &[]).output()?;

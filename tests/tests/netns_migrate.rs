@@ -94,6 +94,12 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     rt.block_on(writer)?;
     assert!(out.status.success(), "{text}");
     assert!(text.contains("cutover complete"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "new primary: host={addr_b} port={new_port} dbname=postgres"
+        )),
+        "{text}"
+    );
     // --fence stop: the source cluster was shut down once the target accepted writes.
     assert!(text.contains("the source cluster is shut down"), "{text}");
     assert!(!pg.datadir.join("postmaster.pid").exists());

@@ -565,20 +565,25 @@ impl Cutover<'_, '_> {
     /// them repeats them (each may run twice: the hook should be idempotent; dropping the slot
     /// is; a source already stopped is said so). None of them fails the migration.
     async fn after_promotion(&mut self, fence: &Fence) {
+        let settings = self.exec.settings;
+        let host = settings
+            .listen_addresses
+            .split(',')
+            .map(str::trim)
+            .find(|a| {
+                !matches!(
+                    *a,
+                    "localhost" | "127.0.0.1" | "::1" | "*" | "0.0.0.0" | "::"
+                )
+            })
+            .unwrap_or("localhost")
+            .to_string();
+        // Where applications go now: the report ends with it.
+        self.report.new_primary = Some(format!(
+            "host={host} port={} dbname=postgres",
+            settings.port
+        ));
         if let Some(cmd) = &self.opts.on_promoted {
-            let settings = self.exec.settings;
-            let host = settings
-                .listen_addresses
-                .split(',')
-                .map(str::trim)
-                .find(|a| {
-                    !matches!(
-                        *a,
-                        "localhost" | "127.0.0.1" | "::1" | "*" | "0.0.0.0" | "::"
-                    )
-                })
-                .unwrap_or("localhost")
-                .to_string();
             let st = tokio::process::Command::new("sh")
                 .args(["-c", cmd])
                 .env("PGFERRY_NEW_HOST", &host)
