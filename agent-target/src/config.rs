@@ -19,6 +19,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use pgferry_common::identity::Role;
+use pgferry_common::preflight::is_loopback_listen;
 use pgferry_common::runtime::cli::{load_config, resolve_tunnel, ServiceFlags, TunnelArgs};
 use pgferry_common::runtime::config::{AgentConfig, ConfigFile, Refused, RoleSection};
 /// `[target]`: where the new cluster goes and how operators reach the running agent.
@@ -211,13 +212,15 @@ fn check_listen_addresses(v: &str) -> Result<String> {
     Ok(v.trim().to_string())
 }
 
-/// Whether the new cluster would listen on loopback only (applications elsewhere cannot reach
-/// it after the cutover).
-pub fn loopback_only(listen_addresses: &str) -> bool {
+/// The host applications reach the new cluster at: its first listen address that is neither
+/// loopback nor a wildcard, else `localhost`.
+pub fn serving_host(listen_addresses: &str) -> String {
     listen_addresses
         .split(',')
         .map(str::trim)
-        .all(|a| matches!(a, "localhost" | "127.0.0.1" | "::1" | ""))
+        .find(|a| !is_loopback_listen(a) && !matches!(*a, "*" | "0.0.0.0" | "::" | ""))
+        .unwrap_or("localhost")
+        .to_string()
 }
 
 /// The admin socket a CLI verb should talk to, from the running agent's config file alone:
@@ -245,6 +248,7 @@ pub fn admin_socket_of(path: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgferry_common::preflight::listens_on_loopback_only;
 
     fn args() -> TargetRunArgs {
         TargetRunArgs {
@@ -294,11 +298,14 @@ mod tests {
             .unwrap()
             .settings;
         assert_eq!(s.listen_addresses, "localhost");
-        assert!(loopback_only(&s.listen_addresses));
+        assert!(listens_on_loopback_only(&s.listen_addresses));
+        assert_eq!(serving_host(&s.listen_addresses), "localhost");
         let file: TargetFile =
             toml::from_str("[target]\nlisten_addresses = \"localhost, 10.0.0.5\"\n").unwrap();
         let s = resolve_file(args(), file).unwrap().settings;
-        assert!(!loopback_only(&s.listen_addresses));
+        assert!(!listens_on_loopback_only(&s.listen_addresses));
+        assert_eq!(serving_host(&s.listen_addresses), "10.0.0.5");
+        assert_eq!(serving_host("*"), "localhost");
         for bad in ["x'; shared_preload_libraries='evil", "a\nb", ""] {
             let file: TargetFile = toml::from_str(&format!(
                 "[target]\nlisten_addresses = {}\n",

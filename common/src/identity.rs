@@ -110,6 +110,9 @@ pub const EEA_REGIONS: [&str; 30] = [
     "LT", "LU", "MT", "NL", "PL", "PT", "RO", "SK", "SI", "ES", "SE", "IS", "LI", "NO",
 ];
 
+/// How messages and reports name [`EEA_REGIONS`] as a whole.
+pub const EEA_DESCRIPTION: &str = "the EEA (30 countries)";
+
 /// ISO 3166-1 alpha-2 officially assigned codes.
 const ISO_3166_ALPHA2: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ \
 CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR \
@@ -585,7 +588,7 @@ pub struct Policy {
 impl Policy {
     fn regions_text(&self) -> String {
         if self.allowed_regions.is_eea() {
-            "the EEA (30 countries)".to_string()
+            EEA_DESCRIPTION.to_string()
         } else {
             self.allowed_regions.to_string()
         }

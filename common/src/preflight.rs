@@ -156,6 +156,20 @@ pub struct Check {
     pub fix: String,
 }
 
+/// Whether one `listen_addresses` entry serves this host only.
+pub fn is_loopback_listen(address: &str) -> bool {
+    matches!(address.trim(), "localhost" | "127.0.0.1" | "::1")
+}
+
+/// Whether a cluster with these `listen_addresses` serves this host only (applications
+/// elsewhere cannot reach it).
+pub fn listens_on_loopback_only(listen_addresses: &str) -> bool {
+    listen_addresses
+        .split(',')
+        .map(str::trim)
+        .all(|a| a.is_empty() || is_loopback_listen(a))
+}
+
 /// Free space wanted beyond the database size: WAL written during the copy, and room to run.
 pub const DISK_HEADROOM_PERCENT: u64 = 20;
 /// Clock skew tolerated between the hosts. Lag in seconds and the downtime report compare times
@@ -353,10 +367,7 @@ fn target_checks(out: &mut Checks, s: &SourceFacts, t: &TargetFacts) {
         ),
     );
     if let Some(listen) = &t.listen_addresses {
-        let loopback = listen
-            .split(',')
-            .map(str::trim)
-            .all(|a| matches!(a, "localhost" | "127.0.0.1" | "::1" | ""));
+        let loopback = listens_on_loopback_only(listen);
         out.verdict(
             "new_cluster_reachable",
             if loopback { Verdict::Warn } else { Verdict::Ok },

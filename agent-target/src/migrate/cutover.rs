@@ -566,18 +566,7 @@ impl Cutover<'_, '_> {
     /// is; a source already stopped is said so). None of them fails the migration.
     async fn after_promotion(&mut self, fence: &Fence) {
         let settings = self.exec.settings;
-        let host = settings
-            .listen_addresses
-            .split(',')
-            .map(str::trim)
-            .find(|a| {
-                !matches!(
-                    *a,
-                    "localhost" | "127.0.0.1" | "::1" | "*" | "0.0.0.0" | "::"
-                )
-            })
-            .unwrap_or("localhost")
-            .to_string();
+        let host = crate::config::serving_host(&settings.listen_addresses);
         // Where applications go now: the report ends with it.
         self.report.new_primary = Some(format!(
             "host={host} port={} dbname=postgres",

@@ -446,17 +446,17 @@ fn party(role: &str, fingerprint: &str, region: &str, host: &str) -> Party {
 
 /// A region policy as configured (comma-separated codes), the EEA named as such.
 fn region_policy(codes: &str) -> String {
+    use crate::identity::{RegionSet, EEA_DESCRIPTION};
+    if codes.parse::<RegionSet>().is_ok_and(|r| r.is_eea()) {
+        return EEA_DESCRIPTION.to_string();
+    }
     let mut set: Vec<&str> = codes
         .split(',')
         .map(str::trim)
         .filter(|c| !c.is_empty())
         .collect();
     set.sort_unstable();
-    let mut eea = crate::identity::EEA_REGIONS.to_vec();
-    eea.sort_unstable();
-    if set == eea {
-        "the EEA (30 countries)".to_string()
-    } else if set.is_empty() {
+    if set.is_empty() {
         "(not recorded)".to_string()
     } else {
         set.join(", ")

@@ -127,11 +127,7 @@ impl Pair {
 
 /// Runs `pgferry-<role> audit ARGS`; returns (success, stdout).
 pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
-    let out = Command::new(bin_path(&format!("pgferry-{role}")))
-        .arg("audit")
-        .args(args)
-        .output()
-        .expect("running audit");
+    let out = run_audit(role, args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -140,13 +136,18 @@ pub fn audit_cli(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// `pgferry-<role> audit ARGS…`: success and its standard output alone (for JSON and CSV).
-pub fn audit_stdout(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
-    let out = Command::new(bin_path(&format!("pgferry-{role}")))
+/// Runs `pgferry-<role> audit ARGS…` to completion.
+fn run_audit(role: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(bin_path(&format!("pgferry-{role}")))
         .arg("audit")
         .args(args)
         .output()
-        .expect("running audit");
+        .expect("running audit")
+}
+
+/// `pgferry-<role> audit ARGS…`: success and its standard output alone (for JSON and CSV).
+pub fn audit_stdout(role: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = run_audit(role, args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
