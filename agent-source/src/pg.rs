@@ -12,7 +12,8 @@ use tokio_postgres::Client;
 
 pub use crate::fence::{fence, unfence};
 use pgferry_common::control::{
-    OpenTransaction, ReplicationRow, Request, Response, SlotRow, SourceStatus,
+    DependentSlot, DependentStandby, DependentSubscription, Dependents, OpenTransaction,
+    ReplicationRow, Request, Response, SlotRow, SourceStatus,
 };
 use pgferry_common::migration::Lsn;
 use pgferry_common::preflight::SourceFacts;
@@ -73,6 +74,9 @@ pub async fn handle_request(
                 .await
                 .map(|tables| Response::BlockDigests { tables })
         }
+        Request::Dependents { slot } => dependents(client, slot)
+            .await
+            .map(|dependents| Response::Dependents { dependents }),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),
@@ -133,6 +137,65 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
         in_recovery: row.get(8),
         now_ms: row.get::<_, i64>(9).max(0) as u64,
         fence: Some(Box::new(crate::fence::fence_facts(client).await)),
+    })
+}
+
+/// What else depends on this cluster than the migration's slot and its walsender.
+pub async fn dependents(client: &Client, slot: &str) -> Result<Dependents> {
+    let slots = client
+        .query(
+            "SELECT slot_name::text, slot_type, database::text, active
+               FROM pg_replication_slots WHERE slot_name <> $1 ORDER BY slot_name",
+            &[&slot],
+        )
+        .await
+        .context("reading pg_replication_slots")?
+        .iter()
+        .map(|r| DependentSlot {
+            name: r.get(0),
+            slot_type: r.get(1),
+            database: r.get(2),
+            active: r.get(3),
+        })
+        .collect();
+    let standbys = client
+        .query(
+            "SELECT coalesce(application_name, ''), client_addr::text, coalesce(state, '')
+               FROM pg_stat_replication
+              WHERE pid IS DISTINCT FROM
+                    (SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1)
+              ORDER BY pid",
+            &[&slot],
+        )
+        .await
+        .context("reading pg_stat_replication")?
+        .iter()
+        .map(|r| DependentStandby {
+            application_name: r.get(0),
+            client_addr: r.get(1),
+            state: r.get(2),
+        })
+        .collect();
+    let subscriptions = client
+        .query(
+            "SELECT s.subname::text, d.datname::text, s.subenabled
+               FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid
+              ORDER BY 2, 1",
+            &[],
+        )
+        .await
+        .context("reading pg_subscription")?
+        .iter()
+        .map(|r| DependentSubscription {
+            name: r.get(0),
+            database: r.get(1),
+            enabled: r.get(2),
+        })
+        .collect();
+    Ok(Dependents {
+        slots,
+        standbys,
+        subscriptions,
     })
 }
 

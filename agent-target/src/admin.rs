@@ -393,10 +393,18 @@ fn render_cutover(r: &CutoverReport) -> String {
     let tables = r.tables.as_ref().map_or(0, Vec::len);
     let or_dash = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     if r.dry_run == Some(true) {
-        return format!(
+        let mut out = format!(
             "dry run: lag {} bytes; {tables} table(s) would be verified; nothing changed\n",
             or_dash(r.lag_bytes_at_start)
         );
+        if let Some(p) = &r.pooler {
+            out.push_str(&format!(
+                "PgBouncer answers: would pause {} before the fence and switch it to the new primary after promotion\n",
+                p.databases.join(", ")
+            ));
+        }
+        out.push_str(&render_left_behind(r));
+        return out;
     }
     let mut out = format!(
         "cutover complete: write downtime {} ms (fence → writable); {tables} table(s), {} rows verified\n",
@@ -429,9 +437,21 @@ fn render_cutover(r: &CutoverReport) -> String {
         ),
         None => {}
     }
+    if let Some(p) = &r.pooler {
+        out.push_str(&match (p.resumed, p.held_ms) {
+            (true, Some(ms)) => format!(
+                "PgBouncer held its clients' queries for {ms} ms (pause took {} ms), then resumed them on the new primary ({})\n",
+                or_dash(p.pause_ms),
+                p.databases.join(", ")
+            ),
+            (true, None) => format!("PgBouncer switched to the new primary and resumed ({})\n", p.databases.join(", ")),
+            (false, _) => "PgBouncer was NOT switched: its clients are paused; see the messages above\n".to_string(),
+        });
+    }
     if let Some(conninfo) = &r.new_primary {
         out.push_str(&format!("new primary: {conninfo}\n"));
     }
+    out.push_str(&render_left_behind(r));
     let timeline = r.timeline.as_deref().unwrap_or_default();
     if !timeline.is_empty() {
         out.push_str("migration timeline (time in each phase):\n");
@@ -440,6 +460,29 @@ fn render_cutover(r: &CutoverReport) -> String {
                 t.ms.map_or("-".to_string(), |m| format!("{:.1} s", m as f64 / 1000.0));
             out.push_str(&format!("  {:<16} {ms:>9}  {}\n", t.phase, t.step));
         }
+    }
+    out
+}
+
+/// What still points at the old cluster, and settings that need a restart of the new one.
+fn render_left_behind(r: &CutoverReport) -> String {
+    let mut out = String::new();
+    if let Some(d) = &r.still_on_source {
+        if d.is_empty() {
+            out.push_str("nothing else uses the old cluster (no other replication slots, standbys or subscriptions)\n");
+        } else {
+            out.push_str("still pointing at the old cluster:\n");
+            for l in d.lines() {
+                out.push_str(&format!("  {l}\n"));
+            }
+        }
+    }
+    match r.restart_needed.as_deref() {
+        Some([]) | None => {}
+        Some(v) => out.push_str(&format!(
+            "after promotion the new cluster needs a restart for: {}\n",
+            v.join(", ")
+        )),
     }
     out
 }

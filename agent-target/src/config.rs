@@ -9,6 +9,10 @@
 //! socket_dir = "/var/run/postgresql"
 //! os_user = "postgres"
 //! replication_password_file = "secrets/replication.password"
+//!
+//! [target.pgbouncer]            # optional: a pooler switched at cutover
+//! admin = "host=10.0.0.3 port=6432 user=pgbouncer"
+//! databases_file = "/etc/pgbouncer/pgferry-databases.ini"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -22,6 +26,8 @@ use pgferry_common::identity::Role;
 use pgferry_common::preflight::is_loopback_listen;
 use pgferry_common::runtime::cli::{load_config, resolve_tunnel, ServiceFlags, TunnelArgs};
 use pgferry_common::runtime::config::{AgentConfig, ConfigFile, Refused, RoleSection};
+
+use crate::pooler::{PgBouncer, PgBouncerSection};
 /// `[target]`: where the new cluster goes and how operators reach the running agent.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +65,9 @@ pub struct TargetSection {
     /// A `pg_hba.conf` to install into the new cluster before the standby first starts
     /// (default: the source's, as copied).
     pub hba_file: Option<PathBuf>,
+    /// `[target.pgbouncer]`: a PgBouncer in front of the old cluster, paused before the
+    /// fence and switched to the new primary after promotion ([`crate::pooler`]).
+    pub pgbouncer: Option<PgBouncerSection>,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -82,11 +91,12 @@ pub struct TargetSettings {
     pub keep_slot_on_rollback: bool,
     pub listen_addresses: String,
     pub hba_file: Option<PathBuf>,
+    pub pgbouncer: Option<PgBouncer>,
 }
 
 impl RoleSection for TargetSection {
     fn paths(&mut self) -> Vec<&mut Option<PathBuf>> {
-        vec![
+        let mut paths = vec![
             &mut self.data_dir,
             &mut self.bindir,
             &mut self.admin_socket,
@@ -94,7 +104,12 @@ impl RoleSection for TargetSection {
             &mut self.replication_password_file,
             &mut self.state_file,
             &mut self.hba_file,
-        ]
+        ];
+        if let Some(p) = &mut self.pgbouncer {
+            paths.push(&mut p.password_file);
+            paths.push(&mut p.databases_file);
+        }
+        paths
     }
 }
 
@@ -189,6 +204,7 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
             s.listen_addresses.as_deref().unwrap_or("localhost"),
         )?,
         hba_file: s.hba_file,
+        pgbouncer: s.pgbouncer.map(PgBouncerSection::resolve).transpose()?,
     };
     if let Some(h) = &settings.hba_file {
         std::fs::metadata(h)
@@ -319,6 +335,39 @@ mod tests {
             toml::from_str("[target]\nhba_file = \"/nonexistent/hba\"\n").unwrap();
         let err = format!("{:#}", resolve_file(args(), file).unwrap_err());
         assert!(err.contains("hba_file"), "{err}");
+    }
+
+    #[test]
+    fn pgbouncer_settings_are_checked_and_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("target.toml");
+        let load = |text: &str| {
+            std::fs::write(&conf, text).unwrap();
+            TargetFile::load(&conf).and_then(|f| resolve_file(args(), f))
+        };
+        let err = format!(
+            "{:#}",
+            load("[target.pgbouncer]\ndatabases_file = \"db.ini\"\n").unwrap_err()
+        );
+        assert!(err.contains("admin"), "{err}");
+        let with = "[target.pgbouncer]\nadmin = \"host=127.0.0.1 port=6432\"\ndatabases_file = \"db.ini\"\n";
+        let err = format!("{:#}", load(with).unwrap_err());
+        assert!(
+            err.contains("db.ini") && err.contains("cannot read"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("db.ini"), "[pgbouncer]\n").unwrap();
+        let err = format!("{:#}", load(with).unwrap_err());
+        assert!(err.contains("db.ini") && err.contains("line 1"), "{err}");
+        std::fs::write(dir.path().join("db.ini"), "appdb = host=old port=5432\n").unwrap();
+        let pb = load(with).unwrap().settings.pgbouncer.unwrap();
+        assert_eq!(pb.databases_file, dir.path().join("db.ini"));
+        assert_eq!(pb.pause_timeout, Duration::from_secs(10));
+        let err = format!(
+            "{:#}",
+            load(&format!("{with}new_host = \"a b\"\n")).unwrap_err()
+        );
+        assert!(err.contains("new_host"), "{err}");
     }
 
     #[test]

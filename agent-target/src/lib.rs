@@ -19,6 +19,7 @@
 //! - [`control_client`]: typed requests to the source agent over the control stream.
 //! - [`migrate`]: the executor of the migration's state machine (clone, catch-up, cutover,
 //!   rollback), persisting each phase in [`state_store`] before its side effects.
+//! - [`pooler`]: a PgBouncer in front of the old cluster, paused and switched at cutover.
 //! - [`verify`]: the block-range pre-pass before the fence and its remainder at the fence.
 //! - [`config`]: the `[target]` section and `run` flags, beside the shared tunnel settings.
 //! - [`cli`]: this binary's clap tree.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod control_client;
 pub mod local;
 pub mod migrate;
+pub mod pooler;
 pub mod server;
 pub mod state_store;
 pub mod verify;

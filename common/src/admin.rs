@@ -169,6 +169,16 @@ pub struct CutoverReport {
     /// The promoted cluster's connection string (host from `[target] listen_addresses`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_primary: Option<String>,
+    /// The PgBouncer paused before the fence and switched after promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooler: Option<PoolerReport>,
+    /// What still points at the old cluster: other slots, standbys, subscriptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub still_on_source: Option<crate::control::Dependents>,
+    /// Settings the new cluster runs with that differ from its configuration: a restart
+    /// after promotion applies them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_needed: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<u64>,
     /// The migration phase when the cutover ended.
@@ -177,6 +187,33 @@ pub struct CutoverReport {
     /// Every phase of the migration so far, with its step and duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeline: Option<Vec<TimelineStep>>,
+}
+
+/// What switching changed, for the report and the audit log (passwords redacted).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchedEntry {
+    pub database: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// What the pooler saw during a cutover (the report's `pooler`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolerReport {
+    /// The PgBouncer databases paused and switched.
+    pub databases: Vec<String>,
+    /// How long PAUSE took (transactions in flight ending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// From PAUSE done to RESUME: how long PgBouncer held its clients' queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+    /// The entries as rewritten (passwords redacted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switched: Vec<SwitchedEntry>,
+    /// Whether the clients were resumed.
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 /// Milliseconds per cutover step (the write downtime is fence + drain + verify + promote).

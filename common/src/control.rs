@@ -185,6 +185,11 @@ pub enum Request {
     BlockDigests {
         tables: Vec<BlockRanges>,
     },
+    /// What else depends on the source: replication slots other than `slot`, replication
+    /// connections other than pgferry's, subscriptions.
+    Dependents {
+        slot: String,
+    },
 }
 
 /// Ranges of one table to digest.
@@ -277,10 +282,95 @@ pub enum Response {
     BlockDigests {
         tables: Vec<TableBlocks>,
     },
+    Dependents {
+        dependents: Dependents,
+    },
     /// The request failed; the message says why and what to do.
     Error {
         message: String,
     },
+}
+
+/// What still points at the old cluster after the migration: the cutover report lists it
+/// (those clients follow neither the fence nor the promotion).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dependents {
+    /// Replication slots other than the migration's (a standby, a backup tool, a logical
+    /// subscriber or CDC consumer of the old cluster).
+    pub slots: Vec<DependentSlot>,
+    /// Replication connections other than pgferry's (standbys, backups in progress).
+    pub standbys: Vec<DependentStandby>,
+    /// Subscriptions of the source: copied with it, so the new cluster has them too.
+    pub subscriptions: Vec<DependentSubscription>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependentSlot {
+    pub name: String,
+    /// `physical` or `logical`.
+    pub slot_type: String,
+    /// The database of a logical slot.
+    pub database: Option<String>,
+    pub active: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependentStandby {
+    pub application_name: String,
+    pub client_addr: Option<String>,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependentSubscription {
+    pub name: String,
+    pub database: String,
+    pub enabled: bool,
+}
+
+impl Dependents {
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty() && self.standbys.is_empty() && self.subscriptions.is_empty()
+    }
+
+    /// One line per dependent, for a terminal.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            out.push(format!(
+                "replication slot {} ({}{}, {}): its consumer still reads the old cluster; recreate it on the new one",
+                s.name,
+                s.slot_type,
+                s.database.as_ref().map(|d| format!(" on {d}")).unwrap_or_default(),
+                if s.active { "in use" } else { "idle" }
+            ));
+        }
+        for s in &self.standbys {
+            out.push(format!(
+                "replication client {} from {} ({}): repoint it at the new primary",
+                if s.application_name.is_empty() {
+                    "(no name)"
+                } else {
+                    &s.application_name
+                },
+                s.client_addr.as_deref().unwrap_or("local socket"),
+                s.state
+            ));
+        }
+        for s in &self.subscriptions {
+            out.push(format!(
+                "subscription {} on {} ({}): copied with the cluster, so the new primary has it too; make sure only one of the two subscribes",
+                s.name,
+                s.database,
+                if s.enabled { "enabled" } else { "disabled" }
+            ));
+        }
+        out
+    }
 }
 
 /// What a fence did on the source, for the cutover report and the audit log.
@@ -375,7 +465,9 @@ impl Request {
             Request::CreateSlot { slot } | Request::DropSlot { slot } if !valid_slot_name(slot) => {
                 Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
             }
-            Request::Status { slot: Some(slot) } if !valid_slot_name(slot) => {
+            Request::Status { slot: Some(slot) } | Request::Dependents { slot }
+                if !valid_slot_name(slot) =>
+            {
                 Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
             }
             Request::BlockDigests { tables } => {

@@ -32,6 +32,8 @@ use super::{
     supports_tid_range_scans, timeline, CutoverOptions, Executor, TablePlan, CAUGHT_UP_BYTES,
     DIGEST_TIMEOUT,
 };
+use crate::config::TargetSettings;
+use crate::pooler::{PgBouncer, PoolerReport};
 use crate::verify::Prepass;
 
 impl Executor<'_> {
@@ -58,6 +60,7 @@ impl Executor<'_> {
             standby: connect_new_cluster(self.settings).await?,
             report: CutoverReport::default(),
             prepass: None,
+            paused_at: None,
         };
         match run.steps(&mut state).await {
             Ok(()) => Ok(run.report),
@@ -84,6 +87,8 @@ struct Cutover<'x, 'a> {
     /// The pre-pass's digests, in memory: a cutover resumed after a restart of this agent
     /// digests whole tables at the fence instead.
     prepass: Option<Prepass>,
+    /// When PgBouncer's databases were paused in this run (the report's `held_ms`).
+    paused_at: Option<Instant>,
 }
 
 /// Where a step leaves the cutover.
@@ -142,7 +147,9 @@ impl Cutover<'_, '_> {
                 self.opts.max_lag
             );
         }
+        let pooled = self.check_pooler().await?;
         let (block_ranges, plan) = self.plan().await?;
+        self.what_stays_behind(slot).await;
         if self.opts.dry_run {
             let how = self.dry_run_plan(block_ranges, &plan);
             (self.exec.progress)(format!(
@@ -160,6 +167,9 @@ impl Cutover<'_, '_> {
         } else {
             current
         };
+        if let Some((pb, dbs)) = &pooled {
+            self.pause_pooler(pb, dbs).await?;
+        }
         (self.exec.progress)(format!(
             "lag {lag} bytes; fencing the source ({})",
             fence_name(self.opts.fence)
@@ -171,10 +181,19 @@ impl Cutover<'_, '_> {
             .ask(Request::Fence {
                 mode: self.opts.fence,
             })
-            .await?
+            .await
         {
-            Response::Fenced { lsn, report } => (lsn, report),
-            other => bail!("unexpected answer {other:?}"),
+            Ok(Response::Fenced { lsn, report }) => (lsn, report),
+            answer => {
+                // The fence may have applied and its answer been lost: undo it, then let the
+                // pooler's clients go on against the source.
+                let _ = self.exec.ask(Request::Unfence).await;
+                self.exec.resume_pooler().await;
+                match answer {
+                    Err(e) => return Err(e.context("fencing the source (undone)")),
+                    Ok(other) => bail!("unexpected answer {other:?}"),
+                }
+            }
         };
         let fence = Fence {
             lsn,
@@ -197,6 +216,81 @@ impl Cutover<'_, '_> {
         Ok(Step::Next(
             self.exec.advance(ready, Event::Fenced { fence })?,
         ))
+    }
+
+    /// `[target.pgbouncer]`: the console answers and knows the file's databases, before
+    /// anything changes (refused otherwise, with the reason).
+    async fn check_pooler(&mut self) -> Result<Option<(PgBouncer, Vec<String>)>> {
+        let Some(pb) = self.exec.settings.pgbouncer.clone() else {
+            return Ok(None);
+        };
+        let dbs = pb.check().await.context(
+            "PgBouncer ([target.pgbouncer]) is not ready; nothing was fenced, the source is unchanged",
+        )?;
+        (self.exec.progress)(format!(
+            "PgBouncer answers; {} database(s) to pause and switch: {}",
+            dbs.len(),
+            dbs.join(", ")
+        ));
+        self.report.pooler = Some(PoolerReport {
+            databases: dbs.clone(),
+            ..PoolerReport::default()
+        });
+        Ok(Some((pb, dbs)))
+    }
+
+    /// PAUSE before the fence: PgBouncer's clients wait instead of meeting the fence.
+    async fn pause_pooler(&mut self, pb: &PgBouncer, dbs: &[String]) -> Result<()> {
+        (self.exec.progress)(format!(
+            "pausing PgBouncer ({}): transactions in flight end, new ones wait",
+            dbs.join(", ")
+        ));
+        let took = pb.pause(dbs).await?;
+        self.paused_at = Some(Instant::now());
+        (self.exec.audit)(
+            "pooler_paused",
+            json!({"databases": dbs, "pause_ms": took.as_millis() as u64}),
+        );
+        if let Some(p) = &mut self.report.pooler {
+            p.pause_ms = Some(took.as_millis() as u64);
+        }
+        Ok(())
+    }
+
+    /// What the cutover leaves pointing at the old cluster (the report lists it), and the
+    /// settings the new cluster would need a restart for.
+    async fn what_stays_behind(&mut self, slot: &str) {
+        match self
+            .exec
+            .ask(Request::Dependents {
+                slot: slot.to_string(),
+            })
+            .await
+        {
+            Ok(Response::Dependents { dependents }) => {
+                for line in dependents.lines() {
+                    (self.exec.progress)(format!("still on the old cluster: {line}"));
+                }
+                self.report.still_on_source = Some(dependents);
+            }
+            Ok(other) => (self.exec.progress)(format!("unexpected answer {other:?}")),
+            Err(e) => {
+                (self.exec.progress)(format!("could not list what else uses the source: {e:#}"))
+            }
+        }
+        match restart_needed(&self.standby, self.exec.settings).await {
+            Ok(v) => {
+                for s in &v {
+                    (self.exec.progress)(format!(
+                        "after promotion, a restart of the new cluster applies {s}"
+                    ));
+                }
+                self.report.restart_needed = Some(v);
+            }
+            Err(e) => {
+                (self.exec.progress)(format!("could not read the new cluster's settings: {e:#}"))
+            }
+        }
     }
 
     /// The standby must be connected and streaming: a fence with nobody receiving would only
@@ -572,6 +666,9 @@ impl Cutover<'_, '_> {
             "host={host} port={} dbname=postgres",
             settings.port
         ));
+        if let Some(pb) = &settings.pgbouncer {
+            self.switch_pooler(pb, &host).await;
+        }
         if let Some(cmd) = &self.opts.on_promoted {
             let st = tokio::process::Command::new("sh")
                 .args(["-c", cmd])
@@ -625,6 +722,47 @@ impl Cutover<'_, '_> {
         }
     }
 
+    /// After promotion: PgBouncer's databases file points at the new primary, RELOAD,
+    /// RESUME. When the switch fails the clients stay paused (resumed, they would meet the
+    /// fenced source): the message says what to do by hand.
+    async fn switch_pooler(&mut self, pb: &PgBouncer, host: &str) {
+        let port = self.exec.settings.port;
+        let mut report = self.report.pooler.take().unwrap_or_default();
+        match pb.switch(host, port).await {
+            Ok(switched) => {
+                (self.exec.audit)(
+                    "pooler_switched",
+                    json!({"file": pb.databases_file.display().to_string(), "entries": &switched}),
+                );
+                report.databases = switched.iter().map(|e| e.database.clone()).collect();
+                report.switched = switched;
+                match pb.resume(&report.databases).await {
+                    Ok(()) => {
+                        report.resumed = true;
+                        report.held_ms = self.paused_at.map(|t| t.elapsed().as_millis() as u64);
+                        (self.exec.progress)(format!(
+                            "PgBouncer switched to the new primary and resumed ({})",
+                            report.databases.join(", ")
+                        ));
+                    }
+                    Err(e) => (self.exec.progress)(format!(
+                        "PgBouncer points at the new primary but could not be resumed: {e:#}; run RESUME on its admin console"
+                    )),
+                }
+                (self.exec.audit)(
+                    "pooler_resumed",
+                    json!({"databases": &report.databases, "ok": report.resumed, "held_ms": report.held_ms}),
+                );
+            }
+            Err(e) => (self.exec.progress)(format!(
+                "PgBouncer could NOT be switched: {e:#}. Its clients stay PAUSED: point {} at host={} port={port}, then RELOAD and RESUME on its admin console",
+                pb.databases_file.display(),
+                pb.new_host.as_deref().unwrap_or(host)
+            )),
+        }
+        self.report.pooler = Some(report);
+    }
+
     /// Completed (or resumed after completion): the report's totals and timeline, audited.
     fn finish(&mut self, state: &State, t_start: Instant) {
         self.report.total_ms = Some(t_start.elapsed().as_millis() as u64);
@@ -632,4 +770,38 @@ impl Cutover<'_, '_> {
         self.report.timeline = Some(timeline(&self.exec.store.history().unwrap_or_default()));
         self.exec.record(&self.report);
     }
+}
+
+/// Settings the new cluster runs with that differ from what it would start with: those
+/// PostgreSQL flags `pending_restart`, and `listen_addresses`/`port` against `[target]`.
+async fn restart_needed(c: &Client, settings: &TargetSettings) -> Result<Vec<String>> {
+    let mut out: Vec<String> = c
+        .query(
+            "SELECT name FROM pg_settings WHERE pending_restart ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let row = c
+        .query_one(
+            "SELECT current_setting('listen_addresses'), current_setting('port')",
+            &[],
+        )
+        .await?;
+    let (listen, port): (String, String) = (row.get(0), row.get(1));
+    if listen != settings.listen_addresses && !out.iter().any(|n| n == "listen_addresses") {
+        out.push(format!(
+            "listen_addresses (running '{listen}', [target] says '{}')",
+            settings.listen_addresses
+        ));
+    }
+    if port != settings.port.to_string() && !out.iter().any(|n| n == "port") {
+        out.push(format!(
+            "port (running {port}, [target] says {})",
+            settings.port
+        ));
+    }
+    Ok(out)
 }

@@ -245,6 +245,7 @@ impl Executor<'_> {
             "making sure the source is not fenced".to_string()
         });
         self.ask(Request::Unfence).await?;
+        self.resume_pooler().await;
         // The standby we started keeps the slot busy: stop it first (the migration is over).
         if let Some(d) = &self.settings.data_dir {
             self.stop_orphaned_tools(d).await;
@@ -273,6 +274,34 @@ impl Executor<'_> {
             }
         }
         self.advance(state, Event::RollbackDone)
+    }
+
+    /// `[target.pgbouncer]` after an unfence: its clients go on against the source (databases
+    /// that were not paused are left as they are).
+    pub(super) async fn resume_pooler(&self) {
+        let Some(pb) = &self.settings.pgbouncer else {
+            return;
+        };
+        let dbs = match pb.read_file() {
+            Ok(f) => f.databases(),
+            Err(e) => {
+                (self.progress)(format!("PgBouncer: {e:#}; run RESUME on its admin console"));
+                return;
+            }
+        };
+        match pb.resume(&dbs).await {
+            Ok(()) => (self.progress)(format!(
+                "PgBouncer resumed ({}): its clients go on against the source",
+                dbs.join(", ")
+            )),
+            Err(e) => (self.progress)(format!(
+                "could not RESUME PgBouncer: {e:#}; its clients wait: run RESUME on its admin console"
+            )),
+        }
+        (self.audit)(
+            "pooler_resumed",
+            json!({"databases": dbs, "rollback": true}),
+        );
     }
 
     pub(super) fn data_dir(&self) -> Result<&Path> {
