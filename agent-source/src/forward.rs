@@ -5,7 +5,12 @@
 //! ```text
 //!   target ══ data stream: tag, StreamHeader{session, service} ══► source_stream
 //!                                                                     └─ connect upstream ─ pump
+//!   target ══ resume stream: tag, ResumeHeader{session, token} ═════► the held pump goes on
 //! ```
+//!
+//! When the tunnel under a stream is lost, its pump holds the upstream connection (nothing read
+//! from it) for `resume_grace_secs`; the target resumes it over its next connection with the
+//! token both derived from the first connection's TLS keys.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,12 +19,15 @@ use anyhow::{anyhow, bail, Result};
 use bytes::BytesMut;
 use tracing::warn;
 
-use pgferry_common::audit::event::{StreamOpened, StreamRefused};
-use pgferry_common::control::{StreamHeader, StreamKind};
+use pgferry_common::audit::event::{StreamOpened, StreamRefused, StreamResumed};
+use pgferry_common::control::{ResumeHeader, StreamHeader, StreamKind};
 use pgferry_common::frame::{DirectionStats, ResetCode};
-use pgferry_common::runtime::agent::{PeerConn, Tunnel, HELLO_TIMEOUT};
+use pgferry_common::identity::Fingerprint;
+use pgferry_common::runtime::agent::{resume_token, PeerConn, Tunnel, HELLO_TIMEOUT};
 use pgferry_common::runtime::config::Endpoint;
-use pgferry_common::runtime::pump::{self, LocalConn, Outcome, StreamReport};
+use pgferry_common::runtime::pump::{
+    self, BoxFuture, LocalConn, Outcome, Reattach, Resumption, StreamReport, Streams,
+};
 
 /// Upstream connect timeout.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,14 +68,38 @@ async fn source_stream(
     let mut buf = BytesMut::new();
     let header = tokio::time::timeout(HELLO_TIMEOUT, async {
         let tag = pump::read_tag(&mut recv, &mut buf).await?;
-        if StreamKind::from_tag(tag) != Some(StreamKind::Data) {
-            bail!("stream tag {tag} is not a data stream");
+        match StreamKind::from_tag(tag) {
+            Some(StreamKind::Data) => {
+                pump::read_until(&mut recv, &mut buf, 128, StreamHeader::decode)
+                    .await
+                    .map(Opening::New)
+            }
+            Some(StreamKind::Resume) => {
+                pump::read_until(&mut recv, &mut buf, ResumeHeader::LEN, ResumeHeader::decode)
+                    .await
+                    .map(Opening::Resume)
+            }
+            _ => bail!("stream tag {tag} is not a data stream"),
         }
-        pump::read_until(&mut recv, &mut buf, 128, StreamHeader::decode).await
     })
     .await;
     let header = match header {
-        Ok(Ok(h)) => h,
+        Ok(Ok(Opening::New(h))) => h,
+        Ok(Ok(Opening::Resume(h))) => {
+            let session = format!("{:016x}", h.session_id);
+            let streams = pump::Streams { send, recv, buf };
+            if let Err((msg, mut s)) = tunnel.resume_held(&h, &pc.peer.fingerprint, streams).await {
+                warn!("peer {remote}: refusing to resume: {msg}");
+                tunnel.audit_event(&StreamRefused {
+                    session_id: session,
+                    service: String::new(),
+                    reason: msg.clone(),
+                });
+                pump::send_reset(&mut s.send, 0, ResetCode::Refused, &msg).await;
+                let _ = s.recv.stop(pump::codes::PROTOCOL.into());
+            }
+            return;
+        }
         Ok(Err(e)) => {
             warn!("peer {remote}: bad data stream: {e:#}");
             let _ = send.reset(pump::codes::PROTOCOL.into());
@@ -123,13 +155,106 @@ async fn source_stream(
                 sent: DirectionStats::default(),
                 received: DirectionStats::default(),
                 started: Instant::now(),
+                resumptions: 0,
             };
             tunnel.record_closed(&session, &service.name, &report);
             return;
         }
     };
-    let report = pump::pump(local, send, recv, buf, tunnel.pump_options()).await;
+    let report = match (
+        resume_token(&pc.conn, header.session_id),
+        tunnel.cfg().resume_grace,
+    ) {
+        (Some(token), grace) if !grace.is_zero() => {
+            let mut held = Holder {
+                tunnel: tunnel.clone(),
+                session_id: header.session_id,
+                service: service.name.clone(),
+                token,
+                peer: pc.peer.fingerprint,
+                peer_run: pc.peer_run,
+            };
+            pump::pump_resumable(
+                local,
+                send,
+                recv,
+                buf,
+                tunnel.pump_options(),
+                Some(&mut held),
+            )
+            .await
+        }
+        _ => pump::pump(local, send, recv, buf, tunnel.pump_options()).await,
+    };
     tunnel.record_closed(&session, &service.name, &report);
+}
+
+/// How a data stream opens.
+enum Opening {
+    New(StreamHeader),
+    Resume(ResumeHeader),
+}
+
+/// The source's side of a resumable stream: when its stream is lost, the upstream connection
+/// is held until the target resumes it under the same session id and token.
+struct Holder {
+    tunnel: Tunnel,
+    session_id: u64,
+    service: String,
+    token: [u8; 32],
+    peer: Fingerprint,
+    peer_run: Option<u64>,
+}
+
+impl Reattach for Holder {
+    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>> {
+        warn!(
+            "session {:016x}: tunnel lost; holding the upstream connection for up to {} s",
+            self.session_id,
+            self.tunnel.cfg().resume_grace.as_secs()
+        );
+        Box::pin(self.tunnel.hold(
+            self.session_id,
+            self.token,
+            self.peer,
+            self.peer_run,
+        ))
+    }
+
+    fn resumed(&mut self, r: &Resumption) {
+        tracing::info!(
+            "session {:016x}: resumed after {} ms ({} frame(s) sent again)",
+            self.session_id,
+            r.gap_ms,
+            r.resent_frames
+        );
+        self.tunnel.audit_event(&stream_resumed(
+            self.session_id,
+            &self.service,
+            r,
+            &self.peer,
+        ));
+    }
+}
+
+/// The `stream_resumed` record of a resumption.
+fn stream_resumed(
+    session_id: u64,
+    service: &str,
+    r: &Resumption,
+    peer: &Fingerprint,
+) -> StreamResumed {
+    StreamResumed {
+        session_id: format!("{session_id:016x}"),
+        service: service.to_string(),
+        gap_ms: r.gap_ms,
+        cause: r.cause.clone(),
+        resent_frames: r.resent_frames,
+        resent_bytes: r.resent_bytes,
+        peer_expected: r.peer_expected,
+        we_expected: r.we_expected,
+        peer_fingerprint: Some(peer.to_string()),
+    }
 }
 
 /// Connects to the configured upstream (PostgreSQL on loopback or a unix socket).

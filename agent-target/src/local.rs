@@ -18,11 +18,14 @@ use bytes::BytesMut;
 use tokio::io::AsyncRead;
 use tracing::{info, warn};
 
-use pgferry_common::audit::event::{StreamIdentified, StreamOpened};
-use pgferry_common::control::{StreamHeader, StreamKind};
+use pgferry_common::audit::event::{StreamIdentified, StreamOpened, StreamResumed};
+use pgferry_common::control::{ResumeHeader, StreamHeader, StreamKind};
 use pgferry_common::pgwire::{StartupInfo, StartupSniffer};
+use pgferry_common::runtime::agent::resume_token;
 use pgferry_common::runtime::config::{Endpoint, Service, DEFAULT_SERVICE};
-use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
+use pgferry_common::runtime::pump::{
+    self, BoxFuture, LocalConn, Outcome, Reattach, Resumption, Streams,
+};
 
 use crate::Cx;
 
@@ -173,12 +176,134 @@ async fn target_stream(cx: Cx, service: Service, local: LocalConn, client: Strin
             }
         }
     };
-    let pumped = pump::pump(local, send, recv, BytesMut::new(), cx.tunnel.pump_options());
+    let token = resume_token(&pc.conn, session_id);
+    let mut resumer = token
+        .filter(|_| !cx.tunnel.cfg().resume_grace.is_zero())
+        .map(|token| Resumer {
+            cx: cx.clone(),
+            session_id,
+            service: service.name.clone(),
+            token,
+            conn_id: pc.conn.stable_id(),
+            peer_run: pc.peer_run,
+        });
+    let pumped = pump::pump_resumable(
+        local,
+        send,
+        recv,
+        BytesMut::new(),
+        cx.tunnel.pump_options(),
+        resumer.as_mut().map(|r| r as &mut dyn Reattach),
+    );
     let (report, ()) = tokio::join!(pumped, identify);
     if let Outcome::PeerReset { code, message } = &report.outcome {
         warn!("session {session}: source reset the connection ({code:?}): {message}");
     }
     cx.tunnel.record_closed(&session, &service.name, &report);
+}
+
+/// The target's side of a resumable stream: when its stream is lost, the client's connection
+/// is held while the tunnel reconnects, then the stream is resumed over the new connection.
+struct Resumer {
+    cx: Cx,
+    session_id: u64,
+    service: String,
+    /// From the connection the stream began on.
+    token: [u8; 32],
+    /// The connection the stream last ran on.
+    conn_id: usize,
+    /// The source agent's run the stream began with: a restarted source cannot resume it.
+    peer_run: Option<u64>,
+}
+
+impl Resumer {
+    /// A resume stream on the next connection that is not the lost one, until `deadline`.
+    async fn reopen(&mut self, deadline: tokio::time::Instant) -> Option<Streams> {
+        let mut rx = self.cx.target.current.subscribe();
+        let mut stop = self.cx.tunnel.shutting_down();
+        loop {
+            let conn_id = self.conn_id;
+            let next = tokio::select! {
+                r = tokio::time::timeout_at(
+                    deadline,
+                    rx.wait_for(|c| c.as_ref().is_some_and(|l| l.conn.stable_id() != conn_id)),
+                ) => r.ok()?.ok()?.clone()?,
+                _ = stop.wait_for(|s| *s) => return None,
+            };
+            self.conn_id = next.conn.stable_id();
+            if next.peer_run != self.peer_run {
+                warn!(
+                    "session {:016x}: the source agent restarted; the connection cannot be resumed",
+                    self.session_id
+                );
+                return None;
+            }
+            let opened = async {
+                let (mut send, recv) = next.conn.open_bi().await?;
+                let mut out = BytesMut::new();
+                out.extend_from_slice(&[StreamKind::Resume as u8]);
+                ResumeHeader {
+                    session_id: self.session_id,
+                    token: self.token,
+                }
+                .encode(&mut out);
+                send.write_all(&out).await?;
+                Ok::<_, anyhow::Error>((send, recv))
+            };
+            match tokio::time::timeout_at(deadline, opened).await {
+                Ok(Ok((send, recv))) => {
+                    next.stats.streams.fetch_add(1, Ordering::SeqCst);
+                    return Some(Streams {
+                        send,
+                        recv,
+                        buf: BytesMut::new(),
+                    });
+                }
+                Ok(Err(e)) => warn!(
+                    "session {:016x}: resuming over the new connection: {e:#}",
+                    self.session_id
+                ),
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Reattach for Resumer {
+    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>> {
+        let grace = self.cx.tunnel.cfg().resume_grace;
+        warn!(
+            "session {:016x}: tunnel lost; holding the client's connection for up to {} s",
+            self.session_id,
+            grace.as_secs()
+        );
+        Box::pin(self.reopen(tokio::time::Instant::now() + grace))
+    }
+
+    fn resumed(&mut self, r: &Resumption) {
+        info!(
+            "session {:016x}: resumed after {} ms ({} frame(s) sent again)",
+            self.session_id, r.gap_ms, r.resent_frames
+        );
+        let peer = self
+            .cx
+            .target
+            .current
+            .borrow()
+            .as_ref()
+            .map(|l| l.peer.fingerprint.to_string());
+        self.cx.tunnel.audit_event(&StreamResumed {
+            session_id: format!("{:016x}", self.session_id),
+            service: self.service.clone(),
+            gap_ms: r.gap_ms,
+            cause: r.cause.clone(),
+            resent_frames: r.resent_frames,
+            resent_bytes: r.resent_bytes,
+            peer_expected: r.peer_expected,
+            we_expected: r.we_expected,
+            peer_fingerprint: peer,
+        });
+    }
 }
 
 /// The client's read half, watched until its startup message is known: the bytes pass through

@@ -46,6 +46,9 @@ pub enum StreamKind {
     Control = 0,
     /// A data stream carrying one forwarded connection.
     Data = 1,
+    /// A data stream that continues a forwarded connection whose stream was lost with its
+    /// connection ([`ResumeHeader`]).
+    Resume = 2,
 }
 
 impl StreamKind {
@@ -54,6 +57,7 @@ impl StreamKind {
         match tag {
             0 => Some(Self::Control),
             1 => Some(Self::Data),
+            2 => Some(Self::Resume),
             _ => None,
         }
     }
@@ -104,6 +108,45 @@ impl StreamHeader {
             session_id,
             service: service.to_owned(),
         }))
+    }
+}
+
+/// What opens a [`StreamKind::Resume`] stream: the forwarded connection to continue, and a
+/// token that proves the opener held the connection the stream began on. Both ends derive
+/// the token from that connection's TLS keys ([`resume_token_context`]), so another agent,
+/// even one with the same certificate, cannot take over a held connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeHeader {
+    pub session_id: u64,
+    pub token: [u8; 32],
+}
+
+/// TLS exporter label of [`ResumeHeader::token`].
+pub const RESUME_TOKEN_LABEL: &[u8] = b"EXPORTER-pgferry-stream-resume";
+
+/// TLS exporter context of [`ResumeHeader::token`]: the session id.
+pub fn resume_token_context(session_id: u64) -> [u8; 8] {
+    session_id.to_be_bytes()
+}
+
+impl ResumeHeader {
+    pub const LEN: usize = 8 + 32;
+
+    /// Encodes the header (without the stream tag byte).
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        buf.put_u64(self.session_id);
+        buf.put_slice(&self.token);
+    }
+
+    /// Decodes a header; `Ok(None)` when more bytes are needed.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Self>, ControlError> {
+        if buf.len() < Self::LEN {
+            return Ok(None);
+        }
+        let session_id = buf.get_u64();
+        let mut token = [0; 32];
+        buf.copy_to_slice(&mut token);
+        Ok(Some(Self { session_id, token }))
     }
 }
 

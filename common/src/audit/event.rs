@@ -246,6 +246,33 @@ impl AuditEvent for StreamOpened {
     const NAME: &'static str = events::STREAM_OPENED;
 }
 
+/// `stream_resumed`: a forwarded connection whose stream was lost with its tunnel continued
+/// over a new one, byte for byte (both agents write it, same `session_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamResumed {
+    pub session_id: String,
+    #[serde(default)]
+    pub service: String,
+    /// From the loss to the resumed stream.
+    pub gap_ms: u64,
+    /// Why the stream was lost.
+    #[serde(default)]
+    pub cause: String,
+    /// Frames sent again (the peer had not acknowledged them) and their bytes on the wire.
+    pub resent_frames: u64,
+    pub resent_bytes: u64,
+    /// The first chunk each side still needed from the other.
+    pub peer_expected: u64,
+    pub we_expected: u64,
+    /// The certificate of the connection it continues on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_fingerprint: Option<String>,
+}
+
+impl AuditEvent for StreamResumed {
+    const NAME: &'static str = "stream_resumed";
+}
+
 /// `stream_identified`: who a forwarded PostgreSQL connection is, from its startup message
 /// (target only; user, database, application, replication, never a secret or a query).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

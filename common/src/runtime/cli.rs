@@ -62,6 +62,10 @@ pub struct TunnelArgs {
     /// On SIGTERM, wait this long for forwarded connections to finish (default 30).
     #[arg(long)]
     pub drain_timeout_secs: Option<u64>,
+    /// When the tunnel is lost, hold each forwarded connection this long for the agents to
+    /// reconnect and resume it where it stopped (default 300; 0: reset at once).
+    #[arg(long)]
+    pub resume_grace_secs: Option<u64>,
     /// Abandon a QUIC/TLS handshake that has not authenticated the peer after this many seconds
     /// (default 5; bounds what a peer without a certificate can hold).
     #[arg(long)]
@@ -201,6 +205,7 @@ pub fn resolve_tunnel(
         keep_alive_secs: tunnel.keep_alive_secs,
         idle_timeout_secs: tunnel.idle_timeout_secs,
         drain_timeout_secs: tunnel.drain_timeout_secs,
+        resume_grace_secs: tunnel.resume_grace_secs,
         handshake_timeout_secs: tunnel.handshake_timeout_secs,
         congestion_control: tunnel.congestion_control,
         allow_non_loopback_local: service.allow_non_loopback_local,

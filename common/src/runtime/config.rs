@@ -17,6 +17,7 @@
 //! listen = "0.0.0.0:7443"                 # or: connect = "new-host.example:7443"
 //! keep_alive_secs = 1
 //! idle_timeout_secs = 30
+//! resume_grace_secs = 300                 # forwarded connections outlive a lost tunnel this long
 //! handshake_timeout_secs = 5
 //!
 //! [policy]
@@ -63,6 +64,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_SECS: u64 = 5;
 /// How long SIGTERM waits for forwarded connections to finish before closing them.
 pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
+/// Default time a forwarded connection outlives the tunnel under it.
+pub const DEFAULT_RESUME_GRACE_SECS: u64 = 300;
 /// The PostgreSQL service forwarded when no `[[service]]` is configured.
 pub const DEFAULT_SERVICE: &str = "postgres";
 /// Default upstream of the `postgres` service on the source host.
@@ -181,6 +184,8 @@ pub struct NetworkSection {
     pub idle_timeout_secs: Option<u64>,
     /// How long a shutdown waits for open forwarded connections.
     pub drain_timeout_secs: Option<u64>,
+    /// How long a forwarded connection outlives the tunnel under it (0: not at all).
+    pub resume_grace_secs: Option<u64>,
     /// Longest QUIC/TLS handshake, in seconds.
     pub handshake_timeout_secs: Option<u64>,
     /// `bbr`, `cubic` or `newreno`.
@@ -423,6 +428,8 @@ pub struct AgentConfig {
     pub idle_timeout: Duration,
     /// Shutdown drain limit.
     pub drain_timeout: Duration,
+    /// How long a forwarded connection outlives the tunnel under it (zero: not at all).
+    pub resume_grace: Duration,
     /// Longest handshake before the peer is authenticated.
     pub handshake_timeout: Duration,
     /// QUIC congestion controller for what this agent sends.
@@ -463,6 +470,8 @@ pub struct Overrides {
     pub idle_timeout_secs: Option<u64>,
     /// `--drain-timeout-secs`
     pub drain_timeout_secs: Option<u64>,
+    /// `--resume-grace-secs`
+    pub resume_grace_secs: Option<u64>,
     /// `--handshake-timeout-secs`
     pub handshake_timeout_secs: Option<u64>,
     /// `--congestion-control`
@@ -535,6 +544,7 @@ impl AgentConfig {
             congestion_control,
             allow_non_loopback_local,
             drain_timeout: timers.drain_timeout,
+            resume_grace: timers.resume_grace,
             allowed_regions,
             audit_log,
             compression_level,
@@ -578,6 +588,7 @@ struct Timers {
     idle_timeout: Duration,
     drain_timeout: Duration,
     handshake_timeout: Duration,
+    resume_grace: Duration,
 }
 
 impl Timers {
@@ -611,6 +622,10 @@ impl Timers {
                 DEFAULT_HANDSHAKE_TIMEOUT_SECS,
                 "handshake_timeout_secs",
             )?,
+            resume_grace: match flags.resume_grace_secs.or(net.resume_grace_secs) {
+                Some(0) => Duration::ZERO,
+                v => secs(v, DEFAULT_RESUME_GRACE_SECS, "resume_grace_secs")?,
+            },
         };
         if t.keep_alive >= t.idle_timeout {
             bail!(

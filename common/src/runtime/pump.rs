@@ -14,12 +14,28 @@
 //!   aborts the local connection; the rest of the QUIC connection is unaffected.
 //! * Half-close travels as FIN (byte count and digest of the whole direction, checked by the
 //!   receiver); the other direction carries on until its own FIN.
-//! * The receiver acknowledges delivered chunks cumulatively (ACK). Nothing depends on ACKs yet;
-//!   they are the hook for resuming streams over a new connection (DESIGN §2).
+//! * The receiver acknowledges chunks cumulatively (ACK): a chunk is acknowledged once it is
+//!   verified and held by the receiver for delivery.
+//! * **Resumable streams** ([`pump_resumable`]): the sender keeps every frame until it is
+//!   acknowledged (at most [`RESUME_BUFFER`] bytes per stream; reading the local socket waits
+//!   for ACKs beyond that). When the connection under the stream is lost, the pump holds the
+//!   local connection and asks its agent for a replacement stream over a new connection
+//!   ([`Reattach`], within a grace period). Both ends then send one ACK with the next chunk they
+//!   expect (`+1` once the direction's FIN arrived) and resend what the other lacks, so each
+//!   direction continues byte for byte: same sequence numbers, same direction digest in the
+//!   FIN. Every await point is safe to abandon: a chunk is kept before it is written, and an
+//!   inbound chunk is counted once verified and delivered from memory, however many writes it
+//!   takes.
+//!
+//! ```text
+//!   connection lost ─► park (local socket held, nothing read) ─► Reattach::reattach ─► new stream
+//!     ─► ACK(next I expect) ⇄ ACK(next they expect) ─► resend unacknowledged ─► go on
+//! ```
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::time::Instant;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,6 +53,48 @@ pub const READ_CHUNK: usize = 128 * 1024;
 
 /// Send an ACK after this many delivered chunks (and at the end of the direction).
 const ACK_EVERY: u64 = 32;
+
+/// Most bytes of sent, unacknowledged frames a resumable stream keeps per direction. The peer
+/// acknowledges every [`ACK_EVERY`] chunks (at most 4 MiB of them), so this never limits the
+/// rate below 16 MiB per round trip; it bounds what an outage can make a stream hold.
+pub const RESUME_BUFFER: usize = 16 * 1024 * 1024;
+
+/// Longest wait for the peer's ACK that opens a resumed stream.
+const RESUME_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A replacement for a lost stream: its halves and the bytes already read after its header.
+pub struct Streams {
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    pub buf: BytesMut,
+}
+
+/// A boxed future (the [`Reattach`] methods are called through `dyn`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a resumable stream needs from its agent.
+pub trait Reattach: Send {
+    /// A new stream for this forwarded connection over a new connection, or `None` once the
+    /// grace period has passed. Called each time the stream under the pump is lost.
+    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>>;
+    /// Told after each resumption (for the audit log).
+    fn resumed(&mut self, r: &Resumption);
+}
+
+/// One resumption of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumption {
+    /// From the loss to the resumed stream.
+    pub gap_ms: u64,
+    /// Why the stream was lost.
+    pub cause: String,
+    /// Frames (DATA and FIN) sent again, and their bytes on the wire.
+    pub resent_frames: u64,
+    pub resent_bytes: u64,
+    /// The first chunk the peer still needed from us, and the first we needed from it.
+    pub peer_expected: u64,
+    pub we_expected: u64,
+}
 
 /// QUIC application error codes used when stopping/resetting streams.
 pub mod codes {
@@ -108,6 +166,8 @@ pub struct StreamReport {
     pub received: DirectionStats,
     /// When the pump started.
     pub started: Instant,
+    /// How many times the stream was resumed over a new connection.
+    pub resumptions: u32,
 }
 
 /// Test-only fault injection: corrupts the first inbound chunk (after decompression, before
@@ -218,10 +278,22 @@ enum OutboundEnd {
 /// from `recv` after the stream header.
 pub async fn pump(
     local: LocalConn,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
     inbound_buf: BytesMut,
     opts: &PumpOptions,
+) -> StreamReport {
+    pump_resumable(local, send, recv, inbound_buf, opts, None).await
+}
+
+/// [`pump`], resumable over a new connection through `reattach` (see the module doc).
+pub async fn pump_resumable(
+    local: LocalConn,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut inbound_buf: BytesMut,
+    opts: &PumpOptions,
+    mut reattach: Option<&mut dyn Reattach>,
 ) -> StreamReport {
     let started = Instant::now();
     let LocalConn {
@@ -231,33 +303,79 @@ pub async fn pump(
     } = local;
     let mut sent = DirectionStats::default();
     let mut received = DirectionStats::default();
-    let (ack_tx, ack_rx) = watch::channel(0u64);
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-
-    let (out_end, in_res) = {
-        let outbound = outbound(
-            &mut reader,
-            &mut send,
-            &mut sent,
-            ack_rx,
-            cancel_rx,
-            opts.compression_level,
-        );
-        let inbound = inbound(
-            &mut recv,
-            &mut writer,
-            &mut received,
-            inbound_buf,
-            ack_tx,
-            opts,
-        );
-        run_both(outbound, inbound, cancel_tx).await
+    let chans = Channels::new();
+    let mut out = match Out::new(opts.compression_level, reattach.is_some()) {
+        Ok(o) => o,
+        Err(e) => {
+            let outcome = Outcome::LocalError(format!("zstd: {e}"));
+            send_reset(&mut send, 0, ResetCode::UpstreamReset, &outcome.detail()).await;
+            return StreamReport {
+                outcome,
+                sent,
+                received,
+                started,
+                resumptions: 0,
+            };
+        }
     };
-
-    let outcome = match (in_res, out_end) {
-        (Err(o), _) => o,
-        (Ok(()), OutboundEnd::Failed(o)) => o,
-        (Ok(()), _) => Outcome::Ok,
+    let mut inn = In::default();
+    let mut resumptions = 0;
+    let outcome = 'stream: loop {
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let (out_end, in_res) = {
+            let outbound = out.run(&mut reader, &mut send, &mut sent, &chans, cancel_rx);
+            let inbound = inn.run(
+                &mut recv,
+                &mut writer,
+                &mut received,
+                &mut inbound_buf,
+                &chans,
+                opts,
+            );
+            run_both(outbound, inbound, cancel_tx).await
+        };
+        let outcome = match (in_res, out_end) {
+            (Err(o), _) => o,
+            (Ok(()), OutboundEnd::Failed(o)) => o,
+            (Ok(()), _) => Outcome::Ok,
+        };
+        let (Outcome::TunnelError(cause), Some(r)) = (&outcome, reattach.as_deref_mut()) else {
+            break outcome;
+        };
+        // The connection under the stream is gone: hold the local connection and wait for a
+        // new stream, as long as the agent allows.
+        let lost = Instant::now();
+        let cause = cause.clone();
+        loop {
+            let Some(new) = r.reattach().await else {
+                break 'stream Outcome::TunnelError(format!(
+                    "{cause}; not resumed within the grace period"
+                ));
+            };
+            (send, recv, inbound_buf) = (new.send, new.recv, new.buf);
+            match resume(
+                &mut send,
+                &mut recv,
+                &mut inbound_buf,
+                &mut out,
+                &inn,
+                &sent,
+                &received,
+            )
+            .await
+            {
+                Ok(mut done) => {
+                    done.gap_ms = lost.elapsed().as_millis() as u64;
+                    done.cause = cause.clone();
+                    resumptions += 1;
+                    r.resumed(&done);
+                    break;
+                }
+                // Lost again before it could resume: wait for the next connection.
+                Err(Outcome::TunnelError(_)) => continue,
+                Err(other) => break 'stream other,
+            }
+        }
     };
     match &outcome {
         Outcome::Ok => {
@@ -304,7 +422,84 @@ pub async fn pump(
         sent,
         received,
         started,
+        resumptions,
     }
+}
+
+/// The channels between the two directions of one pump, for its whole life (every attempt).
+struct Channels {
+    /// Inbound → outbound: the next chunk we expect (ACKs to send).
+    ack_tx: watch::Sender<u64>,
+    /// Inbound → outbound: the next chunk the peer expects (its ACKs).
+    peer_ack_tx: watch::Sender<u64>,
+    /// Inbound → outbound: the peer's FIN arrived (the outbound's ACKs are no longer needed).
+    in_done_tx: watch::Sender<bool>,
+}
+
+impl Channels {
+    fn new() -> Self {
+        Self {
+            ack_tx: watch::channel(0).0,
+            peer_ack_tx: watch::channel(0).0,
+            in_done_tx: watch::channel(false).0,
+        }
+    }
+}
+
+/// Opens a resumed stream: our ACK (the next chunk we expect, `+1` once the peer's FIN arrived),
+/// the peer's, then the frames it lacks sent again.
+async fn resume(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+    out: &mut Out,
+    inn: &In,
+    sent: &DirectionStats,
+    received: &DirectionStats,
+) -> Result<Resumption, Outcome> {
+    let lost = |e: String| Outcome::TunnelError(e);
+    let we_expected = received.next_seq() + u64::from(inn.done);
+    let mut ack = BytesMut::new();
+    Frame::Ack {
+        next_seq: we_expected,
+    }
+    .encode(&mut ack);
+    send.write_all(&ack)
+        .await
+        .map_err(|e| lost(format!("resuming: {e}")))?;
+    let first = tokio::time::timeout(
+        RESUME_HANDSHAKE_TIMEOUT,
+        read_until(
+            recv,
+            buf,
+            HEADER_LEN + frame::MAX_WIRE_LEN as usize,
+            frame::decode,
+        ),
+    )
+    .await
+    .map_err(|_| lost("resuming: no ACK from the peer within 30 s".into()))?
+    .map_err(|e| lost(format!("resuming: {e:#}")))?;
+    let peer_expected = match first {
+        Frame::Ack { next_seq } => next_seq,
+        Frame::Reset { code, message, .. } => return Err(Outcome::PeerReset { code, message }),
+        other => {
+            return Err(Outcome::ProtocolViolation(format!(
+                "a resumed stream must open with ACK, not {other:?}"
+            )))
+        }
+    };
+    let (resent_frames, resent_bytes) = out
+        .resend_from(send, peer_expected, sent.next_seq())
+        .await?;
+    out.last_acked = we_expected;
+    Ok(Resumption {
+        gap_ms: 0,
+        cause: String::new(),
+        resent_frames,
+        resent_bytes,
+        peer_expected,
+        we_expected,
+    })
 }
 
 /// Sends a RESET frame (best effort) and finishes the stream.
@@ -355,124 +550,226 @@ async fn run_both(
     }
 }
 
-/// One direction out: reads the local socket, sends each read as DATA frames in sequence order
-/// (compressed inline or on the blocking pool, see [`ChunkQueue`]), acknowledges what the
-/// inbound side delivered, and sends FIN at EOF.
-async fn outbound(
-    reader: &mut (dyn AsyncRead + Send + Unpin),
-    send: &mut quinn::SendStream,
-    stats: &mut DirectionStats,
-    mut ack_rx: watch::Receiver<u64>,
-    mut cancel_rx: watch::Receiver<bool>,
-    level: i32,
-) -> OutboundEnd {
-    let mut queue = match ChunkQueue::new(level, stats.next_seq()) {
-        Ok(q) => q,
-        Err(e) => return OutboundEnd::Failed(Outcome::LocalError(format!("zstd: {e}"))),
-    };
-    let mut adapt = LevelControl::new(level);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(64);
-    let mut last_acked = 0u64;
-    let mut acks_open = true;
-    let mut eof = false;
-    loop {
-        // Send every frame that is ready, in sequence order.
-        while let Some((raw, chunk)) = queue.pop_ready() {
-            if let Err(end) = send_chunk(send, stats, &raw, chunk).await {
-                return end;
+/// The outbound direction's state, kept across the attempts of a resumable stream.
+struct Out {
+    queue: ChunkQueue,
+    adapt: LevelControl,
+    buf: BytesMut,
+    scratch: BytesMut,
+    /// The last ACK value we sent.
+    last_acked: u64,
+    eof: bool,
+    fin_sent: bool,
+    /// Resumable: frames kept until acknowledged.
+    keep: bool,
+    /// Sent, unacknowledged frames: sequence number (a FIN has the number after the last
+    /// chunk), header, payload.
+    unacked: VecDeque<(u64, Bytes, Bytes)>,
+    unacked_bytes: usize,
+}
+
+impl Out {
+    fn new(level: i32, keep: bool) -> std::io::Result<Self> {
+        Ok(Self {
+            queue: ChunkQueue::new(level, 0)?,
+            adapt: LevelControl::new(level),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            scratch: BytesMut::with_capacity(64),
+            last_acked: 0,
+            eof: false,
+            fin_sent: false,
+            keep,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+        })
+    }
+
+    /// Drops the frames the peer has acknowledged (`next` is the first it still needs).
+    fn trim(&mut self, next: u64) {
+        while let Some((seq, h, p)) = self.unacked.front() {
+            if *seq >= next {
+                break;
             }
-            if let Some(c) = adapt.sent(raw.len(), Instant::now()) {
-                let (from, to) = (level_name(c.from), level_name(c.to));
-                tracing::debug!(
-                    "compression level {from} → {to} ({:.1} MB/s at {from})",
-                    c.rate / 1e6
-                );
-            }
+            self.unacked_bytes -= h.len() + p.len();
+            self.unacked.pop_front();
         }
-        if eof && queue.is_empty() {
-            return send_fin(send, stats, &mut out).await;
+    }
+
+    /// Keeps a frame (resumable streams) before it is written, so that abandoning the write
+    /// loses nothing.
+    fn keep_frame(&mut self, seq: u64, header: &Bytes, payload: &Bytes) {
+        if self.keep {
+            self.unacked_bytes += header.len() + payload.len();
+            self.unacked
+                .push_back((seq, header.clone(), payload.clone()));
         }
-        let can_read = !eof && queue.has_room();
-        let waiting = !queue.is_empty();
-        if buf.capacity() < READ_CHUNK {
-            buf.reserve(READ_CHUNK);
+    }
+
+    /// After a reconnect: the peer needs everything from chunk `next` on; sends it again.
+    async fn resend_from(
+        &mut self,
+        send: &mut quinn::SendStream,
+        next: u64,
+        sent_next: u64,
+    ) -> Result<(u64, u64), Outcome> {
+        let end = sent_next + u64::from(self.fin_sent);
+        if next > end {
+            return Err(Outcome::ProtocolViolation(format!(
+                "cannot resume: the peer acknowledges chunk {next}, only {end} were sent"
+            )));
         }
-        tokio::select! {
-            biased;
-            _ = cancel_rx.changed() => return OutboundEnd::Cancelled,
-            done = queue.front_job(), if waiting => {
-                if let Err(e) = queue.front_done(done) {
-                    return OutboundEnd::Failed(Outcome::LocalError(format!("compression task: {e}")))
+        self.trim(next);
+        let oldest = self.unacked.front().map_or(end, |f| f.0);
+        if oldest != next {
+            return Err(Outcome::ProtocolViolation(format!(
+                "cannot resume: the peer needs chunk {next}, the oldest kept is {oldest}"
+            )));
+        }
+        let (mut frames, mut bytes) = (0, 0);
+        for (_, h, p) in &self.unacked {
+            let r = if p.is_empty() {
+                send.write_all(h).await
+            } else {
+                send.write_all_chunks(&mut [h.clone(), p.clone()])
+                    .await
+                    .map(drop)
+            };
+            r.map_err(|e| Outcome::TunnelError(format!("resending: {e}")))?;
+            frames += 1;
+            bytes += (h.len() + p.len()) as u64;
+        }
+        Ok((frames, bytes))
+    }
+
+    /// One attempt of the outbound direction: reads the local socket, sends each read as DATA
+    /// frames in sequence order (compressed inline or on the blocking pool, see
+    /// [`ChunkQueue`]), acknowledges what the inbound side received, and sends FIN at EOF. A
+    /// resumable stream then keeps acknowledging until the peer's FIN arrived.
+    async fn run(
+        &mut self,
+        reader: &mut (dyn AsyncRead + Send + Unpin),
+        send: &mut quinn::SendStream,
+        stats: &mut DirectionStats,
+        chans: &Channels,
+        mut cancel_rx: watch::Receiver<bool>,
+    ) -> OutboundEnd {
+        let mut ack_rx = chans.ack_tx.subscribe();
+        let mut peer_ack_rx = chans.peer_ack_tx.subscribe();
+        let mut in_done_rx = chans.in_done_tx.subscribe();
+        loop {
+            let peer_next = *peer_ack_rx.borrow_and_update();
+            self.trim(peer_next);
+            if self.fin_sent {
+                if !self.keep || *in_done_rx.borrow() {
+                    return OutboundEnd::Finished;
                 }
-            }
-            r = reader.read_buf(&mut buf), if can_read => match r {
-                Ok(0) => eof = true,
-                Ok(_) => queue.push(buf.split().freeze(), &adapt),
-                Err(e) => {
-                    return OutboundEnd::Failed(Outcome::LocalError(format!("reading local socket: {e}")))
-                }
-            },
-            changed = ack_rx.changed(), if acks_open => {
-                if changed.is_err() {
-                    acks_open = false;
-                    continue;
-                }
-                let next = *ack_rx.borrow_and_update();
-                if next >= last_acked + ACK_EVERY {
-                    last_acked = next;
-                    out.clear();
-                    Frame::Ack { next_seq: next }.encode(&mut out);
-                    if let Err(e) = send.write_all(&out).await {
-                        return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
+            } else {
+                // Send every frame that is ready, in sequence order.
+                while let Some((raw, chunk)) = self.queue.pop_ready() {
+                    if let Err(end) = self.send_chunk(send, stats, &raw, chunk).await {
+                        return end;
+                    }
+                    if let Some(c) = self.adapt.sent(raw.len(), Instant::now()) {
+                        let (from, to) = (level_name(c.from), level_name(c.to));
+                        tracing::debug!(
+                            "compression level {from} → {to} ({:.1} MB/s at {from})",
+                            c.rate / 1e6
+                        );
                     }
                 }
+                if self.eof && self.queue.is_empty() {
+                    if let Err(end) = self.send_fin(send, stats).await {
+                        return end;
+                    }
+                    continue;
+                }
+            }
+            let room = !self.keep || self.unacked_bytes < RESUME_BUFFER;
+            let can_read = !self.fin_sent && !self.eof && self.queue.has_room() && room;
+            let waiting = !self.fin_sent && !self.queue.is_empty();
+            if self.buf.capacity() < READ_CHUNK {
+                self.buf.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = cancel_rx.changed() => return OutboundEnd::Cancelled,
+                done = self.queue.front_job(), if waiting => {
+                    if let Err(e) = self.queue.front_done(done) {
+                        return OutboundEnd::Failed(Outcome::LocalError(format!("compression task: {e}")))
+                    }
+                }
+                r = reader.read_buf(&mut self.buf), if can_read => match r {
+                    Ok(0) => self.eof = true,
+                    Ok(_) => self.queue.push(self.buf.split().freeze(), &self.adapt),
+                    Err(e) => {
+                        return OutboundEnd::Failed(Outcome::LocalError(format!("reading local socket: {e}")))
+                    }
+                },
+                _ = ack_rx.changed() => {
+                    let next = *ack_rx.borrow_and_update();
+                    if next >= self.last_acked + ACK_EVERY || (self.keep && *in_done_rx.borrow()) {
+                        self.last_acked = next;
+                        self.scratch.clear();
+                        Frame::Ack { next_seq: next }.encode(&mut self.scratch);
+                        if let Err(e) = send.write_all(&self.scratch).await {
+                            return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
+                        }
+                    }
+                }
+                _ = peer_ack_rx.changed(), if self.keep => {}
+                _ = in_done_rx.changed(), if self.keep && self.fin_sent => {}
             }
         }
     }
-}
 
-/// Sends one encoded chunk as a DATA frame and counts it in `stats`. Header and payload go to
-/// quinn as two buffers: the payload is not copied again.
-async fn send_chunk(
-    send: &mut quinn::SendStream,
-    stats: &mut DirectionStats,
-    raw: &Bytes,
-    chunk: Chunk,
-) -> Result<(), OutboundEnd> {
-    let mut header = BytesMut::with_capacity(HEADER_LEN);
-    Frame::encode_data_header(&chunk, &mut header);
-    stats.record(raw, HEADER_LEN + chunk.payload.len());
-    if let Err(e) = send
-        .write_all_chunks(&mut [header.freeze(), chunk.payload])
-        .await
-    {
-        return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
-            "sending: {e}"
-        ))));
+    /// Sends one encoded chunk as a DATA frame and counts it in `stats`. Header and payload go
+    /// to quinn as two buffers: the payload is not copied again.
+    async fn send_chunk(
+        &mut self,
+        send: &mut quinn::SendStream,
+        stats: &mut DirectionStats,
+        raw: &Bytes,
+        chunk: Chunk,
+    ) -> Result<(), OutboundEnd> {
+        let mut header = BytesMut::with_capacity(HEADER_LEN);
+        Frame::encode_data_header(&chunk, &mut header);
+        let header = header.freeze();
+        self.keep_frame(chunk.seq, &header, &chunk.payload);
+        stats.record(raw, HEADER_LEN + chunk.payload.len());
+        if let Err(e) = send.write_all_chunks(&mut [header, chunk.payload]).await {
+            return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
+                "sending: {e}"
+            ))));
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-/// Ends the direction: a FIN frame with the byte count and digest of everything sent, then the
-/// stream's own finish.
-async fn send_fin(
-    send: &mut quinn::SendStream,
-    stats: &DirectionStats,
-    out: &mut BytesMut,
-) -> OutboundEnd {
-    out.clear();
-    Frame::Fin {
-        seq: stats.next_seq(),
-        total_bytes: stats.raw_bytes,
-        digest: stats.digest(),
+    /// Ends the direction: a FIN frame with the byte count and digest of everything sent.
+    async fn send_fin(
+        &mut self,
+        send: &mut quinn::SendStream,
+        stats: &DirectionStats,
+    ) -> Result<(), OutboundEnd> {
+        let mut fin = BytesMut::new();
+        Frame::Fin {
+            seq: stats.next_seq(),
+            total_bytes: stats.raw_bytes,
+            digest: stats.digest(),
+        }
+        .encode(&mut fin);
+        let fin = fin.freeze();
+        self.keep_frame(stats.next_seq(), &fin, &Bytes::new());
+        self.fin_sent = true;
+        if let Err(e) = send.write_all(&fin).await {
+            return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
+                "sending FIN: {e}"
+            ))));
+        }
+        if !self.keep {
+            let _ = send.finish();
+        }
+        Ok(())
     }
-    .encode(out);
-    if let Err(e) = send.write_all(out).await {
-        return OutboundEnd::Failed(Outcome::TunnelError(format!("sending FIN: {e}")));
-    }
-    let _ = send.finish();
-    OutboundEnd::Finished
 }
 
 /// Chunks smaller than this are compressed inline; larger ones on the blocking pool, several
@@ -601,67 +898,108 @@ fn with_thread_encoder<R>(level: i32, f: impl FnOnce(&mut ChunkEncoder) -> R) ->
     })
 }
 
-async fn inbound(
-    recv: &mut quinn::RecvStream,
-    writer: &mut (dyn AsyncWrite + Send + Unpin),
-    stats: &mut DirectionStats,
-    mut buf: BytesMut,
-    ack_tx: watch::Sender<u64>,
-    opts: &PumpOptions,
-) -> Result<(), Outcome> {
-    let mut decoder = ChunkDecoder::new();
-    loop {
-        let frame = match frame::decode(&mut buf) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                match recv.read_chunk(READ_CHUNK * 2, true).await {
-                    Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
-                    Ok(None) => {
-                        return Err(Outcome::ProtocolViolation(
-                            "peer ended the stream without FIN".into(),
-                        ))
-                    }
-                    Err(e) => return Err(Outcome::TunnelError(format!("receiving: {e}"))),
+/// The inbound direction's state, kept across the attempts of a resumable stream.
+#[derive(Default)]
+struct In {
+    decoder: ChunkDecoder,
+    /// A verified chunk (counted as received) not yet fully written to the local socket, and
+    /// how much of it was.
+    pending: Option<(Bytes, usize)>,
+    /// The peer's FIN arrived and was checked.
+    done: bool,
+}
+
+impl In {
+    /// One attempt of the inbound direction: decodes, checks and delivers frames until the
+    /// peer's FIN.
+    async fn run(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        writer: &mut (dyn AsyncWrite + Send + Unpin),
+        stats: &mut DirectionStats,
+        buf: &mut BytesMut,
+        chans: &Channels,
+        opts: &PumpOptions,
+    ) -> Result<(), Outcome> {
+        loop {
+            // Finish delivering the chunk in hand first (a write can be abandoned midway).
+            while let Some((raw, written)) = &mut self.pending {
+                if *written == raw.len() {
+                    self.pending = None;
+                    let _ = chans.ack_tx.send(stats.next_seq());
+                    break;
                 }
-                continue;
-            }
-            Err(e) => return Err(classify(e)),
-        };
-        match frame {
-            Frame::Data(chunk) => {
-                stats.expect_seq(chunk.seq).map_err(classify)?;
-                let raw = decoder.decompress(&chunk).map_err(classify)?;
-                #[cfg(feature = "test-hooks")]
-                let raw = match &opts.fault {
-                    Some(f) => f.apply(raw),
-                    None => raw,
-                };
-                #[cfg(not(feature = "test-hooks"))]
-                let _ = opts;
-                frame::verify(&chunk, &raw).map_err(classify)?;
-                // Verified: only now may the bytes reach the local socket.
-                writer
-                    .write_all(&raw)
+                let n = writer
+                    .write(&raw[*written..])
                     .await
                     .map_err(|e| Outcome::LocalError(format!("writing local socket: {e}")))?;
-                stats.record(&raw, HEADER_LEN + chunk.payload.len());
-                let _ = ack_tx.send(stats.next_seq());
+                if n == 0 {
+                    return Err(Outcome::LocalError("writing local socket: closed".into()));
+                }
+                *written += n;
             }
-            Frame::Fin {
-                seq,
-                total_bytes,
-                digest,
-            } => {
-                stats
-                    .check_fin(seq, total_bytes, &digest)
-                    .map_err(classify)?;
-                let _ = writer.shutdown().await;
+            if self.done {
                 return Ok(());
             }
-            Frame::Reset { code, message, .. } => {
-                return Err(Outcome::PeerReset { code, message });
+            let frame = match frame::decode(buf) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    match recv.read_chunk(READ_CHUNK * 2, true).await {
+                        Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+                        Ok(None) => {
+                            return Err(Outcome::ProtocolViolation(
+                                "peer ended the stream without FIN".into(),
+                            ))
+                        }
+                        Err(e) => return Err(Outcome::TunnelError(format!("receiving: {e}"))),
+                    }
+                    continue;
+                }
+                Err(e) => return Err(classify(e)),
+            };
+            match frame {
+                Frame::Data(chunk) => {
+                    stats.expect_seq(chunk.seq).map_err(classify)?;
+                    let raw = self.decoder.decompress(&chunk).map_err(classify)?;
+                    #[cfg(feature = "test-hooks")]
+                    let raw = match &opts.fault {
+                        Some(f) => f.apply(raw),
+                        None => raw,
+                    };
+                    #[cfg(not(feature = "test-hooks"))]
+                    let _ = opts;
+                    frame::verify(&chunk, &raw).map_err(classify)?;
+                    // Verified: only now may the bytes reach the local socket.
+                    stats.record(&raw, HEADER_LEN + chunk.payload.len());
+                    self.pending = Some((raw, 0));
+                }
+                Frame::Fin {
+                    seq,
+                    total_bytes,
+                    digest,
+                } => {
+                    stats
+                        .check_fin(seq, total_bytes, &digest)
+                        .map_err(classify)?;
+                    let _ = writer.shutdown().await;
+                    self.done = true;
+                    let _ = chans.in_done_tx.send(true);
+                    let _ = chans.ack_tx.send(stats.next_seq() + 1);
+                    return Ok(());
+                }
+                Frame::Reset { code, message, .. } => {
+                    return Err(Outcome::PeerReset { code, message });
+                }
+                Frame::Ack { next_seq } => {
+                    chans.peer_ack_tx.send_if_modified(|v| {
+                        let newer = next_seq > *v;
+                        if newer {
+                            *v = next_seq;
+                        }
+                        newer
+                    });
+                }
             }
-            Frame::Ack { .. } => {}
         }
     }
 }

@@ -152,6 +152,131 @@ impl Tunnel {
     pub fn record_closed(&self, session: &str, service: &str, r: &StreamReport) {
         record_closed(&self.0, session, service, r)
     }
+    /// Holds a forwarded connection whose stream was lost until the peer resumes it over a new
+    /// connection ([`Tunnel::resume_held`]): the new stream, or `None` after the grace period
+    /// (or at shutdown).
+    pub async fn hold(
+        &self,
+        session_id: u64,
+        token: [u8; 32],
+        peer: crate::identity::Fingerprint,
+        peer_run: Option<u64>,
+    ) -> Option<pump::Streams> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
+            held.insert(
+                session_id,
+                Held {
+                    token,
+                    peer,
+                    peer_run,
+                    tx,
+                },
+            );
+        }
+        self.0.held.changed.notify_waiters();
+        let mut stop = self.shutting_down();
+        let got = tokio::select! {
+            r = tokio::time::timeout(self.0.cfg.resume_grace, rx) => r.ok().and_then(Result::ok),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        if got.is_none() {
+            let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
+            if held.get(&session_id).is_some_and(|h| h.tx.is_closed()) {
+                held.remove(&session_id);
+            }
+        }
+        got
+    }
+    /// Hands a resumed stream to the connection held under its session id, once the token and
+    /// the peer's certificate match (waiting up to 10 s for the held side to notice its own
+    /// loss). On error, says why and gives the streams back (to be refused).
+    pub async fn resume_held(
+        &self,
+        header: &crate::control::ResumeHeader,
+        peer: &crate::identity::Fingerprint,
+        streams: pump::Streams,
+    ) -> std::result::Result<(), (String, pump::Streams)> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let notified = self.0.held.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(h) = held.get(&header.session_id) {
+                    // Constant-time comparison of the token.
+                    if blake3::Hash::from(h.token) != blake3::Hash::from(header.token)
+                        || &h.peer != peer
+                    {
+                        return Err((
+                            format!(
+                                "session {:016x}: not resumable by this connection (token or certificate differs)",
+                                header.session_id
+                            ),
+                            streams,
+                        ));
+                    }
+                    let h = held.remove(&header.session_id).expect("present");
+                    return h.tx.send(streams).map_err(|streams| {
+                        (
+                            format!(
+                                "session {:016x}: its grace period just ended",
+                                header.session_id
+                            ),
+                            streams,
+                        )
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err((
+                    format!(
+                        "session {:016x}: no connection held under this id (ended, or its grace period passed)",
+                        header.session_id
+                    ),
+                    streams,
+                ));
+            }
+        }
+    }
+}
+
+/// The token that lets the peer resume the stream `session_id` begun on `conn` (see
+/// [`crate::control::ResumeHeader`]); `None` if the TLS session cannot export one.
+pub fn resume_token(conn: &quinn::Connection, session_id: u64) -> Option<[u8; 32]> {
+    let mut token = [0; 32];
+    conn.export_keying_material(
+        &mut token,
+        crate::control::RESUME_TOKEN_LABEL,
+        &crate::control::resume_token_context(session_id),
+    )
+    .ok()?;
+    Some(token)
+}
+
+/// Forwarded connections held after their stream was lost, by session id.
+#[derive(Default)]
+struct HeldStreams {
+    map: Mutex<std::collections::HashMap<u64, Held>>,
+    changed: Notify,
+}
+
+struct Held {
+    token: [u8; 32],
+    peer: crate::identity::Fingerprint,
+    peer_run: Option<u64>,
+    tx: tokio::sync::oneshot::Sender<pump::Streams>,
+}
+
+impl HeldStreams {
+    /// Drops the streams held for `peer` under another run than `run` (the peer agent
+    /// restarted: they can never be resumed).
+    fn release_other_runs(&self, peer: &crate::identity::Fingerprint, run: Option<u64>) {
+        let mut held = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, h| &h.peer != peer || h.peer_run == run);
+    }
 }
 
 /// Counts running forwarded streams so shutdown can drain them.
@@ -186,6 +311,8 @@ struct Shared {
     activity: Arc<Activity>,
     next_session: AtomicU64,
     shutting_down: watch::Sender<bool>,
+    /// Forwarded connections held for the peer to resume them.
+    held: HeldStreams,
     /// The live connection of each authenticated peer certificate (see `serve_connection`: a
     /// reconnecting peer replaces its old connection; at most [`MAX_PEER_CONNECTIONS`]).
     peers: Mutex<std::collections::HashMap<crate::identity::Fingerprint, quinn::Connection>>,
@@ -209,6 +336,9 @@ struct HandshakeRefusal {
 pub struct PeerConn {
     pub conn: quinn::Connection,
     pub peer: Arc<PeerIdentity>,
+    /// The peer agent's run (random per start, from its Hello): a stream held for a run that
+    /// is not the peer's current one can never be resumed.
+    pub peer_run: Option<u64>,
     /// Data streams carried by this connection (for `session_ended`).
     pub stats: Arc<ConnStats>,
 }
@@ -246,12 +376,17 @@ pub async fn run_agent<R: RoleDriver>(
     let role = Arc::new(role);
     record_started(&audit, &cfg, &identity);
 
+    let session_base = session_base()?;
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: crate::AGENT_VERSION.into(),
         migration: identity.own.migration.to_string(),
         role: cfg.role,
-        capabilities: vec!["zstd".into(), "blake3".into()],
+        capabilities: vec![
+            "zstd".into(),
+            "blake3".into(),
+            format!("{RUN_CAPABILITY}{session_base:016x}"),
+        ],
     };
     let shared = Arc::new(Shared {
         pump: PumpOptions {
@@ -264,8 +399,9 @@ pub async fn run_agent<R: RoleDriver>(
         audit: audit.clone(),
         hello,
         activity: Arc::new(Activity::default()),
-        next_session: AtomicU64::new(session_base()?),
+        next_session: AtomicU64::new(session_base),
         shutting_down: watch::channel(false).0,
+        held: HeldStreams::default(),
         peers: Mutex::new(std::collections::HashMap::new()),
         refusals: Mutex::new(RefusalLimiter::new()),
     });
@@ -692,7 +828,7 @@ async fn serve_connection<R: RoleDriver>(
         .and_then(|h| h.protocol)
         .map(|p| String::from_utf8_lossy(&p).into_owned());
 
-    let Some(control) = hello_or_refuse(&shared, &conn, &peer, dialed).await else {
+    let Some((control, peer_run)) = hello_or_refuse(&shared, &conn, &peer, dialed).await else {
         return;
     };
     record_accepted(&shared, &conn, &peer, dialed, alpn);
@@ -702,9 +838,12 @@ async fn serve_connection<R: RoleDriver>(
     }
     let stats = Arc::new(ConnStats::default());
     let (send, recv, buf) = control;
+    // Streams held for an earlier run of this peer will never be resumed: let them go now.
+    shared.held.release_other_runs(&peer.fingerprint, peer_run);
     let pc = PeerConn {
         conn: conn.clone(),
         peer: peer.clone(),
+        peer_run,
         stats: stats.clone(),
     };
     let watcher = tokio::spawn(watch_peer(shared.clone(), conn.clone(), peer.clone()));
@@ -728,7 +867,7 @@ async fn hello_or_refuse(
     conn: &quinn::Connection,
     peer: &PeerIdentity,
     dialed: bool,
-) -> Option<(quinn::SendStream, quinn::RecvStream, BytesMut)> {
+) -> Option<(ControlHalves, Option<u64>)> {
     let remote = conn.remote_address();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, exchange_hello(shared, conn, dialed)).await;
     match hello {
@@ -868,11 +1007,25 @@ pub struct ConnStats {
     pub streams: AtomicU64,
 }
 
+/// The control stream's halves and the bytes read past the Hello.
+type ControlHalves = (quinn::SendStream, quinn::RecvStream, BytesMut);
+
+/// Capability prefix of the sender's run id in [`Hello::capabilities`].
+const RUN_CAPABILITY: &str = "run:";
+
+/// The run id a peer's Hello announces.
+fn peer_run(h: &Hello) -> Option<u64> {
+    h.capabilities
+        .iter()
+        .find_map(|c| c.strip_prefix(RUN_CAPABILITY))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+}
+
 async fn exchange_hello(
     shared: &Shared,
     conn: &quinn::Connection,
     dialed: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream, BytesMut)> {
+) -> Result<(ControlHalves, Option<u64>)> {
     let mut buf = BytesMut::new();
     if dialed {
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -890,7 +1043,7 @@ async fn exchange_hello(
         match answer {
             ControlMessage::HelloAck(h) => {
                 shared.hello.check_peer(&h).map_err(|e| anyhow!(e))?;
-                Ok((send, recv, buf))
+                Ok(((send, recv, buf), peer_run(&h)))
             }
             ControlMessage::Refuse { reason } => bail!("peer refused us: {reason}"),
             other => bail!("unexpected control message {other:?}"),
@@ -926,6 +1079,6 @@ async fn exchange_hello(
         }
         control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out)?;
         send.write_all(&out).await?;
-        Ok((send, recv, buf))
+        Ok(((send, recv, buf), peer_run(&h)))
     }
 }

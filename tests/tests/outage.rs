@@ -1,0 +1,366 @@
+//! A forwarded session outlives an outage longer than the idle timeout. Two network
+//! namespaces at 100 Mbit/s; psql in the target's namespace sends 100 MB with `COPY … FROM
+//! STDIN` through the tunnel; 45 s into it the link goes down (the QUIC connection times out
+//! after 30 s on both sides), then comes back. Both agents hold the connection, the target
+//! redials, and the stream resumes where it stopped: the COPY completes and the table holds
+//! exactly the bytes sent. Both audit logs record the resumption and still verify against
+//! each other; the agents' memory during the outage is printed and bounded.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use pgferry_tests::{
+    free_tcp_port, free_udp_port, pg_bin, wait_until, NetnsPair, PgCluster, TestDir,
+};
+use support::{audit_cli, audit_events, Agent, Certs};
+
+/// Rows of the COPY: about 100 MB of text.
+const ROWS: u64 = 1_000_000;
+const OUTAGE: Duration = Duration::from_secs(45);
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
+}
+
+#[test]
+fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -> Result<()> {
+    let Some(net) = NetnsPair::create("pgfout")? else {
+        eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
+        return Ok(());
+    };
+    net.limit_rate(100)?;
+    let dir = TestDir::new()?;
+    let pg_port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?.with_netns(&net.a);
+    pg.start()?;
+    pg.psql("CREATE TABLE landing (id bigint, v text)")?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let udp = free_udp_port();
+    let local = free_tcp_port();
+    let source = Agent::start_with(
+        "source",
+        "source",
+        dir.path(),
+        &certs,
+        "source",
+        &[
+            "--listen".into(),
+            format!("{}:{udp}", net.addr_a),
+            "--upstream".into(),
+            format!("127.0.0.1:{pg_port}"),
+        ],
+        Some(&net.a),
+    )?;
+    source.wait_for("listening on")?;
+    let target = Agent::start_with(
+        "target",
+        "target",
+        dir.path(),
+        &certs,
+        "target",
+        &[
+            "--connect".into(),
+            format!("{}:{udp}", net.addr_a),
+            "--server-name".into(),
+            "localhost".into(),
+            "--local".into(),
+            format!("127.0.0.1:{local}"),
+        ],
+        Some(&net.b),
+    )?;
+    target.wait_for("tunnel up")?;
+
+    // The data: one line per row, ordered by id, so that reading the table back ordered by id
+    // gives the same bytes.
+    let input = dir.join("copy.tsv");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&input)?);
+        for i in 0..ROWS {
+            let h = blake3::hash(&i.to_le_bytes()).to_hex();
+            writeln!(f, "{i}\t{h}{}", &h[..(i % 50) as usize])?;
+        }
+    }
+    let sent = std::fs::read(&input)?;
+    eprintln!("COPY of {} MB", sent.len() / 1_000_000);
+
+    let mut copy = Command::new("ip")
+        .args(["netns", "exec", &net.b])
+        .arg(pg_bin("psql"))
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "COPY landing FROM STDIN",
+        ])
+        .arg(format!(
+            "host=127.0.0.1 port={local} user=postgres dbname=postgres"
+        ))
+        .env("PGPASSWORD", &pg.password)
+        .stdin(std::fs::File::open(&input)?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let copy_started = Instant::now();
+
+    // Cut the link once a fifth of the data has reached the source cluster.
+    wait_until(
+        "20 MB of the COPY on the source",
+        Duration::from_secs(60),
+        || {
+            let done: u64 = pg
+                .psql("SELECT coalesce(max(bytes_processed), 0) FROM pg_stat_progress_copy")
+                .ok()?
+                .parse()
+                .ok()?;
+            (done > 20_000_000).then_some(())
+        },
+    )?;
+    net.set_link(false)?;
+    let cut = Instant::now();
+    eprintln!(
+        "link down {:.1} s into the COPY",
+        copy_started.elapsed().as_secs_f64()
+    );
+    // Both sides must see the connection die (the idle timeout, 30 s by default).
+    target
+        .child
+        .wait_for_output("holding the client's connection", Duration::from_secs(40))?;
+    source
+        .child
+        .wait_for_output("holding the upstream connection", Duration::from_secs(40))?;
+    let mut peak = (0, 0);
+    while cut.elapsed() < OUTAGE {
+        peak.0 = peak.0.max(rss_mib(source.child.pid()).unwrap_or(0));
+        peak.1 = peak.1.max(rss_mib(target.child.pid()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    net.set_link(true)?;
+    let back = Instant::now();
+    let out = {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(_status) = copy.try_wait()? {
+                break copy.wait_with_output()?;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the COPY did not finish");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    eprintln!(
+        "OUTAGE: link down {} s; COPY finished {:.1} s after the link came back ({:.1} s in all); peak RSS during the outage: source {} MiB, target {} MiB",
+        OUTAGE.as_secs(),
+        back.elapsed().as_secs_f64(),
+        copy_started.elapsed().as_secs_f64(),
+        peak.0,
+        peak.1
+    );
+    assert!(
+        out.status.success(),
+        "COPY failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("COPY {ROWS}")));
+    // Each agent holds at most its stream's unacknowledged frames (16 MiB) beyond its usual
+    // footprint.
+    assert!(
+        peak.0 < 200 && peak.1 < 200,
+        "RSS during the outage: {peak:?} MiB"
+    );
+
+    // Byte for byte what psql sent.
+    let back_file = dir.join("back.tsv");
+    let dump = pgferry_tests::as_postgres(Some(&net.a), &pg_bin("psql"))
+        .args(["-X", "-q", "-h"])
+        .arg(pg.datadir.parent().context("socket dir")?)
+        .args([
+            "-p",
+            &pg_port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+        ])
+        .arg("COPY (SELECT * FROM landing ORDER BY id) TO STDOUT")
+        .output()?;
+    anyhow::ensure!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    std::fs::write(&back_file, &dump.stdout)?;
+    assert_eq!(dump.stdout.len(), sent.len(), "bytes in the table");
+    assert!(dump.stdout == sent, "the table differs from what was sent");
+
+    // The resumption is in both logs, and the logs still agree.
+    let (mut source, mut target) = (source, target);
+    target.stop()?;
+    source.stop()?;
+    for agent in [&source, &target] {
+        let resumed = audit_events(&agent.audit, "stream_resumed");
+        assert_eq!(resumed.len(), 1, "{resumed:?}");
+        eprintln!("{}", resumed[0]);
+    }
+    let (ok, text) = audit_cli(
+        "target",
+        &[
+            "verify".as_ref(),
+            target.audit.as_os_str(),
+            "--peer".as_ref(),
+            source.audit.as_os_str(),
+        ],
+    );
+    assert!(ok, "{text}");
+    Ok(())
+}
+
+async fn unix_client(dir: &std::path::Path, port: u16) -> Result<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::Config::new()
+        .host_path(dir)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+/// Bytes under a directory (files only).
+fn du(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// The whole migration with a 45 s outage in the middle of the base copy (pg_basebackup
+/// through the tunnel, a writer committing on the source throughout): the copy resumes, the
+/// clone's pg_verifybackup passes, the cutover verifies every table, every committed write is
+/// on the new cluster.
+#[test]
+fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
+    let Some(net) = NetnsPair::create("pgfmo")? else {
+        eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
+        return Ok(());
+    };
+    net.limit_rate(100)?;
+    let rig = support::migration::MigrationRig::builder(150)
+        .prepare(|pg| {
+            pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
+                .map(drop)
+        })
+        .netns(net)
+        .start()?;
+    let net = rig.netns.as_ref().context("namespaces")?;
+    let (pg, port, new_port) = (&rig.pg, rig.pg.port, rig.target_port);
+    let rt = tokio::runtime::Runtime::new()?;
+    let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (committed, stop) = (committed.clone(), stop.clone());
+        let client = rt.block_on(unix_client(&pg.root, port))?;
+        rt.spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 200_000 {
+                n += 1;
+                match client
+                    .execute("INSERT INTO ferry.writes VALUES ($1)", &[&n])
+                    .await
+                {
+                    Ok(_) => committed.lock().unwrap().push(n),
+                    Err(_) => break,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let source_bytes: u64 = pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+        .parse()?;
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    let started = Instant::now();
+    wait_until(
+        "a third of the copy on the target",
+        Duration::from_secs(120),
+        || (du(&rig.data_dir) > source_bytes / 3).then_some(()),
+    )?;
+    net.set_link(false)?;
+    let cut = Instant::now();
+    eprintln!(
+        "link down {:.1} s into the clone, {} of {} MB copied",
+        started.elapsed().as_secs_f64(),
+        du(&rig.data_dir) / 1_000_000,
+        source_bytes / 1_000_000
+    );
+    while cut.elapsed() < OUTAGE {
+        anyhow::ensure!(
+            clone.try_wait()?.is_none(),
+            "the clone ended during the outage:\n{}",
+            clone.output()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    net.set_link(true)?;
+    let back = Instant::now();
+    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
+        clone.try_wait().ok().flatten()
+    })?;
+    let text = clone.output();
+    eprintln!(
+        "MIGRATION OUTAGE: link down {} s; clone done {:.1} s after the link came back, {:.1} s in all",
+        OUTAGE.as_secs(),
+        back.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{text}");
+    assert!(text.contains("pg_verifybackup"), "{text}");
+    assert!(text.contains("catching_up"), "{text}");
+    assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
+    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = rt.block_on(writer);
+    assert!(ok, "{out}");
+    assert!(out.contains("cutover complete"), "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    let committed = committed.lock().unwrap().clone();
+    assert!(!committed.is_empty());
+    let on_target: Vec<i32> = rt.block_on(async {
+        let c = unix_client(rig.dir.path(), new_port).await?;
+        let rows = c
+            .query("SELECT n FROM ferry.writes ORDER BY n", &[])
+            .await?;
+        anyhow::Ok(rows.iter().map(|r| r.get::<_, i32>(0)).collect())
+    })?;
+    assert_eq!(
+        on_target, committed,
+        "every committed write, and only those"
+    );
+    Ok(())
+}
