@@ -207,18 +207,16 @@ struct Holder {
 }
 
 impl Reattach for Holder {
-    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>> {
+    fn reattach(&mut self) -> BoxFuture<'_, Result<Streams, String>> {
         warn!(
             "session {:016x}: tunnel lost; holding the upstream connection for up to {} s",
             self.session_id,
             self.tunnel.cfg().resume_grace.as_secs()
         );
-        Box::pin(self.tunnel.hold(
-            self.session_id,
-            self.token,
-            self.peer,
-            self.peer_run,
-        ))
+        Box::pin(
+            self.tunnel
+                .hold(self.session_id, self.token, self.peer, self.peer_run),
+        )
     }
 
     fn resumed(&mut self, r: &Resumption) {

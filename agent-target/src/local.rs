@@ -218,7 +218,8 @@ struct Resumer {
 
 impl Resumer {
     /// A resume stream on the next connection that is not the lost one, until `deadline`.
-    async fn reopen(&mut self, deadline: tokio::time::Instant) -> Option<Streams> {
+    async fn reopen(&mut self, deadline: tokio::time::Instant) -> Result<Streams, String> {
+        let grace = || "no reconnection within the grace period".to_string();
         let mut rx = self.cx.target.current.subscribe();
         let mut stop = self.cx.tunnel.shutting_down();
         loop {
@@ -227,16 +228,12 @@ impl Resumer {
                 r = tokio::time::timeout_at(
                     deadline,
                     rx.wait_for(|c| c.as_ref().is_some_and(|l| l.conn.stable_id() != conn_id)),
-                ) => r.ok()?.ok()?.clone()?,
-                _ = stop.wait_for(|s| *s) => return None,
+                ) => r.map_err(|_| grace())?.map_err(|_| grace())?.clone().ok_or_else(grace)?,
+                _ = stop.wait_for(|s| *s) => return Err("this agent is shutting down".into()),
             };
             self.conn_id = next.conn.stable_id();
             if next.peer_run != self.peer_run {
-                warn!(
-                    "session {:016x}: the source agent restarted; the connection cannot be resumed",
-                    self.session_id
-                );
-                return None;
+                return Err("the source agent restarted".into());
             }
             let opened = async {
                 let (mut send, recv) = next.conn.open_bi().await?;
@@ -253,7 +250,7 @@ impl Resumer {
             match tokio::time::timeout_at(deadline, opened).await {
                 Ok(Ok((send, recv))) => {
                     next.stats.streams.fetch_add(1, Ordering::SeqCst);
-                    return Some(Streams {
+                    return Ok(Streams {
                         send,
                         recv,
                         buf: BytesMut::new(),
@@ -263,14 +260,14 @@ impl Resumer {
                     "session {:016x}: resuming over the new connection: {e:#}",
                     self.session_id
                 ),
-                Err(_) => return None,
+                Err(_) => return Err(grace()),
             }
         }
     }
 }
 
 impl Reattach for Resumer {
-    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>> {
+    fn reattach(&mut self) -> BoxFuture<'_, Result<Streams, String>> {
         let grace = self.cx.tunnel.cfg().resume_grace;
         warn!(
             "session {:016x}: tunnel lost; holding the client's connection for up to {} s",

@@ -364,3 +364,208 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     );
     Ok(())
 }
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(st.success(), "kill {sig} {pid}");
+    Ok(())
+}
+
+/// A second copy of the target agent (the same certificate and key) connects while the real
+/// one is frozen and its session held, and asks to resume that session (its id is in the
+/// logs). It cannot know the token of the first connection: it gets a RESET and not one byte
+/// of the session, and the held session is let go (its client sees an error, its open
+/// transaction is never committed), never handed over.
+async fn second_copy_resumes(
+    addr: std::net::SocketAddr,
+    certs: &Certs,
+    session_id: u64,
+) -> Result<pgferry_common::frame::Frame> {
+    use bytes::BytesMut;
+    use pgferry_common::control::{self, ControlMessage, Hello, ResumeHeader, StreamKind};
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(support::probe::client_config(Some((
+        &certs.pem("target"),
+        &certs.key("target"),
+    ))));
+    let conn = ep.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[StreamKind::Control as u8]);
+    control::encode_message(
+        &ControlMessage::Hello(Hello {
+            protocol_version: control::PROTOCOL_VERSION,
+            agent_version: "second-copy".into(),
+            migration: "test-migration".into(),
+            role: pgferry_common::identity::Role::Target,
+            capabilities: vec!["zstd".into(), "blake3".into()],
+        }),
+        &mut out,
+    )?;
+    send.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    let ack = pgferry_common::runtime::pump::read_until(
+        &mut recv,
+        &mut buf,
+        1 << 20,
+        control::decode_message,
+    )
+    .await?;
+    anyhow::ensure!(matches!(ack, ControlMessage::HelloAck(_)), "{ack:?}");
+    let (mut s, mut r) = conn.open_bi().await?;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&[StreamKind::Resume as u8]);
+    ResumeHeader {
+        session_id,
+        token: [0; 32],
+    }
+    .encode(&mut out);
+    s.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    let first = tokio::time::timeout(
+        Duration::from_secs(20),
+        pgferry_common::runtime::pump::read_until(
+            &mut r,
+            &mut buf,
+            1 << 21,
+            pgferry_common::frame::decode,
+        ),
+    )
+    .await??;
+    conn.close(0u32.into(), b"");
+    Ok(first)
+}
+
+#[test]
+fn a_second_copy_of_the_target_cannot_take_over_a_held_session() -> Result<()> {
+    let dir = TestDir::new()?;
+    let pg_port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?;
+    pg.start()?;
+    pg.psql("CREATE TABLE kept (n int)")?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let local = free_tcp_port();
+    let timers = ["--idle-timeout-secs", "3", "--keep-alive-secs", "1"].map(String::from);
+    let mut sargs = vec!["--upstream".to_string(), format!("127.0.0.1:{pg_port}")];
+    sargs.extend(timers.iter().cloned());
+    let mut targs = vec!["--local".to_string(), format!("127.0.0.1:{local}")];
+    targs.extend(timers.iter().cloned());
+    let mut pair = support::Pair::start(dir.path(), &certs, &sargs, &targs)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(pgferry_tests::connect_tcp("127.0.0.1", local, &pg.password))?;
+    rt.block_on(client.batch_execute("BEGIN; INSERT INTO kept VALUES (1)"))?;
+    let opened = audit_events(&pair.source.audit, "stream_opened");
+    let session = opened[0]["details"]["session_id"]
+        .as_str()
+        .context("session id")?;
+    let session_id = u64::from_str_radix(session, 16)?;
+
+    let pid = pair.target.child.pid();
+    signal(pid, "-STOP")?;
+    let held = pair
+        .source
+        .child
+        .wait_for_output("holding the upstream connection", Duration::from_secs(20));
+    let attack = held.and_then(|_| {
+        rt.block_on(second_copy_resumes(
+            format!("127.0.0.1:{}", pair.udp_port).parse()?,
+            &certs,
+            session_id,
+        ))
+    });
+    signal(pid, "-CONT")?;
+    let first = attack?;
+    eprintln!("the second copy got: {first:?}");
+    assert!(
+        matches!(first, pgferry_common::frame::Frame::Reset { .. }),
+        "{first:?}"
+    );
+    let refused = wait_until(
+        "stream_refused on the source",
+        Duration::from_secs(10),
+        || {
+            audit_events(&pair.source.audit, "stream_refused")
+                .into_iter()
+                .next()
+        },
+    )?;
+    assert_eq!(refused["details"]["session_id"], session);
+    // The real target cannot resume either (the held session was let go when another run of
+    // its certificate connected): its client sees an error, and the transaction never commits.
+    let err = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            client.batch_execute("INSERT INTO kept VALUES (2); COMMIT"),
+        )
+        .await
+    })?;
+    assert!(
+        err.is_err(),
+        "the session went on after a second copy connected"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM kept")?, "0");
+    drop(client);
+    pair.stop()?;
+    Ok(())
+}
+
+/// Over loopback, without namespaces: the target agent is frozen (SIGSTOP) longer than the
+/// idle timeout, so both ends lose the connection, with a transaction open through it. Thawed,
+/// the target redials and resumes the stream: the transaction commits, nothing is lost, and
+/// both logs record the resumption.
+#[test]
+fn a_frozen_target_agent_resumes_an_open_transaction() -> Result<()> {
+    let dir = TestDir::new()?;
+    let pg_port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?;
+    pg.start()?;
+    pg.psql("CREATE TABLE kept (n int)")?;
+    let certs = Certs::make(&dir.join("certs"))?;
+    let local = free_tcp_port();
+    let timers = ["--idle-timeout-secs", "3", "--keep-alive-secs", "1"].map(String::from);
+    let mut sargs = vec!["--upstream".to_string(), format!("127.0.0.1:{pg_port}")];
+    sargs.extend(timers.iter().cloned());
+    let mut targs = vec!["--local".to_string(), format!("127.0.0.1:{local}")];
+    targs.extend(timers.iter().cloned());
+    let mut pair = support::Pair::start(dir.path(), &certs, &sargs, &targs)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let client = rt.block_on(pgferry_tests::connect_tcp("127.0.0.1", local, &pg.password))?;
+    rt.block_on(client.batch_execute("BEGIN; INSERT INTO kept VALUES (1)"))?;
+
+    let pid = pair.target.child.pid();
+    signal(pid, "-STOP")?;
+    let frozen = Instant::now();
+    let held = pair
+        .source
+        .child
+        .wait_for_output("holding the upstream connection", Duration::from_secs(20));
+    signal(pid, "-CONT")?;
+    held?;
+    eprintln!("target frozen {:.1} s", frozen.elapsed().as_secs_f64());
+    pair.target
+        .child
+        .wait_for_output("resumed after", Duration::from_secs(30))?;
+    rt.block_on(client.batch_execute("INSERT INTO kept VALUES (2); COMMIT"))?;
+    assert_eq!(
+        pg.psql("SELECT string_agg(n::text, ',' ORDER BY n) FROM kept")?,
+        "1,2"
+    );
+    drop(client);
+    pair.stop()?;
+    for agent in [&pair.source, &pair.target] {
+        assert_eq!(audit_events(&agent.audit, "stream_resumed").len(), 1);
+    }
+    let (ok, text) = audit_cli(
+        "target",
+        &[
+            "verify".as_ref(),
+            pair.target.audit.as_os_str(),
+            "--peer".as_ref(),
+            pair.source.audit.as_os_str(),
+        ],
+    );
+    assert!(ok, "{text}");
+    Ok(())
+}

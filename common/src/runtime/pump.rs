@@ -74,9 +74,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a resumable stream needs from its agent.
 pub trait Reattach: Send {
-    /// A new stream for this forwarded connection over a new connection, or `None` once the
-    /// grace period has passed. Called each time the stream under the pump is lost.
-    fn reattach(&mut self) -> BoxFuture<'_, Option<Streams>>;
+    /// A new stream for this forwarded connection over a new connection, or why there is
+    /// none (the grace period passed, the peer agent restarted, shutdown). Called each time
+    /// the stream under the pump is lost.
+    fn reattach(&mut self) -> BoxFuture<'_, Result<Streams, String>>;
     /// Told after each resumption (for the audit log).
     fn resumed(&mut self, r: &Resumption);
 }
@@ -128,6 +129,9 @@ pub enum Outcome {
     LocalError(String),
     /// The QUIC stream or connection failed.
     TunnelError(String),
+    /// The QUIC connection under the stream was lost (timed out, closed, reset): the only
+    /// ending a resumable stream survives. Audited as `tunnel_error`.
+    ConnectionLost(String),
 }
 
 impl Outcome {
@@ -139,7 +143,7 @@ impl Outcome {
             Self::ProtocolViolation(_) => "protocol_violation",
             Self::PeerReset { .. } => "peer_reset",
             Self::LocalError(_) => "local_error",
-            Self::TunnelError(_) => "tunnel_error",
+            Self::TunnelError(_) | Self::ConnectionLost(_) => "tunnel_error",
         }
     }
     /// Human detail, empty for `Ok`.
@@ -149,7 +153,8 @@ impl Outcome {
             Self::IntegrityFailure(m)
             | Self::ProtocolViolation(m)
             | Self::LocalError(m)
-            | Self::TunnelError(m) => m.clone(),
+            | Self::TunnelError(m)
+            | Self::ConnectionLost(m) => m.clone(),
             Self::PeerReset { code, message } => format!("{code:?}: {message}"),
         }
     }
@@ -339,7 +344,7 @@ pub async fn pump_resumable(
             (Ok(()), OutboundEnd::Failed(o)) => o,
             (Ok(()), _) => Outcome::Ok,
         };
-        let (Outcome::TunnelError(cause), Some(r)) = (&outcome, reattach.as_deref_mut()) else {
+        let (Outcome::ConnectionLost(cause), Some(r)) = (&outcome, reattach.as_deref_mut()) else {
             break outcome;
         };
         // The connection under the stream is gone: hold the local connection and wait for a
@@ -347,10 +352,11 @@ pub async fn pump_resumable(
         let lost = Instant::now();
         let cause = cause.clone();
         loop {
-            let Some(new) = r.reattach().await else {
-                break 'stream Outcome::TunnelError(format!(
-                    "{cause}; not resumed within the grace period"
-                ));
+            let new = match r.reattach().await {
+                Ok(new) => new,
+                Err(why) => {
+                    break 'stream Outcome::TunnelError(format!("{cause}; not resumed: {why}"))
+                }
             };
             (send, recv, inbound_buf) = (new.send, new.recv, new.buf);
             match resume(
@@ -372,7 +378,7 @@ pub async fn pump_resumable(
                     break;
                 }
                 // Lost again before it could resume: wait for the next connection.
-                Err(Outcome::TunnelError(_)) => continue,
+                Err(Outcome::ConnectionLost(_)) => continue,
                 Err(other) => break 'stream other,
             }
         }
@@ -402,7 +408,7 @@ pub async fn pump_resumable(
             send_reset(&mut send, sent.next_seq(), ResetCode::UpstreamReset, m).await;
             let _ = recv.stop(codes::LOCAL.into());
         }
-        Outcome::PeerReset { .. } | Outcome::TunnelError(_) => {
+        Outcome::PeerReset { .. } | Outcome::TunnelError(_) | Outcome::ConnectionLost(_) => {
             let _ = send.reset(codes::DONE.into());
             let _ = recv.stop(codes::DONE.into());
         }
@@ -457,7 +463,7 @@ async fn resume(
     sent: &DirectionStats,
     received: &DirectionStats,
 ) -> Result<Resumption, Outcome> {
-    let lost = |e: String| Outcome::TunnelError(e);
+    let lost = |e: String| Outcome::ConnectionLost(e);
     let we_expected = received.next_seq() + u64::from(inn.done);
     let mut ack = BytesMut::new();
     Frame::Ack {
@@ -605,13 +611,9 @@ impl Out {
         }
     }
 
-    /// After a reconnect: the peer needs everything from chunk `next` on; sends it again.
-    async fn resend_from(
-        &mut self,
-        send: &mut quinn::SendStream,
-        next: u64,
-        sent_next: u64,
-    ) -> Result<(u64, u64), Outcome> {
+    /// After a reconnect, the peer needs everything from chunk `next` on (a FIN counts as the
+    /// chunk after the last): drops what it has, checks that the rest is all here.
+    fn resume_at(&mut self, next: u64, sent_next: u64) -> Result<(), Outcome> {
         let end = sent_next + u64::from(self.fin_sent);
         if next > end {
             return Err(Outcome::ProtocolViolation(format!(
@@ -625,6 +627,17 @@ impl Out {
                 "cannot resume: the peer needs chunk {next}, the oldest kept is {oldest}"
             )));
         }
+        Ok(())
+    }
+
+    /// After a reconnect: the peer needs everything from chunk `next` on; sends it again.
+    async fn resend_from(
+        &mut self,
+        send: &mut quinn::SendStream,
+        next: u64,
+        sent_next: u64,
+    ) -> Result<(u64, u64), Outcome> {
+        self.resume_at(next, sent_next)?;
         let (mut frames, mut bytes) = (0, 0);
         for (_, h, p) in &self.unacked {
             let r = if p.is_empty() {
@@ -634,7 +647,7 @@ impl Out {
                     .await
                     .map(drop)
             };
-            r.map_err(|e| Outcome::TunnelError(format!("resending: {e}")))?;
+            r.map_err(|e| write_failed("resending", e))?;
             frames += 1;
             bytes += (h.len() + p.len()) as u64;
         }
@@ -712,7 +725,7 @@ impl Out {
                         self.scratch.clear();
                         Frame::Ack { next_seq: next }.encode(&mut self.scratch);
                         if let Err(e) = send.write_all(&self.scratch).await {
-                            return OutboundEnd::Failed(Outcome::TunnelError(format!("sending: {e}")));
+                            return OutboundEnd::Failed(write_failed("sending", e));
                         }
                     }
                 }
@@ -737,9 +750,7 @@ impl Out {
         self.keep_frame(chunk.seq, &header, &chunk.payload);
         stats.record(raw, HEADER_LEN + chunk.payload.len());
         if let Err(e) = send.write_all_chunks(&mut [header, chunk.payload]).await {
-            return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
-                "sending: {e}"
-            ))));
+            return Err(OutboundEnd::Failed(write_failed("sending", e)));
         }
         Ok(())
     }
@@ -761,9 +772,7 @@ impl Out {
         self.keep_frame(stats.next_seq(), &fin, &Bytes::new());
         self.fin_sent = true;
         if let Err(e) = send.write_all(&fin).await {
-            return Err(OutboundEnd::Failed(Outcome::TunnelError(format!(
-                "sending FIN: {e}"
-            ))));
+            return Err(OutboundEnd::Failed(write_failed("sending FIN", e)));
         }
         if !self.keep {
             let _ = send.finish();
@@ -951,7 +960,15 @@ impl In {
                                 "peer ended the stream without FIN".into(),
                             ))
                         }
-                        Err(e) => return Err(Outcome::TunnelError(format!("receiving: {e}"))),
+                        Err(e) => {
+                            let lost = matches!(e, quinn::ReadError::ConnectionLost(_));
+                            let m = format!("receiving: {e}");
+                            return Err(if lost {
+                                Outcome::ConnectionLost(m)
+                            } else {
+                                Outcome::TunnelError(m)
+                            });
+                        }
                     }
                     continue;
                 }
@@ -1004,6 +1021,15 @@ impl In {
     }
 }
 
+/// A failed write: the connection lost (resumable) or the stream ended by the peer (not).
+fn write_failed(what: &str, e: quinn::WriteError) -> Outcome {
+    let m = format!("{what}: {e}");
+    match e {
+        quinn::WriteError::ConnectionLost(_) => Outcome::ConnectionLost(m),
+        _ => Outcome::TunnelError(m),
+    }
+}
+
 fn classify(e: FrameError) -> Outcome {
     if e.is_integrity() {
         Outcome::IntegrityFailure(e.to_string())
@@ -1046,4 +1072,65 @@ pub async fn read_tag(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> anyho
 /// Convenience for callers holding `Bytes`.
 pub fn to_buf(b: Bytes) -> BytesMut {
     BytesMut::from(&b[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_with(seqs: std::ops::Range<u64>, fin: bool) -> Out {
+        let mut o = Out::new(3, true).unwrap();
+        for seq in seqs.clone() {
+            o.keep_frame(seq, &Bytes::from_static(b"h"), &Bytes::from(vec![0; 10]));
+        }
+        if fin {
+            o.keep_frame(seqs.end, &Bytes::from_static(b"fin"), &Bytes::new());
+            o.fin_sent = true;
+        }
+        o
+    }
+
+    #[test]
+    fn resuming_keeps_exactly_what_the_peer_lacks() {
+        // Chunks 5..10 kept (0..5 acknowledged), no FIN: the peer may need any of 5..=10.
+        let mut o = out_with(5..10, false);
+        assert_eq!(o.unacked_bytes, 5 * 11);
+        o.resume_at(7, 10).unwrap();
+        assert_eq!(o.unacked.iter().map(|f| f.0).collect::<Vec<_>>(), [7, 8, 9]);
+        assert_eq!(o.unacked_bytes, 3 * 11);
+        // Everything arrived: nothing to send again.
+        o.resume_at(10, 10).unwrap();
+        assert!(o.unacked.is_empty() && o.unacked_bytes == 0);
+    }
+
+    #[test]
+    fn resuming_refuses_a_peer_that_claims_too_much_or_too_little() {
+        let mut o = out_with(5..10, false);
+        // Beyond what was sent.
+        let e = o.resume_at(11, 10).unwrap_err();
+        assert!(matches!(e, Outcome::ProtocolViolation(m) if m.contains("only 10")));
+        // Behind what we still keep (acknowledged before, so dropped).
+        let e = o.resume_at(3, 10).unwrap_err();
+        assert!(matches!(e, Outcome::ProtocolViolation(m) if m.contains("oldest kept is 5")));
+    }
+
+    #[test]
+    fn a_fin_is_kept_until_the_peer_says_it_arrived() {
+        let mut o = out_with(0..3, true);
+        // The peer has the 3 chunks but not the FIN (seq 3): only the FIN goes again.
+        o.resume_at(3, 3).unwrap();
+        assert_eq!(o.unacked.len(), 1);
+        assert_eq!(&o.unacked[0].1[..], b"fin");
+        // It has the FIN too (3 + 1).
+        o.resume_at(4, 3).unwrap();
+        assert!(o.unacked.is_empty());
+        assert!(o.resume_at(5, 3).is_err());
+    }
+
+    #[test]
+    fn streams_that_cannot_resume_keep_nothing() {
+        let mut o = Out::new(3, false).unwrap();
+        o.keep_frame(0, &Bytes::from_static(b"h"), &Bytes::from_static(b"p"));
+        assert!(o.unacked.is_empty() && o.unacked_bytes == 0);
+    }
 }

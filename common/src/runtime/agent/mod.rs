@@ -153,15 +153,15 @@ impl Tunnel {
         record_closed(&self.0, session, service, r)
     }
     /// Holds a forwarded connection whose stream was lost until the peer resumes it over a new
-    /// connection ([`Tunnel::resume_held`]): the new stream, or `None` after the grace period
-    /// (or at shutdown).
+    /// connection ([`Tunnel::resume_held`]): the new stream, or why not (the grace period
+    /// passed, the peer agent restarted, shutdown).
     pub async fn hold(
         &self,
         session_id: u64,
         token: [u8; 32],
         peer: crate::identity::Fingerprint,
         peer_run: Option<u64>,
-    ) -> Option<pump::Streams> {
+    ) -> std::result::Result<pump::Streams, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,12 +176,21 @@ impl Tunnel {
             );
         }
         self.0.held.changed.notify_waiters();
+        // The peer may have reconnected as a new run before this stream noticed its loss.
+        if self.0.held.released_for_new_run(session_id) {
+            return Err("the peer agent restarted (a new run of its certificate connected)".into());
+        }
+        let grace = self.0.cfg.resume_grace;
         let mut stop = self.shutting_down();
         let got = tokio::select! {
-            r = tokio::time::timeout(self.0.cfg.resume_grace, rx) => r.ok().and_then(Result::ok),
-            _ = stop.wait_for(|s| *s) => None,
+            r = tokio::time::timeout(grace, rx) => match r {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(_)) => Err("the peer agent restarted (another run of its certificate connected)".to_string()),
+                Err(_) => Err(format!("no reconnection within the grace period ({} s)", grace.as_secs())),
+            },
+            _ = stop.wait_for(|s| *s) => Err("this agent is shutting down".to_string()),
         };
-        if got.is_none() {
+        if got.is_err() {
             let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
             if held.get(&session_id).is_some_and(|h| h.tx.is_closed()) {
                 held.remove(&session_id);
@@ -206,10 +215,7 @@ impl Tunnel {
             {
                 let mut held = self.0.held.map.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(h) = held.get(&header.session_id) {
-                    // Constant-time comparison of the token.
-                    if blake3::Hash::from(h.token) != blake3::Hash::from(header.token)
-                        || &h.peer != peer
-                    {
+                    if !h.admits(header, peer) {
                         return Err((
                             format!(
                                 "session {:016x}: not resumable by this connection (token or certificate differs)",
@@ -261,6 +267,8 @@ pub fn resume_token(conn: &quinn::Connection, session_id: u64) -> Option<[u8; 32
 struct HeldStreams {
     map: Mutex<std::collections::HashMap<u64, Held>>,
     changed: Notify,
+    /// The run each peer certificate last connected with.
+    runs: Mutex<std::collections::HashMap<crate::identity::Fingerprint, Option<u64>>>,
 }
 
 struct Held {
@@ -270,12 +278,46 @@ struct Held {
     tx: tokio::sync::oneshot::Sender<pump::Streams>,
 }
 
+impl Held {
+    /// Whether `header` from `peer` may take this held stream: the same certificate and the
+    /// token of the connection it began on (compared in constant time).
+    fn admits(
+        &self,
+        header: &crate::control::ResumeHeader,
+        peer: &crate::identity::Fingerprint,
+    ) -> bool {
+        blake3::Hash::from(self.token) == blake3::Hash::from(header.token) && &self.peer == peer
+    }
+}
+
 impl HeldStreams {
-    /// Drops the streams held for `peer` under another run than `run` (the peer agent
-    /// restarted: they can never be resumed).
+    /// `peer` connected as run `run`: the streams held for another run of it can never be
+    /// resumed (the peer agent restarted) and are let go.
+    fn peer_connected(&self, peer: crate::identity::Fingerprint, run: Option<u64>) {
+        self.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, run);
+        self.release_other_runs(&peer, run);
+    }
+
     fn release_other_runs(&self, peer: &crate::identity::Fingerprint, run: Option<u64>) {
         let mut held = self.map.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|_, h| &h.peer != peer || h.peer_run == run);
+    }
+
+    /// After holding `session_id`: if its peer has connected since as another run, lets it go
+    /// and says so.
+    fn released_for_new_run(&self, session_id: u64) -> bool {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let stale = held
+            .get(&session_id)
+            .is_some_and(|h| runs.get(&h.peer).is_some_and(|r| *r != h.peer_run));
+        if stale {
+            held.remove(&session_id);
+        }
+        stale
     }
 }
 
@@ -838,8 +880,9 @@ async fn serve_connection<R: RoleDriver>(
     }
     let stats = Arc::new(ConnStats::default());
     let (send, recv, buf) = control;
-    // Streams held for an earlier run of this peer will never be resumed: let them go now.
-    shared.held.release_other_runs(&peer.fingerprint, peer_run);
+    // Streams held for an earlier run of this peer will never be resumed: let them go now (and
+    // any held later, see `Tunnel::hold`).
+    shared.held.peer_connected(peer.fingerprint, peer_run);
     let pc = PeerConn {
         conn: conn.clone(),
         peer: peer.clone(),
@@ -1080,5 +1123,78 @@ async fn exchange_hello(
         control::encode_message(&ControlMessage::HelloAck(shared.hello.clone()), &mut out)?;
         send.write_all(&out).await?;
         Ok(((send, recv, buf), peer_run(&h)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::ResumeHeader;
+    use crate::identity::Fingerprint;
+
+    fn held(token: [u8; 32], peer: u8, run: u64) -> Held {
+        Held {
+            token,
+            peer: Fingerprint([peer; 32]),
+            peer_run: Some(run),
+            tx: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn a_held_stream_admits_only_its_token_and_certificate() {
+        let h = held([7; 32], 1, 9);
+        let mut header = ResumeHeader {
+            session_id: 42,
+            token: [7; 32],
+        };
+        assert!(h.admits(&header, &Fingerprint([1; 32])));
+        // Another certificate (another agent of the same migration), right token.
+        assert!(!h.admits(&header, &Fingerprint([2; 32])));
+        // Right certificate (a second copy of the agent), any other token.
+        for i in 0..32 {
+            header.token = [7; 32];
+            header.token[i] ^= 1;
+            assert!(!h.admits(&header, &Fingerprint([1; 32])));
+        }
+    }
+
+    #[test]
+    fn a_restarted_peer_releases_only_its_own_held_streams() {
+        let streams = HeldStreams::default();
+        {
+            let mut m = streams.map.lock().unwrap();
+            m.insert(1, held([0; 32], 1, 100));
+            m.insert(2, held([0; 32], 1, 100));
+            m.insert(3, held([0; 32], 2, 100));
+        }
+        // The same run reconnects: nothing is released.
+        streams.release_other_runs(&Fingerprint([1; 32]), Some(100));
+        assert_eq!(streams.map.lock().unwrap().len(), 3);
+        // Peer 1 restarted: its streams go, peer 2's stay.
+        streams.release_other_runs(&Fingerprint([1; 32]), Some(101));
+        let left: Vec<u64> = streams.map.lock().unwrap().keys().copied().collect();
+        assert_eq!(left, [3]);
+        // A stream of the old run held after the new run connected is let go at once.
+        streams.peer_connected(Fingerprint([1; 32]), Some(101));
+        streams.map.lock().unwrap().insert(4, held([0; 32], 1, 100));
+        assert!(streams.released_for_new_run(4));
+        streams.map.lock().unwrap().insert(5, held([0; 32], 1, 101));
+        assert!(!streams.released_for_new_run(5));
+        assert!(!streams.released_for_new_run(3), "peer 2 has not reconnected");
+    }
+
+    #[test]
+    fn the_run_id_is_read_from_the_hello() {
+        let mut h = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "x".into(),
+            migration: "m".into(),
+            role: crate::identity::Role::Target,
+            capabilities: vec!["zstd".into(), format!("{RUN_CAPABILITY}00000000000abc00")],
+        };
+        assert_eq!(peer_run(&h), Some(0xabc00));
+        h.capabilities = vec!["zstd".into()];
+        assert_eq!(peer_run(&h), None);
     }
 }
