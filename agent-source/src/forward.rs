@@ -19,7 +19,7 @@ use anyhow::{anyhow, bail, Result};
 use bytes::BytesMut;
 use tracing::warn;
 
-use pgferry_common::audit::event::{StreamOpened, StreamRefused, StreamResumed};
+use pgferry_common::audit::event::{StreamOpened, StreamRefused};
 use pgferry_common::control::{ResumeHeader, StreamHeader, StreamKind};
 use pgferry_common::frame::{DirectionStats, ResetCode};
 use pgferry_common::identity::Fingerprint;
@@ -226,32 +226,11 @@ impl Reattach for Holder {
             r.gap_ms,
             r.resent_frames
         );
-        self.tunnel.audit_event(&stream_resumed(
+        self.tunnel.audit_event(&r.record(
             self.session_id,
             &self.service,
-            r,
-            &self.peer,
+            Some(self.peer.to_string()),
         ));
-    }
-}
-
-/// The `stream_resumed` record of a resumption.
-fn stream_resumed(
-    session_id: u64,
-    service: &str,
-    r: &Resumption,
-    peer: &Fingerprint,
-) -> StreamResumed {
-    StreamResumed {
-        session_id: format!("{session_id:016x}"),
-        service: service.to_string(),
-        gap_ms: r.gap_ms,
-        cause: r.cause.clone(),
-        resent_frames: r.resent_frames,
-        resent_bytes: r.resent_bytes,
-        peer_expected: r.peer_expected,
-        we_expected: r.we_expected,
-        peer_fingerprint: Some(peer.to_string()),
     }
 }
 

@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncRead;
 use tracing::{info, warn};
 
-use pgferry_common::audit::event::{StreamIdentified, StreamOpened, StreamResumed};
+use pgferry_common::audit::event::{StreamIdentified, StreamOpened};
 use pgferry_common::control::{ResumeHeader, StreamHeader, StreamKind};
 use pgferry_common::pgwire::{StartupInfo, StartupSniffer};
 use pgferry_common::runtime::agent::resume_token;
@@ -289,17 +289,9 @@ impl Reattach for Resumer {
             .borrow()
             .as_ref()
             .map(|l| l.peer.fingerprint.to_string());
-        self.cx.tunnel.audit_event(&StreamResumed {
-            session_id: format!("{:016x}", self.session_id),
-            service: self.service.clone(),
-            gap_ms: r.gap_ms,
-            cause: r.cause.clone(),
-            resent_frames: r.resent_frames,
-            resent_bytes: r.resent_bytes,
-            peer_expected: r.peer_expected,
-            we_expected: r.we_expected,
-            peer_fingerprint: peer,
-        });
+        self.cx
+            .tunnel
+            .audit_event(&r.record(self.session_id, &self.service, peer));
     }
 }
 

@@ -180,6 +180,7 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             store,
             audit: &audit,
             progress: &progress,
+            outage_grace: sh.tunnel.cfg().resume_grace,
         };
         let check = async {
             let report = admin_preflight(&sh)

@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,18 +16,6 @@ use std::time::Duration;
 use anyhow::Result;
 use pgferry_tests::{pg_bin, NetnsPair};
 use support::migration::MigrationRig;
-
-async fn unix_client(dir: &Path, port: u16) -> Result<tokio_postgres::Client> {
-    let (c, conn) = tokio_postgres::Config::new()
-        .host_path(dir)
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(c)
-}
 
 #[test]
 fn migrate_between_two_network_namespaces() -> Result<()> {
@@ -65,7 +52,7 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (committed, stop) = (committed.clone(), stop.clone());
-        let client = rt.block_on(unix_client(&pg.root, port))?;
+        let client = rt.block_on(support::unix_client(&pg.root, port))?;
         rt.spawn(async move {
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) && n < 100_000 {
@@ -107,7 +94,7 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     let committed = committed.lock().unwrap().clone();
     assert!(!committed.is_empty());
     let on_target: Vec<i32> = rt.block_on(async {
-        let c = unix_client(dir.path(), new_port).await?;
+        let c = support::unix_client(dir.path(), new_port).await?;
         let rows = c
             .query("SELECT n FROM ferry.writes ORDER BY n", &[])
             .await?;
@@ -133,7 +120,7 @@ fn migrate_between_two_network_namespaces() -> Result<()> {
     assert!(said.trim_start().starts_with('f'), "{said}");
     // The operator's pg_hba.conf is the one in force: an address it does not list is refused.
     let other = rt.block_on(async {
-        let c = unix_client(dir.path(), new_port).await?;
+        let c = support::unix_client(dir.path(), new_port).await?;
         let rows = c
             .query(
                 "SELECT count(*) FROM pg_hba_file_rules WHERE address = $1",

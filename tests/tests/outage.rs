@@ -20,7 +20,16 @@ use support::{audit_cli, audit_events, Agent, Certs};
 
 /// Rows of the COPY: about 100 MB of text.
 const ROWS: u64 = 1_000_000;
-const OUTAGE: Duration = Duration::from_secs(45);
+/// The outage: 45 s (longer than the 30 s idle timeout), or `PGFERRY_OUTAGE_SECS` for a
+/// measurement (e.g. 180).
+fn outage() -> Duration {
+    Duration::from_secs(
+        std::env::var("PGFERRY_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(45),
+    )
+}
 
 /// Resident memory of a process, in MiB.
 fn rss_mib(pid: u32) -> Option<u64> {
@@ -144,7 +153,7 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
         .child
         .wait_for_output("holding the upstream connection", Duration::from_secs(40))?;
     let mut peak = (0, 0);
-    while cut.elapsed() < OUTAGE {
+    while cut.elapsed() < outage() {
         peak.0 = peak.0.max(rss_mib(source.child.pid()).unwrap_or(0));
         peak.1 = peak.1.max(rss_mib(target.child.pid()).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(500));
@@ -163,7 +172,7 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
     };
     eprintln!(
         "OUTAGE: link down {} s; COPY finished {:.1} s after the link came back ({:.1} s in all); peak RSS during the outage: source {} MiB, target {} MiB",
-        OUTAGE.as_secs(),
+        outage().as_secs(),
         back.elapsed().as_secs_f64(),
         copy_started.elapsed().as_secs_f64(),
         peak.0,
@@ -226,19 +235,21 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
         ],
     );
     assert!(ok, "{text}");
+    // The auditor's report says so.
+    let (_, report) = audit_cli(
+        "target",
+        &[
+            "report".as_ref(),
+            target.audit.as_os_str(),
+            "--peer".as_ref(),
+            source.audit.as_os_str(),
+        ],
+    );
+    assert!(
+        report.contains("1 time(s) a forwarded connection outlived a lost tunnel"),
+        "{report}"
+    );
     Ok(())
-}
-
-async fn unix_client(dir: &std::path::Path, port: u16) -> Result<tokio_postgres::Client> {
-    let (c, conn) = tokio_postgres::Config::new()
-        .host_path(dir)
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(c)
 }
 
 /// Bytes under a directory (files only).
@@ -285,7 +296,7 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (committed, stop) = (committed.clone(), stop.clone());
-        let client = rt.block_on(unix_client(&pg.root, port))?;
+        let client = rt.block_on(support::unix_client(&pg.root, port))?;
         rt.spawn(async move {
             let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 200_000 {
@@ -319,7 +330,7 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
         du(&rig.data_dir) / 1_000_000,
         source_bytes / 1_000_000
     );
-    while cut.elapsed() < OUTAGE {
+    while cut.elapsed() < outage() {
         anyhow::ensure!(
             clone.try_wait()?.is_none(),
             "the clone ended during the outage:\n{}",
@@ -335,7 +346,7 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     let text = clone.output();
     eprintln!(
         "MIGRATION OUTAGE: link down {} s; clone done {:.1} s after the link came back, {:.1} s in all",
-        OUTAGE.as_secs(),
+        outage().as_secs(),
         back.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
@@ -352,7 +363,7 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     let committed = committed.lock().unwrap().clone();
     assert!(!committed.is_empty());
     let on_target: Vec<i32> = rt.block_on(async {
-        let c = unix_client(rig.dir.path(), new_port).await?;
+        let c = support::unix_client(rig.dir.path(), new_port).await?;
         let rows = c
             .query("SELECT n FROM ferry.writes ORDER BY n", &[])
             .await?;
@@ -363,6 +374,46 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
         "every committed write, and only those"
     );
     Ok(())
+}
+
+/// A source cluster with `kept (n int)`, both agents over loopback with a 3 s idle timeout,
+/// and a client with a transaction open through the tunnel (one row inserted).
+struct Loopback {
+    dir: TestDir,
+    pg: PgCluster,
+    certs: Certs,
+    pair: support::Pair,
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Loopback {
+    fn start() -> Result<Self> {
+        let dir = TestDir::new()?;
+        let pg_port = free_tcp_port();
+        let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?;
+        pg.start()?;
+        pg.psql("CREATE TABLE kept (n int)")?;
+        let certs = Certs::make(&dir.join("certs"))?;
+        let local = free_tcp_port();
+        let timers = ["--idle-timeout-secs", "3", "--keep-alive-secs", "1"].map(String::from);
+        let mut sargs = vec!["--upstream".to_string(), format!("127.0.0.1:{pg_port}")];
+        sargs.extend(timers.iter().cloned());
+        let mut targs = vec!["--local".to_string(), format!("127.0.0.1:{local}")];
+        targs.extend(timers.iter().cloned());
+        let pair = support::Pair::start(dir.path(), &certs, &sargs, &targs)?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let client = rt.block_on(pgferry_tests::connect_tcp("127.0.0.1", local, &pg.password))?;
+        rt.block_on(client.batch_execute("BEGIN; INSERT INTO kept VALUES (1)"))?;
+        Ok(Loopback {
+            dir,
+            pg,
+            certs,
+            pair,
+            rt,
+            client,
+        })
+    }
 }
 
 fn signal(pid: u32, sig: &str) -> Result<()> {
@@ -440,22 +491,14 @@ async fn second_copy_resumes(
 
 #[test]
 fn a_second_copy_of_the_target_cannot_take_over_a_held_session() -> Result<()> {
-    let dir = TestDir::new()?;
-    let pg_port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?;
-    pg.start()?;
-    pg.psql("CREATE TABLE kept (n int)")?;
-    let certs = Certs::make(&dir.join("certs"))?;
-    let local = free_tcp_port();
-    let timers = ["--idle-timeout-secs", "3", "--keep-alive-secs", "1"].map(String::from);
-    let mut sargs = vec!["--upstream".to_string(), format!("127.0.0.1:{pg_port}")];
-    sargs.extend(timers.iter().cloned());
-    let mut targs = vec!["--local".to_string(), format!("127.0.0.1:{local}")];
-    targs.extend(timers.iter().cloned());
-    let mut pair = support::Pair::start(dir.path(), &certs, &sargs, &targs)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let client = rt.block_on(pgferry_tests::connect_tcp("127.0.0.1", local, &pg.password))?;
-    rt.block_on(client.batch_execute("BEGIN; INSERT INTO kept VALUES (1)"))?;
+    let Loopback {
+        dir: _dir,
+        pg,
+        certs,
+        mut pair,
+        rt,
+        client,
+    } = Loopback::start()?;
     let opened = audit_events(&pair.source.audit, "stream_opened");
     let session = opened[0]["details"]["session_id"]
         .as_str()
@@ -517,22 +560,14 @@ fn a_second_copy_of_the_target_cannot_take_over_a_held_session() -> Result<()> {
 /// both logs record the resumption.
 #[test]
 fn a_frozen_target_agent_resumes_an_open_transaction() -> Result<()> {
-    let dir = TestDir::new()?;
-    let pg_port = free_tcp_port();
-    let mut pg = PgCluster::init(&dir.join("source-pg"), pg_port)?;
-    pg.start()?;
-    pg.psql("CREATE TABLE kept (n int)")?;
-    let certs = Certs::make(&dir.join("certs"))?;
-    let local = free_tcp_port();
-    let timers = ["--idle-timeout-secs", "3", "--keep-alive-secs", "1"].map(String::from);
-    let mut sargs = vec!["--upstream".to_string(), format!("127.0.0.1:{pg_port}")];
-    sargs.extend(timers.iter().cloned());
-    let mut targs = vec!["--local".to_string(), format!("127.0.0.1:{local}")];
-    targs.extend(timers.iter().cloned());
-    let mut pair = support::Pair::start(dir.path(), &certs, &sargs, &targs)?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let client = rt.block_on(pgferry_tests::connect_tcp("127.0.0.1", local, &pg.password))?;
-    rt.block_on(client.batch_execute("BEGIN; INSERT INTO kept VALUES (1)"))?;
+    let Loopback {
+        dir: _dir,
+        pg,
+        certs: _,
+        mut pair,
+        rt,
+        client,
+    } = Loopback::start()?;
 
     let pid = pair.target.child.pid();
     signal(pid, "-STOP")?;

@@ -189,6 +189,25 @@ fn databases_ini(dir: &Path, text: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// Every commit a client was told of is on the new cluster.
+fn assert_all_on_new_cluster(
+    rt: &tokio::runtime::Runtime,
+    rig: &MigrationRig,
+    acked: &BTreeSet<(i32, i32)>,
+) -> Result<()> {
+    let on_new: BTreeSet<(i32, i32)> = rt.block_on(async {
+        let c = rig.connect_new().await?;
+        let rows = c.query("SELECT client, n FROM ferry.ledger", &[]).await?;
+        anyhow::Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    })?;
+    let lost: Vec<_> = acked.difference(&on_new).collect();
+    anyhow::ensure!(
+        lost.is_empty(),
+        "acknowledged but not on the new cluster: {lost:?}"
+    );
+    Ok(())
+}
+
 fn require_pgbouncer() {
     assert!(
         Path::new(PGBOUNCER).exists(),
@@ -316,16 +335,7 @@ fn pgbouncer_clients_see_a_pause_not_errors() -> Result<()> {
     assert!(out.contains("replication slot reporting_standby"), "{out}");
 
     // Every acknowledged commit is on the new cluster, and the clients wrote there after.
-    let on_new: BTreeSet<(i32, i32)> = rt.block_on(async {
-        let c = rig.connect_new().await?;
-        let rows = c.query("SELECT client, n FROM ferry.ledger", &[]).await?;
-        anyhow::Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    })?;
-    let lost: Vec<_> = acked.difference(&on_new).collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged but not on the new cluster: {lost:?}"
-    );
+    assert_all_on_new_cluster(&rt, rig, &acked)?;
     // (The 200 commits after the cutover returned went to the new cluster: the old one is
     // fenced read-only.)
 
@@ -389,16 +399,7 @@ fn direct_clients_lose_no_commit_without_a_pooler() -> Result<()> {
         gap.as_millis()
     );
     assert!(out.contains("nothing else uses the old cluster"), "{out}");
-    let on_new: BTreeSet<(i32, i32)> = rt.block_on(async {
-        let c = rig.connect_new().await?;
-        let rows = c.query("SELECT client, n FROM ferry.ledger", &[]).await?;
-        anyhow::Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    })?;
-    let lost: Vec<_> = acked.difference(&on_new).collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged but not on the new cluster: {lost:?}"
-    );
+    assert_all_on_new_cluster(&rt, &rig, &acked)?;
     Ok(())
 }
 

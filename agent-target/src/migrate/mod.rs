@@ -42,6 +42,8 @@ pub struct Executor<'a> {
     pub store: StateStore,
     pub audit: &'a (dyn Fn(&str, Value) + Send + Sync),
     pub progress: &'a (dyn Fn(String) + Send + Sync),
+    /// How long the tunnel holds forwarded connections through an outage (`resume_grace_secs`).
+    pub outage_grace: Duration,
 }
 
 /// `application_name` of the base backup's connections (`PGAPPNAME`), as the source's
@@ -379,6 +381,18 @@ impl Executor<'_> {
             "--no-password",
         ])
         .env("PGAPPNAME", BASEBACKUP_APP);
+        if !self.outage_grace.is_zero() {
+            // The WAL stream's walsender would end a connection silent for wal_sender_timeout
+            // (60 s by default) even though the tunnel holds it through an outage: for this
+            // copy, allow the tunnel's grace period and a minute.
+            cmd.env(
+                "PGOPTIONS",
+                format!(
+                    "-c wal_sender_timeout={}s",
+                    self.outage_grace.as_secs() + 60
+                ),
+            );
+        }
         if let Some(p) = &self.settings.replication_password_file {
             let pw = pgferry_common::runtime::config::read_password_file(p)?;
             cmd.env("PGPASSWORD", pw);

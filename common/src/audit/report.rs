@@ -885,8 +885,17 @@ fn safeguards(o: &mut String, t: &Transfer) {
         Some(false) => "no revocation list configured",
         None => "revocation checking not recorded",
     };
+    let resumed = if s.resumptions > 0 {
+        format!(
+            "; {} time(s) a forwarded connection outlived a lost tunnel and was resumed where it stopped (longest gap {:.1} s), its bytes checked end to end as any other",
+            s.resumptions,
+            s.longest_resume_gap_ms as f64 / 1000.0
+        )
+    } else {
+        String::new()
+    };
     let chunks = if s.every_chunk_verified {
-        format!("all {} chunks verified", s.chunks)
+        format!("all {} chunks verified{resumed}", s.chunks)
     } else {
         format!(
             "{} INTEGRITY FAILURE(S) (the streams were reset)",

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::event::{
     read, AdminCommand, AgentStarted, AuditEvent, BaseBackupDone, ControlRequestAnswered,
     MigrationStateChanged, PreflightRun, SlotKept, SourceFenced, StandbyStarted, StreamIdentified,
-    TablesVerified,
+    StreamResumed, TablesVerified,
 };
 use super::record::events;
 use super::verify::{parse_stream_closed, Record};
@@ -111,6 +111,10 @@ pub struct Safeguards {
     pub every_chunk_verified: bool,
     pub integrity_failures: u64,
     pub signed_checkpoints: u64,
+    /// Forwarded connections resumed over a new tunnel after an outage (`stream_resumed`),
+    /// and the longest gap, in ms.
+    pub resumptions: u64,
+    pub longest_resume_gap_ms: u64,
 }
 
 /// The transfer, as the logs show it.
@@ -234,6 +238,13 @@ impl Transfer {
             }
             if r.event == events::INTEGRITY_FAILURE {
                 self.safeguards.integrity_failures += 1;
+            }
+            if r.event == StreamResumed::NAME {
+                if let Ok(e) = read::<StreamResumed>(&r.details) {
+                    self.safeguards.resumptions += 1;
+                    self.safeguards.longest_resume_gap_ms =
+                        self.safeguards.longest_resume_gap_ms.max(e.gap_ms);
+                }
             }
             if r.event != events::STREAM_CLOSED {
                 continue;

@@ -452,6 +452,28 @@ impl Channels {
     }
 }
 
+impl Resumption {
+    /// The `stream_resumed` audit record of this resumption.
+    pub fn record(
+        &self,
+        session_id: u64,
+        service: &str,
+        peer_fingerprint: Option<String>,
+    ) -> crate::audit::event::StreamResumed {
+        crate::audit::event::StreamResumed {
+            session_id: format!("{session_id:016x}"),
+            service: service.to_string(),
+            gap_ms: self.gap_ms,
+            cause: self.cause.clone(),
+            resent_frames: self.resent_frames,
+            resent_bytes: self.resent_bytes,
+            peer_expected: self.peer_expected,
+            we_expected: self.we_expected,
+            peer_fingerprint,
+        }
+    }
+}
+
 /// Opens a resumed stream: our ACK (the next chunk we expect, `+1` once the peer's FIN arrived),
 /// the peer's, then the frames it lacks sent again.
 async fn resume(

@@ -196,3 +196,17 @@ pub fn details(r: &serde_json::Value) -> &serde_json::Value {
         r
     }
 }
+
+/// A connection as postgres through a cluster's unix socket in `dir` (namespaces do not
+/// separate unix sockets, so a test reaches clusters in any namespace this way).
+pub async fn unix_client(dir: &Path, port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::Config::new()
+        .host_path(dir)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(c)
+}

@@ -1181,7 +1181,10 @@ mod tests {
         assert!(streams.released_for_new_run(4));
         streams.map.lock().unwrap().insert(5, held([0; 32], 1, 101));
         assert!(!streams.released_for_new_run(5));
-        assert!(!streams.released_for_new_run(3), "peer 2 has not reconnected");
+        assert!(
+            !streams.released_for_new_run(3),
+            "peer 2 has not reconnected"
+        );
     }
 
     #[test]
