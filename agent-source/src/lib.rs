@@ -10,6 +10,7 @@
 //! ```
 //!
 //! # Layout
+//! - [`backup`]: the data directory as an agent-owned base copy sees it.
 //! - [`config`]: the `[source]` section and `run` flags, beside the shared tunnel settings.
 //! - [`forward`]: each data stream → the configured upstream, pumped and verified.
 //! - [`requests`]: the control stream's typed requests, one at a time, audited.
@@ -19,6 +20,7 @@
 //! The binary (`main.rs`) only parses flags and calls [`run`].
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod config;
 pub mod fence;
 pub mod forward;

@@ -15,6 +15,7 @@
 //!   control   control-stream messages (Hello, refusals), length-prefixed and versioned
 //!   identity  certificate ⇄ PeerIdentity (migration, role, region), region and revocation policy
 //!   audit     hash-chained JSON-lines audit log, signed checkpoints, verification and report
+//!   backup    what an agent-owned base copy copies (PostgreSQL's exclusions), its backup_manifest
 //!   migration the migration state machine (DESIGN §4): a pure transition function, LSNs
 //!   preflight source/target facts → checks with what to fix (pure)
 //!   level     the sender's zstd level control (goodput per window, probes; time as input)
@@ -33,6 +34,7 @@
 pub mod admin;
 pub mod admission;
 pub mod audit;
+pub mod backup;
 pub mod control;
 pub mod fence;
 pub mod frame;

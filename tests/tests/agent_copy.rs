@@ -1,0 +1,249 @@
+//! The pure core of the agent-owned base copy against real PostgreSQL: between
+//! `pg_backup_start` and `pg_backup_stop`, the files that PostgreSQL's exclusion rules keep
+//! (`pgferry_common::backup::plan` over `pgferry_source::backup::walk`) are copied while writes
+//! go on, SHA-256'd as written, with `backup_label` from `pg_backup_stop` and a
+//! `backup_manifest` in PostgreSQL's format. `pg_verifybackup` accepts the copy and rejects it
+//! after one byte is changed. Started as a standby on the slot, the copy replays to the source's
+//! position and its tables equal the source's.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pgferry_common::backup::{
+    backup_manifest, label_timeline, plan, Disposition, ManifestFile, WalRange,
+};
+use pgferry_tests::{
+    as_postgres, chown_postgres, free_tcp_port, load_sample_data, pg_bin, table_digest,
+    table_digest_at, wait_until, PgCluster, TestDir,
+};
+
+/// Copies `from` to `to`, returning the bytes copied and their SHA-256.
+fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, [u8; 32])> {
+    let mut src = std::fs::File::open(from).with_context(|| from.display().to_string())?;
+    let mut dst = std::fs::File::create(to).with_context(|| to.display().to_string())?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let k = src.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        dst.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+    dst.sync_all()?;
+    let mut sum = [0; 32];
+    sum.copy_from_slice(ctx.finish().as_ref());
+    Ok((n, sum))
+}
+
+fn verifybackup(dir: &Path) -> Result<(bool, String)> {
+    let out = as_postgres(None, &pg_bin("pg_verifybackup"))
+        .arg("--no-parse-wal")
+        .arg(dir)
+        .output()?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+#[test]
+fn a_copy_by_postgresqls_rules_verifies_and_runs_as_a_standby() -> Result<()> {
+    let dir = TestDir::new()?;
+    let port = free_tcp_port();
+    let mut pg = PgCluster::init(&dir.join("source-pg"), port)?;
+    pg.start()?;
+    load_sample_data(&pg, 10)?;
+    pg.psql("CREATE UNLOGGED TABLE ferry.scratch AS SELECT g FROM generate_series(1, 10000) g")?;
+    pg.psql("SELECT pg_create_physical_replication_slot('agent_copy', true)")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let (session, temp) = rt.block_on(async {
+        let session = support::unix_client(&pg.root, port).await?;
+        // A temporary table held open while the copy runs: its files must stay behind.
+        let temp = support::unix_client(&pg.root, port).await?;
+        temp.batch_execute("CREATE TEMP TABLE tt AS SELECT g FROM generate_series(1, 1000) g")
+            .await?;
+        anyhow::Ok((session, temp))
+    })?;
+    let start: String = rt
+        .block_on(session.query_one(
+            "SELECT pg_backup_start('pgferry agent copy', true)::text",
+            &[],
+        ))?
+        .get(0);
+    // Writes go on during the copy.
+    pg.psql("CREATE TABLE ferry.during AS SELECT g FROM generate_series(1, 2000) g")?;
+    pg.psql("DELETE FROM ferry.docs WHERE id % 7 = 0")?;
+
+    let found = pgferry_source::backup::walk(&pg.datadir)?;
+    let planned = plan(&found);
+    let copy = dir.join("copy");
+    std::fs::create_dir_all(&copy)?;
+    let mut files = Vec::new();
+    for (f, d) in &planned {
+        let to = copy.join(&f.path);
+        if f.is_dir || *d == Disposition::CreateEmpty {
+            std::fs::create_dir_all(&to)?;
+            continue;
+        }
+        let from = pg.datadir.join(&f.path);
+        let modified = std::fs::metadata(&from)
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs() as i64);
+        match copy_hashed(&from, &to) {
+            Ok((size, sha256)) => files.push(ManifestFile {
+                path: f.path.clone(),
+                size,
+                modified,
+                sha256,
+            }),
+            // Dropped meanwhile: WAL replay removes it anyway.
+            Err(e) if !from.exists() => eprintln!("gone while copying: {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
+    let row = rt.block_on(session.query_one(
+        "SELECT labelfile, spcmapfile, lsn::text FROM pg_backup_stop(false)",
+        &[],
+    ))?;
+    let (label, spcmap, end): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    assert!(spcmap.is_empty(), "no tablespaces here");
+    std::fs::write(copy.join("backup_label"), &label)?;
+    let sum = ring::digest::digest(&ring::digest::SHA256, label.as_bytes());
+    let mut label_sum = [0; 32];
+    label_sum.copy_from_slice(sum.as_ref());
+    files.insert(
+        0,
+        ManifestFile {
+            path: "backup_label".into(),
+            size: label.len() as u64,
+            modified: 0,
+            sha256: label_sum,
+        },
+    );
+    let wal = WalRange {
+        timeline: label_timeline(&label).context("timeline in backup_label")?,
+        start: start.parse()?,
+        end: end.parse()?,
+    };
+    std::fs::write(copy.join("backup_manifest"), backup_manifest(&files, wal))?;
+    pgferry_tests::command_output(
+        std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&copy),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o700))?;
+    drop(temp);
+
+    // What PostgreSQL's rules leave out is not there.
+    assert!(!copy.join("postmaster.pid").exists());
+    assert_eq!(std::fs::read_dir(copy.join("pg_wal"))?.count(), 0);
+    let rel = |sql: &str| pg.psql(sql);
+    let scratch = rel("SELECT pg_relation_filepath('ferry.scratch')")?;
+    assert!(
+        !copy.join(&scratch).exists(),
+        "an unlogged table's main fork was copied"
+    );
+    assert!(copy.join(format!("{scratch}_init")).exists());
+    eprintln!(
+        "copied {} files, {} excluded entries",
+        files.len(),
+        found.len() - planned.len()
+    );
+
+    // pg_verifybackup checks every file against the manifest.
+    let (ok, text) = verifybackup(&copy)?;
+    assert!(ok, "{text}");
+    let victim = files
+        .iter()
+        .find(|f| f.path.starts_with("base/") && f.size > 0)
+        .context("a relation file")?;
+    let vpath = copy.join(&victim.path);
+    let mut bytes = std::fs::read(&vpath)?;
+    bytes[0] ^= 1;
+    std::fs::write(&vpath, &bytes)?;
+    let (ok, text) = verifybackup(&copy)?;
+    assert!(!ok && text.contains(&victim.path), "{text}");
+    bytes[0] ^= 1;
+    std::fs::write(&vpath, &bytes)?;
+    chown_postgres(&vpath)?;
+    assert!(verifybackup(&copy)?.0);
+
+    // Started as a standby on the slot, it replays to the source's position.
+    let new_port = free_tcp_port();
+    std::fs::write(copy.join("standby.signal"), "")?;
+    let mut auto = std::fs::OpenOptions::new()
+        .append(true)
+        .open(copy.join("postgresql.auto.conf"))?;
+    writeln!(
+        auto,
+        "port = {new_port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\nprimary_conninfo = 'host={} port={port} user=postgres'\nprimary_slot_name = 'agent_copy'",
+        dir.path().display(),
+        pg.root.display()
+    )?;
+    drop(auto);
+    let ctl = |verb: &str| {
+        as_postgres(None, &pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&copy)
+            .args(["-l"])
+            .arg(dir.join("copy.log"))
+            .args(["-w", "-t", "60", verb])
+            .output()
+    };
+    let started = ctl("start")?;
+    assert!(
+        started.status.success(),
+        "{}",
+        std::fs::read_to_string(dir.join("copy.log")).unwrap_or_default()
+    );
+    pg.psql("INSERT INTO ferry.during SELECT g FROM generate_series(2001, 3000) g")?;
+    let target_lsn = pg.psql("SELECT pg_current_wal_lsn()")?;
+    let replayed = wait_until(
+        "the copy to replay the source's position",
+        Duration::from_secs(60),
+        || {
+            let out = as_postgres(None, &pg_bin("psql"))
+                .args(["-X", "-A", "-t", "-h"])
+                .arg(dir.path())
+                .args([
+                    "-p",
+                    &new_port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                ])
+                .arg(format!("SELECT pg_last_wal_replay_lsn() >= '{target_lsn}'"))
+                .output()
+                .ok()?;
+            (String::from_utf8_lossy(&out.stdout).trim() == "t").then_some(())
+        },
+    );
+    let result = replayed.and_then(|()| {
+        // Written after the copy began, and after it ended.
+        for table in ["ferry.orders", "ferry.docs", "ferry.during"] {
+            let theirs = table_digest(&pg, table)?;
+            let ours = table_digest_at(dir.path(), new_port, table)?;
+            anyhow::ensure!(theirs == ours, "{table}: source {theirs:?}, copy {ours:?}");
+        }
+        Ok(())
+    });
+    let _ = ctl("stop");
+    result
+}
