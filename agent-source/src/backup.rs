@@ -76,3 +76,167 @@ pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
     out.sort();
     Ok(out)
 }
+
+/// The base copy this agent runs: its own PostgreSQL session (`pg_backup_start` is tied to
+/// it), the data directory, and the files the target may fetch (no other path is served).
+pub struct ActiveBackup {
+    pub id: u64,
+    pub label: String,
+    data_dir: std::path::PathBuf,
+    files: std::collections::HashSet<String>,
+    session: tokio_postgres::Client,
+    plan: pgferry_common::control::BackupPlan,
+}
+
+/// Shared by the control stream (start, stop) and the file streams, across connections.
+pub type SharedBackup = std::sync::Arc<tokio::sync::Mutex<Option<ActiveBackup>>>;
+
+/// `pg_backup_start` on a session of its own (`session`), the data directory walked and planned
+/// by PostgreSQL's rules. A backup with the same label already running (the target resumes
+/// after a restart or an outage) is answered with its plan.
+pub async fn start(
+    shared: &SharedBackup,
+    main: &tokio_postgres::Client,
+    session: impl std::future::Future<Output = Result<tokio_postgres::Client>>,
+    label: &str,
+) -> Result<pgferry_common::control::BackupPlan> {
+    use pgferry_common::backup::{plan, Disposition};
+    use pgferry_common::control::{BackupEntry, BackupPlan};
+    let mut guard = shared.lock().await;
+    if let Some(b) = guard.as_ref() {
+        if b.label == label && !b.session.is_closed() {
+            return Ok(b.plan.clone());
+        }
+    }
+    let data_dir: String = main
+        .query_one("SELECT current_setting('data_directory')", &[])
+        .await
+        .context("reading data_directory (the source agent's role needs pg_read_all_settings or superuser)")?
+        .get(0);
+    let session = session.await.context("a session for pg_backup_start")?;
+    let start: String = session
+        .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
+        .await
+        .context("pg_backup_start")?
+        .get(0);
+    let data_dir = std::path::PathBuf::from(data_dir);
+    let walked = {
+        let d = data_dir.clone();
+        tokio::task::spawn_blocking(move || walk(&d)).await??
+    };
+    let planned = plan(&walked);
+    let entries: Vec<BackupEntry> = planned
+        .iter()
+        .map(|(f, d)| BackupEntry {
+            path: f.path.clone(),
+            dir: f.is_dir || *d == Disposition::CreateEmpty,
+            size: f.size,
+        })
+        .collect();
+    let plan = BackupPlan {
+        id: random_id(),
+        start_lsn: start
+            .parse()
+            .with_context(|| format!("pg_backup_start returned {start:?}"))?,
+        entries,
+    };
+    let files = plan
+        .entries
+        .iter()
+        .filter(|e| !e.dir)
+        .map(|e| e.path.clone())
+        .collect();
+    *guard = Some(ActiveBackup {
+        id: plan.id,
+        label: label.to_string(),
+        data_dir,
+        files,
+        session,
+        plan: plan.clone(),
+    });
+    Ok(plan)
+}
+
+/// `pg_backup_stop` of backup `id`: (label file, tablespace map, end LSN).
+pub async fn stop(
+    shared: &SharedBackup,
+    id: u64,
+) -> Result<(String, String, pgferry_common::migration::Lsn)> {
+    let mut guard = shared.lock().await;
+    let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
+        bail!("no base copy {id:016x} is running on the source (the source agent restarted?); start the copy again");
+    };
+    let row = b
+        .session
+        .query_one(
+            "SELECT labelfile, spcmapfile, lsn::text FROM pg_backup_stop(false)",
+            &[],
+        )
+        .await
+        .context("pg_backup_stop")?;
+    let end: String = row.get(2);
+    let out = (
+        row.get(0),
+        row.get(1),
+        end.parse()
+            .with_context(|| format!("pg_backup_stop returned {end:?}"))?,
+    );
+    *guard = None;
+    Ok(out)
+}
+
+/// The file `path` of backup `id` from `offset`, as a local connection whose reader is the
+/// file (the writer discards: the target sends nothing). Only paths of the backup's plan.
+pub async fn open_file(
+    shared: &SharedBackup,
+    id: u64,
+    path: &str,
+    offset: u64,
+) -> Result<pgferry_common::runtime::pump::LocalConn> {
+    use tokio::io::AsyncSeekExt;
+    let full = {
+        let guard = shared.lock().await;
+        let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
+            bail!("no base copy {id:016x} is running on the source");
+        };
+        if !b.files.contains(path) {
+            bail!("{path:?} is not a file of base copy {id:016x}");
+        }
+        b.data_dir.join(path)
+    };
+    let mut f = match tokio::fs::File::open(&full).await {
+        Ok(f) => f,
+        // Dropped since it was listed: an empty file (WAL replay removes it).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(pgferry_common::runtime::pump::LocalConn {
+                reader: Box::new(tokio::io::empty()),
+                writer: Box::new(tokio::io::sink()),
+                abort_handle: None,
+            })
+        }
+        Err(e) => return Err(e).with_context(|| full.display().to_string()),
+    };
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    Ok(pgferry_common::runtime::pump::LocalConn {
+        reader: Box::new(f),
+        writer: Box::new(tokio::io::sink()),
+        abort_handle: None,
+    })
+}
+
+impl std::fmt::Debug for ActiveBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveBackup")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .field("files", &self.files.len())
+            .finish()
+    }
+}
+
+fn random_id() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_be_bytes(b)
+}

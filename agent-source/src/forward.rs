@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use tracing::warn;
 
 use pgferry_common::audit::event::{StreamOpened, StreamRefused};
-use pgferry_common::control::{ResumeHeader, StreamHeader, StreamKind};
+use pgferry_common::control::{FileHeader, ResumeHeader, StreamHeader, StreamKind, MAX_FILE_PATH};
 use pgferry_common::frame::{DirectionStats, ResetCode};
 use pgferry_common::identity::Fingerprint;
 use pgferry_common::runtime::agent::{resume_token, PeerConn, Tunnel, HELLO_TIMEOUT};
@@ -34,7 +34,11 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every bidirectional stream after the control stream is a forwarded connection; returns why
 /// the connection ended.
-pub async fn accept_data_streams(tunnel: &Tunnel, pc: &PeerConn) -> String {
+pub async fn accept_data_streams(
+    tunnel: &Tunnel,
+    pc: &PeerConn,
+    backup: &crate::backup::SharedBackup,
+) -> String {
     let mut stop = tunnel.shutting_down();
     loop {
         let (send, recv) = tokio::select! {
@@ -51,9 +55,10 @@ pub async fn accept_data_streams(tunnel: &Tunnel, pc: &PeerConn) -> String {
         let tunnel = tunnel.clone();
         let pc = pc.clone();
         let guard = tunnel.stream_guard();
+        let backup = backup.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            source_stream(tunnel, pc, send, recv).await;
+            source_stream(tunnel, pc, send, recv, backup).await;
         });
     }
 }
@@ -63,6 +68,7 @@ async fn source_stream(
     pc: PeerConn,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    backup: crate::backup::SharedBackup,
 ) {
     let remote = pc.conn.remote_address();
     let mut buf = BytesMut::new();
@@ -79,12 +85,36 @@ async fn source_stream(
                     .await
                     .map(Opening::Resume)
             }
+            Some(StreamKind::File) => {
+                pump::read_until(&mut recv, &mut buf, 18 + MAX_FILE_PATH, FileHeader::decode)
+                    .await
+                    .map(Opening::File)
+            }
             _ => bail!("stream tag {tag} is not a data stream"),
         }
     })
     .await;
     let header = match header {
         Ok(Ok(Opening::New(h))) => h,
+        Ok(Ok(Opening::File(h))) => {
+            // A file of the base copy: its bytes, chunked and checked like any stream. No
+            // audit record per file: the copy is recorded as a whole.
+            match crate::backup::open_file(&backup, h.backup_id, &h.path, h.offset).await {
+                Ok(local) => {
+                    let report = pump::pump(local, send, recv, buf, tunnel.pump_options()).await;
+                    if report.outcome != Outcome::Ok {
+                        warn!("base copy file {}: {}", h.path, report.outcome.detail());
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    warn!("peer {remote}: refusing file {:?}: {msg}", h.path);
+                    pump::send_reset(&mut send, 0, ResetCode::Refused, &msg).await;
+                    let _ = recv.stop(pump::codes::PROTOCOL.into());
+                }
+            }
+            return;
+        }
         Ok(Ok(Opening::Resume(h))) => {
             let session = format!("{:016x}", h.session_id);
             let streams = pump::Streams { send, recv, buf };
@@ -193,6 +223,7 @@ async fn source_stream(
 enum Opening {
     New(StreamHeader),
     Resume(ResumeHeader),
+    File(FileHeader),
 }
 
 /// The source's side of a resumable stream: when its stream is lost, the upstream connection

@@ -45,6 +45,8 @@ use config::{SourceConfig, SourcePg};
 pub struct Source {
     /// The connection for typed requests (`None`: answered with how to configure it).
     pg: Option<SourcePg>,
+    /// The agent-owned base copy running, if any (it outlives a connection).
+    backup: backup::SharedBackup,
 }
 
 impl RoleDriver for Source {
@@ -70,9 +72,10 @@ impl RoleDriver for Source {
             control.recv,
             control.buf,
             self.pg.clone(),
+            self.backup.clone(),
             move |event, details| audit.audit(event, details),
         ));
-        let reason = forward::accept_data_streams(&tunnel, &conn).await;
+        let reason = forward::accept_data_streams(&tunnel, &conn, &self.backup).await;
         requests.abort();
         reason
     }
@@ -86,5 +89,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     opts: RunOptions,
 ) -> Result<()> {
-    run_agent(cfg.tunnel, Source { pg: cfg.pg }, shutdown, opts).await
+    run_agent(
+        cfg.tunnel,
+        Source {
+            pg: cfg.pg,
+            backup: Default::default(),
+        },
+        shutdown,
+        opts,
+    )
+    .await
 }

@@ -77,6 +77,10 @@ pub async fn handle_request(
         Request::Dependents { slot } => dependents(client, slot)
             .await
             .map(|dependents| Response::Dependents { dependents }),
+        // The base copy keeps a session of its own: the request loop answers these.
+        Request::BackupStart { .. } | Request::BackupStop { .. } => Err(anyhow::anyhow!(
+            "a base copy request outside the request loop"
+        )),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),

@@ -28,6 +28,7 @@ pub async fn serve_requests(
     mut recv: quinn::RecvStream,
     mut buf: BytesMut,
     source_pg: Option<SourcePg>,
+    backup: crate::backup::SharedBackup,
     audit: impl Fn(&str, serde_json::Value),
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
@@ -56,13 +57,34 @@ pub async fn serve_requests(
                 message: "the source agent has no PostgreSQL control connection: set [source] conninfo (and password_file) or --pg-conninfo".into(),
             },
             Some(cfg) => match ensure_client(&mut client, cfg).await {
-                Ok(c) => {
-                    let more = || -> ConnectFuture {
-                        let cfg = cfg.clone();
-                        Box::pin(async move { connect(&cfg).await })
-                    };
-                    crate::pg::handle_request(c, Some(&more), &request).await
-                }
+                Ok(c) => match (&request, request.validate()) {
+                    (_, Err(message)) => Response::Error { message },
+                    (control::Request::BackupStart { label }, _) => {
+                        crate::backup::start(&backup, c, connect(cfg), label)
+                            .await
+                            .map(|plan| Response::BackupStarted { plan })
+                            .unwrap_or_else(|e| Response::Error {
+                                message: format!("{e:#}"),
+                            })
+                    }
+                    (control::Request::BackupStop { id }, _) => crate::backup::stop(&backup, *id)
+                        .await
+                        .map(|(label, tablespace_map, end_lsn)| Response::BackupStopped {
+                            label,
+                            tablespace_map,
+                            end_lsn,
+                        })
+                        .unwrap_or_else(|e| Response::Error {
+                            message: format!("{e:#}"),
+                        }),
+                    _ => {
+                        let more = || -> ConnectFuture {
+                            let cfg = cfg.clone();
+                            Box::pin(async move { connect(&cfg).await })
+                        };
+                        crate::pg::handle_request(c, Some(&more), &request).await
+                    }
+                },
                 Err(e) => Response::Error {
                     message: format!("{e:#}"),
                 },

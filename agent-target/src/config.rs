@@ -68,6 +68,19 @@ pub struct TargetSection {
     /// `[target.pgbouncer]`: a PgBouncer in front of the old cluster, paused before the
     /// fence and switched to the new primary after promotion ([`crate::pooler`]).
     pub pgbouncer: Option<PgBouncerSection>,
+    /// How the base copy is made: `pg_basebackup` (default: one stream, through the tunnel)
+    /// or `agent` (the agents copy the files themselves over parallel streams, resumable
+    /// file by file; see the README).
+    pub copy_method: Option<String>,
+    /// Parallel file streams of the agent copy (default: the number of cores, at least 2).
+    pub copy_streams: Option<usize>,
+}
+
+/// How the base copy is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMethod {
+    PgBasebackup,
+    Agent,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -92,6 +105,8 @@ pub struct TargetSettings {
     pub listen_addresses: String,
     pub hba_file: Option<PathBuf>,
     pub pgbouncer: Option<PgBouncer>,
+    pub copy_method: CopyMethod,
+    pub copy_streams: usize,
 }
 
 impl RoleSection for TargetSection {
@@ -205,6 +220,17 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
         )?,
         hba_file: s.hba_file,
         pgbouncer: s.pgbouncer.map(PgBouncerSection::resolve).transpose()?,
+        copy_method: match s.copy_method.as_deref() {
+            None | Some("pg_basebackup") => CopyMethod::PgBasebackup,
+            Some("agent") => CopyMethod::Agent,
+            Some(other) => {
+                anyhow::bail!("[target] copy_method {other:?}: use \"pg_basebackup\" or \"agent\"")
+            }
+        },
+        copy_streams: s
+            .copy_streams
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+            .clamp(1, 64),
     };
     if let Some(h) = &settings.hba_file {
         std::fs::metadata(h)

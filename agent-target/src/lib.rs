@@ -200,6 +200,37 @@ impl RoleDriver for Target {
     }
 }
 
+impl Cx {
+    /// The tunnel up now, waiting up to a minute for one.
+    async fn link(&self) -> Result<Link> {
+        let mut rx = self.target.current.subscribe();
+        let link = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            rx.wait_for(|c| c.as_ref().is_some_and(|l| l.conn.close_reason().is_none())),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the tunnel to the source is down (waited 60 s)"))??
+        .clone()
+        .expect("checked");
+        Ok(link)
+    }
+
+    /// The control client of the tunnel up now (waiting up to a minute for one).
+    pub(crate) async fn control_client(&self) -> Result<Arc<ControlClient>> {
+        Ok(self.link().await?.control)
+    }
+
+    /// A new bidirectional stream to the source agent, waiting up to a minute for the tunnel.
+    pub(crate) async fn open_data_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let link = self.link().await?;
+        let streams = link.conn.open_bi().await?;
+        link.stats
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(streams)
+    }
+}
+
 /// Runs the target agent until `shutdown` resolves, then drains and stops.
 pub async fn run(
     cfg: TargetConfig,

@@ -141,10 +141,9 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
     let Ok(_job) = cx.target.job.try_lock() else {
         return json!(AdminFailure::new("another clone, cutover or rollback is running on this agent; wait for it (pgferry-target status shows the phase)"));
     };
-    let Some(pc) = cx.target.current.borrow().clone() else {
+    if cx.target.current.borrow().is_none() {
         return json!(AdminFailure::new(NO_TUNNEL));
-    };
-    let control = pc.control.clone();
+    }
     let settings = cx.target.settings.clone();
     let local = cx
         .tunnel
@@ -172,6 +171,22 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             let _ = tx.send(line);
         };
         let audit = |event: &str, details: Value| sh.tunnel.audit(event, details);
+        let control_cx = sh.clone();
+        let control = move || -> pgferry_common::runtime::pump::BoxFuture<
+            'static,
+            anyhow::Result<std::sync::Arc<crate::control_client::ControlClient>>,
+        > {
+            let cx = control_cx.clone();
+            Box::pin(async move { cx.control_client().await })
+        };
+        let streams_cx = sh.clone();
+        let open_stream = move || -> pgferry_common::runtime::pump::BoxFuture<
+            'static,
+            anyhow::Result<(quinn::SendStream, quinn::RecvStream)>,
+        > {
+            let cx = streams_cx.clone();
+            Box::pin(async move { cx.open_data_stream().await })
+        };
         let exec = crate::migrate::Executor {
             control: &control,
             settings: &settings,
@@ -181,6 +196,8 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             audit: &audit,
             progress: &progress,
             outage_grace: sh.tunnel.cfg().resume_grace,
+            open_stream: &open_stream,
+            pump: sh.tunnel.pump_options(),
         };
         let check = async {
             let report = admin_preflight(&sh)

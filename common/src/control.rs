@@ -49,6 +49,8 @@ pub enum StreamKind {
     /// A data stream that continues a forwarded connection whose stream was lost with its
     /// connection ([`ResumeHeader`]).
     Resume = 2,
+    /// A file of the agent-owned base copy ([`FileHeader`]), source → target.
+    File = 3,
 }
 
 impl StreamKind {
@@ -58,6 +60,7 @@ impl StreamKind {
             0 => Some(Self::Control),
             1 => Some(Self::Data),
             2 => Some(Self::Resume),
+            3 => Some(Self::File),
             _ => None,
         }
     }
@@ -150,6 +153,77 @@ impl ResumeHeader {
     }
 }
 
+/// Longest path (bytes) in a [`FileHeader`].
+pub const MAX_FILE_PATH: usize = 1024;
+
+/// What opens a [`StreamKind::File`] stream: a file of the running base copy, from `offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHeader {
+    pub backup_id: u64,
+    pub offset: u64,
+    /// Relative to the data directory, as the backup's plan names it.
+    pub path: String,
+}
+
+impl FileHeader {
+    /// Encodes the header (without the stream tag byte).
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        debug_assert!(self.path.len() <= MAX_FILE_PATH);
+        buf.put_u64(self.backup_id);
+        buf.put_u64(self.offset);
+        buf.put_u16(self.path.len() as u16);
+        buf.put_slice(self.path.as_bytes());
+    }
+
+    /// Decodes a header; `Ok(None)` when more bytes are needed.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Self>, ControlError> {
+        if buf.len() < 18 {
+            return Ok(None);
+        }
+        let len = u16::from_be_bytes([buf[16], buf[17]]) as usize;
+        if len == 0 || len > MAX_FILE_PATH {
+            return Err(ControlError::Malformed(format!(
+                "file path length {len} (allowed 1..={MAX_FILE_PATH})"
+            )));
+        }
+        if buf.len() < 18 + len {
+            return Ok(None);
+        }
+        let backup_id = buf.get_u64();
+        let offset = buf.get_u64();
+        buf.advance(2);
+        let raw = buf.split_to(len);
+        let path = std::str::from_utf8(&raw)
+            .map_err(|_| ControlError::Malformed("file path is not UTF-8".into()))?
+            .to_string();
+        Ok(Some(Self {
+            backup_id,
+            offset,
+            path,
+        }))
+    }
+}
+
+/// The files of a base copy the source agent runs (`pg_backup_start` done).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupPlan {
+    /// Names this backup session in file streams (random per session).
+    pub id: u64,
+    pub start_lsn: crate::migration::Lsn,
+    /// Directories (created, empty or not) and files, in copy order (`global/pg_control` last).
+    pub entries: Vec<BackupEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupEntry {
+    pub path: String,
+    pub dir: bool,
+    /// Size when listed (a file may grow or shrink while copied).
+    pub size: u64,
+}
+
 /// Service names are short identifiers: `[A-Za-z0-9_.-]{1,64}`.
 pub fn valid_service_name(name: &str) -> bool {
     !name.is_empty()
@@ -232,6 +306,15 @@ pub enum Request {
     /// connections other than pgferry's, subscriptions.
     Dependents {
         slot: String,
+    },
+    /// Starts the agent-owned base copy (`pg_backup_start` on a session of its own), or
+    /// answers the plan of the one running: the files to fetch.
+    BackupStart {
+        label: String,
+    },
+    /// Ends the base copy `id` (`pg_backup_stop`): the backup label and tablespace map.
+    BackupStop {
+        id: u64,
     },
 }
 
@@ -327,6 +410,14 @@ pub enum Response {
     },
     Dependents {
         dependents: Dependents,
+    },
+    BackupStarted {
+        plan: BackupPlan,
+    },
+    BackupStopped {
+        label: String,
+        tablespace_map: String,
+        end_lsn: crate::migration::Lsn,
     },
     /// The request failed; the message says why and what to do.
     Error {
@@ -507,6 +598,15 @@ impl Request {
         match self {
             Request::CreateSlot { slot } | Request::DropSlot { slot } if !valid_slot_name(slot) => {
                 Err(format!("invalid slot name {slot:?}: use 1-63 of a-z 0-9 _"))
+            }
+            Request::BackupStart { label }
+                if label.is_empty()
+                    || label.len() > 100
+                    || !label.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b' ' | b'_' | b'-' | b'.')
+                    }) =>
+            {
+                Err(format!("invalid backup label {label:?}"))
             }
             Request::Status { slot: Some(slot) } | Request::Dependents { slot }
                 if !valid_slot_name(slot) =>

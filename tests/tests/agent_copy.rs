@@ -20,6 +20,8 @@ use pgferry_tests::{
     as_postgres, chown_postgres, free_tcp_port, load_sample_data, pg_bin, table_digest,
     table_digest_at, wait_until, PgCluster, TestDir,
 };
+use support::audit_events;
+use support::migration::{MigrationRig, Writer};
 
 /// Copies `from` to `to`, returning the bytes copied and their SHA-256.
 fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, [u8; 32])> {
@@ -246,4 +248,92 @@ fn a_copy_by_postgresqls_rules_verifies_and_runs_as_a_standby() -> Result<()> {
     });
     let _ = ctl("stop");
     result
+}
+
+/// `[target] copy_method = "agent"` through the tunnel, with a writer on the source: the clone
+/// passes pg_verifybackup, the standby streams, the cutover verifies every table and every
+/// committed write is on the new cluster.
+#[test]
+fn a_migration_with_the_agent_copy() -> Result<()> {
+    let rig = MigrationRig::builder(30)
+        .prepare(|pg| {
+            pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
+                .map(drop)
+        })
+        .target_config("copy_method = \"agent\"\ncopy_streams = 4\n")
+        .start()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let writer = Writer::start(&rt, rig.pg.port, &rig.pg.password, "ferry.writes")?;
+    let (ok, out) = rig.cmd("clone", &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("agent copy done"), "{out}");
+    assert!(out.contains("pg_verifybackup"), "{out}");
+    let copies = audit_events(&rig.target.audit, "base_copy");
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert!(writer.count() > 0);
+    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+    let committed = writer.stop(&rt);
+    assert!(ok, "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    let on_new: Vec<i32> = rt.block_on(async {
+        let c = rig.connect_new().await?;
+        let rows = c
+            .query("SELECT n FROM ferry.writes ORDER BY n", &[])
+            .await?;
+        anyhow::Ok(rows.iter().map(|r| r.get(0)).collect())
+    })?;
+    assert_eq!(on_new, committed);
+    Ok(())
+}
+
+/// The target agent killed (SIGKILL) in the middle of an agent copy: started again, `clone`
+/// goes on with the files it lacks (the source's backup session kept running), and the copy
+/// still passes pg_verifybackup and runs as a standby whose tables equal the source's.
+#[test]
+fn an_agent_copy_resumes_after_the_target_is_killed() -> Result<()> {
+    let mut rig = MigrationRig::builder(120)
+        .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
+        .start()?;
+    let journal = rig.state_file.with_extension("copy.jsonl");
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    let lines = |p: &Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
+    wait_until(
+        "files in the copy's journal",
+        Duration::from_secs(120),
+        || (lines(&journal) > 30).then_some(()),
+    )?;
+    rig.kill_target();
+    let at_kill = lines(&journal);
+    let _ = clone.try_wait();
+    eprintln!("target killed with {at_kill} journal line(s)");
+    rig.start_target()?;
+    let (ok, out) = rig.cmd("clone", &[]);
+    assert!(ok, "{out}");
+    let resumed = out
+        .lines()
+        .find(|l| l.contains("resuming the copy"))
+        .with_context(|| format!("no resumption:\n{out}"))?;
+    eprintln!("{resumed}");
+    assert!(out.contains("agent copy done"), "{out}");
+    eprintln!(
+        "{}",
+        out.lines()
+            .find(|l| l.contains("agent copy done"))
+            .unwrap_or_default()
+    );
+    // No writes here: the source's tables now are the ones to find after the cutover (which
+    // fences the source, so they are read first).
+    let tables = ["ferry.orders", "ferry.docs"];
+    let before: Vec<_> = tables
+        .iter()
+        .map(|t| table_digest(&rig.pg, t))
+        .collect::<Result<_>>()?;
+    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    for (table, theirs) in tables.iter().zip(before) {
+        let ours = table_digest_at(rig.dir.path(), rig.target_port, table)?;
+        assert_eq!(theirs, ours, "{table}");
+    }
+    Ok(())
 }

@@ -252,32 +252,24 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
     Ok(())
 }
 
-/// Bytes under a directory (files only).
-fn du(dir: &std::path::Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 /// The whole migration with a 45 s outage in the middle of the base copy (pg_basebackup
 /// through the tunnel, a writer committing on the source throughout): the copy resumes, the
 /// clone's pg_verifybackup passes, the cutover verifies every table, every committed write is
 /// on the new cluster.
 #[test]
 fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
-    let Some(net) = NetnsPair::create("pgfmo")? else {
+    migration_with_outage("pgfmo", "")
+}
+
+/// The same with the agent-owned copy: its file streams are fetched again from where they
+/// stopped once the tunnel is back.
+#[test]
+fn a_migration_with_the_agent_copy_survives_an_outage() -> Result<()> {
+    migration_with_outage("pgfma", "copy_method = \"agent\"\n")
+}
+
+fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
+    let Some(net) = NetnsPair::create(prefix)? else {
         eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
         return Ok(());
     };
@@ -287,6 +279,7 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
             pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
                 .map(drop)
         })
+        .target_config(target_config)
         .netns(net)
         .start()?;
     let net = rig.netns.as_ref().context("namespaces")?;
@@ -320,14 +313,14 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     wait_until(
         "a third of the copy on the target",
         Duration::from_secs(120),
-        || (du(&rig.data_dir) > source_bytes / 3).then_some(()),
+        || (support::du(&rig.data_dir) > source_bytes / 3).then_some(()),
     )?;
     net.set_link(false)?;
     let cut = Instant::now();
     eprintln!(
         "link down {:.1} s into the clone, {} of {} MB copied",
         started.elapsed().as_secs_f64(),
-        du(&rig.data_dir) / 1_000_000,
+        support::du(&rig.data_dir) / 1_000_000,
         source_bytes / 1_000_000
     );
     while cut.elapsed() < outage() {
@@ -345,7 +338,8 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     })?;
     let text = clone.output();
     eprintln!(
-        "MIGRATION OUTAGE: link down {} s; clone done {:.1} s after the link came back, {:.1} s in all",
+        "MIGRATION OUTAGE ({}): link down {} s; clone done {:.1} s after the link came back, {:.1} s in all",
+        if target_config.is_empty() { "pg_basebackup" } else { "agent copy" },
         outage().as_secs(),
         back.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
@@ -353,7 +347,22 @@ fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     assert!(status.success(), "{text}");
     assert!(text.contains("pg_verifybackup"), "{text}");
     assert!(text.contains("catching_up"), "{text}");
-    assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
+    let resent: u64 = [&rig.source.audit, &rig.target.audit]
+        .iter()
+        .flat_map(|a| audit_events(a, "stream_resumed"))
+        .map(|e| e["details"]["resent_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "MIGRATION OUTAGE: {:.1} MB sent again after the outage ({:.1}% of the {} MB cluster)",
+        resent as f64 / 1e6,
+        resent as f64 * 100.0 / source_bytes as f64,
+        source_bytes / 1_000_000
+    );
+    if target_config.is_empty() {
+        assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
+    } else {
+        assert!(text.contains("agent copy done"), "{text}");
+    }
     let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = rt.block_on(writer);

@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
+mod copy;
 mod cutover;
 
 use crate::config::TargetSettings;
@@ -34,7 +35,11 @@ use pgferry_common::migration::{Event, State};
 
 /// What the executor needs from the running target agent.
 pub struct Executor<'a> {
-    pub control: &'a ControlClient,
+    /// The control client of the tunnel up now (waiting, bounded, for one): requests after an
+    /// outage go over the new connection.
+    pub control: &'a (dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<'static, Result<std::sync::Arc<ControlClient>>>
+             + Send
+             + Sync),
     pub settings: &'a TargetSettings,
     pub migration: &'a str,
     /// The target's local endpoint of the `postgres` service (host, port).
@@ -44,6 +49,14 @@ pub struct Executor<'a> {
     pub progress: &'a (dyn Fn(String) + Send + Sync),
     /// How long the tunnel holds forwarded connections through an outage (`resume_grace_secs`).
     pub outage_grace: Duration,
+    /// Opens a data stream to the source agent (waiting, bounded, for the tunnel).
+    pub open_stream: &'a (dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<
+        'static,
+        Result<(quinn::SendStream, quinn::RecvStream)>,
+    > + Send
+             + Sync),
+    /// The tunnel's stream settings.
+    pub pump: &'a pgferry_common::runtime::pump::PumpOptions,
 }
 
 /// `application_name` of the base backup's connections (`PGAPPNAME`), as the source's
@@ -100,7 +113,8 @@ impl Executor<'_> {
     }
 
     pub(super) async fn ask_within(&self, request: Request, timeout: Duration) -> Result<Response> {
-        match self.control.request(request, timeout).await? {
+        let control = (self.control)().await?;
+        match control.request(request, timeout).await? {
             Response::Error { message } => bail!("the source agent: {message}"),
             r => Ok(r),
         }
@@ -327,6 +341,22 @@ impl Executor<'_> {
     }
 
     async fn base_backup(&self, slot: &str) -> Result<()> {
+        if self.settings.copy_method == crate::config::CopyMethod::Agent {
+            let t = Instant::now();
+            self.agent_copy(slot).await?;
+            let data_dir = self.data_dir()?;
+            // The copy carries no WAL (the standby streams it through the slot).
+            let mut verify = self.pg_tool("pg_verifybackup");
+            verify.arg("--no-parse-wal").arg(data_dir);
+            run_with_progress(verify, "pg_verifybackup", self.progress).await?;
+            self.record(&BaseBackupDone {
+                slot: slot.to_string(),
+                data_dir: data_dir.display().to_string(),
+                duration_ms: t.elapsed().as_millis() as u64,
+                verified: true,
+            });
+            return Ok(());
+        }
         let data_dir = self.data_dir()?;
         // A run killed during the backup leaves its pg_basebackup running (holding the slot and
         // writing into the directory): end it first.

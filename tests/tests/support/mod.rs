@@ -210,3 +210,22 @@ pub async fn unix_client(dir: &Path, port: u16) -> anyhow::Result<tokio_postgres
     tokio::spawn(conn);
     Ok(c)
 }
+
+/// Bytes under a directory (files only).
+pub fn du(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}

@@ -1,0 +1,451 @@
+//! The agent-owned base copy (`[target] copy_method = "agent"`): the source agent runs the
+//! backup session itself (`pg_backup_start` on its own PostgreSQL session, so the network is
+//! not part of it) and serves the files of its plan; the target fetches them over parallel
+//! file streams, chunked, compressed and BLAKE3-checked like every stream, and keeps a journal
+//! of the files complete, so a copy interrupted anywhere (an outage, a kill -9 of this agent)
+//! goes on with the files it lacks, and a partly written file from its end.
+//!
+//! ```text
+//!   BackupStart(label) ─► plan: directories, files (pg_control last), start LSN
+//!   N workers: File(id, path, offset) stream ─► data_dir/path (append) ─► fsync ─► SHA-256
+//!              ─► journal line {path, size, sha256}                      (skipped when journaled)
+//!   pg_control ─► BackupStop ─► backup_label, tablespace_map ─► backup_manifest
+//!   ─► standby.signal, primary_conninfo, primary_slot_name ─► pg_verifybackup --no-parse-wal
+//! ```
+//!
+//! Why the copy is consistent: every file is read after `pg_backup_start`'s checkpoint and
+//! before `pg_backup_stop`, as PostgreSQL's own base backup reads them; torn or stale pages are
+//! rewritten by WAL replay from the backup's start LSN (full-page writes are forced during a
+//! backup), which the standby streams through the replication slot created before the copy.
+//! Bytes reach a file only once their chunk is verified, so a file's length on disk is always a
+//! verified prefix: resuming from it is safe.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use pgferry_common::backup::{backup_manifest, label_timeline, ManifestFile, WalRange};
+use pgferry_common::control::{BackupPlan, FileHeader, Request, Response, StreamKind};
+use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
+
+use super::Executor;
+
+/// One line of the copy's journal (JSON lines beside the state file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Journal {
+    /// The backup session the files below belong to.
+    Begin { backup_id: u64 },
+    /// A file complete and fsynced.
+    Done {
+        path: String,
+        size: u64,
+        sha256: String,
+        modified: i64,
+    },
+}
+
+/// Attempts per file before the copy fails (each after the tunnel is back).
+const FILE_ATTEMPTS: u32 = 20;
+
+impl Executor<'_> {
+    /// The agent-owned copy into the data directory; returns (files, bytes) fetched now.
+    pub(super) async fn agent_copy(&self, slot: &str) -> Result<(u64, u64)> {
+        let data_dir = self.data_dir()?.to_path_buf();
+        let label = format!("pgferry {}", self.migration);
+        let plan = match self.ask(Request::BackupStart { label }).await? {
+            Response::BackupStarted { plan } => plan,
+            other => bail!("unexpected answer {other:?}"),
+        };
+        let journal = self.settings.state_file.with_extension("copy.jsonl");
+        let done = self.prepare_copy(&plan, &data_dir, &journal)?;
+        let files: Vec<_> = plan.entries.iter().filter(|e| !e.dir).collect();
+        let total: u64 = files.iter().map(|e| e.size).sum();
+        let todo: VecDeque<String> = files
+            .iter()
+            .filter(|e| !done.contains_key(&e.path) && e.path != "global/pg_control")
+            .map(|e| e.path.clone())
+            .collect();
+        (self.progress)(format!(
+            "agent copy: backup {:016x} from {}: {} file(s), {} MB; {} already here; {} stream(s)",
+            plan.id,
+            plan.start_lsn,
+            files.len(),
+            total / 1_000_000,
+            done.len(),
+            self.settings.copy_streams
+        ));
+        let t = Instant::now();
+        let done = Arc::new(Mutex::new(done));
+        let fetched = self
+            .fetch_all(&plan, &data_dir, &journal, todo, done.clone())
+            .await?;
+        // pg_control last, as PostgreSQL's own base backup sends it.
+        let last = self
+            .fetch_all(
+                &plan,
+                &data_dir,
+                &journal,
+                VecDeque::from(["global/pg_control".to_string()]),
+                done.clone(),
+            )
+            .await?;
+        let (files_now, bytes_now) = (fetched.0 + last.0, fetched.1 + last.1);
+        let (label, map, end) = match self.ask(Request::BackupStop { id: plan.id }).await? {
+            Response::BackupStopped {
+                label,
+                tablespace_map,
+                end_lsn,
+            } => (label, tablespace_map, end_lsn),
+            other => bail!("unexpected answer {other:?}"),
+        };
+        let mut manifest: Vec<ManifestFile> = vec![write_small(&data_dir, "backup_label", &label)?];
+        if !map.is_empty() {
+            manifest.push(write_small(&data_dir, "tablespace_map", &map)?);
+        }
+        let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        manifest.extend(
+            plan.entries
+                .iter()
+                .filter_map(|e| done.get(&e.path).cloned()),
+        );
+        let wal = WalRange {
+            timeline: label_timeline(&label).context("no START TIMELINE in the backup label")?,
+            start: plan.start_lsn,
+            end,
+        };
+        std::fs::write(
+            data_dir.join("backup_manifest"),
+            backup_manifest(&manifest, wal),
+        )?;
+        self.standby_settings(&data_dir, slot)?;
+        self.own_data_dir(&data_dir).await?;
+        let secs = t.elapsed().as_secs_f64();
+        (self.progress)(format!(
+            "agent copy done: {files_now} file(s), {:.1} MB fetched in {secs:.1} s ({:.1} MB/s); backup {}..{}",
+            bytes_now as f64 / 1e6,
+            bytes_now as f64 / 1e6 / secs.max(0.001),
+            plan.start_lsn,
+            end
+        ));
+        (self.audit)(
+            "base_copy",
+            json!({
+                "method": "agent", "backup_id": format!("{:016x}", plan.id),
+                "start_lsn": plan.start_lsn.to_string(), "end_lsn": end.to_string(),
+                "files": manifest.len(), "files_fetched_now": files_now, "bytes_fetched_now": bytes_now,
+                "manifest_sha256": hex_sha256(&std::fs::read(data_dir.join("backup_manifest"))?),
+            }),
+        );
+        let _ = std::fs::remove_file(&journal);
+        Ok((files_now, bytes_now))
+    }
+
+    /// The data directory and journal for `plan`: kept when the journal belongs to the same
+    /// backup session (resume), else started afresh. Returns the files already complete.
+    fn prepare_copy(
+        &self,
+        plan: &BackupPlan,
+        data_dir: &Path,
+        journal: &Path,
+    ) -> Result<HashMap<String, ManifestFile>> {
+        let mut done = HashMap::new();
+        let mut same = false;
+        if let Ok(text) = std::fs::read_to_string(journal) {
+            for line in text.lines() {
+                match serde_json::from_str::<Journal>(line) {
+                    Ok(Journal::Begin { backup_id }) => same = backup_id == plan.id,
+                    Ok(Journal::Done {
+                        path,
+                        size,
+                        sha256,
+                        modified,
+                    }) if same => {
+                        let mut sum = [0; 32];
+                        if hex::decode_to_slice(&sha256, &mut sum).is_ok() {
+                            done.insert(
+                                path.clone(),
+                                ManifestFile {
+                                    path,
+                                    size,
+                                    modified,
+                                    sha256: sum,
+                                },
+                            );
+                        }
+                    }
+                    // A line cut by a kill: ignored (that file is fetched again).
+                    _ => {}
+                }
+            }
+        }
+        if !same {
+            if data_dir.exists() {
+                std::fs::remove_dir_all(data_dir).with_context(|| {
+                    format!("clearing the partial copy in {}", data_dir.display())
+                })?;
+            }
+            std::fs::write(
+                journal,
+                format!(
+                    "{}\n",
+                    serde_json::to_string(&Journal::Begin { backup_id: plan.id })?
+                ),
+            )?;
+            done.clear();
+        } else if !done.is_empty() {
+            (self.progress)(format!(
+                "resuming the copy of backup {:016x}: {} file(s) already complete",
+                plan.id,
+                done.len()
+            ));
+        }
+        for e in plan.entries.iter().filter(|e| e.dir) {
+            std::fs::create_dir_all(data_dir.join(&e.path))?;
+        }
+        std::fs::create_dir_all(data_dir.join("pg_wal/archive_status"))?;
+        Ok(done)
+    }
+
+    /// Fetches `todo` over `copy_streams` parallel streams; (files, bytes) fetched.
+    async fn fetch_all(
+        &self,
+        plan: &BackupPlan,
+        data_dir: &Path,
+        journal: &Path,
+        todo: VecDeque<String>,
+        done: Arc<Mutex<HashMap<String, ManifestFile>>>,
+    ) -> Result<(u64, u64)> {
+        let queue = Mutex::new(todo);
+        let journal_lock = Mutex::new(());
+        let worker = || async {
+            let (mut files, mut bytes) = (0u64, 0u64);
+            loop {
+                let Some(path) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
+                    return Ok::<_, anyhow::Error>((files, bytes));
+                };
+                let (m, fetched) = self.fetch_file(plan.id, data_dir, &path).await?;
+                let line = serde_json::to_string(&Journal::Done {
+                    path: m.path.clone(),
+                    size: m.size,
+                    sha256: hex::encode(m.sha256),
+                    modified: m.modified,
+                })?;
+                {
+                    let _g = journal_lock.lock().unwrap_or_else(|e| e.into_inner());
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new().append(true).open(journal)?;
+                    writeln!(f, "{line}")?;
+                    f.sync_data()?;
+                }
+                done.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(path, m);
+                files += 1;
+                bytes += fetched;
+            }
+        };
+        let workers: Vec<_> = (0..self.settings.copy_streams).map(|_| worker()).collect();
+        let results = futures_join_all(workers).await;
+        let (mut files, mut bytes) = (0, 0);
+        for r in results {
+            let (f, b) = r?;
+            files += f;
+            bytes += b;
+        }
+        Ok((files, bytes))
+    }
+
+    /// One file: fetched from its current length on (a verified prefix), retried across lost
+    /// connections; then fsynced and SHA-256'd for the manifest.
+    async fn fetch_file(
+        &self,
+        backup_id: u64,
+        data_dir: &Path,
+        path: &str,
+    ) -> Result<(ManifestFile, u64)> {
+        let full = data_dir.join(path);
+        let mut fetched = 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&full)
+                .await
+                .with_context(|| full.display().to_string())?;
+            let outcome = match (self.open_stream)().await {
+                Ok((mut send, recv)) => {
+                    let mut out = BytesMut::new();
+                    out.extend_from_slice(&[StreamKind::File as u8]);
+                    FileHeader {
+                        backup_id,
+                        offset,
+                        path: path.to_string(),
+                    }
+                    .encode(&mut out);
+                    match send.write_all(&out).await {
+                        Ok(()) => {
+                            let local = LocalConn {
+                                reader: Box::new(tokio::io::empty()),
+                                writer: Box::new(file),
+                                abort_handle: None,
+                            };
+                            let r = pump::pump(local, send, recv, BytesMut::new(), self.pump).await;
+                            fetched += r.received.raw_bytes;
+                            r.outcome
+                        }
+                        Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
+                    }
+                }
+                Err(e) => Outcome::ConnectionLost(format!("{e:#}")),
+            };
+            match outcome {
+                Outcome::Ok => break,
+                Outcome::ConnectionLost(m) | Outcome::TunnelError(m) if attempt < FILE_ATTEMPTS => {
+                    tracing::warn!("copy of {path}: {m}; again from its end (attempt {attempt})");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => bail!("copying {path}: {} {}", other.label(), other.detail()),
+            }
+        }
+        let (size, sha256) = {
+            let full = full.clone();
+            tokio::task::spawn_blocking(move || sha256_file(&full)).await??
+        };
+        Ok((
+            ManifestFile {
+                path: path.to_string(),
+                size,
+                modified: time::OffsetDateTime::now_utc().unix_timestamp(),
+                sha256,
+            },
+            fetched,
+        ))
+    }
+
+    /// What `pg_basebackup -R` writes: `standby.signal`, and the connection and slot of the
+    /// walreceiver (through this agent's local endpoint) in `postgresql.auto.conf`.
+    fn standby_settings(&self, data_dir: &Path, slot: &str) -> Result<()> {
+        std::fs::write(data_dir.join("standby.signal"), "")?;
+        let (host, port) = &self.local;
+        let mut conninfo = format!(
+            "user={} host={host} port={port} application_name={}",
+            self.settings.replication_user,
+            super::BASEBACKUP_APP
+        );
+        if let Some(p) = &self.settings.replication_password_file {
+            let pw = pgferry_common::runtime::config::read_password_file(p)?;
+            conninfo.push_str(&format!(
+                " password='{}'",
+                pw.replace('\\', "\\\\").replace('\'', "\\'")
+            ));
+        }
+        let auto = data_dir.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "\n# pgferry agent copy: the standby's source\nprimary_conninfo = '{}'\nprimary_slot_name = '{slot}'\n",
+            conninfo.replace('\'', "''")
+        ));
+        std::fs::write(&auto, text)?;
+        Ok(())
+    }
+
+    /// The data directory owned by the cluster's OS user (the agent may run as root), 0700.
+    async fn own_data_dir(&self, data_dir: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
+        if let (Some(user), true) = (&self.settings.os_user, super::running_as_root()) {
+            let st = tokio::process::Command::new("chown")
+                .arg("-R")
+                .arg(format!("{user}:"))
+                .arg(data_dir)
+                .status()
+                .await?;
+            if !st.success() {
+                bail!("chown -R {user} {} failed", data_dir.display());
+            }
+            // The standby's log goes beside the data directory, as with pg_basebackup.
+            let parent = data_dir.parent().unwrap_or(Path::new("/"));
+            let st = tokio::process::Command::new("chown")
+                .arg(user)
+                .arg(parent)
+                .status()
+                .await?;
+            if !st.success() {
+                bail!("chown {user} {} failed", parent.display());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a small file of the copy (backup_label, tablespace_map) and its manifest entry.
+fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> {
+    let p: PathBuf = data_dir.join(name);
+    std::fs::write(&p, text)?;
+    let (size, sha256) = sha256_file(&p)?;
+    Ok(ManifestFile {
+        path: name.to_string(),
+        size,
+        modified: time::OffsetDateTime::now_utc().unix_timestamp(),
+        sha256,
+    })
+}
+
+/// fsync, then size and SHA-256 of a file.
+fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).with_context(|| p.display().to_string())?;
+    f.sync_all()?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    let mut sum = [0; 32];
+    sum.copy_from_slice(ctx.finish().as_ref());
+    Ok((n, sum))
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+/// Runs the futures concurrently on this task; their results in order.
+async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("ready")).collect()
+}
