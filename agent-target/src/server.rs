@@ -180,13 +180,10 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             Box::pin(async move { cx.control_client().await })
         };
         let streams_cx = sh.clone();
-        let open_stream = move || -> pgferry_common::runtime::pump::BoxFuture<
-            'static,
-            anyhow::Result<(quinn::SendStream, quinn::RecvStream)>,
-        > {
+        let open_stream: crate::migrate::OpenStream = std::sync::Arc::new(move || {
             let cx = streams_cx.clone();
             Box::pin(async move { cx.open_data_stream().await })
-        };
+        });
         let exec = crate::migrate::Executor {
             control: &control,
             settings: &settings,
@@ -196,7 +193,7 @@ async fn admin_execute(cx: &Cx, stream: &mut tokio::net::UnixStream, job: Job) -
             audit: &audit,
             progress: &progress,
             outage_grace: sh.tunnel.cfg().resume_grace,
-            open_stream: &open_stream,
+            open_stream,
             pump: sh.tunnel.pump_options(),
         };
         let check = async {

@@ -337,3 +337,43 @@ fn an_agent_copy_resumes_after_the_target_is_killed() -> Result<()> {
     }
     Ok(())
 }
+
+/// A measurement, not a check (`cargo test --release --test agent_copy -- --ignored
+/// --nocapture`): the same cluster cloned through the tunnel over loopback with each copy
+/// method, one after the other in one run; prints the time of the copy phase of each and their
+/// ratio. `PGFERRY_COPY_MB` sets the sample size (default 300).
+#[test]
+#[ignore]
+fn measure_copy_methods() -> Result<()> {
+    let mb: u32 = std::env::var("PGFERRY_COPY_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mut secs = Vec::new();
+    for (name, config) in [
+        ("pg_basebackup", ""),
+        ("agent", "copy_method = \"agent\"\n"),
+    ] {
+        let rig = MigrationRig::builder(mb).target_config(config).start()?;
+        let t = std::time::Instant::now();
+        let (ok, out) = rig.cmd("clone", &[]);
+        assert!(ok, "{out}");
+        let copy = out
+            .lines()
+            .find(|l| l.contains("base backup and pg_verifybackup"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .context("the copy phase in the timeline")?;
+        eprintln!(
+            "COPY {name}: {copy:.1} s copy phase (with pg_verifybackup), clone {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        secs.push(copy);
+    }
+    eprintln!(
+        "COPY agent / pg_basebackup = {:.2} ({mb} MB sample, loopback, {} cores)",
+        secs[1] / secs[0],
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    Ok(())
+}

@@ -213,7 +213,8 @@ impl Executor<'_> {
         Ok(done)
     }
 
-    /// Fetches `todo` over `copy_streams` parallel streams; (files, bytes) fetched.
+    /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
+    /// decompression and checks use every core); (files, bytes) fetched.
     async fn fetch_all(
         &self,
         plan: &BackupPlan,
@@ -222,114 +223,44 @@ impl Executor<'_> {
         todo: VecDeque<String>,
         done: Arc<Mutex<HashMap<String, ManifestFile>>>,
     ) -> Result<(u64, u64)> {
-        let queue = Mutex::new(todo);
-        let journal_lock = Mutex::new(());
-        let worker = || async {
-            let (mut files, mut bytes) = (0u64, 0u64);
-            loop {
-                let Some(path) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
-                    return Ok::<_, anyhow::Error>((files, bytes));
-                };
-                let (m, fetched) = self.fetch_file(plan.id, data_dir, &path).await?;
-                let line = serde_json::to_string(&Journal::Done {
-                    path: m.path.clone(),
-                    size: m.size,
-                    sha256: hex::encode(m.sha256),
-                    modified: m.modified,
-                })?;
-                {
-                    let _g = journal_lock.lock().unwrap_or_else(|e| e.into_inner());
-                    use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new().append(true).open(journal)?;
-                    writeln!(f, "{line}")?;
-                    f.sync_data()?;
+        let fetcher = Arc::new(Fetcher {
+            open: self.open_stream.clone(),
+            pump: self.pump.clone(),
+            backup_id: plan.id,
+            data_dir: data_dir.to_path_buf(),
+            journal: journal.to_path_buf(),
+            queue: Mutex::new(todo),
+            journal_lock: Mutex::new(()),
+            done,
+        });
+        let tasks: Vec<_> = (0..self.settings.copy_streams)
+            .map(|_| tokio::spawn(fetcher.clone().work()))
+            .collect();
+        let (mut files, mut bytes, mut first_err) = (0, 0, None);
+        for t in tasks {
+            match t.await {
+                Ok(Ok((f, b))) => {
+                    files += f;
+                    bytes += b;
                 }
-                done.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(path, m);
-                files += 1;
-                bytes += fetched;
-            }
-        };
-        let workers: Vec<_> = (0..self.settings.copy_streams).map(|_| worker()).collect();
-        let results = futures_join_all(workers).await;
-        let (mut files, mut bytes) = (0, 0);
-        for r in results {
-            let (f, b) = r?;
-            files += f;
-            bytes += b;
-        }
-        Ok((files, bytes))
-    }
-
-    /// One file: fetched from its current length on (a verified prefix), retried across lost
-    /// connections; then fsynced and SHA-256'd for the manifest.
-    async fn fetch_file(
-        &self,
-        backup_id: u64,
-        data_dir: &Path,
-        path: &str,
-    ) -> Result<(ManifestFile, u64)> {
-        let full = data_dir.join(path);
-        let mut fetched = 0;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&full)
-                .await
-                .with_context(|| full.display().to_string())?;
-            let outcome = match (self.open_stream)().await {
-                Ok((mut send, recv)) => {
-                    let mut out = BytesMut::new();
-                    out.extend_from_slice(&[StreamKind::File as u8]);
-                    FileHeader {
-                        backup_id,
-                        offset,
-                        path: path.to_string(),
-                    }
-                    .encode(&mut out);
-                    match send.write_all(&out).await {
-                        Ok(()) => {
-                            let local = LocalConn {
-                                reader: Box::new(tokio::io::empty()),
-                                writer: Box::new(file),
-                                abort_handle: None,
-                            };
-                            let r = pump::pump(local, send, recv, BytesMut::new(), self.pump).await;
-                            fetched += r.received.raw_bytes;
-                            r.outcome
-                        }
-                        Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
-                    }
+                Ok(Err(e)) => {
+                    // The others stop at their next file.
+                    fetcher
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                    first_err.get_or_insert(e);
                 }
-                Err(e) => Outcome::ConnectionLost(format!("{e:#}")),
-            };
-            match outcome {
-                Outcome::Ok => break,
-                Outcome::ConnectionLost(m) | Outcome::TunnelError(m) if attempt < FILE_ATTEMPTS => {
-                    tracing::warn!("copy of {path}: {m}; again from its end (attempt {attempt})");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                Err(e) => {
+                    first_err.get_or_insert(anyhow::anyhow!("copy task: {e}"));
                 }
-                other => bail!("copying {path}: {} {}", other.label(), other.detail()),
             }
         }
-        let (size, sha256) = {
-            let full = full.clone();
-            tokio::task::spawn_blocking(move || sha256_file(&full)).await??
-        };
-        Ok((
-            ManifestFile {
-                path: path.to_string(),
-                size,
-                modified: time::OffsetDateTime::now_utc().unix_timestamp(),
-                sha256,
-            },
-            fetched,
-        ))
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((files, bytes)),
+        }
     }
 
     /// What `pg_basebackup -R` writes: `standby.signal`, and the connection and slot of the
@@ -388,6 +319,123 @@ impl Executor<'_> {
     }
 }
 
+/// The file streams of one copy: shared by its tasks.
+struct Fetcher {
+    open: super::OpenStream,
+    pump: pump::PumpOptions,
+    backup_id: u64,
+    data_dir: PathBuf,
+    journal: PathBuf,
+    queue: Mutex<VecDeque<String>>,
+    journal_lock: Mutex<()>,
+    done: Arc<Mutex<HashMap<String, ManifestFile>>>,
+}
+
+impl Fetcher {
+    /// Takes files off the queue until it is empty; (files, bytes) fetched.
+    async fn work(self: Arc<Self>) -> Result<(u64, u64)> {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        loop {
+            let Some(path) = self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            else {
+                return Ok((files, bytes));
+            };
+            let (m, fetched) = self.fetch_file(&path).await?;
+            let line = serde_json::to_string(&Journal::Done {
+                path: m.path.clone(),
+                size: m.size,
+                sha256: hex::encode(m.sha256),
+                modified: m.modified,
+            })?;
+            {
+                let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&self.journal)?;
+                writeln!(f, "{line}")?;
+                f.sync_data()?;
+            }
+            self.done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path, m);
+            files += 1;
+            bytes += fetched;
+        }
+    }
+
+    /// One file: fetched from its current length on (a verified prefix), retried across lost
+    /// connections; then fsynced and SHA-256'd for the manifest.
+    async fn fetch_file(&self, path: &str) -> Result<(ManifestFile, u64)> {
+        let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
+        let mut fetched = 0;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&full)
+                .await
+                .with_context(|| full.display().to_string())?;
+            let outcome = match (self.open)().await {
+                Ok((mut send, recv)) => {
+                    let mut out = BytesMut::new();
+                    out.extend_from_slice(&[StreamKind::File as u8]);
+                    FileHeader {
+                        backup_id,
+                        offset,
+                        path: path.to_string(),
+                    }
+                    .encode(&mut out);
+                    match send.write_all(&out).await {
+                        Ok(()) => {
+                            let local = LocalConn {
+                                reader: Box::new(tokio::io::empty()),
+                                writer: Box::new(file),
+                                abort_handle: None,
+                            };
+                            let r =
+                                pump::pump(local, send, recv, BytesMut::new(), &self.pump).await;
+                            fetched += r.received.raw_bytes;
+                            r.outcome
+                        }
+                        Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
+                    }
+                }
+                Err(e) => Outcome::ConnectionLost(format!("{e:#}")),
+            };
+            match outcome {
+                Outcome::Ok => break,
+                Outcome::ConnectionLost(m) | Outcome::TunnelError(m) if attempt < FILE_ATTEMPTS => {
+                    tracing::warn!("copy of {path}: {m}; again from its end (attempt {attempt})");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                other => bail!("copying {path}: {} {}", other.label(), other.detail()),
+            }
+        }
+        let (size, sha256) = {
+            let full = full.clone();
+            tokio::task::spawn_blocking(move || sha256_file(&full)).await??
+        };
+        Ok((
+            ManifestFile {
+                path: path.to_string(),
+                size,
+                modified: time::OffsetDateTime::now_utc().unix_timestamp(),
+                sha256,
+            },
+            fetched,
+        ))
+    }
+}
+
 /// Writes a small file of the copy (backup_label, tablespace_map) and its manifest entry.
 fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> {
     let p: PathBuf = data_dir.join(name);
@@ -424,28 +472,4 @@ fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
 
 fn hex_sha256(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
-}
-
-/// Runs the futures concurrently on this task; their results in order.
-async fn futures_join_all<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut pinned: Vec<_> = fs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("ready")).collect()
 }

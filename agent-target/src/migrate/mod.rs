@@ -37,8 +37,10 @@ use pgferry_common::migration::{Event, State};
 pub struct Executor<'a> {
     /// The control client of the tunnel up now (waiting, bounded, for one): requests after an
     /// outage go over the new connection.
-    pub control: &'a (dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<'static, Result<std::sync::Arc<ControlClient>>>
-             + Send
+    pub control: &'a (dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<
+        'static,
+        Result<std::sync::Arc<ControlClient>>,
+    > + Send
              + Sync),
     pub settings: &'a TargetSettings,
     pub migration: &'a str,
@@ -50,14 +52,19 @@ pub struct Executor<'a> {
     /// How long the tunnel holds forwarded connections through an outage (`resume_grace_secs`).
     pub outage_grace: Duration,
     /// Opens a data stream to the source agent (waiting, bounded, for the tunnel).
-    pub open_stream: &'a (dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<
-        'static,
-        Result<(quinn::SendStream, quinn::RecvStream)>,
-    > + Send
-             + Sync),
+    pub open_stream: OpenStream,
     /// The tunnel's stream settings.
     pub pump: &'a pgferry_common::runtime::pump::PumpOptions,
 }
+
+/// Opens a data stream to the source agent over the tunnel up now.
+pub type OpenStream = std::sync::Arc<
+    dyn Fn() -> pgferry_common::runtime::pump::BoxFuture<
+            'static,
+            Result<(quinn::SendStream, quinn::RecvStream)>,
+        > + Send
+        + Sync,
+>;
 
 /// `application_name` of the base backup's connections (`PGAPPNAME`), as the source's
 /// `pg_stat_replication` and the audit report show them.
