@@ -234,6 +234,60 @@ impl std::fmt::Debug for ActiveBackup {
     }
 }
 
+/// SHA-256 of files of backup `id` as they are now (only files of its plan).
+pub async fn digests(
+    shared: &SharedBackup,
+    id: u64,
+    paths: &[String],
+) -> Result<Vec<pgferry_common::control::FileDigest>> {
+    let (data_dir, paths) = {
+        let guard = shared.lock().await;
+        let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
+            bail!("no base copy {id:016x} is running on the source");
+        };
+        if let Some(p) = paths.iter().find(|p| !b.files.contains(*p)) {
+            bail!("{p:?} is not a file of base copy {id:016x}");
+        }
+        (b.data_dir.clone(), paths.to_vec())
+    };
+    tokio::task::spawn_blocking(move || {
+        paths
+            .into_iter()
+            .map(|path| {
+                let (size, sha256) =
+                    sha256_of(&data_dir.join(&path)).map_or((0, String::new()), |(n, s)| (n, s));
+                pgferry_common::control::FileDigest { path, size, sha256 }
+            })
+            .collect()
+    })
+    .await
+    .context("digest task")
+}
+
+/// Size and SHA-256 (hex) of a file.
+fn sha256_of(p: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    let hex: String = ctx
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((n, hex))
+}
+
 fn random_id() -> u64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];

@@ -77,6 +77,14 @@ pub async fn serve_requests(
                         .unwrap_or_else(|e| Response::Error {
                             message: format!("{e:#}"),
                         }),
+                    (control::Request::FileDigests { id, paths }, _) => {
+                        crate::backup::digests(&backup, *id, paths)
+                            .await
+                            .map(|digests| Response::FileDigests { digests })
+                            .unwrap_or_else(|e| Response::Error {
+                                message: format!("{e:#}"),
+                            })
+                    }
                     _ => {
                         let more = || -> ConnectFuture {
                             let cfg = cfg.clone();

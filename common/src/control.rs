@@ -316,6 +316,24 @@ pub enum Request {
     BackupStop {
         id: u64,
     },
+    /// SHA-256 of files of the running base copy `id` as they are now (a copy resumed in a new
+    /// backup session keeps the files that did not change).
+    FileDigests {
+        id: u64,
+        paths: Vec<String>,
+    },
+}
+
+/// Most paths one [`Request::FileDigests`] may name.
+pub const MAX_DIGEST_PATHS: usize = 1000;
+
+/// A file's size and SHA-256 (hex; empty when the file is gone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDigest {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
 }
 
 /// Ranges of one table to digest.
@@ -418,6 +436,9 @@ pub enum Response {
         label: String,
         tablespace_map: String,
         end_lsn: crate::migration::Lsn,
+    },
+    FileDigests {
+        digests: Vec<FileDigest>,
     },
     /// The request failed; the message says why and what to do.
     Error {
@@ -607,6 +628,15 @@ impl Request {
                     }) =>
             {
                 Err(format!("invalid backup label {label:?}"))
+            }
+            Request::FileDigests { paths, .. }
+                if paths.len() > MAX_DIGEST_PATHS
+                    || paths.iter().any(|p| p.is_empty() || p.len() > MAX_FILE_PATH) =>
+            {
+                Err(format!(
+                    "{} paths requested; at most {MAX_DIGEST_PATHS}, each 1..={MAX_FILE_PATH} bytes",
+                    paths.len()
+                ))
             }
             Request::Status { slot: Some(slot) } | Request::Dependents { slot }
                 if !valid_slot_name(slot) =>

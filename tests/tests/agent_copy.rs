@@ -377,3 +377,87 @@ fn measure_copy_methods() -> Result<()> {
     );
     Ok(())
 }
+
+/// The source agent killed (SIGKILL) in the middle of an agent copy: its backup session ends
+/// with it, and a table already copied changes before the next one starts. The same `clone`
+/// goes on: a new backup session, the files that are unchanged on the source (SHA-256 on both
+/// sides) kept, the rest fetched again; WAL replay from the new start makes the copy
+/// consistent, which the cutover's verification of every table checks.
+#[test]
+fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> {
+    let mut rig = MigrationRig::builder(120)
+        .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
+        .start()?;
+    let source_bytes: u64 = rig
+        .pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+        .parse()?;
+    let journal = rig.state_file.with_extension("copy.jsonl");
+    // The table to change: one whose first file is complete on the target before the kill.
+    let files: Vec<(String, String)> = ["ferry.orders", "ferry.docs"]
+        .iter()
+        .map(|t| {
+            let path = rig
+                .pg
+                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
+            anyhow::Ok((t.to_string(), path))
+        })
+        .collect::<Result<_>>()?;
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    let changed = wait_until(
+        "a table's file in the copy's journal",
+        Duration::from_secs(120),
+        || {
+            let j = std::fs::read_to_string(&journal).ok()?;
+            files
+                .iter()
+                .find(|(_, p)| j.contains(&format!("\"path\":\"{p}\"")))
+                .map(|(t, _)| t.clone())
+        },
+    )?;
+    assert!(
+        support::du(&rig.data_dir) < source_bytes,
+        "the copy is not over yet"
+    );
+    rig.kill_and_restart_source()?;
+    // Rows deleted: the table's first file changes.
+    rig.pg
+        .psql(&format!("DELETE FROM {changed} WHERE id % 5 = 0"))?;
+    eprintln!("changed {changed} between the sessions");
+    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
+        clone.try_wait().ok().flatten()
+    })?;
+    let text = clone.output();
+    assert!(status.success(), "{text}");
+    let delta = text
+        .lines()
+        .find(|l| l.contains("was lost") && l.contains("unchanged"))
+        .with_context(|| format!("no delta:\n{text}"))?;
+    eprintln!("{delta}");
+    // The changed file is not among the kept ones.
+    let (kept, of) = delta
+        .split(", ")
+        .find_map(|part| {
+            let mut w = part.split_whitespace();
+            let kept: u64 = w.next()?.parse().ok()?;
+            (w.next()? == "of").then_some(())?;
+            let _the = w.next()?;
+            Some((kept, w.next()?.parse::<u64>().ok()?))
+        })
+        .context("kept count")?;
+    assert!(kept < of, "{delta}");
+    assert!(text.contains("pg_verifybackup"), "{text}");
+    let tables = ["ferry.orders", "ferry.docs"];
+    let before: Vec<_> = tables
+        .iter()
+        .map(|t| table_digest(&rig.pg, t))
+        .collect::<Result<_>>()?;
+    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    for (table, theirs) in tables.iter().zip(before) {
+        let ours = table_digest_at(rig.dir.path(), rig.target_port, table)?;
+        assert_eq!(theirs, ours, "{table}");
+    }
+    Ok(())
+}

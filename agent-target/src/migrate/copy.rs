@@ -58,58 +58,34 @@ impl Executor<'_> {
     /// The agent-owned copy into the data directory; returns (files, bytes) fetched now.
     pub(super) async fn agent_copy(&self, slot: &str) -> Result<(u64, u64)> {
         let data_dir = self.data_dir()?.to_path_buf();
-        let label = format!("pgferry {}", self.migration);
-        let plan = match self.ask(Request::BackupStart { label }).await? {
-            Response::BackupStarted { plan } => plan,
-            other => bail!("unexpected answer {other:?}"),
-        };
         let journal = self.settings.state_file.with_extension("copy.jsonl");
-        let done = self.prepare_copy(&plan, &data_dir, &journal)?;
-        let files: Vec<_> = plan.entries.iter().filter(|e| !e.dir).collect();
-        let total: u64 = files.iter().map(|e| e.size).sum();
-        let todo: VecDeque<String> = files
-            .iter()
-            .filter(|e| !done.contains_key(&e.path) && e.path != "global/pg_control")
-            .map(|e| e.path.clone())
-            .collect();
-        (self.progress)(format!(
-            "agent copy: backup {:016x} from {}: {} file(s), {} MB; {} already here; {} stream(s)",
-            plan.id,
-            plan.start_lsn,
-            files.len(),
-            total / 1_000_000,
-            done.len(),
-            self.settings.copy_streams
-        ));
         let t = Instant::now();
-        let done = Arc::new(Mutex::new(done));
-        let fetched = self
-            .fetch_all(&plan, &data_dir, &journal, todo, done.clone())
-            .await?;
-        // pg_control last, as PostgreSQL's own base backup sends it.
-        let last = self
-            .fetch_all(
-                &plan,
-                &data_dir,
-                &journal,
-                VecDeque::from(["global/pg_control".to_string()]),
-                done.clone(),
-            )
-            .await?;
-        let (files_now, bytes_now) = (fetched.0 + last.0, fetched.1 + last.1);
-        let (label, map, end) = match self.ask(Request::BackupStop { id: plan.id }).await? {
-            Response::BackupStopped {
-                label,
-                tablespace_map,
-                end_lsn,
-            } => (label, tablespace_map, end_lsn),
-            other => bail!("unexpected answer {other:?}"),
+        let (mut files_now, mut bytes_now) = (0, 0);
+        let mut sessions = 0;
+        // A backup session lost on the source (its agent restarted) is replaced by a new one;
+        // the files that did not change are kept.
+        let (plan, done, (label, map, end)) = loop {
+            sessions += 1;
+            match self.copy_session(&data_dir, &journal).await {
+                Ok((plan, done, fetched, stopped)) => {
+                    files_now += fetched.0;
+                    bytes_now += fetched.1;
+                    break (plan, done, stopped);
+                }
+                Err((e, fetched)) if sessions < 3 && format!("{e:#}").contains("no base copy") => {
+                    files_now += fetched.0;
+                    bytes_now += fetched.1;
+                    (self.progress)(format!(
+                        "the source's backup session was lost ({e:#}); starting a new one"
+                    ));
+                }
+                Err((e, _)) => return Err(e),
+            }
         };
         let mut manifest: Vec<ManifestFile> = vec![write_small(&data_dir, "backup_label", &label)?];
         if !map.is_empty() {
             manifest.push(write_small(&data_dir, "tablespace_map", &map)?);
         }
-        let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
         manifest.extend(
             plan.entries
                 .iter()
@@ -147,70 +123,185 @@ impl Executor<'_> {
         Ok((files_now, bytes_now))
     }
 
-    /// The data directory and journal for `plan`: kept when the journal belongs to the same
-    /// backup session (resume), else started afresh. Returns the files already complete.
-    fn prepare_copy(
+    /// One backup session: started (or the running one), the data directory prepared, the
+    /// files it lacks fetched (pg_control last), stopped. On error, also what was fetched.
+    #[allow(clippy::type_complexity)]
+    async fn copy_session(
+        &self,
+        data_dir: &Path,
+        journal: &Path,
+    ) -> std::result::Result<
+        (
+            BackupPlan,
+            HashMap<String, ManifestFile>,
+            (u64, u64),
+            (String, String, pgferry_common::migration::Lsn),
+        ),
+        (anyhow::Error, (u64, u64)),
+    > {
+        let none = |e: anyhow::Error| (e, (0, 0));
+        let label = format!("pgferry {}", self.migration);
+        let plan = match self
+            .ask(Request::BackupStart { label })
+            .await
+            .map_err(none)?
+        {
+            Response::BackupStarted { plan } => plan,
+            other => return Err(none(anyhow::anyhow!("unexpected answer {other:?}"))),
+        };
+        let done = self
+            .prepare_copy(&plan, data_dir, journal)
+            .await
+            .map_err(none)?;
+        let files: Vec<_> = plan.entries.iter().filter(|e| !e.dir).collect();
+        let total: u64 = files.iter().map(|e| e.size).sum();
+        let todo: VecDeque<String> = files
+            .iter()
+            .filter(|e| !done.contains_key(&e.path) && e.path != "global/pg_control")
+            .map(|e| e.path.clone())
+            .collect();
+        (self.progress)(format!(
+            "agent copy: backup {:016x} from {}: {} file(s), {} MB; {} already here; {} stream(s)",
+            plan.id,
+            plan.start_lsn,
+            files.len(),
+            total / 1_000_000,
+            done.len(),
+            self.settings.copy_streams
+        ));
+        let done = Arc::new(Mutex::new(done));
+        let counted = Arc::new(Mutex::new((0u64, 0u64)));
+        let fetched = async {
+            self.fetch_all(
+                &plan,
+                data_dir,
+                journal,
+                todo,
+                done.clone(),
+                counted.clone(),
+            )
+            .await?;
+            // pg_control last, as PostgreSQL's own base backup sends it.
+            let last = VecDeque::from(["global/pg_control".to_string()]);
+            self.fetch_all(
+                &plan,
+                data_dir,
+                journal,
+                last,
+                done.clone(),
+                counted.clone(),
+            )
+            .await?;
+            match self.ask(Request::BackupStop { id: plan.id }).await? {
+                Response::BackupStopped {
+                    label,
+                    tablespace_map,
+                    end_lsn,
+                } => Ok((label, tablespace_map, end_lsn)),
+                other => bail!("unexpected answer {other:?}"),
+            }
+        }
+        .await;
+        let counted = *counted.lock().unwrap_or_else(|e| e.into_inner());
+        let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match fetched {
+            Ok(stopped) => Ok((plan, done, counted, stopped)),
+            Err(e) => Err((e, counted)),
+        }
+    }
+
+    /// The data directory and journal for `plan`. The journal's own session: its files are
+    /// kept (resume). Another session (the source's was lost): the files whose SHA-256 equals
+    /// the source's now are kept, every other file is removed (delta, see the module doc).
+    /// Returns the files already complete.
+    async fn prepare_copy(
         &self,
         plan: &BackupPlan,
         data_dir: &Path,
         journal: &Path,
     ) -> Result<HashMap<String, ManifestFile>> {
-        let mut done = HashMap::new();
-        let mut same = false;
-        if let Ok(text) = std::fs::read_to_string(journal) {
-            for line in text.lines() {
-                match serde_json::from_str::<Journal>(line) {
-                    Ok(Journal::Begin { backup_id }) => same = backup_id == plan.id,
-                    Ok(Journal::Done {
-                        path,
-                        size,
-                        sha256,
-                        modified,
-                    }) if same => {
-                        let mut sum = [0; 32];
-                        if hex::decode_to_slice(&sha256, &mut sum).is_ok() {
-                            done.insert(
-                                path.clone(),
-                                ManifestFile {
-                                    path,
-                                    size,
-                                    modified,
-                                    sha256: sum,
-                                },
-                            );
-                        }
-                    }
-                    // A line cut by a kill: ignored (that file is fetched again).
-                    _ => {}
-                }
+        let (previous, mut done) = read_journal(journal);
+        if previous == Some(plan.id) {
+            if !done.is_empty() {
+                (self.progress)(format!(
+                    "resuming the copy of backup {:016x}: {} file(s) already complete",
+                    plan.id,
+                    done.len()
+                ));
             }
-        }
-        if !same {
+        } else {
+            let had = done.len();
+            done = if had > 0 && data_dir.exists() {
+                self.unchanged(plan, done).await?
+            } else {
+                HashMap::new()
+            };
+            if let Some(prev) = previous.filter(|_| had > 0) {
+                (self.progress)(format!(
+                    "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept; the rest is fetched again",
+                    plan.id,
+                    done.len()
+                ));
+            }
             if data_dir.exists() {
-                std::fs::remove_dir_all(data_dir).with_context(|| {
-                    format!("clearing the partial copy in {}", data_dir.display())
-                })?;
+                remove_files_except(data_dir, &done)?;
             }
-            std::fs::write(
-                journal,
-                format!(
-                    "{}\n",
-                    serde_json::to_string(&Journal::Begin { backup_id: plan.id })?
-                ),
-            )?;
-            done.clear();
-        } else if !done.is_empty() {
-            (self.progress)(format!(
-                "resuming the copy of backup {:016x}: {} file(s) already complete",
-                plan.id,
-                done.len()
-            ));
+            let mut text = format!(
+                "{}\n",
+                serde_json::to_string(&Journal::Begin { backup_id: plan.id })?
+            );
+            for m in done.values() {
+                text.push_str(&serde_json::to_string(&journal_line(m))?);
+                text.push('\n');
+            }
+            std::fs::write(journal, text)?;
         }
         for e in plan.entries.iter().filter(|e| e.dir) {
             std::fs::create_dir_all(data_dir.join(&e.path))?;
         }
         std::fs::create_dir_all(data_dir.join("pg_wal/archive_status"))?;
         Ok(done)
+    }
+
+    /// Of the files complete in an earlier session, those still in the plan whose size and
+    /// SHA-256 equal the source's now.
+    async fn unchanged(
+        &self,
+        plan: &BackupPlan,
+        previous: HashMap<String, ManifestFile>,
+    ) -> Result<HashMap<String, ManifestFile>> {
+        let planned: std::collections::HashSet<&str> = plan
+            .entries
+            .iter()
+            .filter(|e| !e.dir)
+            .map(|e| e.path.as_str())
+            .collect();
+        let candidates: Vec<&ManifestFile> = previous
+            .values()
+            .filter(|m| planned.contains(m.path.as_str()))
+            .collect();
+        let mut kept = HashMap::new();
+        for batch in candidates.chunks(pgferry_common::control::MAX_DIGEST_PATHS) {
+            let digests = match self
+                .ask_within(
+                    Request::FileDigests {
+                        id: plan.id,
+                        paths: batch.iter().map(|m| m.path.clone()).collect(),
+                    },
+                    Duration::from_secs(600),
+                )
+                .await?
+            {
+                Response::FileDigests { digests } => digests,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            for (m, d) in batch.iter().zip(digests) {
+                if d.path == m.path && d.size == m.size && d.sha256 == hex::encode(m.sha256) {
+                    kept.insert(m.path.clone(), (*m).clone());
+                }
+            }
+        }
+        Ok(kept)
     }
 
     /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
@@ -222,7 +313,8 @@ impl Executor<'_> {
         journal: &Path,
         todo: VecDeque<String>,
         done: Arc<Mutex<HashMap<String, ManifestFile>>>,
-    ) -> Result<(u64, u64)> {
+        counted: Arc<Mutex<(u64, u64)>>,
+    ) -> Result<()> {
         let fetcher = Arc::new(Fetcher {
             open: self.open_stream.clone(),
             pump: self.pump.clone(),
@@ -236,12 +328,13 @@ impl Executor<'_> {
         let tasks: Vec<_> = (0..self.settings.copy_streams)
             .map(|_| tokio::spawn(fetcher.clone().work()))
             .collect();
-        let (mut files, mut bytes, mut first_err) = (0, 0, None);
+        let mut first_err = None;
         for t in tasks {
             match t.await {
                 Ok(Ok((f, b))) => {
-                    files += f;
-                    bytes += b;
+                    let mut c = counted.lock().unwrap_or_else(|e| e.into_inner());
+                    c.0 += f;
+                    c.1 += b;
                 }
                 Ok(Err(e)) => {
                     // The others stop at their next file.
@@ -259,7 +352,7 @@ impl Executor<'_> {
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok((files, bytes)),
+            None => Ok(()),
         }
     }
 
@@ -345,12 +438,7 @@ impl Fetcher {
                 return Ok((files, bytes));
             };
             let (m, fetched) = self.fetch_file(&path).await?;
-            let line = serde_json::to_string(&Journal::Done {
-                path: m.path.clone(),
-                size: m.size,
-                sha256: hex::encode(m.sha256),
-                modified: m.modified,
-            })?;
+            let line = serde_json::to_string(&journal_line(&m))?;
             {
                 let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
                 use std::io::Write;
@@ -434,6 +522,72 @@ impl Fetcher {
             fetched,
         ))
     }
+}
+
+fn journal_line(m: &ManifestFile) -> Journal {
+    Journal::Done {
+        path: m.path.clone(),
+        size: m.size,
+        sha256: hex::encode(m.sha256),
+        modified: m.modified,
+    }
+}
+
+/// The journal's last backup session and the files it completed (a line cut by a kill is
+/// ignored: that file is fetched again).
+fn read_journal(journal: &Path) -> (Option<u64>, HashMap<String, ManifestFile>) {
+    let (mut id, mut done) = (None, HashMap::new());
+    let Ok(text) = std::fs::read_to_string(journal) else {
+        return (id, done);
+    };
+    for line in text.lines() {
+        match serde_json::from_str::<Journal>(line) {
+            Ok(Journal::Begin { backup_id }) => {
+                id = Some(backup_id);
+                done.clear();
+            }
+            Ok(Journal::Done {
+                path,
+                size,
+                sha256,
+                modified,
+            }) => {
+                let mut sum = [0; 32];
+                if hex::decode_to_slice(&sha256, &mut sum).is_ok() {
+                    done.insert(
+                        path.clone(),
+                        ManifestFile {
+                            path,
+                            size,
+                            modified,
+                            sha256: sum,
+                        },
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    (id, done)
+}
+
+/// Removes every regular file under `dir` that `keep` does not name (partial files, files of
+/// an earlier session that changed or left the plan).
+fn remove_files_except(dir: &Path, keep: &HashMap<String, ManifestFile>) -> Result<()> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(dir.join(&rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                stack.push(path);
+            } else if !keep.contains_key(path.to_string_lossy().as_ref()) {
+                std::fs::remove_file(dir.join(&path))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes a small file of the copy (backup_label, tablespace_map) and its manifest entry.
