@@ -72,63 +72,14 @@ async fn source_stream(
 ) {
     let remote = pc.conn.remote_address();
     let mut buf = BytesMut::new();
-    let header = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let tag = pump::read_tag(&mut recv, &mut buf).await?;
-        match StreamKind::from_tag(tag) {
-            Some(StreamKind::Data) => {
-                pump::read_until(&mut recv, &mut buf, 128, StreamHeader::decode)
-                    .await
-                    .map(Opening::New)
-            }
-            Some(StreamKind::Resume) => {
-                pump::read_until(&mut recv, &mut buf, ResumeHeader::LEN, ResumeHeader::decode)
-                    .await
-                    .map(Opening::Resume)
-            }
-            Some(StreamKind::File) => {
-                pump::read_until(&mut recv, &mut buf, 18 + MAX_FILE_PATH, FileHeader::decode)
-                    .await
-                    .map(Opening::File)
-            }
-            _ => bail!("stream tag {tag} is not a data stream"),
-        }
-    })
-    .await;
+    let header = tokio::time::timeout(HELLO_TIMEOUT, read_opening(&mut recv, &mut buf)).await;
     let header = match header {
         Ok(Ok(Opening::New(h))) => h,
         Ok(Ok(Opening::File(h))) => {
-            // A file of the base copy: its bytes, chunked and checked like any stream. No
-            // audit record per file: the copy is recorded as a whole.
-            match crate::backup::open_file(&backup, h.backup_id, &h.path, h.offset).await {
-                Ok(local) => {
-                    let report = pump::pump(local, send, recv, buf, tunnel.pump_options()).await;
-                    if report.outcome != Outcome::Ok {
-                        warn!("base copy file {}: {}", h.path, report.outcome.detail());
-                    }
-                }
-                Err(e) => {
-                    let msg = format!("{e:#}");
-                    warn!("peer {remote}: refusing file {:?}: {msg}", h.path);
-                    pump::send_reset(&mut send, 0, ResetCode::Refused, &msg).await;
-                    let _ = recv.stop(pump::codes::PROTOCOL.into());
-                }
-            }
-            return;
+            return serve_file(&tunnel, &backup, h, pump::Streams { send, recv, buf }).await
         }
         Ok(Ok(Opening::Resume(h))) => {
-            let session = format!("{:016x}", h.session_id);
-            let streams = pump::Streams { send, recv, buf };
-            if let Err((msg, mut s)) = tunnel.resume_held(&h, &pc.peer.fingerprint, streams).await {
-                warn!("peer {remote}: refusing to resume: {msg}");
-                tunnel.audit_event(&StreamRefused {
-                    session_id: session,
-                    service: String::new(),
-                    reason: msg.clone(),
-                });
-                pump::send_reset(&mut s.send, 0, ResetCode::Refused, &msg).await;
-                let _ = s.recv.stop(pump::codes::PROTOCOL.into());
-            }
-            return;
+            return serve_resume(&tunnel, &pc, h, pump::Streams { send, recv, buf }).await
         }
         Ok(Err(e)) => {
             warn!("peer {remote}: bad data stream: {e:#}");
@@ -142,6 +93,16 @@ async fn source_stream(
             return;
         }
     };
+    serve_new(&tunnel, &pc, header, pump::Streams { send, recv, buf }).await;
+}
+
+/// A new forwarded connection: its service's upstream connected, then pumped (resumable).
+async fn serve_new(tunnel: &Tunnel, pc: &PeerConn, header: StreamHeader, streams: pump::Streams) {
+    let pump::Streams {
+        mut send,
+        mut recv,
+        buf,
+    } = streams;
     let session = format!("{:016x}", header.session_id);
     let Some(service) = tunnel
         .cfg()
@@ -217,6 +178,69 @@ async fn source_stream(
         _ => pump::pump(local, send, recv, buf, tunnel.pump_options()).await,
     };
     tunnel.record_closed(&session, &service.name, &report);
+}
+
+/// The tag and header that open a data stream.
+async fn read_opening(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Opening> {
+    let tag = pump::read_tag(recv, buf).await?;
+    match StreamKind::from_tag(tag) {
+        Some(StreamKind::Data) => pump::read_until(recv, buf, 128, StreamHeader::decode)
+            .await
+            .map(Opening::New),
+        Some(StreamKind::Resume) => {
+            pump::read_until(recv, buf, ResumeHeader::LEN, ResumeHeader::decode)
+                .await
+                .map(Opening::Resume)
+        }
+        Some(StreamKind::File) => {
+            pump::read_until(recv, buf, 18 + MAX_FILE_PATH, FileHeader::decode)
+                .await
+                .map(Opening::File)
+        }
+        _ => bail!("stream tag {tag} is not a data stream"),
+    }
+}
+
+/// A file of the base copy: its bytes, chunked and checked like any stream (only files of the
+/// running backup's plan). No audit record per file: the copy is recorded as a whole.
+async fn serve_file(
+    tunnel: &Tunnel,
+    backup: &crate::backup::SharedBackup,
+    h: FileHeader,
+    mut s: pump::Streams,
+) {
+    match crate::backup::open_file(backup, h.backup_id, &h.path, h.offset).await {
+        Ok(local) => {
+            let report = pump::pump(local, s.send, s.recv, s.buf, tunnel.pump_options()).await;
+            if report.outcome != Outcome::Ok {
+                warn!("base copy file {}: {}", h.path, report.outcome.detail());
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            warn!("refusing base copy file {:?}: {msg}", h.path);
+            pump::send_reset(&mut s.send, 0, ResetCode::Refused, &msg).await;
+            let _ = s.recv.stop(pump::codes::PROTOCOL.into());
+        }
+    }
+}
+
+/// A stream that continues a held connection: handed to it, or refused (audited).
+async fn serve_resume(tunnel: &Tunnel, pc: &PeerConn, h: ResumeHeader, streams: pump::Streams) {
+    let session = format!("{:016x}", h.session_id);
+    if let Err((msg, mut s)) = tunnel.resume_held(&h, &pc.peer.fingerprint, streams).await {
+        warn!(
+            "peer {}: refusing to resume: {msg}",
+            pc.conn.remote_address()
+        );
+        tunnel.audit_event(&StreamRefused {
+            session_id: session,
+            service: String::new(),
+            reason: msg.clone(),
+        });
+        pump::send_reset(&mut s.send, 0, ResetCode::Refused, &msg).await;
+        let _ = s.recv.stop(pump::codes::PROTOCOL.into());
+    }
 }
 
 /// How a data stream opens.

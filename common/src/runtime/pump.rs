@@ -325,7 +325,7 @@ pub async fn pump_resumable(
     };
     let mut inn = In::default();
     let mut resumptions = 0;
-    let outcome = 'stream: loop {
+    let outcome = loop {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (out_end, in_res) = {
             let outbound = out.run(&mut reader, &mut send, &mut sent, &chans, cancel_rx);
@@ -349,70 +349,25 @@ pub async fn pump_resumable(
         };
         // The connection under the stream is gone: hold the local connection and wait for a
         // new stream, as long as the agent allows.
-        let lost = Instant::now();
         let cause = cause.clone();
-        loop {
-            let new = match r.reattach().await {
-                Ok(new) => new,
-                Err(why) => {
-                    break 'stream Outcome::TunnelError(format!("{cause}; not resumed: {why}"))
-                }
-            };
-            (send, recv, inbound_buf) = (new.send, new.recv, new.buf);
-            match resume(
-                &mut send,
-                &mut recv,
-                &mut inbound_buf,
-                &mut out,
-                &inn,
-                &sent,
-                &received,
-            )
-            .await
-            {
-                Ok(mut done) => {
-                    done.gap_ms = lost.elapsed().as_millis() as u64;
-                    done.cause = cause.clone();
-                    resumptions += 1;
-                    r.resumed(&done);
-                    break;
-                }
-                // Lost again before it could resume: wait for the next connection.
-                Err(Outcome::ConnectionLost(_)) => continue,
-                Err(other) => break 'stream other,
-            }
+        let mut cur = Streams {
+            send,
+            recv,
+            buf: inbound_buf,
+        };
+        let resumed =
+            reattach_and_resume(r, &cause, &mut cur, &mut out, &inn, &sent, &received).await;
+        Streams {
+            send,
+            recv,
+            buf: inbound_buf,
+        } = cur;
+        match resumed {
+            Ok(()) => resumptions += 1,
+            Err(end) => break end,
         }
     };
-    match &outcome {
-        Outcome::Ok => {
-            let _ = send.finish();
-            // Wait until the peer has everything we sent (or gave up) so a FIN is never cut off
-            // by the connection closing right after.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), send.stopped()).await;
-        }
-        Outcome::IntegrityFailure(m) | Outcome::ProtocolViolation(m) => {
-            let code = if matches!(outcome, Outcome::IntegrityFailure(_)) {
-                ResetCode::IntegrityFailure
-            } else {
-                ResetCode::ProtocolViolation
-            };
-            send_reset(&mut send, sent.next_seq(), code, m).await;
-            let c = if code == ResetCode::IntegrityFailure {
-                codes::INTEGRITY
-            } else {
-                codes::PROTOCOL
-            };
-            let _ = recv.stop(c.into());
-        }
-        Outcome::LocalError(m) => {
-            send_reset(&mut send, sent.next_seq(), ResetCode::UpstreamReset, m).await;
-            let _ = recv.stop(codes::LOCAL.into());
-        }
-        Outcome::PeerReset { .. } | Outcome::TunnelError(_) | Outcome::ConnectionLost(_) => {
-            let _ = send.reset(codes::DONE.into());
-            let _ = recv.stop(codes::DONE.into());
-        }
-    }
+    end_stream(&outcome, &mut send, &mut recv, sent.next_seq()).await;
     let local = LocalConn {
         reader,
         writer,
@@ -429,6 +384,87 @@ pub async fn pump_resumable(
         received,
         started,
         resumptions,
+    }
+}
+
+/// After the connection under a stream was lost: new streams from `r` until one resumes
+/// (`cur` is then the resumed stream), or the final outcome.
+async fn reattach_and_resume(
+    r: &mut dyn Reattach,
+    cause: &str,
+    cur: &mut Streams,
+    out: &mut Out,
+    inn: &In,
+    sent: &DirectionStats,
+    received: &DirectionStats,
+) -> Result<(), Outcome> {
+    let lost = Instant::now();
+    loop {
+        *cur = r
+            .reattach()
+            .await
+            .map_err(|why| Outcome::TunnelError(format!("{cause}; not resumed: {why}")))?;
+        match resume(
+            &mut cur.send,
+            &mut cur.recv,
+            &mut cur.buf,
+            out,
+            inn,
+            sent,
+            received,
+        )
+        .await
+        {
+            Ok(mut done) => {
+                done.gap_ms = lost.elapsed().as_millis() as u64;
+                done.cause = cause.to_string();
+                r.resumed(&done);
+                return Ok(());
+            }
+            // Lost again before it could resume: wait for the next connection.
+            Err(Outcome::ConnectionLost(_)) => continue,
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// Ends both halves of the stream as `outcome` says: FIN done and waited for, or RESET with
+/// the reason.
+async fn end_stream(
+    outcome: &Outcome,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    next_seq: u64,
+) {
+    match outcome {
+        Outcome::Ok => {
+            let _ = send.finish();
+            // Wait until the peer has everything we sent (or gave up) so a FIN is never cut off
+            // by the connection closing right after.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), send.stopped()).await;
+        }
+        Outcome::IntegrityFailure(m) | Outcome::ProtocolViolation(m) => {
+            let code = if matches!(outcome, Outcome::IntegrityFailure(_)) {
+                ResetCode::IntegrityFailure
+            } else {
+                ResetCode::ProtocolViolation
+            };
+            send_reset(send, next_seq, code, m).await;
+            let c = if code == ResetCode::IntegrityFailure {
+                codes::INTEGRITY
+            } else {
+                codes::PROTOCOL
+            };
+            let _ = recv.stop(c.into());
+        }
+        Outcome::LocalError(m) => {
+            send_reset(send, next_seq, ResetCode::UpstreamReset, m).await;
+            let _ = recv.stop(codes::LOCAL.into());
+        }
+        Outcome::PeerReset { .. } | Outcome::TunnelError(_) | Outcome::ConnectionLost(_) => {
+            let _ = send.reset(codes::DONE.into());
+            let _ = recv.stop(codes::DONE.into());
+        }
     }
 }
 
