@@ -72,7 +72,7 @@ pub struct TargetSection {
     /// or `agent` (the agents copy the files themselves over parallel streams, resumable
     /// file by file; see the README).
     pub copy_method: Option<String>,
-    /// Parallel file streams of the agent copy (default: the number of cores, at least 2).
+    /// Parallel file streams of the agent copy (default: the number of cores, at least 8).
     pub copy_streams: Option<usize>,
 }
 
@@ -227,9 +227,12 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
                 anyhow::bail!("[target] copy_method {other:?}: use \"pg_basebackup\" or \"agent\"")
             }
         },
+        // Most files are small: more streams than cores hide each file's round trips
+        // (measured on 2 cores: 2 streams 1.33×, 8 streams 1.06–1.12×, 16 streams 1.20× the
+        // time of pg_basebackup).
         copy_streams: s
             .copy_streams
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(8, |n| n.get().max(8)))
             .clamp(1, 64),
     };
     if let Some(h) = &settings.hba_file {

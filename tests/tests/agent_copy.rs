@@ -350,10 +350,12 @@ fn measure_copy_methods() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300);
     let mut secs = Vec::new();
-    for (name, config) in [
-        ("pg_basebackup", ""),
-        ("agent", "copy_method = \"agent\"\n"),
-    ] {
+    // `PGFERRY_COPY_STREAMS` sets the agent copy's streams (default: its own default).
+    let agent = match std::env::var("PGFERRY_COPY_STREAMS") {
+        Ok(n) => format!("copy_method = \"agent\"\ncopy_streams = {n}\n"),
+        Err(_) => "copy_method = \"agent\"\n".to_string(),
+    };
+    for (name, config) in [("pg_basebackup", ""), ("agent", agent.as_str())] {
         let rig = MigrationRig::builder(mb).target_config(config).start()?;
         let t = std::time::Instant::now();
         let (ok, out) = rig.cmd("clone", &[]);

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!   BackupStart(label) ─► plan: directories, files (pg_control last), start LSN
-//!   N workers: File(id, path, offset) stream ─► data_dir/path (append) ─► fsync ─► SHA-256
-//!              ─► journal line {path, size, sha256}                      (skipped when journaled)
+//!   N workers: File(id, path, offset) stream ─► data_dir/path (append, SHA-256 as written)
+//!              ─► fsync ─► journal line {path, size, sha256}             (skipped when journaled)
 //!   pg_control ─► BackupStop ─► backup_label, tablespace_map ─► backup_manifest
 //!   ─► standby.signal, primary_conninfo, primary_slot_name ─► pg_verifybackup --no-parse-wal
 //! ```
@@ -463,14 +463,22 @@ impl Fetcher {
         let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
         let mut fetched = 0;
         let mut attempt = 0;
+        // A file fetched from its start in this run is SHA-256'd as it is written (every try,
+        // whatever its length, continues the same hash); one begun by an earlier run is read
+        // back at the end.
+        let fresh = std::fs::metadata(&full).map_or(true, |m| m.len() == 0);
+        let hash = fresh.then(|| {
+            Arc::new(Mutex::new(ring::digest::Context::new(
+                &ring::digest::SHA256,
+            )))
+        });
         loop {
             attempt += 1;
             let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
-            let file = tokio::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&full)
-                .await
                 .with_context(|| full.display().to_string())?;
             let outcome = match (self.open)().await {
                 Ok((mut send, recv)) => {
@@ -486,7 +494,10 @@ impl Fetcher {
                         Ok(()) => {
                             let local = LocalConn {
                                 reader: Box::new(tokio::io::empty()),
-                                writer: Box::new(file),
+                                writer: Box::new(FileWriter {
+                                    file,
+                                    hash: hash.clone(),
+                                }),
                                 abort_handle: None,
                             };
                             let r =
@@ -510,7 +521,18 @@ impl Fetcher {
         }
         let (size, sha256) = {
             let full = full.clone();
-            tokio::task::spawn_blocking(move || sha256_file(&full)).await??
+            let hash = hash.map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            tokio::task::spawn_blocking(move || match hash {
+                Some(h) => {
+                    let f = std::fs::File::open(&full)?;
+                    f.sync_all()?;
+                    let mut sum = [0; 32];
+                    sum.copy_from_slice(h.finish().as_ref());
+                    Ok::<_, anyhow::Error>((f.metadata()?.len(), sum))
+                }
+                None => sha256_file(&full),
+            })
+            .await??
         };
         Ok((
             ManifestFile {
@@ -521,6 +543,46 @@ impl Fetcher {
             },
             fetched,
         ))
+    }
+}
+
+/// A file of the copy being written. Each write reaches the file (the page cache) before it
+/// is reported done, so the file's length is exactly what was delivered when a stream fails
+/// and the next try starts from there; with `hash`, the bytes are SHA-256'd as written. (A
+/// local write of at most one chunk, done in place on the runtime's thread.)
+struct FileWriter {
+    file: std::fs::File,
+    hash: Option<Arc<Mutex<ring::digest::Context>>>,
+}
+
+impl tokio::io::AsyncWrite for FileWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::io::Write;
+        let r = self.file.write(buf);
+        if let (Ok(n), Some(h)) = (&r, &self.hash) {
+            h.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .update(&buf[..*n]);
+        }
+        std::task::Poll::Ready(r)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
