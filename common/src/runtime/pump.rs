@@ -556,6 +556,7 @@ async fn resume(
         .resend_from(send, peer_expected, sent.next_seq())
         .await?;
     out.last_acked = we_expected;
+    out.acks_stopped = false;
     Ok(Resumption {
         gap_ms: 0,
         cause: String::new(),
@@ -626,6 +627,8 @@ struct Out {
     fin_sent: bool,
     /// Resumable: frames kept until acknowledged.
     keep: bool,
+    /// The peer stopped reading after our FIN (its pump ended): no more ACKs on this stream.
+    acks_stopped: bool,
     /// Sent, unacknowledged frames: sequence number (a FIN has the number after the last
     /// chunk), header, payload.
     unacked: VecDeque<(u64, Bytes, Bytes)>,
@@ -643,6 +646,7 @@ impl Out {
             eof: false,
             fin_sent: false,
             keep,
+            acks_stopped: false,
             unacked: VecDeque::new(),
             unacked_bytes: 0,
         })
@@ -778,12 +782,24 @@ impl Out {
                 },
                 _ = ack_rx.changed() => {
                     let next = *ack_rx.borrow_and_update();
-                    if next >= self.last_acked + ACK_EVERY || (self.keep && *in_done_rx.borrow()) {
+                    // Once the peer's FIN is here nothing is left to acknowledge (a resumed
+                    // stream opens with its own ACK).
+                    if *in_done_rx.borrow() || self.acks_stopped {
+                        continue;
+                    }
+                    if next >= self.last_acked + ACK_EVERY {
                         self.last_acked = next;
                         self.scratch.clear();
                         Frame::Ack { next_seq: next }.encode(&mut self.scratch);
                         if let Err(e) = send.write_all(&self.scratch).await {
-                            return OutboundEnd::Failed(write_failed("sending", e));
+                            let failed = write_failed("sending", e);
+                            if self.fin_sent && !matches!(failed, Outcome::ConnectionLost(_)) {
+                                // The peer has all of ours and its pump ended (it stopped
+                                // reading): its FIN is on the way; no more ACKs.
+                                self.acks_stopped = true;
+                                continue;
+                            }
+                            return OutboundEnd::Failed(failed);
                         }
                     }
                 }
