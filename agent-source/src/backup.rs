@@ -255,37 +255,16 @@ pub async fn digests(
             .into_iter()
             .map(|path| {
                 let (size, sha256) =
-                    sha256_of(&data_dir.join(&path)).map_or((0, String::new()), |(n, s)| (n, s));
+                    pgferry_common::runtime::digest::sha256_file(&data_dir.join(&path))
+                        .map_or((0, String::new()), |(n, s)| {
+                            (n, s.iter().map(|b| format!("{b:02x}")).collect())
+                        });
                 pgferry_common::control::FileDigest { path, size, sha256 }
             })
             .collect()
     })
     .await
     .context("digest task")
-}
-
-/// Size and SHA-256 (hex) of a file.
-fn sha256_of(p: &Path) -> std::io::Result<(u64, String)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        ctx.update(&buf[..k]);
-        n += k as u64;
-    }
-    let hex: String = ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((n, hex))
 }
 
 fn random_id() -> u64 {

@@ -250,6 +250,25 @@ fn a_copy_by_postgresqls_rules_verifies_and_runs_as_a_standby() -> Result<()> {
     result
 }
 
+/// `cutover --all-tables` (every table verified), then the new cluster's tables are the
+/// source's as they were before it (no writer runs; the cutover fences the source, so its
+/// tables are read first).
+fn cutover_keeps_the_tables(rig: &MigrationRig) -> Result<()> {
+    let tables = ["ferry.orders", "ferry.docs"];
+    let before: Vec<_> = tables
+        .iter()
+        .map(|t| table_digest(&rig.pg, t))
+        .collect::<Result<_>>()?;
+    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("NOT VERIFIED"), "{out}");
+    for (table, theirs) in tables.iter().zip(before) {
+        let ours = table_digest_at(rig.dir.path(), rig.target_port, table)?;
+        assert_eq!(theirs, ours, "{table}");
+    }
+    Ok(())
+}
+
 /// `[target] copy_method = "agent"` through the tunnel, with a writer on the source: the clone
 /// passes pg_verifybackup, the standby streams, the cutover verifies every table and every
 /// committed write is on the new cluster.
@@ -323,19 +342,7 @@ fn an_agent_copy_resumes_after_the_target_is_killed() -> Result<()> {
     );
     // No writes here: the source's tables now are the ones to find after the cutover (which
     // fences the source, so they are read first).
-    let tables = ["ferry.orders", "ferry.docs"];
-    let before: Vec<_> = tables
-        .iter()
-        .map(|t| table_digest(&rig.pg, t))
-        .collect::<Result<_>>()?;
-    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
-    assert!(ok, "{out}");
-    assert!(!out.contains("NOT VERIFIED"), "{out}");
-    for (table, theirs) in tables.iter().zip(before) {
-        let ours = table_digest_at(rig.dir.path(), rig.target_port, table)?;
-        assert_eq!(theirs, ours, "{table}");
-    }
-    Ok(())
+    cutover_keeps_the_tables(&rig)
 }
 
 /// A measurement, not a check (`cargo test --release --test agent_copy -- --ignored
@@ -454,17 +461,5 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
         .context("kept count")?;
     assert!(kept < of, "{delta}");
     assert!(text.contains("pg_verifybackup"), "{text}");
-    let tables = ["ferry.orders", "ferry.docs"];
-    let before: Vec<_> = tables
-        .iter()
-        .map(|t| table_digest(&rig.pg, t))
-        .collect::<Result<_>>()?;
-    let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
-    assert!(ok, "{out}");
-    assert!(!out.contains("NOT VERIFIED"), "{out}");
-    for (table, theirs) in tables.iter().zip(before) {
-        let ours = table_digest_at(rig.dir.path(), rig.target_port, table)?;
-        assert_eq!(theirs, ours, "{table}");
-    }
-    Ok(())
+    cutover_keeps_the_tables(&rig)
 }

@@ -388,25 +388,9 @@ impl Executor<'_> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))?;
         if let (Some(user), true) = (&self.settings.os_user, super::running_as_root()) {
-            let st = tokio::process::Command::new("chown")
-                .arg("-R")
-                .arg(format!("{user}:"))
-                .arg(data_dir)
-                .status()
-                .await?;
-            if !st.success() {
-                bail!("chown -R {user} {} failed", data_dir.display());
-            }
+            super::chown(user, data_dir, true).await?;
             // The standby's log goes beside the data directory, as with pg_basebackup.
-            let parent = data_dir.parent().unwrap_or(Path::new("/"));
-            let st = tokio::process::Command::new("chown")
-                .arg(user)
-                .arg(parent)
-                .status()
-                .await?;
-            if !st.success() {
-                bail!("chown {user} {} failed", parent.display());
-            }
+            super::chown(user, data_dir.parent().unwrap_or(Path::new("/")), false).await?;
         }
         Ok(())
     }
@@ -654,12 +638,12 @@ fn remove_files_except(dir: &Path, keep: &HashMap<String, ManifestFile>) -> Resu
 
 /// Writes a small file of the copy (backup_label, tablespace_map) and its manifest entry.
 fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> {
-    let p: PathBuf = data_dir.join(name);
-    std::fs::write(&p, text)?;
-    let (size, sha256) = sha256_file(&p)?;
+    std::fs::write(data_dir.join(name), text)?;
+    let mut sha256 = [0; 32];
+    sha256.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref());
     Ok(ManifestFile {
         path: name.to_string(),
-        size,
+        size: text.len() as u64,
         modified: time::OffsetDateTime::now_utc().unix_timestamp(),
         sha256,
     })
@@ -667,23 +651,10 @@ fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> 
 
 /// fsync, then size and SHA-256 of a file.
 fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).with_context(|| p.display().to_string())?;
-    f.sync_all()?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = f.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        ctx.update(&buf[..k]);
-        n += k as u64;
-    }
-    let mut sum = [0; 32];
-    sum.copy_from_slice(ctx.finish().as_ref());
-    Ok((n, sum))
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .and_then(|()| pgferry_common::runtime::digest::sha256_file(p))
+        .with_context(|| p.display().to_string())
 }
 
 fn hex_sha256(b: &[u8]) -> String {

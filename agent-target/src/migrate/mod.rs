@@ -380,15 +380,7 @@ impl Executor<'_> {
         }
         if let (Some(user), true) = (&self.settings.os_user, running_as_root()) {
             // pg_basebackup (running as that user) must be able to create the directory.
-            let parent = data_dir.parent().unwrap_or(Path::new("/"));
-            let st = tokio::process::Command::new("chown")
-                .arg(user)
-                .arg(parent)
-                .status()
-                .await?;
-            if !st.success() {
-                bail!("chown {user} {} failed", parent.display());
-            }
+            chown(user, data_dir.parent().unwrap_or(Path::new("/")), false).await?;
         }
         let (host, port) = &self.local;
         (self.progress)(format!(
@@ -587,6 +579,23 @@ fn tool_processes_on(data_dir: &Path) -> Vec<i32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// `chown [-R] user path` (the agent runs as root; PostgreSQL as `user`).
+async fn chown(user: &str, path: &Path, recursive: bool) -> Result<()> {
+    let mut cmd = tokio::process::Command::new("chown");
+    if recursive {
+        cmd.arg("-R");
+    }
+    let st = cmd.arg(user).arg(path).status().await?;
+    if !st.success() {
+        bail!(
+            "chown {}{user} {} failed",
+            if recursive { "-R " } else { "" },
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn running_as_root() -> bool {

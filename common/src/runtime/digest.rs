@@ -3,6 +3,7 @@
 //!
 //! - Whole tables, ordered by primary key ([`table_digests`]): the cutover's
 //!   `--verify-at-fence` method, and PostgreSQL below 14.
+//! - A file's SHA-256 ([`sha256_file`]), for the agent copy.
 //! - Block ranges by TID range scans ([`block_digests`], see [`crate::verify`]): the pre-pass
 //!   before the fence and the remainder at the fence.
 
@@ -16,6 +17,26 @@ use futures_util::StreamExt;
 use tokio_postgres::Client;
 
 use crate::control::{BlockRanges, TableBlocks, TableDigest};
+
+/// Size and SHA-256 of a file, read through once (the agent copy's manifest and its delta).
+pub fn sha256_file(p: &std::path::Path) -> std::io::Result<(u64, [u8; 32])> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        ctx.update(&buf[..k]);
+        n += k as u64;
+    }
+    let mut sum = [0; 32];
+    sum.copy_from_slice(ctx.finish().as_ref());
+    Ok((n, sum))
+}
 
 /// Opens one more connection to the same cluster (for digests in parallel).
 pub type Connect<'a> = &'a (dyn Fn() -> ConnectFuture + Send + Sync);
