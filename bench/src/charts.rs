@@ -32,10 +32,16 @@ pub fn render(results: &Value, out_dir: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("while creating {}", out_dir.display()))?;
     let mut written = Vec::new();
     type Chart = fn(&Value, &Path) -> Result<bool>;
+    // The path run's results carry a `path`; its lag chart gets its own name.
+    let wal_chart = if results["path"].is_object() {
+        "path-wal-lag.png"
+    } else {
+        "wal-lag.png"
+    };
     let charts: [(&str, Chart); 4] = [
         ("basebackup.png", basebackup),
         ("streams.png", streams),
-        ("wal-lag.png", wal_lag),
+        (wal_chart, wal_lag),
         ("path-run.png", path_run),
     ];
     for (name, chart) in charts {
@@ -320,9 +326,21 @@ fn wal_lag(r: &Value, path: &Path) -> Result<bool> {
         .map(|s| s.t)
         .fold(load_s, f64::max)
         .max(1.0);
-    let link = links(r)
-        .find(|l| l["label"] == "limited")
-        .map_or("the limited link".to_string(), link_name);
+    let p = &r["path"];
+    let link = if p.is_object() {
+        format!(
+            "{} ms RTT, {} Mbit/s, {}% loss",
+            p["rtt_ms"],
+            p["rate_mbit"],
+            rows(&r["wal"])
+                .next()
+                .map_or(Value::Null, |w| w["loss_percent"].clone())
+        )
+    } else {
+        links(r)
+            .find(|l| l["label"] == "limited")
+            .map_or("the limited link".to_string(), link_name)
+    };
     let root = BitMapBackend::new(path, (WIDTH, 680)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
@@ -513,6 +531,12 @@ fn color(contender: &str) -> RGBColor {
         "ssh -L" => RGBColor(50, 110, 190),
         "ssh -C -L" => RGBColor(120, 170, 225),
         "server-zstd via ssh -L" => RGBColor(130, 90, 175),
+        // The path cases' contenders.
+        "ssh -L CUBIC" => RGBColor(120, 170, 225),
+        "ssh -L BBR" => RGBColor(50, 110, 190),
+        "pgferry cubic" => RGBColor(230, 115, 20),
+        "pgferry bbr" => RGBColor(190, 60, 70),
+        "pgferry newreno" => RGBColor(110, 110, 40),
         other => {
             const SPARE: [RGBColor; 4] = [
                 RGBColor(40, 150, 90),

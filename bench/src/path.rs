@@ -20,6 +20,9 @@
 //! 2. Fairness on the lossless path: a pgferry stream (BBR, then CUBIC) and an `ssh -L` stream
 //!    (CUBIC) of incompressible bytes read at the same time for `--fairness-secs`; each flow's
 //!    share.
+//! 3. WAL on the lossiest path: a standby through `ssh -L` BBR and one through each of pgferry
+//!    cubic (the default) and bbr, each under a write load of 1.5× the link (`--wal-mb-per-s`)
+//!    for `--wal-secs`; the lag once a second, its p99, the drain.
 //!
 //! Writes `path-run.json`, `path-run.md` and `path-run.png` to `--out`.
 
@@ -211,13 +214,14 @@ pub fn run(o: &Args) -> Result<()> {
         pg_password: &pg.password,
     };
     // Measurements, then a teardown that runs whatever they returned.
-    let measured = (|| -> Result<(Vec<Value>, Vec<Value>)> {
+    let measured = (|| -> Result<(Vec<Value>, Vec<Value>, Vec<Value>)> {
         let cases = m.basebackups(&mut contenders, &mut tunnels)?;
         let fairness = m.fairness(&tunnels, &ferries, stream_port)?;
-        Ok((cases, fairness))
+        let wal = m.wal(&contenders, &pg)?;
+        Ok((cases, fairness, wal))
     })();
     close_ssh_tunnels(&net, rtt_ms, tunnels, &sshd)?;
-    let (cases, fairness) = measured?;
+    let (cases, fairness, wal) = measured?;
 
     std::fs::create_dir_all(&o.out)?;
     for f in &ferries {
@@ -248,6 +252,7 @@ pub fn run(o: &Args) -> Result<()> {
         "ping_rtt": ping_rtt,
         "basebackup": cases,
         "fairness": fairness,
+        "wal": wal,
     });
     write_results(&results, &o.out)
 }
@@ -530,6 +535,53 @@ impl Measure<'_> {
         Ok(fairness)
     }
 
+    /// WAL streaming on the lossiest path (`--loss`'s largest): a standby through `ssh -L`
+    /// BBR and one through each of pgferry cubic and bbr, made across a lossless path, then each under a write
+    /// load aiming at 1.5× the link (or `--wal-mb-per-s`) for `--wal-secs`, lag sampled once a
+    /// second. Empty with `--wal-secs 0`.
+    fn wal(&self, contenders: &[Contender], pg: &PgCluster) -> Result<Vec<Value>> {
+        let (o, net) = (self.o, self.net);
+        if o.wal_secs == 0 {
+            return Ok(Vec::new());
+        }
+        let loss = o.loss.iter().copied().fold(0.0, f64::max);
+        let setup = Emulator::start(net, self.rtt_ms, 0.0, 11, 1200)?;
+        let mut standbys = Vec::new();
+        for name in ["ssh -L BBR", "pgferry cubic", "pgferry bbr"] {
+            let c = contenders
+                .iter()
+                .find(|c| c.name == name)
+                .with_context(|| format!("no contender {name}"))?;
+            standbys.push(crate::make_standby(
+                self.dir.path(),
+                &net.b,
+                name,
+                c.port,
+                self.pg_password,
+            )?);
+        }
+        setup.stop()?;
+        let rate = o.wal_mb_per_s.unwrap_or(1.5 * f64::from(o.rate) / 8.0);
+        println!(
+            "\n== WAL streaming: {} ms RTT, {} Mbit/s, {loss}% random loss, load aiming at \
+             {rate:.1} MB/s of WAL for {} s",
+            self.rtt_ms, o.rate, o.wal_secs
+        );
+        let mut wal = Vec::new();
+        for (i, s) in standbys.iter().enumerate() {
+            let emulator = Emulator::start(net, self.rtt_ms, loss, 20 + i as u64, 1200)?;
+            wait_link_quiet(net)?;
+            let mut row = crate::wal_lag(pg, &net.b, s, rate, o.wal_secs)?;
+            row["loss_percent"] = json!(loss);
+            row["emulator"] = emulator.stop()?;
+            wal.push(row);
+        }
+        for s in &standbys {
+            let _ = pg.psql(&format!("SELECT pg_drop_replication_slot('{}')", s.slot));
+        }
+        Ok(wal)
+    }
+
     /// One fairness run under its own lossless emulator: `challenger` (its stream at `port`)
     /// and the CUBIC `ssh -L` stream (`ssh_stream`) read at once for `--fairness-secs`; each
     /// flow's bytes, rate and share.
@@ -741,6 +793,34 @@ fn markdown(r: &Value) -> String {
     s.push_str(&median_table(r, limit));
     s.push_str(&measurements_table(r, limit));
     s.push_str(&fairness_table(r));
+    s.push_str(&wal_table(r));
+    s
+}
+
+/// The WAL part: each standby's lag under the write load on the lossy path.
+fn wal_table(r: &Value) -> String {
+    let Some(rows) = r["wal"].as_array().filter(|w| !w.is_empty()) else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\n### WAL streaming under a write load, {}% random loss\n\n| via | WAL written (MB/s) | \
+         lag p99 (s) | max lag (MB) | drain after the load (s) | dropped (random) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+        rows[0]["loss_percent"]
+    );
+    for x in rows {
+        s.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.0} | {} | {} |\n",
+            x["contender"].as_str().unwrap_or("?"),
+            x["wal_mb_per_s"].as_f64().unwrap_or(0.0),
+            x["lag_p99_s"].as_f64().unwrap_or(0.0),
+            x["lag_max_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+            x["drain_s"]
+                .as_f64()
+                .map_or("> 300".to_string(), |d| format!("{d:.1}")),
+            x["emulator"]["dropped_random"]
+        ));
+    }
     s
 }
 

@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Role;
 
 /// The control protocol version this build speaks. A peer with another version is refused with
-/// a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// a message naming both versions. 2: a DATA chunk's digest covers the direction up to it
+/// ([`crate::frame::PrefixHasher`]); 1 hashed each chunk alone.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The ALPN protocol id of the QUIC connection; a peer that does not offer it fails the handshake.
 pub const ALPN: &[u8] = b"pgferry/1";
@@ -846,9 +847,9 @@ mod tests {
         let mut other = hello(Role::Target);
         other.migration = "m2".into();
         assert!(ours.check_peer(&other).unwrap_err().contains("migration"));
-        let mut v2 = hello(Role::Target);
-        v2.protocol_version = 2;
-        assert!(ours.check_peer(&v2).unwrap_err().contains("version 2"));
+        let mut v1 = hello(Role::Target);
+        v1.protocol_version = 1;
+        assert!(ours.check_peer(&v1).unwrap_err().contains("version 1"));
     }
 
     #[test]

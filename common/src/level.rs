@@ -1,9 +1,11 @@
 //! The sender's zstd level control (pure: it takes the time as input). Each window of
 //! `ADAPT_WINDOW` raw bytes measures the goodput at the current level; now and then it probes
 //! a neighbouring level and keeps whichever moved more data. The pump
-//! (`runtime::pump::outbound`) asks it for the level of each large chunk.
+//! (`runtime::pump::outbound`) asks it for the level of each large chunk. One controller
+//! serves all the streams an agent sends ([`SharedLevel`]).
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A change of level at the end of a window.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +36,11 @@ const PROBE_EVERY_MAX: u32 = 64;
 /// a slow link; a probe compared against them would take a link bound for a CPU bound. Not
 /// many more: a bulk transfer whose CPU is the bound should not spend long at a slow level.
 const FIRST_PROBE_AFTER: u32 = 5;
+
+/// A pause in sending longer than this ends the window without a measurement: the time no
+/// stream had anything to send is not the pump's (a bulk transfer that starts after a quiet
+/// minute must not read as a slow level).
+const IDLE_RESET: Duration = Duration::from_secs(2);
 
 /// Windows after a kept step down before the step back up is tried.
 const RECHECK_AFTER_DOWN: u32 = 2;
@@ -69,6 +76,8 @@ pub struct LevelControl {
     at: usize,
     bytes: usize,
     window_start: Option<std::time::Instant>,
+    /// The last send: a pause longer than [`IDLE_RESET`] restarts the window.
+    last_sent: Option<Instant>,
     /// Windows measured at this level since the last probe, and how many to wait.
     settled: u32,
     probe_every: u32,
@@ -92,6 +101,7 @@ impl LevelControl {
             at,
             bytes: 0,
             window_start: None,
+            last_sent: None,
             settled: PROBE_EVERY - FIRST_PROBE_AFTER,
             probe_every: PROBE_EVERY,
             probe: None,
@@ -108,10 +118,19 @@ impl LevelControl {
     /// `raw` bytes were handed to the QUIC stream at `now`. Returns the change of level a
     /// window's end decided, if any: `(from, to, rate at from in bytes/s)`.
     pub fn sent(&mut self, raw: usize, now: Instant) -> Option<LevelChange> {
-        let Some(start) = self.window_start else {
-            // The window starts at the first send: time before it is not the pump's.
-            self.window_start = Some(now);
-            return None;
+        let idle = self
+            .last_sent
+            .replace(now)
+            .is_some_and(|last| now.saturating_duration_since(last) > IDLE_RESET);
+        let start = match self.window_start {
+            Some(start) if !idle => start,
+            _ => {
+                // The window starts at the first send after a pause: time before it is not the
+                // pump's.
+                self.window_start = Some(now);
+                self.bytes = 0;
+                return None;
+            }
         };
         self.bytes += raw;
         if self.bytes < ADAPT_WINDOW {
@@ -216,6 +235,34 @@ impl LevelControl {
     }
 }
 
+/// One [`LevelControl`] shared by every stream an agent sends: the window counts what they
+/// send together, so 8 parallel streams measure one goodput and probe once, instead of each
+/// probing alone on an eighth of the bytes (where noise decides).
+#[derive(Debug, Clone)]
+pub struct SharedLevel(Arc<Mutex<LevelControl>>);
+
+impl SharedLevel {
+    /// A controller at `max`, the configured level.
+    pub fn new(max: i32) -> Self {
+        Self(Arc::new(Mutex::new(LevelControl::new(max))))
+    }
+
+    /// The zstd level of the next large chunk; `None`: send it RAW.
+    pub fn level(&self) -> Option<i32> {
+        self.lock().level()
+    }
+
+    /// [`LevelControl::sent`] for one stream's chunk.
+    pub fn sent(&self, raw: usize, now: Instant) -> Option<LevelChange> {
+        self.lock().sent(raw, now)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LevelControl> {
+        // The state is a few counters, valid after any panic mid-update.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub fn level_name(level: Option<i32>) -> String {
     level.map_or_else(|| "raw".to_string(), |l| l.to_string())
 }
@@ -314,6 +361,57 @@ mod tests {
         let share = simulate(&mut c, 1000, |_| 20e6);
         assert!(share[4] > 0.9, "mostly level 3: {share:?}");
         assert_eq!(c.probe_every, PROBE_EVERY_MAX, "probes back off");
+    }
+
+    #[test]
+    fn a_pause_restarts_the_window_instead_of_reading_as_a_slow_level() {
+        let mut c = LevelControl::new(3);
+        let t0 = Instant::now();
+        c.sent(1 << 20, t0);
+        // Windows at 1 GB/s up to just before the first probe.
+        let mut t = t0;
+        for _ in 0..(FIRST_PROBE_AFTER - 1) * 16 {
+            t += Duration::from_millis(1);
+            c.sent(ADAPT_WINDOW / 16, t);
+        }
+        assert_eq!(c.level(), Some(3));
+        // Half a window, a quiet minute, then the other half fast: without the reset this
+        // window would measure ~0.3 MB/s and start the probe from a false rate.
+        c.sent(ADAPT_WINDOW / 2, t + Duration::from_millis(1));
+        t += Duration::from_secs(60);
+        assert_eq!(
+            c.sent(ADAPT_WINDOW / 2, t),
+            None,
+            "the pause starts a new window"
+        );
+        assert_eq!(c.bytes, 0);
+        for i in 1..=16 {
+            c.sent(ADAPT_WINDOW / 16, t + Duration::from_millis(i));
+        }
+        // That window measured ~1 GB/s and started the first probe, from that rate.
+        assert_eq!(c.level(), Some(1));
+        let (_, from_rate) = c.probe.expect("probing");
+        assert!(from_rate > 5e8, "{from_rate}");
+    }
+
+    #[test]
+    fn streams_share_one_window() {
+        // Two streams, each sending half of every window: one controller sees whole windows.
+        let shared = SharedLevel::new(3);
+        let (a, b) = (shared.clone(), shared.clone());
+        let t0 = Instant::now();
+        a.sent(1, t0);
+        let mut changes = 0;
+        for i in 1..=(FIRST_PROBE_AFTER as u64) * 16 {
+            let t = t0 + Duration::from_millis(i);
+            let s = if i % 2 == 0 { &a } else { &b };
+            changes += usize::from(s.sent(ADAPT_WINDOW / 16, t).is_some());
+        }
+        assert_eq!(
+            changes, 1,
+            "one probe after FIRST_PROBE_AFTER shared windows"
+        );
+        assert_eq!((a.level(), b.level()), (Some(1), Some(1)));
     }
 
     #[test]

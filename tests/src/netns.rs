@@ -34,6 +34,9 @@ fn ip(args: &[&str]) -> Result<String> {
 /// What `dev` in `ns` sends, limited to `mbit` Mbit/s by `tc tbf` (a full queue drops, as a
 /// router's does).
 fn token_bucket(ns: &str, dev: &str, mbit: u32) -> Result<()> {
+    // 256 kbit (32 KB) up to 256 Mbit/s, then 1 ms worth of the rate (125 KB at 1 Gbit/s): a
+    // bucket shorter than a GSO burst throttles a fast link below its rate.
+    let burst = format!("{}kbit", mbit.max(256));
     command_output(NetnsPair::command(ns, "tc").args([
         "qdisc",
         "replace",
@@ -44,7 +47,7 @@ fn token_bucket(ns: &str, dev: &str, mbit: u32) -> Result<()> {
         "rate",
         &format!("{mbit}mbit"),
         "burst",
-        "256kbit",
+        &burst,
         "latency",
         "50ms",
     ]))

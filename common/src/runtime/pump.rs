@@ -42,10 +42,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::frame::{
-    self, Chunk, ChunkDecoder, ChunkEncoder, DirectionStats, Frame, FrameError, ResetCode,
-    HEADER_LEN,
+    self, Chunk, ChunkDecoder, ChunkEncoder, DirectionStats, Frame, FrameError, PrefixHasher,
+    ResetCode, HEADER_LEN,
 };
-use crate::level::{level_name, LevelControl};
+use crate::level::{level_name, SharedLevel};
 
 /// Largest read from the local socket, i.e. the largest chunk we produce. 128 KiB keeps zstd's
 /// ratio within 1–2 % of 1 MiB chunks on our sample data while bounding per-stream memory.
@@ -218,8 +218,10 @@ impl FaultInjection {
 /// Per-stream settings.
 #[derive(Debug, Clone)]
 pub struct PumpOptions {
-    /// zstd level for outbound chunks.
+    /// zstd level for outbound chunks (the highest the level control uses).
     pub compression_level: i32,
+    /// The level control of large outbound chunks, shared by all of this agent's streams.
+    pub level_control: SharedLevel,
     /// Test-only fault hook.
     #[cfg(feature = "test-hooks")]
     pub fault: Option<std::sync::Arc<FaultInjection>>,
@@ -309,7 +311,11 @@ pub async fn pump_resumable(
     let mut sent = DirectionStats::default();
     let mut received = DirectionStats::default();
     let chans = Channels::new();
-    let mut out = match Out::new(opts.compression_level, reattach.is_some()) {
+    let mut out = match Out::new(
+        opts.compression_level,
+        opts.level_control.clone(),
+        reattach.is_some(),
+    ) {
         Ok(o) => o,
         Err(e) => {
             let outcome = Outcome::LocalError(format!("zstd: {e}"));
@@ -618,7 +624,7 @@ async fn run_both(
 /// The outbound direction's state, kept across the attempts of a resumable stream.
 struct Out {
     queue: ChunkQueue,
-    adapt: LevelControl,
+    adapt: SharedLevel,
     buf: BytesMut,
     scratch: BytesMut,
     /// The last ACK value we sent.
@@ -636,10 +642,10 @@ struct Out {
 }
 
 impl Out {
-    fn new(level: i32, keep: bool) -> std::io::Result<Self> {
+    fn new(level: i32, adapt: SharedLevel, keep: bool) -> std::io::Result<Self> {
         Ok(Self {
             queue: ChunkQueue::new(level, 0)?,
-            adapt: LevelControl::new(level),
+            adapt,
             buf: BytesMut::with_capacity(READ_CHUNK),
             scratch: BytesMut::with_capacity(64),
             last_acked: 0,
@@ -741,7 +747,7 @@ impl Out {
             } else {
                 // Send every frame that is ready, in sequence order.
                 while let Some((raw, chunk)) = self.queue.pop_ready() {
-                    if let Err(end) = self.send_chunk(send, stats, &raw, chunk).await {
+                    if let Err(end) = self.send_chunk(send, stats, chunk).await {
                         return end;
                     }
                     if let Some(c) = self.adapt.sent(raw.len(), Instant::now()) {
@@ -815,14 +821,13 @@ impl Out {
         &mut self,
         send: &mut quinn::SendStream,
         stats: &mut DirectionStats,
-        raw: &Bytes,
         chunk: Chunk,
     ) -> Result<(), OutboundEnd> {
         let mut header = BytesMut::with_capacity(HEADER_LEN);
         Frame::encode_data_header(&chunk, &mut header);
         let header = header.freeze();
         self.keep_frame(chunk.seq, &header, &chunk.payload);
-        stats.record(raw, HEADER_LEN + chunk.payload.len());
+        stats.record_sent(&chunk, HEADER_LEN + chunk.payload.len());
         if let Err(e) = send.write_all_chunks(&mut [header, chunk.payload]).await {
             return Err(OutboundEnd::Failed(write_failed("sending", e)));
         }
@@ -878,6 +883,9 @@ struct ChunkQueue {
     max_in_flight: usize,
     /// The stream's own encoder, for the chunks encoded inline.
     encoder: ChunkEncoder,
+    /// Gives each chunk its digest, in sequence order, as it is queued: the one BLAKE3 pass
+    /// over the direction's bytes on this side.
+    sealer: PrefixHasher,
     next_seq: u64,
 }
 
@@ -890,6 +898,7 @@ impl ChunkQueue {
             pending: VecDeque::with_capacity(max_in_flight),
             max_in_flight,
             encoder,
+            sealer: PrefixHasher::new(),
             next_seq,
         })
     }
@@ -905,29 +914,30 @@ impl ChunkQueue {
 
     /// Queues one read from the local socket, cut into chunks of at most [`READ_CHUNK`]
     /// (`read_buf` may return more if the buffer grew), each with the next sequence number.
-    fn push(&mut self, data: Bytes, adapt: &LevelControl) {
+    fn push(&mut self, data: Bytes, adapt: &SharedLevel) {
         let mut at = 0;
         while at < data.len() {
             let raw = data.slice(at..data.len().min(at + READ_CHUNK));
             at += raw.len();
             let seq = self.next_seq;
             self.next_seq += 1;
+            let digest = self.sealer.seal(&raw);
             if raw.len() < PARALLEL_MIN || self.max_in_flight == 1 {
                 // Small chunks (queries, WAL trickle): inline, no hand-off latency.
-                let chunk = self.encoder.encode_bytes(seq, &raw);
+                let chunk = self.encoder.encode_bytes(seq, &raw, digest);
                 self.pending.push_back(Encoded::Ready(raw, chunk));
-            } else {
-                let level = adapt.level();
+            } else if let Some(level) = adapt.level() {
                 self.pending
                     .push_back(Encoded::Spawned(tokio::task::spawn_blocking(move || {
-                        let chunk = match level {
-                            Some(level) => {
-                                with_thread_encoder(level, |enc| enc.encode_bytes(seq, &raw))
-                            }
-                            None => frame::raw_chunk(seq, raw.clone()),
-                        };
+                        let chunk =
+                            with_thread_encoder(level, |enc| enc.encode_bytes(seq, &raw, digest));
                         (raw, chunk)
                     })));
+            } else {
+                // RAW: nothing left to compute (the digest is above), so no hand-off to the
+                // blocking pool and back (two thread wake-ups per chunk).
+                let chunk = frame::raw_chunk(seq, raw.clone(), digest);
+                self.pending.push_back(Encoded::Ready(raw, chunk));
             }
         }
     }
@@ -1059,9 +1069,11 @@ impl In {
                     };
                     #[cfg(not(feature = "test-hooks"))]
                     let _ = opts;
-                    frame::verify(&chunk, &raw).map_err(classify)?;
+                    // The chunk's digest against the running hash of this direction.
+                    stats
+                        .accept(&chunk, &raw, HEADER_LEN + chunk.payload.len())
+                        .map_err(classify)?;
                     // Verified: only now may the bytes reach the local socket.
-                    stats.record(&raw, HEADER_LEN + chunk.payload.len());
                     self.pending = Some((raw, 0));
                 }
                 Frame::Fin {
@@ -1153,7 +1165,7 @@ mod tests {
     use super::*;
 
     fn out_with(seqs: std::ops::Range<u64>, fin: bool) -> Out {
-        let mut o = Out::new(3, true).unwrap();
+        let mut o = Out::new(3, SharedLevel::new(3), true).unwrap();
         for seq in seqs.clone() {
             o.keep_frame(seq, &Bytes::from_static(b"h"), &Bytes::from(vec![0; 10]));
         }
@@ -1203,7 +1215,7 @@ mod tests {
 
     #[test]
     fn streams_that_cannot_resume_keep_nothing() {
-        let mut o = Out::new(3, false).unwrap();
+        let mut o = Out::new(3, SharedLevel::new(3), false).unwrap();
         o.keep_frame(0, &Bytes::from_static(b"h"), &Bytes::from_static(b"p"));
         assert!(o.unacked.is_empty() && o.unacked_bytes == 0);
     }

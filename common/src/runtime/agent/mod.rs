@@ -433,6 +433,7 @@ pub async fn run_agent<R: RoleDriver>(
     let shared = Arc::new(Shared {
         pump: PumpOptions {
             compression_level: cfg.compression_level,
+            level_control: crate::level::SharedLevel::new(cfg.compression_level),
             #[cfg(feature = "test-hooks")]
             fault: opts.fault.clone(),
         },
