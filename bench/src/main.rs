@@ -640,11 +640,15 @@ fn run(o: &Args) -> Result<()> {
     // The agents' own output (set PGFERRY_LOG=pgferry_common::runtime::pump=debug to see the
     // compression level decisions), for looking into a run.
     std::fs::create_dir_all(&o.out)?;
-    for (role, agent) in [("source", &agents.source), ("target", &agents.target)] {
-        std::fs::write(o.out.join(format!("agent-{role}.log")), agent.output())?;
-    }
-    drop(agents.target);
-    drop(agents.source);
+    let mut agents = agents;
+    let tunnel_closed = stop_agents(
+        &mut [
+            ("target", &mut agents.target),
+            ("source", &mut agents.source),
+        ],
+        &o.out,
+        "agent-",
+    )?;
     pg.stop()?;
 
     let results = json!({
@@ -656,8 +660,32 @@ fn run(o: &Args) -> Result<()> {
         "dataset": {"database_bytes": db_bytes, "zstd3_ratio_of_files": ratio, "stream_payload_zstd3_ratio": stream_ratio},
         "links": links,
         "wal": wal,
+        "tunnel_closed": tunnel_closed,
     });
     write_results(results, &o.out)
+}
+
+/// Stops the agents (SIGTERM: each closes its tunnel and logs what the path was like), writes
+/// each one's output to `out`/`<prefix><name>.log`, and returns each one's "tunnel … closed"
+/// line (MTU, RTT, loss, datagrams per send and receive), by name.
+fn stop_agents(agents: &mut [(&str, &mut ChildGuard)], out: &Path, prefix: &str) -> Result<Value> {
+    let mut closed = serde_json::Map::new();
+    for (name, agent) in agents.iter_mut() {
+        let _ = agent.terminate(Duration::from_secs(15));
+        let output = agent.output();
+        std::fs::write(out.join(format!("{prefix}{name}.log")), &output)?;
+        let mut lines = Vec::new();
+        for marker in ["UDP ", "tunnel with "] {
+            if let Some(line) = output.lines().rev().find(|l| l.contains(marker)) {
+                let at = line.find(marker).unwrap_or(0);
+                lines.push(line[at..].to_string());
+            }
+        }
+        if !lines.is_empty() {
+            closed.insert(name.to_string(), json!(lines.join("; ")));
+        }
+    }
+    Ok(Value::Object(closed))
 }
 
 /// Standbys for the WAL-lag part, on the same tunnels as the base backups of ssh -L and
@@ -1155,6 +1183,14 @@ fn markdown(r: &Value) -> String {
                 t["median_mb_per_s"].as_f64().unwrap_or(0.0),
                 t["cpu_s_per_gb_median"].as_f64().unwrap_or(0.0)
             ));
+        }
+    }
+    if let Some(t) = r["tunnel_closed"].as_object().filter(|t| !t.is_empty()) {
+        s.push_str(
+            "\nThe tunnel at the end of the run, as each agent logged it when it stopped:\n\n",
+        );
+        for (name, line) in t {
+            s.push_str(&format!("- {name}: {}\n", line.as_str().unwrap_or("?")));
         }
     }
     if let Some(w) = r["wal"].as_array().filter(|w| !w.is_empty()) {

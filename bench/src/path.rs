@@ -224,11 +224,14 @@ pub fn run(o: &Args) -> Result<()> {
     let (cases, fairness, wal) = measured?;
 
     std::fs::create_dir_all(&o.out)?;
-    for f in &ferries {
-        std::fs::write(
-            o.out.join(format!("path-agent-source-{}.log", f.cc)),
-            f.source.output(),
-        )?;
+    let mut ferries = ferries;
+    let mut tunnel_closed = serde_json::Map::new();
+    for f in &mut ferries {
+        let closed =
+            crate::stop_agents(&mut [(f.cc, &mut f.source)], &o.out, "path-agent-source-")?;
+        if let Some(line) = closed.get(f.cc) {
+            tunnel_closed.insert(format!("pgferry {} (source)", f.cc), line.clone());
+        }
     }
     drop(ferries);
     drop(server);
@@ -253,6 +256,7 @@ pub fn run(o: &Args) -> Result<()> {
         "basebackup": cases,
         "fairness": fairness,
         "wal": wal,
+        "tunnel_closed": tunnel_closed,
     });
     write_results(&results, &o.out)
 }
@@ -794,6 +798,12 @@ fn markdown(r: &Value) -> String {
     s.push_str(&measurements_table(r, limit));
     s.push_str(&fairness_table(r));
     s.push_str(&wal_table(r));
+    if let Some(t) = r["tunnel_closed"].as_object().filter(|t| !t.is_empty()) {
+        s.push_str("\nEach tunnel at the end of the run, as its source agent logged it:\n\n");
+        for (name, line) in t {
+            s.push_str(&format!("- {name}: {}\n", line.as_str().unwrap_or("?")));
+        }
+    }
     s
 }
 

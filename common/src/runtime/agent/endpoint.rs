@@ -65,6 +65,18 @@ pub(super) fn make_endpoint(shared: &Arc<Shared>) -> Result<quinn::Endpoint> {
         let _ = s.set_recv_buffer_size(8 << 20);
         let _ = s.set_send_buffer_size(8 << 20);
     }
+    // Whether the kernel batches datagrams for quinn (GSO: one send of many datagrams; GRO: one
+    // receive of many): without them every 1452-byte datagram costs a system call.
+    if let Ok(udp) = quinn::udp::UdpSocketState::new((&socket).into()) {
+        tracing::info!(
+            "UDP {}: GSO up to {} datagrams per send, GRO up to {} per receive",
+            socket
+                .local_addr()
+                .map_or("?".to_string(), |a| a.to_string()),
+            udp.max_gso_segments(),
+            udp.gro_segments()
+        );
+    }
     let server = match &shared.cfg.transport {
         Transport::Listen(_) => {
             let mut sc = shared.identity.server_config(&RefusalSlot::new())?;

@@ -148,15 +148,18 @@ pub(super) fn record_session_ended(
     let qs = conn.stats();
     let path = &qs.path;
     // What the path was like: the MTU path-MTU discovery reached (1200 is QUIC's floor; a
-    // link that allows more but stays there halves throughput, quinn#1457), RTT and loss.
+    // link that allows more but stays there halves throughput, quinn#1457), RTT and loss; and
+    // whether GSO batched datagrams (quinn counts sends; on receive it counts packets, so GRO
+    // cannot be seen here: the agent logs at start whether the socket has it).
+    let per_send = qs.udp_tx.datagrams as f64 / qs.udp_tx.ios.max(1) as f64;
     info!(
-        "tunnel with {remote} closed: {reason} (MTU {} B, RTT {} ms, {} of {} packets lost, {} congestion events, {})",
+        "tunnel with {remote} closed: {reason} (MTU {} B, RTT {} ms, {} of {} packets lost, {} congestion events, {}; {per_send:.1} datagrams per send (GSO))",
         path.current_mtu,
         path.rtt.as_millis(),
         path.lost_packets,
         path.sent_packets,
         path.congestion_events,
-        shared.cfg.congestion_control
+        shared.cfg.congestion_control,
     );
     shared.audit.event(&SessionEnded {
         address: remote.to_string(),
