@@ -323,12 +323,15 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         support::du(&rig.data_dir) / 1_000_000,
         source_bytes / 1_000_000
     );
+    let mut peak = (0, 0);
     while cut.elapsed() < outage() {
         anyhow::ensure!(
             clone.try_wait()?.is_none(),
             "the clone ended during the outage:\n{}",
             clone.output()
         );
+        peak.0 = peak.0.max(rss_mib(rig.source.child.pid()).unwrap_or(0));
+        peak.1 = peak.1.max(rss_mib(rig.target.child.pid()).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(500));
     }
     net.set_link(true)?;
@@ -338,13 +341,24 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
     })?;
     let text = clone.output();
     eprintln!(
-        "MIGRATION OUTAGE ({}): link down {} s; clone done {:.1} s after the link came back, {:.1} s in all",
+        "MIGRATION OUTAGE ({}): link down {} s; clone done {:.1} s after the link came back, {:.1} s in all; peak RSS during the outage: source {} MiB, target {} MiB",
         if target_config.is_empty() { "pg_basebackup" } else { "agent copy" },
         outage().as_secs(),
         back.elapsed().as_secs_f64(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        peak.0,
+        peak.1
     );
     assert!(status.success(), "{text}");
+    // Held streams keep at most their unacknowledged frames (RESUME_BUFFER, 16 MiB, per stream
+    // and direction): the pg_basebackup stream, or the agent copy's streams (8 by default), on
+    // top of the agents' usual footprint.
+    let streams = if target_config.is_empty() { 2 } else { 9 };
+    let bound = 64 + streams * (pgferry_common::runtime::pump::RESUME_BUFFER >> 20) as u64;
+    assert!(
+        peak.0 < bound && peak.1 < bound,
+        "RSS during the outage: {peak:?} MiB, bound {bound} MiB"
+    );
     assert!(text.contains("pg_verifybackup"), "{text}");
     assert!(text.contains("catching_up"), "{text}");
     let resent: u64 = [&rig.source.audit, &rig.target.audit]
