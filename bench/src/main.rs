@@ -1145,6 +1145,21 @@ fn targets(r: &Value) -> Vec<Value> {
     out
 }
 
+/// One row of a WAL table, without the line's end: via, WAL written (MB/s), lag p99 (s), max
+/// lag (MB), drain after the load (s).
+fn wal_row(x: &Value) -> String {
+    format!(
+        "| {} | {:.1} | {:.1} | {:.0} | {} |",
+        x["contender"].as_str().unwrap_or("?"),
+        x["wal_mb_per_s"].as_f64().unwrap_or(0.0),
+        x["lag_p99_s"].as_f64().unwrap_or(0.0),
+        x["lag_max_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        x["drain_s"]
+            .as_f64()
+            .map_or("> 300".to_string(), |d| format!("{d:.1}"))
+    )
+}
+
 fn markdown(r: &Value) -> String {
     let mut s = String::new();
     let d = &r["dataset"];
@@ -1196,16 +1211,8 @@ fn markdown(r: &Value) -> String {
     if let Some(w) = r["wal"].as_array().filter(|w| !w.is_empty()) {
         s.push_str("\n### WAL streaming under a write load, limited link\n\n| via | WAL written (MB/s) | lag p99 (s) | max lag (MB) | drain after the load (s) |\n|---|---:|---:|---:|---:|\n");
         for x in w {
-            s.push_str(&format!(
-                "| {} | {:.1} | {:.1} | {:.0} | {} |\n",
-                x["contender"].as_str().unwrap_or("?"),
-                x["wal_mb_per_s"].as_f64().unwrap_or(0.0),
-                x["lag_p99_s"].as_f64().unwrap_or(0.0),
-                x["lag_max_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-                x["drain_s"]
-                    .as_f64()
-                    .map_or("> 300".to_string(), |d| format!("{d:.1}"))
-            ));
+            s.push_str(&wal_row(x));
+            s.push('\n');
         }
     }
     s.push_str("\n### Targets (ratios of medians from this run)\n\n| target | ratio | met |\n|---|---:|---|\n");

@@ -820,14 +820,8 @@ fn wal_table(r: &Value) -> String {
     );
     for x in rows {
         s.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.0} | {} | {} |\n",
-            x["contender"].as_str().unwrap_or("?"),
-            x["wal_mb_per_s"].as_f64().unwrap_or(0.0),
-            x["lag_p99_s"].as_f64().unwrap_or(0.0),
-            x["lag_max_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-            x["drain_s"]
-                .as_f64()
-                .map_or("> 300".to_string(), |d| format!("{d:.1}")),
+            "{} {} |\n",
+            crate::wal_row(x),
             x["emulator"]["dropped_random"]
         ));
     }
