@@ -38,9 +38,10 @@ pub fn render(results: &Value, out_dir: &Path) -> Result<Vec<PathBuf>> {
     } else {
         "wal-lag.png"
     };
-    let charts: [(&str, Chart); 4] = [
+    let charts: [(&str, Chart); 5] = [
         ("basebackup.png", basebackup),
         ("streams.png", streams),
+        ("cpu.png", cpu),
         (wal_chart, wal_lag),
         ("path-run.png", path_run),
     ];
@@ -164,6 +165,42 @@ fn path_run(r: &Value, path: &Path) -> Result<bool> {
 
 /// `streams.png`: raw tunnel throughput per contender and stream count, one panel per link.
 fn streams(r: &Value, path: &Path) -> Result<bool> {
+    let title = format!("Raw tunnel throughput: median of {}", reps(r));
+    stream_bars(
+        r,
+        path,
+        "median_mb_per_s",
+        &title,
+        "throughput (MB/s), longer is better",
+        "MB/s",
+    )
+}
+
+/// `cpu.png`: CPU seconds per GB of the raw streams, both ends of the tunnel together.
+fn cpu(r: &Value, path: &Path) -> Result<bool> {
+    let title = format!(
+        "CPU per GB through the tunnel, both ends: median of {}",
+        reps(r)
+    );
+    stream_bars(
+        r,
+        path,
+        "cpu_s_per_gb_median",
+        &title,
+        "CPU seconds per GB, shorter is better",
+        "s",
+    )
+}
+
+/// One bar per contender and stream count of each link's raw streams: their `field`.
+fn stream_bars(
+    r: &Value,
+    path: &Path,
+    field: &str,
+    title: &str,
+    axis: &str,
+    unit: &str,
+) -> Result<bool> {
     let panels = links(r)
         .map(|l| Panel {
             caption: match l["stream_mib"].as_u64() {
@@ -176,21 +213,14 @@ fn streams(r: &Value, path: &Path) -> Result<bool> {
                     let n = s["streams"].as_u64()?;
                     Some(Bar {
                         label: format!("{contender}, {n} stream{}", if n == 1 { "" } else { "s" }),
-                        value: s["median_mb_per_s"].as_f64()?,
+                        value: s[field].as_f64()?,
                         color: color(contender),
                     })
                 })
                 .collect(),
         })
         .collect();
-    let title = format!("Raw tunnel throughput: median of {}", reps(r));
-    bar_chart(
-        path,
-        &title,
-        "throughput (MB/s), longer is better",
-        "MB/s",
-        panels,
-    )
+    bar_chart(path, title, axis, unit, panels)
 }
 
 /// Horizontal bars, the value printed at the end of each; panels stacked. `false` if there
