@@ -549,39 +549,36 @@ impl Measure<'_> {
             return Ok(Vec::new());
         }
         let loss = o.loss.iter().copied().fold(0.0, f64::max);
-        let setup = Emulator::start(net, self.rtt_ms, 0.0, 11, 1200)?;
-        let mut standbys = Vec::new();
-        for name in ["ssh -L BBR", "pgferry cubic", "pgferry bbr"] {
-            let c = contenders
-                .iter()
-                .find(|c| c.name == name)
-                .with_context(|| format!("no contender {name}"))?;
-            standbys.push(crate::make_standby(
-                self.dir.path(),
-                &net.b,
-                name,
-                c.port,
-                self.pg_password,
-            )?);
-        }
-        setup.stop()?;
         let rate = o.wal_mb_per_s.unwrap_or(1.5 * f64::from(o.rate) / 8.0);
         println!(
             "\n== WAL streaming: {} ms RTT, {} Mbit/s, {loss}% random loss, load aiming at \
              {rate:.1} MB/s of WAL for {} s",
             self.rtt_ms, o.rate, o.wal_secs
         );
+        // One standby at a time, made, measured and its slot dropped before the next: a slot
+        // kept during another contender's load would hold that load's WAL (GBs) for a standby
+        // that must then catch up across the lossy path before its own measurement.
         let mut wal = Vec::new();
-        for (i, s) in standbys.iter().enumerate() {
+        for (i, name) in ["ssh -L BBR", "pgferry cubic", "pgferry bbr"]
+            .into_iter()
+            .enumerate()
+        {
+            let c = contenders
+                .iter()
+                .find(|c| c.name == name)
+                .with_context(|| format!("no contender {name}"))?;
+            let setup = Emulator::start(net, self.rtt_ms, 0.0, 11 + i as u64, 1200)?;
+            let s = crate::make_standby(self.dir.path(), &net.b, name, c.port, self.pg_password)?;
+            setup.stop()?;
             let emulator = Emulator::start(net, self.rtt_ms, loss, 20 + i as u64, 1200)?;
             wait_link_quiet(net)?;
-            let mut row = crate::wal_lag(pg, &net.b, s, rate, o.wal_secs)?;
-            row["loss_percent"] = json!(loss);
-            row["emulator"] = emulator.stop()?;
-            wal.push(row);
-        }
-        for s in &standbys {
+            let measured = crate::wal_lag(pg, &net.b, &s, rate, o.wal_secs);
+            let counters = emulator.stop();
             let _ = pg.psql(&format!("SELECT pg_drop_replication_slot('{}')", s.slot));
+            let mut row = measured?;
+            row["loss_percent"] = json!(loss);
+            row["emulator"] = counters?;
+            wal.push(row);
         }
         Ok(wal)
     }
