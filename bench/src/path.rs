@@ -225,14 +225,9 @@ pub fn run(o: &Args) -> Result<()> {
 
     std::fs::create_dir_all(&o.out)?;
     let mut ferries = ferries;
-    let mut tunnel_closed = serde_json::Map::new();
-    for f in &mut ferries {
-        let closed =
-            crate::stop_agents(&mut [(f.cc, &mut f.source)], &o.out, "path-agent-source-")?;
-        if let Some(line) = closed.get(f.cc) {
-            tunnel_closed.insert(format!("pgferry {} (source)", f.cc), line.clone());
-        }
-    }
+    let mut sources: Vec<(&str, &mut ChildGuard)> =
+        ferries.iter_mut().map(|f| (f.cc, &mut f.source)).collect();
+    let tunnel_closed = crate::stop_agents(&mut sources, &o.out, "path-agent-source-")?;
     drop(ferries);
     drop(server);
     pg.stop()?;
@@ -795,12 +790,11 @@ fn markdown(r: &Value) -> String {
     s.push_str(&measurements_table(r, limit));
     s.push_str(&fairness_table(r));
     s.push_str(&wal_table(r));
-    if let Some(t) = r["tunnel_closed"].as_object().filter(|t| !t.is_empty()) {
-        s.push_str("\nEach tunnel at the end of the run, as its source agent logged it:\n\n");
-        for (name, line) in t {
-            s.push_str(&format!("- {name}: {}\n", line.as_str().unwrap_or("?")));
-        }
-    }
+    s.push_str(&crate::tunnel_lines(
+        r,
+        "Each pgferry pair's tunnel at the end of the run (by congestion control), as its source \
+         agent logged it",
+    ));
     s
 }
 

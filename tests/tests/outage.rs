@@ -45,6 +45,12 @@ fn rss_mib(pid: u32) -> Option<u64> {
     Some(kb / 1024)
 }
 
+/// Raises `peak` (MiB: source, target) to the agents' resident memory now.
+fn sample_peak_rss(peak: &mut (u64, u64), source: &Agent, target: &Agent) {
+    peak.0 = peak.0.max(rss_mib(source.child.pid()).unwrap_or(0));
+    peak.1 = peak.1.max(rss_mib(target.child.pid()).unwrap_or(0));
+}
+
 #[test]
 fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -> Result<()> {
     let Some(net) = NetnsPair::create("pgfout")? else {
@@ -154,8 +160,7 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
         .wait_for_output("holding the upstream connection", Duration::from_secs(40))?;
     let mut peak = (0, 0);
     while cut.elapsed() < outage() {
-        peak.0 = peak.0.max(rss_mib(source.child.pid()).unwrap_or(0));
-        peak.1 = peak.1.max(rss_mib(target.child.pid()).unwrap_or(0));
+        sample_peak_rss(&mut peak, &source, &target);
         std::thread::sleep(Duration::from_millis(500));
     }
     net.set_link(true)?;
@@ -330,8 +335,7 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
             "the clone ended during the outage:\n{}",
             clone.output()
         );
-        peak.0 = peak.0.max(rss_mib(rig.source.child.pid()).unwrap_or(0));
-        peak.1 = peak.1.max(rss_mib(rig.target.child.pid()).unwrap_or(0));
+        sample_peak_rss(&mut peak, &rig.source, &rig.target);
         std::thread::sleep(Duration::from_millis(500));
     }
     net.set_link(true)?;
