@@ -22,7 +22,9 @@ use pgferry_common::runtime::pump;
 /// The target's side of the control stream: send a request, await its response.
 pub struct ControlClient {
     send: tokio::sync::Mutex<quinn::SendStream>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    /// Requests waiting for their answer; `None` once the connection has ended, so that a
+    /// request can never wait for an answer that cannot come.
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>,
     next_id: AtomicU64,
 }
 
@@ -36,7 +38,7 @@ impl ControlClient {
     pub fn new(send: quinn::SendStream) -> Self {
         Self {
             send: tokio::sync::Mutex::new(send),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU64::new(1),
         }
     }
@@ -46,10 +48,15 @@ impl ControlClient {
         request.validate().map_err(|e| anyhow!(e))?;
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
-        self.pending
+        match self
+            .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+            .as_mut()
+        {
+            Some(pending) => pending.insert(id, tx),
+            None => bail!("the tunnel closed before the source agent answered"),
+        };
         let mut out = BytesMut::new();
         control::encode_message(&ControlMessage::Request { id, request }, &mut out)?;
         {
@@ -62,10 +69,14 @@ impl ControlClient {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => bail!("the tunnel closed before the source agent answered"),
             Err(_) => {
-                self.pending
+                if let Some(pending) = self
+                    .pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                    .as_mut()
+                {
+                    pending.remove(&id);
+                }
                 bail!(
                     "the source agent did not answer within {} s",
                     timeout.as_secs()
@@ -75,18 +86,29 @@ impl ControlClient {
     }
 
     fn deliver(&self, id: u64, response: Response) -> bool {
-        match self
+        let tx = self
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        {
+            .as_mut()
+            .and_then(|p| p.remove(&id));
+        match tx {
             Some(tx) => {
                 let _ = tx.send(response);
                 true
             }
             None => false,
         }
+    }
+
+    /// The connection under the control stream has ended: every waiting request fails now
+    /// (its sender is dropped) and later ones fail at once, instead of waiting out their
+    /// timeout for an answer that cannot come.
+    pub fn close(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 
@@ -121,9 +143,5 @@ pub async fn read_responses(
         }
     }
     // Dropping the senders makes every waiting request fail with "tunnel closed".
-    client
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clear();
+    client.close();
 }

@@ -164,7 +164,7 @@ impl RoleDriver for Target {
         let conn = pc.conn.clone();
         self.current.send_replace(Some(Link {
             pc,
-            control: client,
+            control: client.clone(),
         }));
         // Any stream the source opens is a protocol violation: we never serve it.
         let reason = loop {
@@ -188,6 +188,8 @@ impl RoleDriver for Target {
             _ => false,
         });
         responses.abort();
+        // The aborted reader cannot fail the requests still waiting on this connection.
+        client.close();
         reason
     }
 

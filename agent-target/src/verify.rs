@@ -19,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use tokio::io::AsyncBufReadExt;
 use tokio_postgres::Client;
 
+use crate::control_client::ControlClient;
 use crate::migrate::{new_cluster_connector, standby_status, Executor};
 use pgferry_common::admin::{AtFenceReport, PrepassReport};
 use pgferry_common::control::{BlockRanges, Request, Response, TableBlocks, TableDigest};
@@ -148,7 +149,13 @@ impl Executor<'_> {
         wait_secs: u64,
     ) -> Result<Prepass> {
         let t0 = Instant::now();
-        let (start, waited) = self.round_start(standby, wait_secs).await?;
+        // The whole pre-pass asks one source agent process, over one connection: if that
+        // agent restarts or the connection is lost, the pre-pass fails (nothing was fenced)
+        // and the cutover is run again, rather than mixing a round's begin, wait and digests
+        // from two processes.
+        let via = (self.control)().await?;
+        let via = Some(&*via);
+        let (start, waited) = self.round_start(via, standby, wait_secs).await?;
         let timeline: i64 = standby
             .query_one(
                 "SELECT coalesce((SELECT received_tli::int8 FROM pg_stat_wal_receiver),
@@ -191,7 +198,9 @@ impl Executor<'_> {
             total * RANGE_BYTES / (1024 * 1024)
         ));
         let t_digest = Instant::now();
-        let (src, std) = self.digest_both(standby, &items, Some(&mut pre)).await?;
+        let (src, std) = self
+            .digest_both(via, standby, &items, Some(&mut pre))
+            .await?;
         let secs = t_digest.elapsed().as_secs_f64().max(0.001);
         for (table, (key, _)) in tables.iter().zip(&storage) {
             pre.tables.insert(table.clone(), Tracked::new(*key, false));
@@ -220,9 +229,11 @@ impl Executor<'_> {
                 "pre-pass: {n} range(s) ({:.1} MB) written meanwhile; digesting them again",
                 (n as u64 * RANGE_BYTES) as f64 / 1048576.0
             ));
-            let (l0, waited) = self.round_start(standby, wait_secs).await?;
+            let (l0, waited) = self.round_start(via, standby, wait_secs).await?;
             pre.report.waited_ms += waited.as_millis() as u64;
-            let (src, std) = self.digest_both(standby, &stale, Some(&mut pre)).await?;
+            let (src, std) = self
+                .digest_both(via, standby, &stale, Some(&mut pre))
+                .await?;
             pre.apply(l0, src, std);
             pre.report.rounds += 1;
             pre.report.refreshed_ranges += n as u64;
@@ -234,9 +245,14 @@ impl Executor<'_> {
 
     /// Starts a round on the source and waits until every transaction open at its start has
     /// ended and the standby has replayed past that point; returns the round's start LSN.
-    async fn round_start(&self, standby: &Client, wait_secs: u64) -> Result<(Lsn, Duration)> {
+    async fn round_start(
+        &self,
+        via: Option<&ControlClient>,
+        standby: &Client,
+        wait_secs: u64,
+    ) -> Result<(Lsn, Duration)> {
         let (start, xmax) = match self
-            .ask_within(Request::PrepassBegin, Duration::from_secs(60))
+            .ask_via(via, Request::PrepassBegin, Duration::from_secs(60))
             .await?
         {
             Response::PrepassBegun { lsn, xmax } => (lsn, xmax),
@@ -247,7 +263,7 @@ impl Executor<'_> {
         let mut said = Instant::now() - Duration::from_secs(60);
         let marker = loop {
             match self
-                .ask_within(Request::PrepassWait { xmax }, Duration::from_secs(60))
+                .ask_via(via, Request::PrepassWait { xmax }, Duration::from_secs(60))
                 .await?
             {
                 Response::PrepassWaited {
@@ -311,6 +327,7 @@ impl Executor<'_> {
     /// the WAL between requests when `pre` is given, so that the reader keeps up.
     async fn digest_both(
         &self,
+        via: Option<&ControlClient>,
         standby: &Client,
         items: &[BlockRanges],
         mut pre: Option<&mut Prepass>,
@@ -330,7 +347,8 @@ impl Executor<'_> {
         for batch in batches(items, per_batch) {
             let theirs = async {
                 match self
-                    .ask_within(
+                    .ask_via(
+                        via,
                         Request::BlockDigests {
                             tables: batch.clone(),
                         },
@@ -464,7 +482,7 @@ impl Executor<'_> {
             rate / 1048576.0
         ));
         let t = Instant::now();
-        let (src, std) = self.digest_both(standby, &stale, None).await?;
+        let (src, std) = self.digest_both(None, standby, &stale, None).await?;
         report.digest_ms = t.elapsed().as_millis() as u64;
         pre.apply(Lsn(u64::MAX), src, std);
         let (digests, mismatched) = pre.compare(&not_verified);

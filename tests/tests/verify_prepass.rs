@@ -208,13 +208,26 @@ fn the_source_agent_killed_during_the_prepass_fences_nothing_and_the_cutover_run
         &rt,
         "INSERT INTO ferry.late VALUES (1, 'open across the pre-pass')",
     )?;
+    let killed = std::time::Instant::now();
     rig.kill_and_restart_source()?;
     rt.block_on(open.batch_execute("COMMIT"))?;
 
+    // The pre-pass asks one source agent process: it fails even when the restarted agent's
+    // tunnel is up before its next request (and would answer that the transaction ended).
     let status = cutover.wait(Duration::from_secs(120))?;
     let output = cutover.output();
     assert!(!status.success(), "{output}");
     assert!(output.contains("nothing was fenced"), "{output}");
+    assert!(
+        output.contains("tunnel closed before the source agent answered"),
+        "{output}"
+    );
+    // A request on the lost connection fails when it ends, not at its 60 s timeout.
+    assert!(
+        killed.elapsed() < Duration::from_secs(40),
+        "{:?}\n{output}",
+        killed.elapsed()
+    );
     assert!(
         matches!(rig.phase().as_deref(), Some("catching_up" | "ready")),
         "{:?}\n{output}",

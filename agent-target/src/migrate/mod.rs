@@ -120,7 +120,25 @@ impl Executor<'_> {
     }
 
     pub(super) async fn ask_within(&self, request: Request, timeout: Duration) -> Result<Response> {
-        let control = (self.control)().await?;
+        self.ask_via(None, request, timeout).await
+    }
+
+    /// Asks over `via` when given, one connection to one source agent process (a request after
+    /// that connection ended fails), else over the tunnel up now.
+    pub(super) async fn ask_via(
+        &self,
+        via: Option<&ControlClient>,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response> {
+        let current;
+        let control = match via {
+            Some(c) => c,
+            None => {
+                current = (self.control)().await?;
+                &*current
+            }
+        };
         match control.request(request, timeout).await? {
             Response::Error { message } => bail!("the source agent: {message}"),
             r => Ok(r),
