@@ -239,6 +239,7 @@ pub async fn digests(
     shared: &SharedBackup,
     id: u64,
     paths: &[String],
+    lengths: &[u64],
 ) -> Result<Vec<pgferry_common::control::FileDigest>> {
     let (data_dir, paths) = {
         let guard = shared.lock().await;
@@ -250,12 +251,15 @@ pub async fn digests(
         }
         (b.data_dir.clone(), paths.to_vec())
     };
+    let lengths = lengths.to_vec();
     tokio::task::spawn_blocking(move || {
         paths
             .into_iter()
-            .map(|path| {
+            .enumerate()
+            .map(|(i, path)| {
+                let limit = lengths.get(i).copied().unwrap_or(u64::MAX);
                 let (size, sha256) =
-                    pgferry_common::runtime::digest::sha256_file(&data_dir.join(&path))
+                    pgferry_common::runtime::digest::sha256_prefix(&data_dir.join(&path), limit)
                         .map_or((0, String::new()), |(n, s)| {
                             (n, s.iter().map(|b| format!("{b:02x}")).collect())
                         });

@@ -77,8 +77,8 @@ pub async fn serve_requests(
                         .unwrap_or_else(|e| Response::Error {
                             message: format!("{e:#}"),
                         }),
-                    (control::Request::FileDigests { id, paths }, _) => {
-                        crate::backup::digests(&backup, *id, paths)
+                    (control::Request::FileDigests { id, paths, lengths }, _) => {
+                        crate::backup::digests(&backup, *id, paths, lengths)
                             .await
                             .map(|digests| Response::FileDigests { digests })
                             .unwrap_or_else(|e| Response::Error {

@@ -318,10 +318,14 @@ pub enum Request {
         id: u64,
     },
     /// SHA-256 of files of the running base copy `id` as they are now (a copy resumed in a new
-    /// backup session keeps the files that did not change).
+    /// backup session keeps the files that did not change). With `lengths` (one per path), of
+    /// the first `length` bytes of each only: a file partly fetched in the lost session is
+    /// fetched on from its end if its prefix did not change.
     FileDigests {
         id: u64,
         paths: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lengths: Vec<u64>,
     },
 }
 
@@ -630,6 +634,15 @@ impl Request {
             {
                 Err(format!("invalid backup label {label:?}"))
             }
+            Request::FileDigests { paths, lengths, .. }
+                if !lengths.is_empty() && lengths.len() != paths.len() =>
+            {
+                Err(format!(
+                    "{} lengths for {} paths: give one per path, or none",
+                    lengths.len(),
+                    paths.len()
+                ))
+            }
             Request::FileDigests { paths, .. }
                 if paths.len() > MAX_DIGEST_PATHS
                     || paths.iter().any(|p| p.is_empty() || p.len() > MAX_FILE_PATH) =>
@@ -874,6 +887,16 @@ mod tests {
                     ranges: vec![0, 1, 7],
                 }],
             },
+            Request::FileDigests {
+                id: 7,
+                paths: vec!["base/5/16384".into(), "global/pg_control".into()],
+                lengths: Vec::new(),
+            },
+            Request::FileDigests {
+                id: 7,
+                paths: vec!["base/5/16384".into()],
+                lengths: vec![8192 * 100],
+            },
         ];
         for (id, request) in reqs.into_iter().enumerate() {
             request.validate().unwrap();
@@ -917,6 +940,12 @@ mod tests {
                         ranges: vec![0],
                     },
                 ],
+            },
+            // A length for some paths only.
+            Request::FileDigests {
+                id: 7,
+                paths: vec!["base/5/16384".into(), "base/5/16385".into()],
+                lengths: vec![8192],
             },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");

@@ -463,3 +463,107 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     assert!(text.contains("pg_verifybackup"), "{text}");
     cutover_keeps_the_tables(&rig)
 }
+
+/// The files under `base/` the target has only part of: (path, its length here, the source's).
+fn partly_fetched(rig: &MigrationRig) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from("base")];
+    while let Some(rel) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(rig.data_dir.join(&rel)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = rel.join(e.file_name());
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(path),
+                Ok(m) => {
+                    let theirs =
+                        std::fs::metadata(rig.pg.datadir.join(&path)).map_or(0, |t| t.len());
+                    if m.len() > 0 && m.len() < theirs {
+                        out.push((path.to_string_lossy().to_string(), m.len(), theirs));
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A kill -9 of the source agent loses its backup session; in the new one, a file the target
+/// has part of goes on from its end when those bytes still equal the source's, and is fetched
+/// again when they do not (one of them is damaged here on the target between the sessions).
+#[test]
+fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchanged() -> Result<()> {
+    let mut rig = MigrationRig::builder(120)
+        // Hint bits set and written now, so that the source's files stay as they are.
+        .prepare(|pg| {
+            pg.psql("VACUUM (FREEZE)")
+                .and_then(|_| pg.psql("CHECKPOINT"))
+                .map(drop)
+        })
+        .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
+        .start()?;
+    let source_bytes: u64 = rig
+        .pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+        .parse()?;
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    wait_until("half of the copy", Duration::from_secs(120), || {
+        (support::du(&rig.data_dir) > source_bytes / 2).then_some(())
+    })?;
+    rig.kill_source();
+    // What the target had received reaches its files within moments.
+    let mut last = Vec::new();
+    let partial = wait_until("the target's files still", Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = partly_fetched(&rig);
+        let still = now == last;
+        last = now.clone();
+        still.then_some(now)
+    })?;
+    anyhow::ensure!(
+        !partial.is_empty(),
+        "no file partly fetched at the kill (the test needs one)"
+    );
+    eprintln!("partly fetched at the kill: {partial:?}");
+    // With two, the first one's bytes are damaged here: they no longer equal the source's.
+    let damaged = (partial.len() > 1).then(|| partial[0].clone());
+    let at = |len: u64| (len / 2).min(8192 + 100);
+    if let Some((path, len, _)) = &damaged {
+        let mut bytes = std::fs::read(rig.data_dir.join(path))?;
+        bytes[at(*len) as usize] ^= 0xff;
+        std::fs::write(rig.data_dir.join(path), bytes)?;
+    }
+    rig.start_source()?;
+    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
+        clone.try_wait().ok().flatten()
+    })?;
+    let text = clone.output();
+    assert!(status.success(), "{text}");
+    let delta = text
+        .lines()
+        .find(|l| l.contains("was lost") && l.contains("partly fetched"))
+        .with_context(|| format!("no delta:\n{text}"))?;
+    eprintln!("{delta}");
+    let kept: usize = delta
+        .split(" partly fetched")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| delta.to_string())?;
+    assert!(kept >= 1, "{delta}");
+    assert!(
+        kept <= partial.len() - usize::from(damaged.is_some()),
+        "{delta}"
+    );
+    if let Some((path, len, _)) = &damaged {
+        let ours = std::fs::read(rig.data_dir.join(path))?;
+        let theirs = std::fs::read(rig.pg.datadir.join(path))?;
+        let i = at(*len) as usize;
+        assert_eq!(ours[i], theirs[i], "{path}: the damaged byte was kept");
+    }
+    assert!(text.contains("pg_verifybackup"), "{text}");
+    cutover_keeps_the_tables(&rig)
+}

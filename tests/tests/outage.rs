@@ -288,28 +288,9 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         .netns(net)
         .start()?;
     let net = rig.netns.as_ref().context("namespaces")?;
-    let (pg, port, new_port) = (&rig.pg, rig.pg.port, rig.target_port);
+    let (pg, new_port) = (&rig.pg, rig.target_port);
     let rt = tokio::runtime::Runtime::new()?;
-    let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (committed, stop) = (committed.clone(), stop.clone());
-        let client = rt.block_on(support::unix_client(&pg.root, port))?;
-        rt.spawn(async move {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 200_000 {
-                n += 1;
-                match client
-                    .execute("INSERT INTO ferry.writes VALUES ($1)", &[&n])
-                    .await
-                {
-                    Ok(_) => committed.lock().unwrap().push(n),
-                    Err(_) => break,
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let writer = UnixWriter::start(&rt, pg)?;
     let source_bytes: u64 = pg
         .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
         .parse()?;
@@ -381,13 +362,22 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
     } else {
         assert!(text.contains("agent copy done"), "{text}");
     }
+    cutover_keeps_every_write(&rig, &rt, writer, new_port)
+}
+
+/// Runs the cutover (all tables verified) while `writer` goes on, then checks that the new
+/// cluster holds every write whose commit succeeded, and only those.
+fn cutover_keeps_every_write(
+    rig: &support::migration::MigrationRig,
+    rt: &tokio::runtime::Runtime,
+    writer: UnixWriter,
+    new_port: u16,
+) -> Result<()> {
     let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = rt.block_on(writer);
+    let committed = writer.stop(rt);
     assert!(ok, "{out}");
     assert!(out.contains("cutover complete"), "{out}");
     assert!(!out.contains("NOT VERIFIED"), "{out}");
-    let committed = committed.lock().unwrap().clone();
     assert!(!committed.is_empty());
     let on_target: Vec<i32> = rt.block_on(async {
         let c = support::unix_client(rig.dir.path(), new_port).await?;
@@ -401,6 +391,51 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         "every committed write, and only those"
     );
     Ok(())
+}
+
+/// An application on the source cluster (over its unix socket, from outside the namespaces):
+/// numbered single-row commits into `ferry.writes (n int)` every 5 ms, recording which
+/// succeeded, until stopped or its connection fails (the fence).
+struct UnixWriter {
+    committed: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UnixWriter {
+    fn start(rt: &tokio::runtime::Runtime, pg: &PgCluster) -> Result<Self> {
+        let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, s2) = (committed.clone(), stop.clone());
+        let client = rt.block_on(support::unix_client(&pg.root, pg.port))?;
+        let task = rt.spawn(async move {
+            let mut n = 0;
+            while !s2.load(std::sync::atomic::Ordering::SeqCst) && n < 200_000 {
+                n += 1;
+                match client
+                    .execute("INSERT INTO ferry.writes VALUES ($1)", &[&n])
+                    .await
+                {
+                    Ok(_) => c2.lock().unwrap().push(n),
+                    Err(_) => break,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        Ok(Self {
+            committed,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops it; the numbers whose commit succeeded, in order.
+    fn stop(self, rt: &tokio::runtime::Runtime) -> Vec<i32> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = rt.block_on(self.task);
+        let committed = self.committed.lock().unwrap().clone();
+        committed
+    }
 }
 
 /// A source cluster with `kept (n int)`, both agents over loopback with a 3 s idle timeout,
@@ -630,4 +665,155 @@ fn a_frozen_target_agent_resumes_an_open_transaction() -> Result<()> {
     );
     assert!(ok, "{text}");
     Ok(())
+}
+
+/// What interrupts a goal run of [`measure_resume_goals`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Interruption {
+    None,
+    /// The link down for [`outage`], 30 % into the copy.
+    Outage,
+    /// kill -9 of the source agent at 50 %, started again at once.
+    KillSource,
+    /// kill -9 of the target agent at 50 %, started again and `clone` run again.
+    KillTarget,
+}
+
+/// A measurement, not a check: issue 14's goal runs, one after the other in one run.
+/// `PGFERRY_GOAL_MB` (default 2048) of mixed data at 100 Mbit/s between two namespaces, a
+/// writer committing all along, the agent copy; once uninterrupted, once with a link outage
+/// of `PGFERRY_OUTAGE_SECS` (default here 180) 30 % into the copy, once with a kill -9 of each
+/// agent at 50 %. Each migration is cut over (every table verified, every committed write on
+/// the new cluster). Prints per run the clone's time, the bytes fetched against the copy's
+/// size, and the agents' peak RSS.
+///
+/// `cargo build --release --bins && cargo test --release -p pgferry-tests --test outage
+/// measure_resume_goals -- --ignored --nocapture` (about 30 min).
+#[test]
+#[ignore]
+fn measure_resume_goals() -> Result<()> {
+    if std::env::var("PGFERRY_OUTAGE_SECS").is_err() {
+        std::env::set_var("PGFERRY_OUTAGE_SECS", "180");
+    }
+    let mb: u32 = std::env::var("PGFERRY_GOAL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let mut lines = Vec::new();
+    for (i, case) in [
+        Interruption::None,
+        Interruption::Outage,
+        Interruption::KillSource,
+        Interruption::KillTarget,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let line = goal_run(&format!("pgfgoal{i}"), mb, case)?;
+        eprintln!("GOAL RUN {line}");
+        lines.push(line);
+    }
+    eprintln!("\nissue 14 goal runs ({mb} MB of sample data, 100 Mbit/s, agent copy, a writer):");
+    for l in &lines {
+        eprintln!("  {l}");
+    }
+    Ok(())
+}
+
+/// One goal run; its result line.
+fn goal_run(prefix: &str, mb: u32, case: Interruption) -> Result<String> {
+    let Some(net) = NetnsPair::create(prefix)? else {
+        anyhow::bail!("network namespaces cannot be created here");
+    };
+    net.limit_rate(100)?;
+    let mut rig = support::migration::MigrationRig::builder(mb)
+        .prepare(|pg| {
+            pg.psql("CREATE TABLE ferry.writes (n int PRIMARY KEY)")
+                .map(drop)
+        })
+        .target_config("copy_method = \"agent\"\n")
+        .netns(net)
+        .start()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let writer = UnixWriter::start(&rt, &rig.pg)?;
+    let source_bytes: u64 = rig
+        .pg
+        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+        .parse()?;
+    let started = Instant::now();
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    let share = if case == Interruption::Outage { 3 } else { 2 };
+    if case != Interruption::None {
+        wait_until(
+            "the copy's interruption point",
+            Duration::from_secs(1800),
+            || (support::du(&rig.data_dir) > source_bytes / share).then_some(()),
+        )?;
+    }
+    let mut peak = (0, 0);
+    let mut fetched_before = 0;
+    match case {
+        Interruption::None => {}
+        Interruption::Outage => {
+            let net = rig.netns.as_ref().context("namespaces")?;
+            net.set_link(false)?;
+            let cut = Instant::now();
+            while cut.elapsed() < outage() {
+                sample_peak_rss(&mut peak, &rig.source, &rig.target);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            net.set_link(true)?;
+        }
+        Interruption::KillSource => rig.kill_and_restart_source()?,
+        Interruption::KillTarget => {
+            rig.kill_target();
+            // What the killed target had written: fetched once, whatever it keeps.
+            fetched_before = support::du(&rig.data_dir);
+            let _ = clone.wait(Duration::from_secs(30));
+            rig.start_target()?;
+            clone = rig.spawn_cmd("clone", &[])?;
+        }
+    }
+    let status = wait_until("the clone to finish", Duration::from_secs(1800), || {
+        clone.try_wait().ok().flatten()
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    let text = clone.output();
+    anyhow::ensure!(status.success(), "{case:?}: the clone failed:\n{text}");
+    let done = text
+        .lines()
+        .find(|l| l.contains("agent copy done"))
+        .with_context(|| format!("no agent copy line:\n{text}"))?;
+    let fetched_mb: f64 = done
+        .split(" MB fetched")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| done.to_string())?;
+    let fetched = fetched_before + (fetched_mb * 1e6) as u64;
+    let copy = manifest_bytes(&rig.data_dir)?;
+    let new_port = rig.target_port;
+    cutover_keeps_every_write(&rig, &rt, writer, new_port)?;
+    let twice = fetched.saturating_sub(copy);
+    Ok(format!(
+        "{case:?}: clone {secs:.1} s; copy {:.1} MB, fetched {:.1} MB, sent twice {:.1} MB ({:.2} %); peak RSS during the outage: source {} MiB, target {} MiB",
+        copy as f64 / 1e6,
+        fetched as f64 / 1e6,
+        twice as f64 / 1e6,
+        twice as f64 * 100.0 / copy.max(1) as f64,
+        peak.0,
+        peak.1
+    ))
+}
+
+/// Bytes of the files `backup_manifest` lists (what the copy had to move).
+fn manifest_bytes(data_dir: &std::path::Path) -> Result<u64> {
+    let text = std::fs::read_to_string(data_dir.join("backup_manifest"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(v["Files"]
+        .as_array()
+        .context("no Files in backup_manifest")?
+        .iter()
+        .filter_map(|f| f["Size"].as_u64())
+        .sum())
 }

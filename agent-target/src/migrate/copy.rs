@@ -19,8 +19,15 @@
 //! backup), which the standby streams through the replication slot created before the copy.
 //! Bytes reach a file only once their chunk is verified, so a file's length on disk is always a
 //! verified prefix: resuming from it is safe.
+//!
+//! When the source's backup session was lost (its agent restarted), a new one starts: a
+//! complete file is kept if its SHA-256 equals the source's now, a partly fetched one if its
+//! bytes equal the source's first as many bytes now (it is fetched on from its end); every
+//! other file is removed and fetched again. The source digests after the new session's start
+//! checkpoint, so what is kept is what a copy made now would read, and replay from the new
+//! start LSN covers everything after (README, "Copy methods").
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -236,15 +243,23 @@ impl Executor<'_> {
             } else {
                 HashMap::new()
             };
-            if let Some(prev) = previous.filter(|_| had > 0) {
+            let partial = match previous {
+                Some(_) if data_dir.exists() => {
+                    self.unchanged_prefixes(plan, data_dir, &done).await?
+                }
+                _ => (HashSet::new(), 0),
+            };
+            if let Some(prev) = previous.filter(|_| had > 0 || !partial.0.is_empty()) {
                 (self.progress)(format!(
-                    "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept; the rest is fetched again",
+                    "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, and {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end; the rest is fetched again",
                     plan.id,
-                    done.len()
+                    done.len(),
+                    partial.0.len(),
+                    partial.1 as f64 / 1e6
                 ));
             }
             if data_dir.exists() {
-                remove_files_except(data_dir, &done)?;
+                remove_files_except(data_dir, |p| done.contains_key(p) || partial.0.contains(p))?;
             }
             let mut text = format!(
                 "{}\n",
@@ -287,6 +302,7 @@ impl Executor<'_> {
                     Request::FileDigests {
                         id: plan.id,
                         paths: batch.iter().map(|m| m.path.clone()).collect(),
+                        lengths: Vec::new(),
                     },
                     Duration::from_secs(600),
                 )
@@ -302,6 +318,64 @@ impl Executor<'_> {
             }
         }
         Ok(kept)
+    }
+
+    /// Of the files partly fetched in an earlier session (in the plan, not complete, not
+    /// empty), those whose bytes here equal the source's first as many bytes now (SHA-256 on
+    /// both sides); and their bytes. They are fetched on from their end: the same argument as
+    /// for a kept whole file holds for a kept prefix (see the module doc).
+    async fn unchanged_prefixes(
+        &self,
+        plan: &BackupPlan,
+        data_dir: &Path,
+        done: &HashMap<String, ManifestFile>,
+    ) -> Result<(HashSet<String>, u64)> {
+        let partial: Vec<(String, u64)> = plan
+            .entries
+            .iter()
+            .filter(|e| !e.dir && !done.contains_key(&e.path))
+            .filter_map(|e| {
+                let len = std::fs::metadata(data_dir.join(&e.path)).ok()?.len();
+                (len > 0).then(|| (e.path.clone(), len))
+            })
+            .collect();
+        let (mut kept, mut bytes) = (HashSet::new(), 0);
+        for batch in partial.chunks(pgferry_common::control::MAX_DIGEST_PATHS) {
+            let digests = match self
+                .ask_within(
+                    Request::FileDigests {
+                        id: plan.id,
+                        paths: batch.iter().map(|(p, _)| p.clone()).collect(),
+                        lengths: batch.iter().map(|(_, n)| *n).collect(),
+                    },
+                    Duration::from_secs(600),
+                )
+                .await?
+            {
+                Response::FileDigests { digests } => digests,
+                other => bail!("unexpected answer {other:?}"),
+            };
+            let ours = {
+                let (dir, batch) = (data_dir.to_path_buf(), batch.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    batch
+                        .iter()
+                        .map(|(p, _)| sha256_file(&dir.join(p)).ok())
+                        .collect::<Vec<_>>()
+                })
+                .await?
+            };
+            for (((path, len), theirs), ours) in batch.iter().zip(digests).zip(ours) {
+                let same = ours.is_some_and(|(n, sum)| {
+                    n == *len && theirs.size == n && theirs.sha256 == hex::encode(sum)
+                });
+                if same && theirs.path == *path {
+                    kept.insert(path.clone());
+                    bytes += len;
+                }
+            }
+        }
+        Ok((kept, bytes))
     }
 
     /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
@@ -324,6 +398,7 @@ impl Executor<'_> {
             queue: Mutex::new(todo),
             journal_lock: Mutex::new(()),
             done,
+            fetched: std::sync::atomic::AtomicU64::new(0),
         });
         let tasks: Vec<_> = (0..self.settings.copy_streams)
             .map(|_| tokio::spawn(fetcher.clone().work()))
@@ -331,10 +406,8 @@ impl Executor<'_> {
         let mut first_err = None;
         for t in tasks {
             match t.await {
-                Ok(Ok((f, b))) => {
-                    let mut c = counted.lock().unwrap_or_else(|e| e.into_inner());
-                    c.0 += f;
-                    c.1 += b;
+                Ok(Ok(files)) => {
+                    counted.lock().unwrap_or_else(|e| e.into_inner()).0 += files;
                 }
                 Ok(Err(e)) => {
                     // The others stop at their next file.
@@ -350,6 +423,9 @@ impl Executor<'_> {
                 }
             }
         }
+        // Bytes of files left incomplete by a failure count too: they crossed the tunnel.
+        counted.lock().unwrap_or_else(|e| e.into_inner()).1 +=
+            fetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -406,12 +482,14 @@ struct Fetcher {
     queue: Mutex<VecDeque<String>>,
     journal_lock: Mutex<()>,
     done: Arc<Mutex<HashMap<String, ManifestFile>>>,
+    /// Bytes received on every file stream, complete or not (what crossed the tunnel).
+    fetched: std::sync::atomic::AtomicU64,
 }
 
 impl Fetcher {
-    /// Takes files off the queue until it is empty; (files, bytes) fetched.
-    async fn work(self: Arc<Self>) -> Result<(u64, u64)> {
-        let (mut files, mut bytes) = (0u64, 0u64);
+    /// Takes files off the queue until it is empty; the files fetched.
+    async fn work(self: Arc<Self>) -> Result<u64> {
+        let mut files = 0u64;
         loop {
             let Some(path) = self
                 .queue
@@ -419,9 +497,9 @@ impl Fetcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front()
             else {
-                return Ok((files, bytes));
+                return Ok(files);
             };
-            let (m, fetched) = self.fetch_file(&path).await?;
+            let m = self.fetch_file(&path).await?;
             let line = serde_json::to_string(&journal_line(&m))?;
             {
                 let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -437,15 +515,13 @@ impl Fetcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(path, m);
             files += 1;
-            bytes += fetched;
         }
     }
 
     /// One file: fetched from its current length on (a verified prefix), retried across lost
     /// connections; then fsynced and SHA-256'd for the manifest.
-    async fn fetch_file(&self, path: &str) -> Result<(ManifestFile, u64)> {
+    async fn fetch_file(&self, path: &str) -> Result<ManifestFile> {
         let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
-        let mut fetched = 0;
         let mut attempt = 0;
         // A file fetched from its start in this run is SHA-256'd as it is written (every try,
         // whatever its length, continues the same hash); one begun by an earlier run is read
@@ -486,7 +562,10 @@ impl Fetcher {
                             };
                             let r =
                                 pump::pump(local, send, recv, BytesMut::new(), &self.pump).await;
-                            fetched += r.received.raw_bytes;
+                            self.fetched.fetch_add(
+                                r.received.raw_bytes,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
                             r.outcome
                         }
                         Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
@@ -518,15 +597,12 @@ impl Fetcher {
             })
             .await??
         };
-        Ok((
-            ManifestFile {
-                path: path.to_string(),
-                size,
-                modified: time::OffsetDateTime::now_utc().unix_timestamp(),
-                sha256,
-            },
-            fetched,
-        ))
+        Ok(ManifestFile {
+            path: path.to_string(),
+            size,
+            modified: time::OffsetDateTime::now_utc().unix_timestamp(),
+            sha256,
+        })
     }
 }
 
@@ -619,7 +695,7 @@ fn read_journal(journal: &Path) -> (Option<u64>, HashMap<String, ManifestFile>) 
 
 /// Removes every regular file under `dir` that `keep` does not name (partial files, files of
 /// an earlier session that changed or left the plan).
-fn remove_files_except(dir: &Path, keep: &HashMap<String, ManifestFile>) -> Result<()> {
+fn remove_files_except(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         for entry in std::fs::read_dir(dir.join(&rel))? {
@@ -628,7 +704,7 @@ fn remove_files_except(dir: &Path, keep: &HashMap<String, ManifestFile>) -> Resu
             let ft = entry.file_type()?;
             if ft.is_dir() {
                 stack.push(path);
-            } else if !keep.contains_key(path.to_string_lossy().as_ref()) {
+            } else if !keep(path.to_string_lossy().as_ref()) {
                 std::fs::remove_file(dir.join(&path))?;
             }
         }

@@ -20,8 +20,13 @@ use crate::control::{BlockRanges, TableBlocks, TableDigest};
 
 /// Size and SHA-256 of a file, read through once (the agent copy's manifest and its delta).
 pub fn sha256_file(p: &std::path::Path) -> std::io::Result<(u64, [u8; 32])> {
+    sha256_prefix(p, u64::MAX)
+}
+
+/// Length and SHA-256 of the first `limit` bytes of a file (all of it if shorter).
+pub fn sha256_prefix(p: &std::path::Path, limit: u64) -> std::io::Result<(u64, [u8; 32])> {
     use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
+    let mut f = std::fs::File::open(p)?.take(limit);
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0; 1 << 20];
     let mut n = 0u64;

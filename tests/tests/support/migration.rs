@@ -392,7 +392,17 @@ impl MigrationRig {
 
     /// SIGKILL the source agent and start it again with the same arguments (same audit log).
     pub fn kill_and_restart_source(&mut self) -> Result<()> {
+        self.kill_source();
+        self.start_source()
+    }
+
+    /// SIGKILL the source agent; it stays down until [`start_source`](Self::start_source).
+    pub fn kill_source(&mut self) {
         self.source.child.kill();
+    }
+
+    /// Starts the source agent again with the same arguments; returns once it listens.
+    pub fn start_source(&mut self) -> Result<()> {
         self.source = self.launch.source(&self.certs)?;
         Ok(())
     }
