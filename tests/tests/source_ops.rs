@@ -168,6 +168,93 @@ fn typed_requests_on_a_real_source() -> Result<()> {
     Ok(())
 }
 
+/// The base copy serves only the files of its own plan. A target (compromised, or a second
+/// copy with its certificate) that names anything else, a path out of the data directory, a
+/// file PostgreSQL's rules leave out, or another backup's id, gets a refusal and no byte.
+#[test]
+fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
+    let dir = TestDir::new()?;
+    let port = free_tcp_port();
+    let mut pgc = PgCluster::init(&dir.join("pg"), port)?;
+    pgc.start()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let c = pgc.connect("127.0.0.1", port).await?;
+        let shared = pgferry_source::backup::SharedBackup::default();
+        let plan = pgferry_source::backup::start(
+            &shared,
+            &c,
+            pgc.connect("127.0.0.1", port),
+            "pgferry plan test",
+        )
+        .await?;
+        let planned = |p: &str| plan.entries.iter().any(|e| e.path == p && !e.dir);
+        assert!(planned("PG_VERSION") && planned("global/pg_control"));
+        let outside = [
+            "../../../../../../etc/passwd",
+            "/etc/passwd",
+            "base/../../pg/postmaster.pid",
+            "postmaster.pid",
+            "postmaster.opts",
+            "pg_wal",
+            "./PG_VERSION",
+            "PG_VERSION/",
+        ];
+        for path in outside {
+            assert!(!planned(path), "{path} is in the plan");
+            let e = pgferry_source::backup::open_file(&shared, plan.id, path, 0)
+                .await
+                .err()
+                .with_context(|| format!("{path} was served"))?;
+            assert!(
+                format!("{e:#}").contains("is not a file of base copy"),
+                "{e:#}"
+            );
+            let e = pgferry_source::backup::digests(&shared, plan.id, &[path.to_string()], &[])
+                .await
+                .err()
+                .with_context(|| format!("{path} was digested"))?;
+            assert!(
+                format!("{e:#}").contains("is not a file of base copy"),
+                "{e:#}"
+            );
+        }
+        // One bad path refuses the whole request, not just its own answer.
+        assert!(pgferry_source::backup::digests(
+            &shared,
+            plan.id,
+            &["PG_VERSION".into(), "/etc/shadow".into()],
+            &[],
+        )
+        .await
+        .is_err());
+        // Another backup's id: nothing, even for a planned file.
+        let e = pgferry_source::backup::open_file(&shared, plan.id ^ 1, "PG_VERSION", 0)
+            .await
+            .err()
+            .context("served under another id")?;
+        assert!(format!("{e:#}").contains("no base copy"), "{e:#}");
+        // The plan's own files are served, and digested (whole, or a prefix).
+        assert!(
+            pgferry_source::backup::open_file(&shared, plan.id, "PG_VERSION", 0)
+                .await
+                .is_ok()
+        );
+        let d = pgferry_source::backup::digests(
+            &shared,
+            plan.id,
+            &["PG_VERSION".into(), "PG_VERSION".into()],
+            &[u64::MAX, 1],
+        )
+        .await?;
+        assert_eq!((d[0].size, d[1].size), (3, 1), "{d:?}");
+        assert_ne!(d[0].sha256, d[1].sha256);
+        pgferry_source::backup::stop(&shared, plan.id).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(())
+}
+
 /// The same requests sent by a target agent over the tunnel's control stream and answered by
 /// the source agent on its own PostgreSQL connection; each is audited on the source.
 #[test]

@@ -500,6 +500,10 @@ impl Fetcher {
                 return Ok(files);
             };
             let m = self.fetch_file(&path).await?;
+            // The file is fsynced (fetch_file) before its line is written, so a line on disk
+            // always names a durable file. The line itself is not fsynced: one lost with the
+            // host costs a fetch of that file again (from its end), not a wrong copy; and a
+            // fsync per file, taken under the journal's lock, serialized the streams.
             let line = serde_json::to_string(&journal_line(&m))?;
             {
                 let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -508,7 +512,6 @@ impl Fetcher {
                     .append(true)
                     .open(&self.journal)?;
                 writeln!(f, "{line}")?;
-                f.sync_data()?;
             }
             self.done
                 .lock()
