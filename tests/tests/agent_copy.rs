@@ -18,7 +18,7 @@ use pgferry_common::backup::{
 };
 use pgferry_tests::{
     as_postgres, chown_postgres, free_tcp_port, load_sample_data, pg_bin, table_digest,
-    table_digest_at, wait_until, PgCluster, TestDir,
+    table_digest_at, wait_until, ChildGuard, PgCluster, TestDir,
 };
 use support::audit_events;
 use support::migration::{MigrationRig, Writer};
@@ -438,16 +438,7 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     rig.pg
         .psql(&format!("DELETE FROM {changed} WHERE id % 5 = 0"))?;
     eprintln!("changed {changed} between the sessions");
-    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
-        clone.try_wait().ok().flatten()
-    })?;
-    let text = clone.output();
-    assert!(status.success(), "{text}");
-    let delta = text
-        .lines()
-        .find(|l| l.contains("was lost") && l.contains("unchanged"))
-        .with_context(|| format!("no delta:\n{text}"))?;
-    eprintln!("{delta}");
+    let (text, delta) = clone_after_lost_session(&mut clone)?;
     // The changed file is not among the kept ones.
     let (kept, of) = delta
         .split(", ")
@@ -462,6 +453,22 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     assert!(kept < of, "{delta}");
     assert!(text.contains("pg_verifybackup"), "{text}");
     cutover_keeps_the_tables(&rig)
+}
+
+/// Waits for `clone` to succeed; its output, and its line on the lost backup session.
+fn clone_after_lost_session(clone: &mut ChildGuard) -> Result<(String, String)> {
+    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
+        clone.try_wait().ok().flatten()
+    })?;
+    let text = clone.output();
+    assert!(status.success(), "{text}");
+    let delta = text
+        .lines()
+        .find(|l| l.contains("was lost") && l.contains("partly fetched"))
+        .with_context(|| format!("no delta:\n{text}"))?
+        .to_string();
+    eprintln!("{delta}");
+    Ok((text, delta))
 }
 
 /// The files under `base/` the target has only part of: (path, its length here, the source's).
@@ -537,16 +544,7 @@ fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchange
         std::fs::write(rig.data_dir.join(path), bytes)?;
     }
     rig.start_source()?;
-    let status = wait_until("the clone to finish", Duration::from_secs(300), || {
-        clone.try_wait().ok().flatten()
-    })?;
-    let text = clone.output();
-    assert!(status.success(), "{text}");
-    let delta = text
-        .lines()
-        .find(|l| l.contains("was lost") && l.contains("partly fetched"))
-        .with_context(|| format!("no delta:\n{text}"))?;
-    eprintln!("{delta}");
+    let (text, delta) = clone_after_lost_session(&mut clone)?;
     let kept: usize = delta
         .split(" partly fetched")
         .next()

@@ -817,3 +817,67 @@ fn manifest_bytes(data_dir: &std::path::Path) -> Result<u64> {
         .filter_map(|f| f["Size"].as_u64())
         .sum())
 }
+
+/// A measurement, not a check: both copy methods through a 1 Gbit/s link (`tc tbf`) between
+/// two namespaces, one after the other in one run, `PGFERRY_GOAL_MB` (default 800) of mixed
+/// data. Prints the copy phase's time of each, the UDP bytes the source agent sent (the link's
+/// share of the work) and the time the link alone would need for them.
+///
+/// `cargo build --release --bins && cargo test --release -p pgferry-tests --test outage
+/// measure_copy_methods_at_1_gbit -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_copy_methods_at_1_gbit() -> Result<()> {
+    let mb: u32 = std::env::var("PGFERRY_GOAL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(800);
+    let mut lines = Vec::new();
+    for (i, (name, config)) in [
+        ("pg_basebackup", ""),
+        ("agent", "copy_method = \"agent\"\n"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(net) = NetnsPair::create(&format!("pgfgbit{i}"))? else {
+            anyhow::bail!("network namespaces cannot be created here");
+        };
+        net.limit_rate(1000)?;
+        let mut rig = support::migration::MigrationRig::builder(mb)
+            .target_config(config)
+            .netns(net)
+            .start()?;
+        let (ok, out) = rig.cmd("clone", &[]);
+        anyhow::ensure!(ok, "{out}");
+        let copy = out
+            .lines()
+            .find_map(|l| {
+                let rest = l
+                    .split_once("base backup done in ")
+                    .or_else(|| l.split_once(" fetched in "))?
+                    .1;
+                rest.split_whitespace().next()?.parse::<f64>().ok()
+            })
+            .context("the copy's duration")?;
+        let size = manifest_bytes(&rig.data_dir)?;
+        rig.stop_agents()?;
+        let udp: u64 = audit_events(&rig.source.audit, "session_ended")
+            .iter()
+            .map(|e| e["details"]["udp_bytes_sent"].as_u64().unwrap_or(0))
+            .sum();
+        let line = format!(
+            "{name}: copy {copy:.1} s for {:.0} MB; {:.0} MB of UDP from the source (whole clone), {:.1} s at 1 Gbit/s",
+            size as f64 / 1e6,
+            udp as f64 / 1e6,
+            udp as f64 / 125e6
+        );
+        eprintln!("COPY AT 1 GBIT {line}");
+        lines.push(line);
+    }
+    eprintln!("\n1 Gbit/s, {mb} MB of sample data:");
+    for l in &lines {
+        eprintln!("  {l}");
+    }
+    Ok(())
+}
