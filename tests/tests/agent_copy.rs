@@ -367,17 +367,7 @@ fn measure_copy_methods() -> Result<()> {
         let t = std::time::Instant::now();
         let (ok, out) = rig.cmd("clone", &[]);
         assert!(ok, "{out}");
-        // "base backup done in 1.7 s" / "agent copy done: … fetched in 1.2 s": the copy alone.
-        let copy = out
-            .lines()
-            .find_map(|l| {
-                let rest = l
-                    .split_once("base backup done in ")
-                    .or_else(|| l.split_once(" fetched in "))?
-                    .1;
-                rest.split_whitespace().next()?.parse::<f64>().ok()
-            })
-            .context("the copy's duration")?;
+        let copy = support::migration::copy_secs(&out).context("the copy's duration")?;
         eprintln!(
             "COPY {name}: copy {copy:.2} s, whole clone {:.1} s",
             t.elapsed().as_secs_f64()
@@ -402,10 +392,7 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     let mut rig = MigrationRig::builder(120)
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
         .start()?;
-    let source_bytes: u64 = rig
-        .pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
-        .parse()?;
+    let source_bytes = rig.source_bytes()?;
     let journal = rig.state_file.with_extension("copy.jsonl");
     // The table to change: one whose first file is complete on the target before the kill.
     let files: Vec<(String, String)> = ["ferry.orders", "ferry.docs"]
@@ -512,10 +499,7 @@ fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchange
         })
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
         .start()?;
-    let source_bytes: u64 = rig
-        .pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
-        .parse()?;
+    let source_bytes = rig.source_bytes()?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     wait_until("half of the copy", Duration::from_secs(120), || {
         (support::du(&rig.data_dir) > source_bytes / 2).then_some(())

@@ -291,9 +291,7 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
     let (pg, new_port) = (&rig.pg, rig.target_port);
     let rt = tokio::runtime::Runtime::new()?;
     let writer = UnixWriter::start(&rt, pg)?;
-    let source_bytes: u64 = pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
-        .parse()?;
+    let source_bytes = rig.source_bytes()?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     let started = Instant::now();
     wait_until(
@@ -736,10 +734,7 @@ fn goal_run(prefix: &str, mb: u32, case: Interruption) -> Result<String> {
         .start()?;
     let rt = tokio::runtime::Runtime::new()?;
     let writer = UnixWriter::start(&rt, &rig.pg)?;
-    let source_bytes: u64 = rig
-        .pg
-        .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
-        .parse()?;
+    let source_bytes = rig.source_bytes()?;
     let started = Instant::now();
     let mut clone = rig.spawn_cmd("clone", &[])?;
     let share = if case == Interruption::Outage { 3 } else { 2 };
@@ -850,16 +845,7 @@ fn measure_copy_methods_at_1_gbit() -> Result<()> {
             .start()?;
         let (ok, out) = rig.cmd("clone", &[]);
         anyhow::ensure!(ok, "{out}");
-        let copy = out
-            .lines()
-            .find_map(|l| {
-                let rest = l
-                    .split_once("base backup done in ")
-                    .or_else(|| l.split_once(" fetched in "))?
-                    .1;
-                rest.split_whitespace().next()?.parse::<f64>().ok()
-            })
-            .context("the copy's duration")?;
+        let copy = support::migration::copy_secs(&out).context("the copy's duration")?;
         let size = manifest_bytes(&rig.data_dir)?;
         rig.stop_agents()?;
         let udp: u64 = audit_events(&rig.source.audit, "session_ended")

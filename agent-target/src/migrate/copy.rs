@@ -285,7 +285,7 @@ impl Executor<'_> {
         plan: &BackupPlan,
         previous: HashMap<String, ManifestFile>,
     ) -> Result<HashMap<String, ManifestFile>> {
-        let planned: std::collections::HashSet<&str> = plan
+        let planned: HashSet<&str> = plan
             .entries
             .iter()
             .filter(|e| !e.dir)
@@ -295,29 +295,53 @@ impl Executor<'_> {
             .values()
             .filter(|m| planned.contains(m.path.as_str()))
             .collect();
-        let mut kept = HashMap::new();
-        for batch in candidates.chunks(pgferry_common::control::MAX_DIGEST_PATHS) {
-            let digests = match self
+        let paths = candidates.iter().map(|m| m.path.clone()).collect();
+        let digests = self.source_digests(plan.id, paths, Vec::new()).await?;
+        Ok(candidates
+            .into_iter()
+            .zip(digests)
+            .filter(|(m, d)| {
+                d.path == m.path && d.size == m.size && d.sha256 == hex::encode(m.sha256)
+            })
+            .map(|(m, _)| (m.path.clone(), m.clone()))
+            .collect())
+    }
+
+    /// The source's [`FileDigest`](pgferry_common::control::FileDigest) of each of `paths` of
+    /// backup `id` (of its first `lengths[i]` bytes when `lengths` is given), in order, asked
+    /// in requests of at most [`MAX_DIGEST_PATHS`](pgferry_common::control::MAX_DIGEST_PATHS).
+    async fn source_digests(
+        &self,
+        id: u64,
+        paths: Vec<String>,
+        lengths: Vec<u64>,
+    ) -> Result<Vec<pgferry_common::control::FileDigest>> {
+        let per = pgferry_common::control::MAX_DIGEST_PATHS;
+        let mut out = Vec::with_capacity(paths.len());
+        for (i, batch) in paths.chunks(per).enumerate() {
+            let lengths = if lengths.is_empty() {
+                Vec::new()
+            } else {
+                lengths[i * per..i * per + batch.len()].to_vec()
+            };
+            match self
                 .ask_within(
                     Request::FileDigests {
-                        id: plan.id,
-                        paths: batch.iter().map(|m| m.path.clone()).collect(),
-                        lengths: Vec::new(),
+                        id,
+                        paths: batch.to_vec(),
+                        lengths,
                     },
                     Duration::from_secs(600),
                 )
                 .await?
             {
-                Response::FileDigests { digests } => digests,
-                other => bail!("unexpected answer {other:?}"),
-            };
-            for (m, d) in batch.iter().zip(digests) {
-                if d.path == m.path && d.size == m.size && d.sha256 == hex::encode(m.sha256) {
-                    kept.insert(m.path.clone(), (*m).clone());
+                Response::FileDigests { digests } if digests.len() == batch.len() => {
+                    out.extend(digests)
                 }
+                other => bail!("unexpected answer {other:?}"),
             }
         }
-        Ok(kept)
+        Ok(out)
     }
 
     /// Of the files partly fetched in an earlier session (in the plan, not complete, not
@@ -339,40 +363,31 @@ impl Executor<'_> {
                 (len > 0).then(|| (e.path.clone(), len))
             })
             .collect();
+        let theirs = self
+            .source_digests(
+                plan.id,
+                partial.iter().map(|(p, _)| p.clone()).collect(),
+                partial.iter().map(|(_, n)| *n).collect(),
+            )
+            .await?;
+        let ours = {
+            let (dir, partial) = (data_dir.to_path_buf(), partial.clone());
+            tokio::task::spawn_blocking(move || {
+                partial
+                    .iter()
+                    .map(|(p, _)| sha256_file(&dir.join(p)).ok())
+                    .collect::<Vec<_>>()
+            })
+            .await?
+        };
         let (mut kept, mut bytes) = (HashSet::new(), 0);
-        for batch in partial.chunks(pgferry_common::control::MAX_DIGEST_PATHS) {
-            let digests = match self
-                .ask_within(
-                    Request::FileDigests {
-                        id: plan.id,
-                        paths: batch.iter().map(|(p, _)| p.clone()).collect(),
-                        lengths: batch.iter().map(|(_, n)| *n).collect(),
-                    },
-                    Duration::from_secs(600),
-                )
-                .await?
-            {
-                Response::FileDigests { digests } => digests,
-                other => bail!("unexpected answer {other:?}"),
-            };
-            let ours = {
-                let (dir, batch) = (data_dir.to_path_buf(), batch.to_vec());
-                tokio::task::spawn_blocking(move || {
-                    batch
-                        .iter()
-                        .map(|(p, _)| sha256_file(&dir.join(p)).ok())
-                        .collect::<Vec<_>>()
-                })
-                .await?
-            };
-            for (((path, len), theirs), ours) in batch.iter().zip(digests).zip(ours) {
-                let same = ours.is_some_and(|(n, sum)| {
-                    n == *len && theirs.size == n && theirs.sha256 == hex::encode(sum)
-                });
-                if same && theirs.path == *path {
-                    kept.insert(path.clone());
-                    bytes += len;
-                }
+        for (((path, len), theirs), ours) in partial.into_iter().zip(theirs).zip(ours) {
+            let same = ours.is_some_and(|(n, sum)| {
+                n == len && theirs.size == n && theirs.sha256 == hex::encode(sum)
+            });
+            if same && theirs.path == path {
+                kept.insert(path);
+                bytes += len;
             }
         }
         Ok((kept, bytes))

@@ -135,6 +135,18 @@ impl Writer {
     }
 }
 
+/// The copy phase's seconds in a `clone`'s output, either method: "base backup done in 1.7 s"
+/// or "agent copy done: … fetched in 1.2 s".
+pub fn copy_secs(out: &str) -> Option<f64> {
+    out.lines().find_map(|l| {
+        let rest = l
+            .split_once("base backup done in ")
+            .or_else(|| l.split_once(" fetched in "))?
+            .1;
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    })
+}
+
 /// The milliseconds after `label` in `text` (e.g. "write downtime 512 ms").
 pub fn number_after(text: &str, label: &str) -> Option<u64> {
     text.split(label)
@@ -423,6 +435,14 @@ impl MigrationRig {
     pub fn kill_and_restart_target(&mut self) -> Result<()> {
         self.kill_target();
         self.start_target()
+    }
+
+    /// Bytes of every database of the source cluster.
+    pub fn source_bytes(&self) -> Result<u64> {
+        Ok(self
+            .pg
+            .psql("SELECT sum(pg_database_size(oid)) FROM pg_database")?
+            .parse()?)
     }
 
     /// The persisted migration phase (`fenced`, `rolled_back`, …).
