@@ -502,43 +502,79 @@ struct Fetcher {
 }
 
 impl Fetcher {
-    /// Takes files off the queue until it is empty; the files fetched.
+    /// Takes files off the queue until it is empty; the files fetched. A file received is
+    /// finished (fsync, digest, journal line) while the stream fetches the next one: at most
+    /// one file of each stream waits for its fsync, and a stream does not stall on it.
     async fn work(self: Arc<Self>) -> Result<u64> {
         let mut files = 0u64;
+        let mut finishing: Option<tokio::task::JoinHandle<Result<()>>> = None;
         loop {
-            let Some(path) = self
+            let next = self
                 .queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            else {
-                return Ok(files);
+                .pop_front();
+            let received = match next {
+                Some(path) => Some(self.fetch_file(&path).await?),
+                None => None,
             };
-            let m = self.fetch_file(&path).await?;
-            // The file is fsynced (fetch_file) before its line is written, so a line on disk
-            // always names a durable file. The line itself is not fsynced: one lost with the
-            // host costs a fetch of that file again (from its end), not a wrong copy; and a
-            // fsync per file, taken under the journal's lock, serialized the streams.
-            let line = serde_json::to_string(&journal_line(&m))?;
-            {
-                let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&self.journal)?;
-                writeln!(f, "{line}")?;
+            if let Some(f) = finishing.take() {
+                f.await.context("finishing a file")??;
+                files += 1;
             }
-            self.done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(path, m);
-            files += 1;
+            match received {
+                Some(r) => finishing = Some(tokio::spawn(self.clone().finish(r))),
+                None => return Ok(files),
+            }
         }
     }
 
+    /// A file received whole: fsynced and SHA-256'd, then its journal line. The file is
+    /// fsynced before its line is written, so a line on disk always names a durable file. The
+    /// line itself is not fsynced: one lost with the host costs a fetch of that file again
+    /// (from its end), not a wrong copy; and a fsync per file, taken under the journal's lock,
+    /// serialized the streams.
+    async fn finish(self: Arc<Self>, r: Received) -> Result<()> {
+        let full = self.data_dir.join(&r.path);
+        let hash = r
+            .hash
+            .map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let (size, sha256) = tokio::task::spawn_blocking(move || match hash {
+            Some(h) => {
+                let f = std::fs::File::open(&full)?;
+                f.sync_all()?;
+                let mut sum = [0; 32];
+                sum.copy_from_slice(h.finish().as_ref());
+                Ok::<_, anyhow::Error>((f.metadata()?.len(), sum))
+            }
+            None => sha256_file(&full),
+        })
+        .await??;
+        let m = ManifestFile {
+            path: r.path,
+            size,
+            modified: time::OffsetDateTime::now_utc().unix_timestamp(),
+            sha256,
+        };
+        let line = serde_json::to_string(&journal_line(&m))?;
+        {
+            let _g = self.journal_lock.lock().unwrap_or_else(|e| e.into_inner());
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.journal)?;
+            writeln!(f, "{line}")?;
+        }
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(m.path.clone(), m);
+        Ok(())
+    }
+
     /// One file: fetched from its current length on (a verified prefix), retried across lost
-    /// connections; then fsynced and SHA-256'd for the manifest.
-    async fn fetch_file(&self, path: &str) -> Result<ManifestFile> {
+    /// connections.
+    async fn fetch_file(&self, path: &str) -> Result<Received> {
         let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
         let mut attempt = 0;
         // A file fetched from its start in this run is SHA-256'd as it is written (every try,
@@ -600,28 +636,18 @@ impl Fetcher {
                 other => bail!("copying {path}: {} {}", other.label(), other.detail()),
             }
         }
-        let (size, sha256) = {
-            let full = full.clone();
-            let hash = hash.map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone());
-            tokio::task::spawn_blocking(move || match hash {
-                Some(h) => {
-                    let f = std::fs::File::open(&full)?;
-                    f.sync_all()?;
-                    let mut sum = [0; 32];
-                    sum.copy_from_slice(h.finish().as_ref());
-                    Ok::<_, anyhow::Error>((f.metadata()?.len(), sum))
-                }
-                None => sha256_file(&full),
-            })
-            .await??
-        };
-        Ok(ManifestFile {
+        Ok(Received {
             path: path.to_string(),
-            size,
-            modified: time::OffsetDateTime::now_utc().unix_timestamp(),
-            sha256,
+            hash,
         })
     }
+}
+
+/// A file whose bytes all arrived (not yet fsynced), and its SHA-256 so far if it was
+/// fetched from its start in this run.
+struct Received {
+    path: String,
+    hash: Option<Arc<Mutex<ring::digest::Context>>>,
 }
 
 /// A file of the copy being written. Each write reaches the file (the page cache) before it

@@ -58,7 +58,12 @@ impl Agent {
             .arg("--audit-log")
             .arg(&audit)
             .args(args)
-            .env("PGFERRY_LOG", "info");
+            // `PGFERRY_TEST_AGENT_LOG` sets the agents' log filter for a measurement (e.g.
+            // `info,pgferry_common::runtime::pump=debug` for the compression level's moves).
+            .env(
+                "PGFERRY_LOG",
+                std::env::var("PGFERRY_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            );
         let child = ChildGuard::spawn(name, cmd)?;
         Ok(Agent {
             child,
