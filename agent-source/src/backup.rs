@@ -86,6 +86,20 @@ pub struct ActiveBackup {
     files: std::collections::HashSet<String>,
     session: tokio_postgres::Client,
     plan: pgferry_common::control::BackupPlan,
+    /// What `pg_backup_stop` returned, once stopped: a repeated stop (its answer was lost to an
+    /// outage) gets it again; no file is served any more.
+    stopped: Option<Stopped>,
+}
+
+/// What `pg_backup_stop` returns: label file, tablespace map, end LSN.
+pub type Stopped = (String, String, pgferry_common::migration::Lsn);
+
+/// The backup `id` if it is running (started, not stopped).
+fn running(b: &Option<ActiveBackup>, id: u64) -> Result<&ActiveBackup> {
+    match b.as_ref().filter(|b| b.id == id && b.stopped.is_none()) {
+        Some(b) => Ok(b),
+        None => bail!("no base copy {id:016x} is running on the source"),
+    }
 }
 
 /// Shared by the control stream (start, stop) and the file streams, across connections.
@@ -104,7 +118,7 @@ pub async fn start(
     use pgferry_common::control::{BackupEntry, BackupPlan};
     let mut guard = shared.lock().await;
     if let Some(b) = guard.as_ref() {
-        if b.label == label && !b.session.is_closed() {
+        if b.label == label && !b.session.is_closed() && b.stopped.is_none() {
             return Ok(b.plan.clone());
         }
     }
@@ -153,19 +167,21 @@ pub async fn start(
         files,
         session,
         plan: plan.clone(),
+        stopped: None,
     });
     Ok(plan)
 }
 
-/// `pg_backup_stop` of backup `id`: (label file, tablespace map, end LSN).
-pub async fn stop(
-    shared: &SharedBackup,
-    id: u64,
-) -> Result<(String, String, pgferry_common::migration::Lsn)> {
+/// `pg_backup_stop` of backup `id`: (label file, tablespace map, end LSN). Asked again for
+/// the same backup, the same answer.
+pub async fn stop(shared: &SharedBackup, id: u64) -> Result<Stopped> {
     let mut guard = shared.lock().await;
-    let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
+    let Some(b) = guard.as_mut().filter(|b| b.id == id) else {
         bail!("no base copy {id:016x} is running on the source (the source agent restarted?); start the copy again");
     };
+    if let Some(stopped) = &b.stopped {
+        return Ok(stopped.clone());
+    }
     let row = b
         .session
         .query_one(
@@ -181,7 +197,7 @@ pub async fn stop(
         end.parse()
             .with_context(|| format!("pg_backup_stop returned {end:?}"))?,
     );
-    *guard = None;
+    b.stopped = Some(out.clone());
     Ok(out)
 }
 
@@ -196,9 +212,7 @@ pub async fn open_file(
     use tokio::io::AsyncSeekExt;
     let full = {
         let guard = shared.lock().await;
-        let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
-            bail!("no base copy {id:016x} is running on the source");
-        };
+        let b = running(&guard, id)?;
         if !b.files.contains(path) {
             bail!("{path:?} is not a file of base copy {id:016x}");
         }
@@ -243,9 +257,7 @@ pub async fn digests(
 ) -> Result<Vec<pgferry_common::control::FileDigest>> {
     let (data_dir, paths) = {
         let guard = shared.lock().await;
-        let Some(b) = guard.as_ref().filter(|b| b.id == id) else {
-            bail!("no base copy {id:016x} is running on the source");
-        };
+        let b = running(&guard, id)?;
         if let Some(p) = paths.iter().find(|p| !b.files.contains(*p)) {
             bail!("{p:?} is not a file of base copy {id:016x}");
         }

@@ -11,13 +11,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use bytes::BytesMut;
 use tokio::sync::oneshot;
 use tracing::warn;
 
 use pgferry_common::control::{self, ControlMessage, Request, Response, MAX_CONTROL_MESSAGE};
 use pgferry_common::runtime::pump;
+
+/// The tunnel to the source agent is down: no connection is up, or the one a request went
+/// over ended before its answer. Unlike an answer or an error of the source agent, waiting for
+/// the tunnel cures it (the agent copy waits out an outage of any length on it).
+#[derive(Debug)]
+pub struct TunnelDown(pub String);
+
+impl std::fmt::Display for TunnelDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TunnelDown {}
+
+impl TunnelDown {
+    /// Whether `e` (or an error it wraps) is a [`TunnelDown`].
+    pub fn is(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.is::<TunnelDown>())
+    }
+}
+
+fn closed() -> anyhow::Error {
+    TunnelDown("the tunnel closed before the source agent answered".into()).into()
+}
 
 /// The target's side of the control stream: send a request, await its response.
 pub struct ControlClient {
@@ -55,7 +80,7 @@ impl ControlClient {
             .as_mut()
         {
             Some(pending) => pending.insert(id, tx),
-            None => bail!("the tunnel closed before the source agent answered"),
+            None => return Err(closed()),
         };
         let mut out = BytesMut::new();
         control::encode_message(&ControlMessage::Request { id, request }, &mut out)?;
@@ -63,11 +88,11 @@ impl ControlClient {
             let mut send = self.send.lock().await;
             send.write_all(&out)
                 .await
-                .context("sending a request to the source agent")?;
+                .map_err(|e| TunnelDown(format!("sending a request to the source agent: {e}")))?;
         }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(_)) => bail!("the tunnel closed before the source agent answered"),
+            Ok(Err(_)) => Err(closed()),
             Err(_) => {
                 if let Some(pending) = self
                     .pending

@@ -211,7 +211,9 @@ impl Cx {
             rx.wait_for(|c| c.as_ref().is_some_and(|l| l.conn.close_reason().is_none())),
         )
         .await
-        .map_err(|_| anyhow::anyhow!("the tunnel to the source is down (waited 60 s)"))??
+        .map_err(|_| {
+            control_client::TunnelDown("the tunnel to the source is down (waited 60 s)".into())
+        })??
         .clone()
         .expect("checked");
         Ok(link)
@@ -225,7 +227,11 @@ impl Cx {
     /// A new bidirectional stream to the source agent, waiting up to a minute for the tunnel.
     pub(crate) async fn open_data_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         let link = self.link().await?;
-        let streams = link.conn.open_bi().await?;
+        let streams = link
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| control_client::TunnelDown(format!("opening a stream: {e}")))?;
         link.stats
             .streams
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -263,17 +263,56 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
 /// on the new cluster.
 #[test]
 fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
-    migration_with_outage("pgfmo", "")
+    migration_with_outage(OutageCase {
+        prefix: "pgfmo",
+        target_config: "",
+        agent_args: &[],
+        outage: outage(),
+    })
 }
 
 /// The same with the agent-owned copy: its file streams are fetched again from where they
 /// stopped once the tunnel is back.
 #[test]
 fn a_migration_with_the_agent_copy_survives_an_outage() -> Result<()> {
-    migration_with_outage("pgfma", "copy_method = \"agent\"\n")
+    migration_with_outage(OutageCase {
+        prefix: "pgfma",
+        target_config: "copy_method = \"agent\"\n",
+        agent_args: &[],
+        outage: outage(),
+    })
 }
 
-fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
+/// An outage longer than every timeout: the idle timeout (30 s) ends the connection, the
+/// resume grace (5 s here) ends the held file streams, and each wait of the copy for the tunnel
+/// (60 s) runs out too. The agent copy waits on and says so, keeps what it has, rolls nothing
+/// back, and goes on when the link is back.
+#[test]
+fn the_agent_copy_waits_out_an_outage_longer_than_every_timeout() -> Result<()> {
+    migration_with_outage(OutageCase {
+        prefix: "pgfml",
+        target_config: "copy_method = \"agent\"\n",
+        agent_args: &["--resume-grace-secs", "5"],
+        outage: Duration::from_secs(100),
+    })
+}
+
+/// How [`migration_with_outage`] runs.
+struct OutageCase {
+    prefix: &'static str,
+    target_config: &'static str,
+    /// For both agents.
+    agent_args: &'static [&'static str],
+    outage: Duration,
+}
+
+fn migration_with_outage(case: OutageCase) -> Result<()> {
+    let OutageCase {
+        prefix,
+        target_config,
+        agent_args,
+        outage,
+    } = case;
     let Some(net) = NetnsPair::create(prefix)? else {
         eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
         return Ok(());
@@ -285,6 +324,7 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
                 .map(drop)
         })
         .target_config(target_config)
+        .agent_args(agent_args)
         .netns(net)
         .start()?;
     let net = rig.netns.as_ref().context("namespaces")?;
@@ -308,7 +348,7 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         source_bytes / 1_000_000
     );
     let mut peak = (0, 0);
-    while cut.elapsed() < outage() {
+    while cut.elapsed() < outage {
         anyhow::ensure!(
             clone.try_wait()?.is_none(),
             "the clone ended during the outage:\n{}",
@@ -317,6 +357,8 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         sample_peak_rss(&mut peak, &rig.source, &rig.target);
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Still copying: nothing was rolled back.
+    assert_eq!(rig.phase().as_deref(), Some("slot_created"));
     net.set_link(true)?;
     let back = Instant::now();
     let status = wait_until("the clone to finish", Duration::from_secs(300), || {
@@ -326,7 +368,7 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
     eprintln!(
         "MIGRATION OUTAGE ({}): link down {} s; clone done {:.1} s after the link came back, {:.1} s in all; peak RSS during the outage: source {} MiB, target {} MiB",
         if target_config.is_empty() { "pg_basebackup" } else { "agent copy" },
-        outage().as_secs(),
+        outage.as_secs(),
         back.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64(),
         peak.0,
@@ -359,6 +401,16 @@ fn migration_with_outage(prefix: &str, target_config: &str) -> Result<()> {
         assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
     } else {
         assert!(text.contains("agent copy done"), "{text}");
+    }
+    if !agent_args.is_empty() {
+        // Past every timeout: the copy said it waits, and when the tunnel was back.
+        let waits: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("the copy waits for it"))
+            .collect();
+        eprintln!("{}", waits.join("\n"));
+        assert!(!waits.is_empty(), "{text}");
+        assert!(text.contains("the tunnel is back after"), "{text}");
     }
     cutover_keeps_every_write(&rig, &rt, writer, new_port)
 }

@@ -249,7 +249,34 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         .await?;
         assert_eq!((d[0].size, d[1].size), (3, 1), "{d:?}");
         assert_ne!(d[0].sha256, d[1].sha256);
-        pgferry_source::backup::stop(&shared, plan.id).await?;
+        // A stop asked again (its answer lost to an outage) gets the same answer (a second
+        // pg_backup_stop would fail: no backup in progress), and the stopped copy serves
+        // nothing more.
+        let first = pgferry_source::backup::stop(&shared, plan.id).await?;
+        let again = pgferry_source::backup::stop(&shared, plan.id).await?;
+        assert_eq!(first, again);
+        assert!(first.0.contains("START WAL LOCATION"), "{}", first.0);
+        for e in [
+            pgferry_source::backup::open_file(&shared, plan.id, "PG_VERSION", 0)
+                .await
+                .err(),
+            pgferry_source::backup::digests(&shared, plan.id, &["PG_VERSION".into()], &[])
+                .await
+                .err(),
+        ] {
+            let e = e.context("served after the stop")?;
+            assert!(format!("{e:#}").contains("no base copy"), "{e:#}");
+        }
+        // The same label after the stop is a new backup.
+        let next = pgferry_source::backup::start(
+            &shared,
+            &c,
+            pgc.connect("127.0.0.1", port),
+            "pgferry plan test",
+        )
+        .await?;
+        assert_ne!(next.id, plan.id);
+        pgferry_source::backup::stop(&shared, next.id).await?;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -41,7 +41,8 @@ use pgferry_common::backup::{backup_manifest, label_timeline, ManifestFile, WalR
 use pgferry_common::control::{BackupPlan, FileHeader, Request, Response, StreamKind};
 use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
 
-use super::Executor;
+use super::{Executor, REQUEST_TIMEOUT};
+use crate::control_client::TunnelDown;
 
 /// One line of the copy's journal (JSON lines beside the state file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,8 +59,59 @@ enum Journal {
     },
 }
 
-/// Attempts per file before the copy fails (each after the tunnel is back).
+/// Failures of one file's stream in a row, each with the tunnel up and without a byte fetched,
+/// before the copy fails. An outage is no failure: it is waited out, however long.
 const FILE_ATTEMPTS: u32 = 20;
+
+/// When a file's copy gives up ([`FILE_ATTEMPTS`]).
+#[derive(Debug, Default)]
+struct FileRetry {
+    failures: u32,
+}
+
+impl FileRetry {
+    /// A try failed (`moved`: it fetched bytes first); whether to try again.
+    fn go_on(&mut self, moved: bool) -> bool {
+        self.failures = if moved { 1 } else { self.failures + 1 };
+        self.failures < FILE_ATTEMPTS
+    }
+}
+
+/// How long the tunnel has been down, for progress lines: due at 10 s of outage, then every
+/// minute; `up` says how long it was down if a line was due.
+#[derive(Debug, Default)]
+struct OutageClock {
+    since: Option<Instant>,
+    reported: Option<Instant>,
+}
+
+impl OutageClock {
+    /// The tunnel is down at `now`: how long, if a line is due.
+    fn down(&mut self, now: Instant) -> Option<Duration> {
+        let since = *self.since.get_or_insert(now);
+        self.down_since(since, now)
+    }
+
+    /// The tunnel has been down since `since`: how long, if a line is due.
+    fn down_since(&mut self, since: Instant, now: Instant) -> Option<Duration> {
+        self.since = Some(since);
+        let down = now.saturating_duration_since(since);
+        let due = match self.reported {
+            None => down >= Duration::from_secs(10),
+            Some(r) => now.saturating_duration_since(r) >= Duration::from_secs(60),
+        };
+        due.then(|| {
+            self.reported = Some(now);
+            down
+        })
+    }
+
+    /// The tunnel is up: how long it was down, if that was reported.
+    fn up(&mut self) -> Option<Duration> {
+        let since = self.since.take();
+        self.reported.take().and(since).map(|s| s.elapsed())
+    }
+}
 
 impl Executor<'_> {
     /// The agent-owned copy into the data directory; returns (files, bytes) fetched now.
@@ -149,7 +201,7 @@ impl Executor<'_> {
         let none = |e: anyhow::Error| (e, (0, 0));
         let label = format!("pgferry {}", self.migration);
         let plan = match self
-            .ask(Request::BackupStart { label })
+            .ask_through_outage(Request::BackupStart { label }, REQUEST_TIMEOUT)
             .await
             .map_err(none)?
         {
@@ -199,7 +251,12 @@ impl Executor<'_> {
                 counted.clone(),
             )
             .await?;
-            match self.ask(Request::BackupStop { id: plan.id }).await? {
+            // The source answers a repeated stop of the same backup with the same result, so
+            // an answer lost to an outage is asked for again.
+            match self
+                .ask_through_outage(Request::BackupStop { id: plan.id }, REQUEST_TIMEOUT)
+                .await?
+            {
                 Response::BackupStopped {
                     label,
                     tablespace_map,
@@ -325,7 +382,7 @@ impl Executor<'_> {
                 lengths[i * per..i * per + batch.len()].to_vec()
             };
             match self
-                .ask_within(
+                .ask_through_outage(
                     Request::FileDigests {
                         id,
                         paths: batch.to_vec(),
@@ -395,6 +452,37 @@ impl Executor<'_> {
 
     /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
     /// decompression and checks use every core); (files, bytes) fetched.
+    /// [`Executor::ask_within`], asked again while the tunnel is down, however long (the
+    /// journal and the source's backup session outlive an outage; the slot keeps the WAL).
+    /// Every request of the copy can be asked twice: start and stop answer a repeat with the
+    /// same result, digests are read-only.
+    async fn ask_through_outage(&self, request: Request, timeout: Duration) -> Result<Response> {
+        let mut outage = OutageClock::default();
+        loop {
+            match self.ask_within(request.clone(), timeout).await {
+                Err(e) if TunnelDown::is(&e) => {
+                    if let Some(down) = outage.down(Instant::now()) {
+                        (self.progress)(format!(
+                            "{}; the copy waits for it (down {} s; files complete are kept either way)",
+                            e,
+                            down.as_secs()
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => {
+                    if let Some(down) = outage.up() {
+                        (self.progress)(format!(
+                            "the tunnel is back after {} s; the copy goes on",
+                            down.as_secs()
+                        ));
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
     async fn fetch_all(
         &self,
         plan: &BackupPlan,
@@ -414,13 +502,20 @@ impl Executor<'_> {
             journal_lock: Mutex::new(()),
             done,
             fetched: std::sync::atomic::AtomicU64::new(0),
+            down_since: Mutex::new(None),
         });
         let tasks: Vec<_> = (0..self.settings.copy_streams)
             .map(|_| tokio::spawn(fetcher.clone().work()))
             .collect();
+        let report = self.report_outages(&fetcher);
+        tokio::pin!(report);
         let mut first_err = None;
         for t in tasks {
-            match t.await {
+            let t = tokio::select! {
+                t = t => t,
+                () = &mut report => unreachable!("reports until the copy ends"),
+            };
+            match t {
                 Ok(Ok(files)) => {
                     counted.lock().unwrap_or_else(|e| e.into_inner()).0 += files;
                 }
@@ -444,6 +539,35 @@ impl Executor<'_> {
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Reports, while the file streams wait for the tunnel, how long it has been down (at
+    /// 10 s, then every minute), and when it is back. Never ends.
+    async fn report_outages(&self, fetcher: &Fetcher) {
+        let mut outage = OutageClock::default();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let since = *fetcher.down_since.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match since {
+                Some(since) => {
+                    if let Some(down) = outage.down_since(since, now) {
+                        (self.progress)(format!(
+                            "the tunnel to the source is down; the copy waits for it (down {} s; files complete and the verified part of each file are kept)",
+                            down.as_secs()
+                        ));
+                    }
+                }
+                None => {
+                    if let Some(down) = outage.up() {
+                        (self.progress)(format!(
+                            "the tunnel is back after {} s; the copy goes on",
+                            down.as_secs()
+                        ));
+                    }
+                }
+            }
         }
     }
 
@@ -499,6 +623,8 @@ struct Fetcher {
     done: Arc<Mutex<HashMap<String, ManifestFile>>>,
     /// Bytes received on every file stream, complete or not (what crossed the tunnel).
     fetched: std::sync::atomic::AtomicU64,
+    /// Since when a stream has found the tunnel down (`None` once one opened again).
+    down_since: Mutex<Option<Instant>>,
 }
 
 impl Fetcher {
@@ -576,7 +702,7 @@ impl Fetcher {
     /// connections.
     async fn fetch_file(&self, path: &str) -> Result<Received> {
         let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
-        let mut attempt = 0;
+        let mut retry = FileRetry::default();
         // A file fetched from its start in this run is SHA-256'd as it is written (every try,
         // whatever its length, continues the same hash); one begun by an earlier run is read
         // back at the end.
@@ -587,7 +713,6 @@ impl Fetcher {
             )))
         });
         loop {
-            attempt += 1;
             let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
             let file = std::fs::OpenOptions::new()
                 .create(true)
@@ -596,6 +721,7 @@ impl Fetcher {
                 .with_context(|| full.display().to_string())?;
             let outcome = match (self.open)().await {
                 Ok((mut send, recv)) => {
+                    *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     let mut out = BytesMut::new();
                     out.extend_from_slice(&[StreamKind::File as u8]);
                     FileHeader {
@@ -625,12 +751,30 @@ impl Fetcher {
                         Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
                     }
                 }
+                Err(e) if TunnelDown::is(&e) => {
+                    // Waited out, however long: not an attempt.
+                    self.down_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(Instant::now);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
                 Err(e) => Outcome::ConnectionLost(format!("{e:#}")),
             };
             match outcome {
                 Outcome::Ok => break,
-                Outcome::ConnectionLost(m) | Outcome::TunnelError(m) if attempt < FILE_ATTEMPTS => {
-                    tracing::warn!("copy of {path}: {m}; again from its end (attempt {attempt})");
+                Outcome::ConnectionLost(m) | Outcome::TunnelError(m) => {
+                    let moved = std::fs::metadata(&full).map_or(0, |m| m.len()) > offset;
+                    if !retry.go_on(moved) {
+                        bail!("copying {path}: {m} ({FILE_ATTEMPTS} times in a row without a byte fetched)");
+                    }
+                    tracing::warn!("copy of {path}: {m}; again from its end");
+                    // The tunnel is likely down: the streams' wait for it starts now.
+                    self.down_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(Instant::now);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 other => bail!("copying {path}: {} {}", other.label(), other.detail()),
@@ -779,4 +923,44 @@ fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
 
 fn hex_sha256(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_gives_up_only_after_failures_in_a_row_that_fetched_nothing() {
+        let mut r = FileRetry::default();
+        for _ in 1..FILE_ATTEMPTS {
+            assert!(r.go_on(false));
+        }
+        assert!(!r.go_on(false), "the last failure without a byte ends it");
+        // A flapping link that lets some bytes through each time never ends it.
+        let mut r = FileRetry::default();
+        for i in 0..10 * FILE_ATTEMPTS {
+            assert!(r.go_on(i % 3 == 0), "failure {i}");
+        }
+    }
+
+    #[test]
+    fn an_outage_is_reported_at_ten_seconds_then_every_minute_and_when_it_ends() {
+        let mut c = OutageClock::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(c.down(at(0)), None);
+        assert_eq!(c.down(at(9)), None);
+        assert_eq!(c.down(at(10)), Some(Duration::from_secs(10)));
+        assert_eq!(c.down(at(11)), None);
+        assert_eq!(c.down(at(69)), None);
+        assert_eq!(c.down(at(70)), Some(Duration::from_secs(70)));
+        // Three hours: still waiting, still reported.
+        assert_eq!(c.down(at(3 * 3600)), Some(Duration::from_secs(3 * 3600)));
+        assert!(c.up().is_some());
+        // A blip shorter than 10 s is not reported at all, neither its end.
+        let mut c = OutageClock::default();
+        assert_eq!(c.down(at(0)), None);
+        assert_eq!(c.down(at(5)), None);
+        assert_eq!(c.up(), None);
+    }
 }

@@ -71,7 +71,7 @@ pub type OpenStream = std::sync::Arc<
 pub const BASEBACKUP_APP: &str = "pgferry_basebackup";
 /// `application_name` of the standby's walreceiver.
 pub const STANDBY_APP: &str = "pgferry_standby";
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as u64

@@ -207,10 +207,17 @@ pub struct RigBuilder<'p> {
     prepare: Option<Prepare<'p>>,
     replication_password: Option<String>,
     target_config: String,
+    agent_args: Vec<String>,
     netns: Option<NetnsPair>,
 }
 
 impl<'p> RigBuilder<'p> {
+    /// Extra `run` arguments for both agents (e.g. `--resume-grace-secs 5`).
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// Runs `prepare` on the source cluster (as postgres) after the sample data is loaded and
     /// before the agents start.
     pub fn prepare(mut self, prepare: impl FnOnce(&PgCluster) -> Result<()> + 'p) -> Self {
@@ -291,11 +298,19 @@ impl<'p> RigBuilder<'p> {
         std::fs::write(dir.join("target.toml"), config)?;
         let launch = Launcher {
             dir: dir.path().to_path_buf(),
-            source_args: source_args(&quic, pg.port, &source_pw),
-            target_args: vec![
-                "--config".to_string(),
-                dir.join("target.toml").to_string_lossy().into(),
-            ],
+            source_args: [
+                source_args(&quic, pg.port, &source_pw),
+                self.agent_args.clone(),
+            ]
+            .concat(),
+            target_args: [
+                vec![
+                    "--config".to_string(),
+                    dir.join("target.toml").to_string_lossy().into(),
+                ],
+                self.agent_args.clone(),
+            ]
+            .concat(),
             source_netns: self.netns.as_ref().map(|n| n.a.clone()),
             target_netns: self.netns.as_ref().map(|n| n.b.clone()),
         };
@@ -383,6 +398,7 @@ impl MigrationRig {
             prepare: None,
             replication_password: None,
             target_config: String::new(),
+            agent_args: Vec::new(),
             netns: None,
         }
     }
