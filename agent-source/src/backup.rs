@@ -84,7 +84,8 @@ pub struct ActiveBackup {
     pub label: String,
     data_dir: std::path::PathBuf,
     files: std::collections::HashSet<String>,
-    session: tokio_postgres::Client,
+    /// `None` once stopped: the session is closed then.
+    session: Option<tokio_postgres::Client>,
     plan: pgferry_common::control::BackupPlan,
     /// What `pg_backup_stop` returned, once stopped: a repeated stop (its answer was lost to an
     /// outage) gets it again; no file is served any more.
@@ -118,7 +119,7 @@ pub async fn start(
     use pgferry_common::control::{BackupEntry, BackupPlan};
     let mut guard = shared.lock().await;
     if let Some(b) = guard.as_ref() {
-        if b.label == label && !b.session.is_closed() && b.stopped.is_none() {
+        if b.label == label && b.session.as_ref().is_some_and(|s| !s.is_closed()) {
             return Ok(b.plan.clone());
         }
     }
@@ -165,7 +166,7 @@ pub async fn start(
         label: label.to_string(),
         data_dir,
         files,
-        session,
+        session: Some(session),
         plan: plan.clone(),
         stopped: None,
     });
@@ -182,8 +183,10 @@ pub async fn stop(shared: &SharedBackup, id: u64) -> Result<Stopped> {
     if let Some(stopped) = &b.stopped {
         return Ok(stopped.clone());
     }
-    let row = b
-        .session
+    let Some(session) = &b.session else {
+        bail!("base copy {id:016x}: its PostgreSQL session is gone");
+    };
+    let row = session
         .query_one(
             "SELECT labelfile, spcmapfile, lsn::text FROM pg_backup_stop(false)",
             &[],
@@ -198,6 +201,8 @@ pub async fn stop(shared: &SharedBackup, id: u64) -> Result<Stopped> {
             .with_context(|| format!("pg_backup_stop returned {end:?}"))?,
     );
     b.stopped = Some(out.clone());
+    // Its PostgreSQL session is closed: nothing is left of the backup on the source.
+    b.session = None;
     Ok(out)
 }
 

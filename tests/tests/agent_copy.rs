@@ -345,6 +345,48 @@ fn an_agent_copy_resumes_after_the_target_is_killed() -> Result<()> {
     cutover_keeps_the_tables(&rig)
 }
 
+/// A rollback of a migration whose agent copy was cut (the target agent killed mid-copy) ends
+/// the source's backup session: the source is not left in backup mode, holding a PostgreSQL
+/// session, until its agent restarts. The slot goes too, as in every rollback.
+#[test]
+fn a_rollback_ends_the_backup_session_of_a_cut_agent_copy() -> Result<()> {
+    let mut rig = MigrationRig::builder(60)
+        .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
+        .start()?;
+    let journal = rig.state_file.with_extension("copy.jsonl");
+    let in_backup = |pg: &PgCluster| {
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_backup_start%'")
+    };
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    wait_until(
+        "files in the copy's journal",
+        Duration::from_secs(120),
+        || {
+            std::fs::read_to_string(&journal)
+                .ok()
+                .filter(|t| t.lines().count() > 5)
+        },
+    )?;
+    rig.kill_target();
+    let _ = clone.try_wait();
+    rig.start_target()?;
+    assert_eq!(in_backup(&rig.pg)?, "1", "the backup session is held");
+    let (ok, out) = rig.cmd("rollback", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ending the base copy's backup session"),
+        "{out}"
+    );
+    wait_until("the backup session to end", Duration::from_secs(10), || {
+        (in_backup(&rig.pg).ok()? == "0").then_some(())
+    })?;
+    assert_eq!(
+        rig.pg.psql("SELECT count(*) FROM pg_replication_slots")?,
+        "0"
+    );
+    Ok(())
+}
+
 /// A measurement, not a check (`cargo test --release --test agent_copy -- --ignored
 /// --nocapture`): the same cluster cloned through the tunnel over loopback with each copy
 /// method, one after the other in one run; prints the time of the copy phase of each and their

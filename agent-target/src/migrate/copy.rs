@@ -274,6 +274,25 @@ impl Executor<'_> {
         }
     }
 
+    /// Rollback: the source's backup session of an agent copy left unfinished (named in the
+    /// journal) is ended, so that the source is not left in backup mode (full-page writes
+    /// forced, a PostgreSQL session held) until its agent restarts. The journal stays: a later
+    /// migration into the same directory keeps the files that did not change (delta).
+    pub(super) async fn end_source_backup(&self) -> Result<()> {
+        let journal = self.settings.state_file.with_extension("copy.jsonl");
+        let (Some(id), _) = read_journal(&journal) else {
+            return Ok(());
+        };
+        (self.progress)(format!(
+            "ending the base copy's backup session {id:016x} on the source"
+        ));
+        match self.ask(Request::BackupStop { id }).await {
+            // Already stopped, or ended with its agent.
+            Err(e) if !format!("{e:#}").contains("no base copy") => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// The data directory and journal for `plan`. The journal's own session: its files are
     /// kept (resume). Another session (the source's was lost): the files whose SHA-256 equals
     /// the source's now are kept, every other file is removed (delta, see the module doc).

@@ -287,6 +287,7 @@ impl Executor<'_> {
         });
         self.ask(Request::Unfence).await?;
         self.resume_pooler().await;
+        self.end_source_backup().await?;
         // The standby we started keeps the slot busy: stop it first (the migration is over).
         if let Some(d) = &self.settings.data_dir {
             self.stop_orphaned_tools(d).await;
