@@ -53,8 +53,9 @@ pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
                     continue;
                 }
                 bail!(
-                    "{}: a symlink (a tablespace?): the agent copy does not handle tablespaces yet; use --copy-method pg_basebackup",
-                    entry.path().display()
+                    "{}: a symlink (a tablespace?): {}; set copy_method = \"pg_basebackup\" in [target]",
+                    entry.path().display(),
+                    pgferry_common::backup::TABLESPACES_REFUSED
                 );
             }
             if meta.is_dir() {

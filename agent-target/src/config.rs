@@ -68,9 +68,10 @@ pub struct TargetSection {
     /// `[target.pgbouncer]`: a PgBouncer in front of the old cluster, paused before the
     /// fence and switched to the new primary after promotion ([`crate::pooler`]).
     pub pgbouncer: Option<PgBouncerSection>,
-    /// How the base copy is made: `pg_basebackup` (default: one stream, through the tunnel)
-    /// or `agent` (the agents copy the files themselves over parallel streams, resumable
-    /// file by file; see the README).
+    /// How the base copy is made: `agent` (the agents copy the files themselves over parallel
+    /// streams, resumable file by file) or `pg_basebackup` (one stream, through the tunnel).
+    /// Unset: `agent`, or `pg_basebackup` for a source with tablespaces, which the agent copy
+    /// does not handle yet (see the README).
     pub copy_method: Option<String>,
     /// Parallel file streams of the agent copy (default: the number of cores, at least 8).
     pub copy_streams: Option<usize>,
@@ -79,8 +80,12 @@ pub struct TargetSection {
 /// How the base copy is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMethod {
+    /// `pg_basebackup -X stream` through the tunnel.
     PgBasebackup,
+    /// The agents copy the files (a source with tablespaces is refused).
     Agent,
+    /// Not configured: the agent copy, or `pg_basebackup` for a source with tablespaces.
+    Default,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -221,7 +226,8 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
         hba_file: s.hba_file,
         pgbouncer: s.pgbouncer.map(PgBouncerSection::resolve).transpose()?,
         copy_method: match s.copy_method.as_deref() {
-            None | Some("pg_basebackup") => CopyMethod::PgBasebackup,
+            None => CopyMethod::Default,
+            Some("pg_basebackup") => CopyMethod::PgBasebackup,
             Some("agent") => CopyMethod::Agent,
             Some(other) => {
                 anyhow::bail!("[target] copy_method {other:?}: use \"pg_basebackup\" or \"agent\"")

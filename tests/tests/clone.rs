@@ -15,7 +15,7 @@ use support::{audit_events, details};
 fn clone_builds_a_streaming_standby_and_failures_roll_back() -> Result<()> {
     let mut rig = MigrationRig::builder(20)
         .replication_password("wrong password")
-        .target_config("replication_user = \"postgres\"\n")
+        .target_config("replication_user = \"postgres\"\ncopy_method = \"pg_basebackup\"\n")
         .start()?;
     let (pg, dir) = (&rig.pg, rig.dir.path());
     let (data_dir, state_file) = (&rig.data_dir, &rig.state_file);

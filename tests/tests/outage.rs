@@ -265,7 +265,7 @@ fn a_copy_through_the_tunnel_survives_an_outage_longer_than_the_idle_timeout() -
 fn a_migration_survives_an_outage_in_the_middle_of_the_copy() -> Result<()> {
     migration_with_outage(OutageCase {
         prefix: "pgfmo",
-        target_config: "",
+        target_config: "copy_method = \"pg_basebackup\"\n",
         agent_args: &[],
         outage: outage(),
     })
@@ -317,6 +317,7 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
         eprintln!("SKIPPED: network namespaces cannot be created here (see the reason above)");
         return Ok(());
     };
+    let basebackup = target_config.contains("pg_basebackup");
     net.limit_rate(100)?;
     let rig = support::migration::MigrationRig::builder(150)
         .prepare(|pg| {
@@ -367,7 +368,7 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
     let text = clone.output();
     eprintln!(
         "MIGRATION OUTAGE ({}): link down {} s; clone done {:.1} s after the link came back, {:.1} s in all; peak RSS during the outage: source {} MiB, target {} MiB",
-        if target_config.is_empty() { "pg_basebackup" } else { "agent copy" },
+        if basebackup { "pg_basebackup" } else { "agent copy" },
         outage.as_secs(),
         back.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64(),
@@ -378,7 +379,7 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
     // Held streams keep at most their unacknowledged frames (RESUME_BUFFER, 16 MiB, per stream
     // and direction): the pg_basebackup stream, or the agent copy's streams (8 by default), on
     // top of the agents' usual footprint.
-    let streams = if target_config.is_empty() { 2 } else { 9 };
+    let streams = if basebackup { 2 } else { 9 };
     let bound = 64 + streams * (pgferry_common::runtime::pump::RESUME_BUFFER >> 20) as u64;
     assert!(
         peak.0 < bound && peak.1 < bound,
@@ -397,7 +398,7 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
         resent as f64 * 100.0 / source_bytes as f64,
         source_bytes / 1_000_000
     );
-    if target_config.is_empty() {
+    if basebackup {
         assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
     } else {
         assert!(text.contains("agent copy done"), "{text}");
@@ -881,7 +882,7 @@ fn measure_copy_methods_at_1_gbit() -> Result<()> {
         .unwrap_or(800);
     let mut lines = Vec::new();
     for (i, (name, config)) in [
-        ("pg_basebackup", ""),
+        ("pg_basebackup", "copy_method = \"pg_basebackup\"\n"),
         ("agent", "copy_method = \"agent\"\n"),
     ]
     .into_iter()

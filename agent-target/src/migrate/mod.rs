@@ -367,9 +367,24 @@ impl Executor<'_> {
     }
 
     async fn base_backup(&self, slot: &str) -> Result<()> {
-        if self.settings.copy_method == crate::config::CopyMethod::Agent {
+        use crate::config::CopyMethod;
+        if self.settings.copy_method != CopyMethod::PgBasebackup {
             let t = Instant::now();
-            self.agent_copy(slot).await?;
+            match self.agent_copy(slot).await {
+                Ok(_) => {}
+                // Refused at the start, before anything was copied.
+                Err(e)
+                    if self.settings.copy_method == CopyMethod::Default
+                        && format!("{e:#}")
+                            .contains(pgferry_common::backup::TABLESPACES_REFUSED) =>
+                {
+                    (self.progress)(format!(
+                        "the source has tablespaces, which the agent copy does not handle yet ({e:#}); copying with pg_basebackup instead"
+                    ));
+                    return self.pg_basebackup(slot).await;
+                }
+                Err(e) => return Err(e),
+            }
             let data_dir = self.data_dir()?;
             // The copy carries no WAL (the standby streams it through the slot).
             let mut verify = self.pg_tool("pg_verifybackup");
@@ -383,6 +398,11 @@ impl Executor<'_> {
             });
             return Ok(());
         }
+        self.pg_basebackup(slot).await
+    }
+
+    /// The base copy by `pg_basebackup -X stream -R` through the tunnel, then `pg_verifybackup`.
+    async fn pg_basebackup(&self, slot: &str) -> Result<()> {
         let data_dir = self.data_dir()?;
         // A run killed during the backup leaves its pg_basebackup running (holding the slot and
         // writing into the directory): end it first.
