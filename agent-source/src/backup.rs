@@ -91,6 +91,45 @@ pub struct ActiveBackup {
     /// What `pg_backup_stop` returned, once stopped: a repeated stop (its answer was lost to an
     /// outage) gets it again; no file is served any more.
     stopped: Option<Stopped>,
+    /// What its file streams sent, for the audit record at the stop.
+    served: Served,
+}
+
+/// What the file streams of one backup session sent.
+#[derive(Debug, Default)]
+struct Served {
+    complete: std::collections::HashSet<String>,
+    streams: u64,
+    refused: u64,
+    raw_bytes: u64,
+    wire_bytes: u64,
+    chunks: u64,
+}
+
+/// Counts a file stream of backup `id` that ended (`report`), or was refused (`None`).
+pub async fn count_stream(
+    shared: &SharedBackup,
+    id: u64,
+    path: &str,
+    report: Option<&pgferry_common::runtime::pump::StreamReport>,
+) {
+    let mut guard = shared.lock().await;
+    let Some(b) = guard.as_mut().filter(|b| b.id == id) else {
+        return;
+    };
+    let s = &mut b.served;
+    match report {
+        None => s.refused += 1,
+        Some(r) => {
+            s.streams += 1;
+            s.raw_bytes += r.sent.raw_bytes;
+            s.wire_bytes += r.sent.wire_bytes;
+            s.chunks += r.sent.chunks;
+            if r.outcome == pgferry_common::runtime::pump::Outcome::Ok {
+                s.complete.insert(path.to_string());
+            }
+        }
+    }
 }
 
 /// What `pg_backup_stop` returns: label file, tablespace map, end LSN.
@@ -170,19 +209,27 @@ pub async fn start(
         session: Some(session),
         plan: plan.clone(),
         stopped: None,
+        served: Served::default(),
     });
     Ok(plan)
 }
 
-/// `pg_backup_stop` of backup `id`: (label file, tablespace map, end LSN). Asked again for
-/// the same backup, the same answer.
-pub async fn stop(shared: &SharedBackup, id: u64) -> Result<Stopped> {
+/// `pg_backup_stop` of backup `id`: (label file, tablespace map, end LSN), and, the first
+/// time, the audit record of what the copy sent. Asked again for the same backup, the same
+/// answer (and no record).
+pub async fn stop(
+    shared: &SharedBackup,
+    id: u64,
+) -> Result<(
+    Stopped,
+    Option<pgferry_common::audit::event::BaseCopyServed>,
+)> {
     let mut guard = shared.lock().await;
     let Some(b) = guard.as_mut().filter(|b| b.id == id) else {
         bail!("no base copy {id:016x} is running on the source (the source agent restarted?); start the copy again");
     };
     if let Some(stopped) = &b.stopped {
-        return Ok(stopped.clone());
+        return Ok((stopped.clone(), None));
     }
     let Some(session) = &b.session else {
         bail!("base copy {id:016x}: its PostgreSQL session is gone");
@@ -204,7 +251,20 @@ pub async fn stop(shared: &SharedBackup, id: u64) -> Result<Stopped> {
     b.stopped = Some(out.clone());
     // Its PostgreSQL session is closed: nothing is left of the backup on the source.
     b.session = None;
-    Ok(out)
+    let s = &b.served;
+    let record = pgferry_common::audit::event::BaseCopyServed {
+        backup_id: format!("{id:016x}"),
+        start_lsn: b.plan.start_lsn.to_string(),
+        end_lsn: out.2.to_string(),
+        files_planned: b.files.len() as u64,
+        files_served: s.complete.len() as u64,
+        streams: s.streams,
+        refused: s.refused,
+        raw_bytes: s.raw_bytes,
+        wire_bytes: s.wire_bytes,
+        chunks: s.chunks,
+    };
+    Ok((out, Some(record)))
 }
 
 /// The file `path` of backup `id` from `offset`, as a local connection whose reader is the

@@ -202,7 +202,8 @@ async fn read_opening(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Resul
 }
 
 /// A file of the base copy: its bytes, chunked and checked like any stream (only files of the
-/// running backup's plan). No audit record per file: the copy is recorded as a whole.
+/// running backup's plan). No audit record per file: each stream is counted, and the copy is
+/// recorded as a whole at its stop (`base_copy_served`); a refusal is recorded at once.
 async fn serve_file(
     tunnel: &Tunnel,
     backup: &crate::backup::SharedBackup,
@@ -215,10 +216,17 @@ async fn serve_file(
             if report.outcome != Outcome::Ok {
                 warn!("base copy file {}: {}", h.path, report.outcome.detail());
             }
+            crate::backup::count_stream(backup, h.backup_id, &h.path, Some(&report)).await;
         }
         Err(e) => {
             let msg = format!("{e:#}");
             warn!("refusing base copy file {:?}: {msg}", h.path);
+            crate::backup::count_stream(backup, h.backup_id, &h.path, None).await;
+            tunnel.audit_event(&StreamRefused {
+                session_id: format!("{:016x}", h.backup_id),
+                service: "base copy".into(),
+                reason: format!("{:?}: {msg}", h.path),
+            });
             pump::send_reset(&mut s.send, 0, ResetCode::Refused, &msg).await;
             let _ = s.recv.stop(pump::codes::PROTOCOL.into());
         }

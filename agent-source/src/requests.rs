@@ -67,16 +67,23 @@ pub async fn serve_requests(
                                 message: format!("{e:#}"),
                             })
                     }
-                    (control::Request::BackupStop { id }, _) => crate::backup::stop(&backup, *id)
-                        .await
-                        .map(|(label, tablespace_map, end_lsn)| Response::BackupStopped {
-                            label,
-                            tablespace_map,
-                            end_lsn,
-                        })
-                        .unwrap_or_else(|e| Response::Error {
-                            message: format!("{e:#}"),
-                        }),
+                    (control::Request::BackupStop { id }, _) => {
+                        match crate::backup::stop(&backup, *id).await {
+                            Ok(((label, tablespace_map, end_lsn), record)) => {
+                                if let Some(r) = record {
+                                    audit(event::BaseCopyServed::NAME, event::details(&r));
+                                }
+                                Response::BackupStopped {
+                                    label,
+                                    tablespace_map,
+                                    end_lsn,
+                                }
+                            }
+                            Err(e) => Response::Error {
+                                message: format!("{e:#}"),
+                            },
+                        }
+                    }
                     (control::Request::FileDigests { id, paths, lengths }, _) => {
                         crate::backup::digests(&backup, *id, paths, lengths)
                             .await

@@ -313,16 +313,10 @@ fn an_agent_copy_resumes_after_the_target_is_killed() -> Result<()> {
     let mut rig = MigrationRig::builder(120)
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
         .start()?;
-    let journal = rig.state_file.with_extension("copy.jsonl");
     let mut clone = rig.spawn_cmd("clone", &[])?;
-    let lines = |p: &Path| std::fs::read_to_string(p).map_or(0, |t| t.lines().count());
-    wait_until(
-        "files in the copy's journal",
-        Duration::from_secs(120),
-        || (lines(&journal) > 30).then_some(()),
-    )?;
+    rig.wait_for_journal_lines(30)?;
     rig.kill_target();
-    let at_kill = lines(&journal);
+    let at_kill = rig.journal_lines();
     let _ = clone.try_wait();
     eprintln!("target killed with {at_kill} journal line(s)");
     rig.start_target()?;
@@ -353,20 +347,11 @@ fn a_rollback_ends_the_backup_session_of_a_cut_agent_copy() -> Result<()> {
     let mut rig = MigrationRig::builder(60)
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
         .start()?;
-    let journal = rig.state_file.with_extension("copy.jsonl");
     let in_backup = |pg: &PgCluster| {
         pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_backup_start%'")
     };
     let mut clone = rig.spawn_cmd("clone", &[])?;
-    wait_until(
-        "files in the copy's journal",
-        Duration::from_secs(120),
-        || {
-            std::fs::read_to_string(&journal)
-                .ok()
-                .filter(|t| t.lines().count() > 5)
-        },
-    )?;
+    rig.wait_for_journal_lines(5)?;
     rig.kill_target();
     let _ = clone.try_wait();
     rig.start_target()?;
@@ -478,7 +463,7 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
         .start()?;
     let source_bytes = rig.source_bytes()?;
-    let journal = rig.state_file.with_extension("copy.jsonl");
+    let journal = rig.copy_journal();
     // The table to change: one whose first file is complete on the target before the kill.
     let files: Vec<(String, String)> = ["ferry.orders", "ferry.docs"]
         .iter()

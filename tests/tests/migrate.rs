@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use pgferry_tests::{table_digest, wait_until};
 use support::migration::{number_after, MigrationRig, Writer};
 use support::{audit_events, audit_stdout, audit_verify_peer, details};
@@ -142,8 +142,11 @@ fn auditor_report(rig: &MigrationRig, downtime: u64) -> Result<()> {
         "tables NOT verified: none".to_string(),
         "[target] cutover run by ".to_string(),
         "[source] request ".to_string(),
-        // The base backup's connections and the standby's walreceiver, told apart.
-        "who       user postgres, application pgferry_basebackup, replication".to_string(),
+        // The agent copy's file streams (the source's record of what left it), and the
+        // standby's walreceiver.
+        "the agents' file streams (agent copy): ".to_string(),
+        "[source] base copy ".to_string(),
+        " file(s) to their end, ".to_string(),
         "who       user postgres, application pgferry_standby, replication".to_string(),
     ] {
         assert!(text.contains(&needle), "missing {needle:?} in\n{text}");
@@ -168,6 +171,20 @@ fn auditor_report(rig: &MigrationRig, downtime: u64) -> Result<()> {
     assert_eq!(
         reported, received,
         "source → target bytes are the target's stream records"
+    );
+    // What the source says its file streams sent covers what the target's last run fetched.
+    let served = doc["transfer"]["volume"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["kind"] == "agent copy"))
+        .with_context(|| format!("no agent copy volume: {}", doc["transfer"]["volume"]))?;
+    let fetched = audit_events(&rig.target.audit, "base_copy")
+        .last()
+        .and_then(|r| details(r)["bytes_fetched_now"].as_u64())
+        .context("the target's base_copy record")?;
+    let sent = served["source_to_target_raw_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        fetched > 0 && sent >= fetched,
+        "sent {sent}, fetched {fetched}"
     );
     assert!(doc["transfer"]["outcome"]["tables_verified"]
         .as_array()

@@ -387,17 +387,7 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
     );
     assert!(text.contains("pg_verifybackup"), "{text}");
     assert!(text.contains("catching_up"), "{text}");
-    let resent: u64 = [&rig.source.audit, &rig.target.audit]
-        .iter()
-        .flat_map(|a| audit_events(a, "stream_resumed"))
-        .map(|e| e["details"]["resent_bytes"].as_u64().unwrap_or(0))
-        .sum();
-    eprintln!(
-        "MIGRATION OUTAGE: {:.1} MB sent again after the outage ({:.1}% of the {} MB cluster)",
-        resent as f64 / 1e6,
-        resent as f64 * 100.0 / source_bytes as f64,
-        source_bytes / 1_000_000
-    );
+    print_resent(&rig, source_bytes);
     if basebackup {
         assert!(!audit_events(&rig.target.audit, "stream_resumed").is_empty());
     } else {
@@ -414,6 +404,21 @@ fn migration_with_outage(case: OutageCase) -> Result<()> {
         assert!(text.contains("the tunnel is back after"), "{text}");
     }
     cutover_keeps_every_write(&rig, &rt, writer, new_port)
+}
+
+/// Prints what the agents' held streams sent again after the outage (their audit logs).
+fn print_resent(rig: &support::migration::MigrationRig, source_bytes: u64) {
+    let resent: u64 = [&rig.source.audit, &rig.target.audit]
+        .iter()
+        .flat_map(|a| audit_events(a, "stream_resumed"))
+        .map(|e| e["details"]["resent_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "MIGRATION OUTAGE: {:.1} MB sent again after the outage ({:.1}% of the {} MB cluster)",
+        resent as f64 / 1e6,
+        resent as f64 * 100.0 / source_bytes as f64,
+        source_bytes / 1_000_000
+    );
 }
 
 /// Runs the cutover (all tables verified) while `writer` goes on, then checks that the new

@@ -252,9 +252,17 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         // A stop asked again (its answer lost to an outage) gets the same answer (a second
         // pg_backup_stop would fail: no backup in progress), and the stopped copy serves
         // nothing more.
-        let first = pgferry_source::backup::stop(&shared, plan.id).await?;
-        let again = pgferry_source::backup::stop(&shared, plan.id).await?;
+        let (first, record) = pgferry_source::backup::stop(&shared, plan.id).await?;
+        let (again, none) = pgferry_source::backup::stop(&shared, plan.id).await?;
         assert_eq!(first, again);
+        // One audit record of what the copy sent, at the first stop: the refused paths are in
+        // it (the served streams go through the tunnel, not these direct calls).
+        let record = record.context("the audit record")?;
+        assert!(none.is_none());
+        assert_eq!(
+            record.files_planned,
+            plan.entries.iter().filter(|e| !e.dir).count() as u64
+        );
         assert!(first.0.contains("START WAL LOCATION"), "{}", first.0);
         for e in [
             pgferry_source::backup::open_file(&shared, plan.id, "PG_VERSION", 0)

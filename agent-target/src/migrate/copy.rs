@@ -63,6 +63,59 @@ enum Journal {
 /// before the copy fails. An outage is no failure: it is waited out, however long.
 const FILE_ATTEMPTS: u32 = 20;
 
+/// How often the agent copy reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What one backup session of the copy has done: for its result and its progress lines.
+struct Counts {
+    /// Files and bytes fetched (bytes: every byte received, complete files or not).
+    fetched: Mutex<(u64, u64)>,
+    /// Bytes written into the copy's files in this session.
+    written: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes here when the session began, and the plan's bytes.
+    here: u64,
+    total: u64,
+    started: Instant,
+}
+
+impl Counts {
+    /// A session that copies `files` into `data_dir`, `done` already complete.
+    fn new(
+        files: &[&pgferry_common::control::BackupEntry],
+        done: &HashMap<String, ManifestFile>,
+        data_dir: &Path,
+    ) -> Self {
+        // Bytes here already: complete files, and the verified part of partly fetched ones.
+        let here = files
+            .iter()
+            .map(|e| match done.get(&e.path) {
+                Some(m) => m.size,
+                None => std::fs::metadata(data_dir.join(&e.path)).map_or(0, |m| m.len()),
+            })
+            .sum();
+        Self {
+            fetched: Mutex::new((0, 0)),
+            written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            here,
+            total: files.iter().map(|e| e.size).sum(),
+            started: Instant::now(),
+        }
+    }
+
+    /// "agent copy: 27 % (123 of 456 MB, 120 files complete, 45.1 MB/s)".
+    fn line(&self, files_done: usize) -> String {
+        let written = self.written.load(std::sync::atomic::Ordering::Relaxed);
+        let have = (self.here + written).min(self.total);
+        format!(
+            "agent copy: {} % ({} of {} MB, {files_done} file(s) complete, {:.1} MB/s)",
+            have * 100 / self.total.max(1),
+            have / 1_000_000,
+            self.total / 1_000_000,
+            written as f64 / 1e6 / self.started.elapsed().as_secs_f64().max(0.001)
+        )
+    }
+}
+
 /// When a file's copy gives up ([`FILE_ATTEMPTS`]).
 #[derive(Debug, Default)]
 struct FileRetry {
@@ -228,8 +281,8 @@ impl Executor<'_> {
             done.len(),
             self.settings.copy_streams
         ));
+        let counted = Arc::new(Counts::new(&files, &done, data_dir));
         let done = Arc::new(Mutex::new(done));
-        let counted = Arc::new(Mutex::new((0u64, 0u64)));
         let fetched = async {
             self.fetch_all(
                 &plan,
@@ -266,7 +319,7 @@ impl Executor<'_> {
             }
         }
         .await;
-        let counted = *counted.lock().unwrap_or_else(|e| e.into_inner());
+        let counted = *counted.fetched.lock().unwrap_or_else(|e| e.into_inner());
         let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match fetched {
             Ok(stopped) => Ok((plan, done, counted, stopped)),
@@ -509,7 +562,7 @@ impl Executor<'_> {
         journal: &Path,
         todo: VecDeque<String>,
         done: Arc<Mutex<HashMap<String, ManifestFile>>>,
-        counted: Arc<Mutex<(u64, u64)>>,
+        counted: Arc<Counts>,
     ) -> Result<()> {
         let fetcher = Arc::new(Fetcher {
             open: self.open_stream.clone(),
@@ -521,12 +574,13 @@ impl Executor<'_> {
             journal_lock: Mutex::new(()),
             done,
             fetched: std::sync::atomic::AtomicU64::new(0),
+            written: counted.written.clone(),
             down_since: Mutex::new(None),
         });
         let tasks: Vec<_> = (0..self.settings.copy_streams)
             .map(|_| tokio::spawn(fetcher.clone().work()))
             .collect();
-        let report = self.report_outages(&fetcher);
+        let report = self.report(&fetcher, &counted);
         tokio::pin!(report);
         let mut first_err = None;
         for t in tasks {
@@ -536,7 +590,7 @@ impl Executor<'_> {
             };
             match t {
                 Ok(Ok(files)) => {
-                    counted.lock().unwrap_or_else(|e| e.into_inner()).0 += files;
+                    counted.fetched.lock().unwrap_or_else(|e| e.into_inner()).0 += files;
                 }
                 Ok(Err(e)) => {
                     // The others stop at their next file.
@@ -553,7 +607,7 @@ impl Executor<'_> {
             }
         }
         // Bytes of files left incomplete by a failure count too: they crossed the tunnel.
-        counted.lock().unwrap_or_else(|e| e.into_inner()).1 +=
+        counted.fetched.lock().unwrap_or_else(|e| e.into_inner()).1 +=
             fetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
@@ -561,14 +615,22 @@ impl Executor<'_> {
         }
     }
 
-    /// Reports, while the file streams wait for the tunnel, how long it has been down (at
-    /// 10 s, then every minute), and when it is back. Never ends.
-    async fn report_outages(&self, fetcher: &Fetcher) {
+    /// Reports the copy's progress every [`PROGRESS_EVERY`]; while the file streams wait for
+    /// the tunnel, how long it has been down instead (at 10 s, then every minute), and when it
+    /// is back. Never ends.
+    async fn report(&self, fetcher: &Fetcher, counts: &Counts) {
         let mut outage = OutageClock::default();
+        let mut last = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let since = *fetcher.down_since.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
+            if since.is_none() && now.duration_since(last) >= PROGRESS_EVERY {
+                last = now;
+                (self.progress)(
+                    counts.line(fetcher.done.lock().unwrap_or_else(|e| e.into_inner()).len()),
+                );
+            }
             match since {
                 Some(since) => {
                     if let Some(down) = outage.down_since(since, now) {
@@ -642,6 +704,8 @@ struct Fetcher {
     done: Arc<Mutex<HashMap<String, ManifestFile>>>,
     /// Bytes received on every file stream, complete or not (what crossed the tunnel).
     fetched: std::sync::atomic::AtomicU64,
+    /// Bytes written into the copy's files (verified), for progress.
+    written: Arc<std::sync::atomic::AtomicU64>,
     /// Since when a stream has found the tunnel down (`None` once one opened again).
     down_since: Mutex<Option<Instant>>,
 }
@@ -756,6 +820,7 @@ impl Fetcher {
                                 writer: Box::new(FileWriter {
                                     file,
                                     hash: hash.clone(),
+                                    written: self.written.clone(),
                                 }),
                                 abort_handle: None,
                             };
@@ -820,6 +885,7 @@ struct Received {
 struct FileWriter {
     file: std::fs::File,
     hash: Option<Arc<Mutex<ring::digest::Context>>>,
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl tokio::io::AsyncWrite for FileWriter {
@@ -830,10 +896,14 @@ impl tokio::io::AsyncWrite for FileWriter {
     ) -> std::task::Poll<std::io::Result<usize>> {
         use std::io::Write;
         let r = self.file.write(buf);
-        if let (Ok(n), Some(h)) = (&r, &self.hash) {
-            h.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .update(&buf[..*n]);
+        if let Ok(n) = &r {
+            self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(h) = &self.hash {
+                h.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .update(&buf[..*n]);
+            }
         }
         std::task::Poll::Ready(r)
     }

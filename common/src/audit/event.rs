@@ -438,6 +438,30 @@ impl AuditEvent for BaseBackupDone {
     const NAME: &'static str = "base_backup";
 }
 
+/// `base_copy_served` (source): an agent copy's backup session stopped by the target; what its
+/// file streams sent (a file fetched again after a cut counts again: these are the bytes that
+/// left the host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseCopyServed {
+    pub backup_id: String,
+    pub start_lsn: String,
+    pub end_lsn: String,
+    /// Files of the plan, and those served to their end.
+    pub files_planned: u64,
+    pub files_served: u64,
+    /// File streams served (tries), and file streams refused (a path outside the plan, another
+    /// backup's id).
+    pub streams: u64,
+    pub refused: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    pub chunks: u64,
+}
+
+impl AuditEvent for BaseCopyServed {
+    const NAME: &'static str = "base_copy_served";
+}
+
 /// `standby_started`: the new cluster runs as a standby.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StandbyStarted {

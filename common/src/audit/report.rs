@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use super::event::{read, AgentStopped, AuditEvent, StreamIdentified};
 use super::record::{events, format_time};
 use super::transfer::{
-    country_name, human_bytes, streams_csv, LogRecords, Transfer, REPORT_SCHEMA_VERSION,
+    country_name, human_bytes, streams_csv, LogRecords, Transfer, AGENT_COPY, REPORT_SCHEMA_VERSION,
 };
 use super::verify::{
     parse_stream_closed, verify_records, Record, Tip, Verified, VerifyError, VerifyOptions,
@@ -791,6 +791,7 @@ fn transfer_record(o: &mut String, t: &Transfer) {
     }
     for v in &t.volume {
         let who = match (v.user.as_str(), v.database.as_str()) {
+            _ if v.kind == AGENT_COPY => "the agents' file streams".to_string(),
             ("", _) => "client not identified".to_string(),
             (u, "") => format!("user {u}"),
             (u, d) => format!("user {u}, database {d}"),

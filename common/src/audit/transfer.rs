@@ -9,13 +9,16 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::event::{
-    read, AdminCommand, AgentStarted, AuditEvent, BaseBackupDone, ControlRequestAnswered,
-    MigrationStateChanged, PreflightRun, SlotKept, SourceFenced, StandbyStarted, StreamIdentified,
-    StreamResumed, TablesVerified,
+    read, AdminCommand, AgentStarted, AuditEvent, BaseBackupDone, BaseCopyServed,
+    ControlRequestAnswered, MigrationStateChanged, PreflightRun, SlotKept, SourceFenced,
+    StandbyStarted, StreamIdentified, StreamResumed, TablesVerified,
 };
 use super::record::events;
 use super::verify::{parse_stream_closed, Record};
 use crate::admin::{CutoverReport, PrepassReport};
+
+/// [`Volume::kind`] of an agent copy's file streams (from the source's `base_copy_served`).
+pub const AGENT_COPY: &str = "agent copy";
 
 /// Version of the JSON report's shape (`schema_version`); raised on any incompatible change.
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -398,6 +401,29 @@ impl Transfer {
                         ""
                     },
                     b.duration_ms
+                )
+            }
+            BaseCopyServed::NAME => {
+                let b = read::<BaseCopyServed>(d).ok()?;
+                self.volume.push(Volume {
+                    service: format!("base copy {}", b.backup_id),
+                    kind: AGENT_COPY.into(),
+                    streams: b.streams,
+                    source_to_target_raw_bytes: b.raw_bytes,
+                    source_to_target_wire_bytes: b.wire_bytes,
+                    ..Volume::default()
+                });
+                format!(
+                    "base copy {} served: {} of {} file(s) to their end, {} raw bytes / {} on the wire in {} file stream(s), {} refused; backup {}..{}",
+                    b.backup_id,
+                    b.files_served,
+                    b.files_planned,
+                    b.raw_bytes,
+                    b.wire_bytes,
+                    b.streams,
+                    b.refused,
+                    b.start_lsn,
+                    b.end_lsn
                 )
             }
             StandbyStarted::NAME => "standby started".into(),

@@ -462,6 +462,25 @@ impl MigrationRig {
     }
 
     /// The persisted migration phase (`fenced`, `rolled_back`, …).
+    /// The agent copy's journal (beside the state file): a line per file complete.
+    pub fn copy_journal(&self) -> PathBuf {
+        self.state_file.with_extension("copy.jsonl")
+    }
+
+    /// Lines in the agent copy's journal (0 without one).
+    pub fn journal_lines(&self) -> usize {
+        std::fs::read_to_string(self.copy_journal()).map_or(0, |t| t.lines().count())
+    }
+
+    /// Waits until the agent copy's journal has more than `lines` lines (files complete).
+    pub fn wait_for_journal_lines(&self, lines: usize) -> Result<()> {
+        wait_until(
+            "files in the copy's journal",
+            Duration::from_secs(120),
+            || (self.journal_lines() > lines).then_some(()),
+        )
+    }
+
     pub fn phase(&self) -> Option<String> {
         let text = std::fs::read_to_string(&self.state_file).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
