@@ -41,9 +41,11 @@ enum Command {
     Preflight(AdminArgs),
     /// Show the tunnel and migration state of the running target agent.
     Status(AdminArgs),
-    /// Clone the source into the new cluster: replication slot, pg_basebackup through the
-    /// tunnel with progress, pg_verifybackup, standby settings, start. Resumes from the
-    /// persisted state; before promotion a failure rolls back (slot dropped).
+    /// Clone the source into the new cluster: replication slot, base copy through the tunnel
+    /// with progress (the agents' parallel file streams, or pg_basebackup: see run
+    /// --copy-method), pg_verifybackup, standby settings, start. Resumes from the persisted
+    /// state (the agent copy from its journal); an outage is waited out; before promotion a
+    /// failure rolls back (slot dropped, the source's backup session ended).
     Clone(AdminArgs),
     /// Switch over: refuse above --max-lag, fence the source, wait until the standby replayed
     /// the fence LSN, verify tables on both sides, promote, check writable, report the

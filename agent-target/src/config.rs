@@ -170,6 +170,12 @@ pub struct TargetRunArgs {
     /// audit log; mode 0600).
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
+    /// How the base copy is made: `agent` (the agents copy the files over parallel streams,
+    /// resumable file by file, waiting out any outage) or `pg_basebackup` (one stream).
+    /// Default: `agent`, or `pg_basebackup` for a source with tablespaces. Overrides
+    /// [target] copy_method.
+    #[arg(long, value_name = "METHOD", value_parser = ["agent", "pg_basebackup"])]
+    pub copy_method: Option<String>,
 }
 
 /// Reads the config file (if any), merges the flags (flags win) and validates.
@@ -225,7 +231,7 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
         )?,
         hba_file: s.hba_file,
         pgbouncer: s.pgbouncer.map(PgBouncerSection::resolve).transpose()?,
-        copy_method: match s.copy_method.as_deref() {
+        copy_method: match args.copy_method.as_deref().or(s.copy_method.as_deref()) {
             None => CopyMethod::Default,
             Some("pg_basebackup") => CopyMethod::PgBasebackup,
             Some("agent") => CopyMethod::Agent,
@@ -341,6 +347,27 @@ mod tests {
         assert_eq!(s.data_dir, Some(PathBuf::from("/flag")));
         assert_eq!(s.port, 6000);
         assert_eq!(s.lag_sample, Duration::from_secs(1), "at least a second");
+    }
+
+    #[test]
+    fn the_copy_method_defaults_to_the_agent_and_the_flag_wins() {
+        let method = |flag: Option<&str>, file: &str| {
+            let file: TargetFile = toml::from_str(file).unwrap();
+            let a = TargetRunArgs {
+                copy_method: flag.map(str::to_string),
+                ..args()
+            };
+            resolve_file(a, file).map(|c| c.settings.copy_method)
+        };
+        assert_eq!(method(None, "").unwrap(), CopyMethod::Default);
+        let file = "[target]\ncopy_method = \"pg_basebackup\"\n";
+        assert_eq!(method(None, file).unwrap(), CopyMethod::PgBasebackup);
+        assert_eq!(method(Some("agent"), file).unwrap(), CopyMethod::Agent);
+        let e = method(None, "[target]\ncopy_method = \"rsync\"\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("use \"pg_basebackup\" or \"agent\""),
+            "{e:#}"
+        );
     }
 
     #[test]
