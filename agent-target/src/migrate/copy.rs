@@ -724,7 +724,17 @@ impl Fetcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front();
             let received = match next {
-                Some(path) => Some(self.fetch_file(&path).await?),
+                Some(path) => match self.fetch_file(&path).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        // The file being finished writes its journal line before this task
+                        // ends: a new session may rewrite the journal right after.
+                        if let Some(f) = finishing.take() {
+                            let _ = f.await;
+                        }
+                        return Err(e);
+                    }
+                },
                 None => None,
             };
             if let Some(f) = finishing.take() {
