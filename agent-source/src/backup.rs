@@ -85,14 +85,19 @@ pub struct ActiveBackup {
     pub label: String,
     data_dir: std::path::PathBuf,
     files: std::collections::HashSet<String>,
-    /// `None` once stopped: the session is closed then.
-    session: Option<tokio_postgres::Client>,
+    state: BackupState,
     plan: pgferry_common::control::BackupPlan,
-    /// What `pg_backup_stop` returned, once stopped: a repeated stop (its answer was lost to an
-    /// outage) gets it again; no file is served any more.
-    stopped: Option<Stopped>,
     /// What its file streams sent, for the audit record at the stop.
     served: Served,
+}
+
+/// Where a backup session is.
+enum BackupState {
+    /// Started on its PostgreSQL session; its files are served.
+    Running(tokio_postgres::Client),
+    /// Stopped, its session closed: what `pg_backup_stop` returned, for a repeated stop (its
+    /// answer was lost to an outage); no file is served any more.
+    Stopped(Stopped),
 }
 
 /// What the file streams of one backup session sent.
@@ -137,7 +142,10 @@ pub type Stopped = (String, String, pgferry_common::migration::Lsn);
 
 /// The backup `id` if it is running (started, not stopped).
 fn running(b: &Option<ActiveBackup>, id: u64) -> Result<&ActiveBackup> {
-    match b.as_ref().filter(|b| b.id == id && b.stopped.is_none()) {
+    match b
+        .as_ref()
+        .filter(|b| b.id == id && matches!(b.state, BackupState::Running(_)))
+    {
         Some(b) => Ok(b),
         None => bail!("no base copy {id:016x} is running on the source"),
     }
@@ -159,7 +167,7 @@ pub async fn start(
     use pgferry_common::control::{BackupEntry, BackupPlan};
     let mut guard = shared.lock().await;
     if let Some(b) = guard.as_ref() {
-        if b.label == label && b.session.as_ref().is_some_and(|s| !s.is_closed()) {
+        if b.label == label && matches!(&b.state, BackupState::Running(s) if !s.is_closed()) {
             return Ok(b.plan.clone());
         }
     }
@@ -206,9 +214,8 @@ pub async fn start(
         label: label.to_string(),
         data_dir,
         files,
-        session: Some(session),
+        state: BackupState::Running(session),
         plan: plan.clone(),
-        stopped: None,
         served: Served::default(),
     });
     Ok(plan)
@@ -228,11 +235,9 @@ pub async fn stop(
     let Some(b) = guard.as_mut().filter(|b| b.id == id) else {
         bail!("no base copy {id:016x} is running on the source (the source agent restarted?); start the copy again");
     };
-    if let Some(stopped) = &b.stopped {
-        return Ok((stopped.clone(), None));
-    }
-    let Some(session) = &b.session else {
-        bail!("base copy {id:016x}: its PostgreSQL session is gone");
+    let session = match &b.state {
+        BackupState::Stopped(stopped) => return Ok((stopped.clone(), None)),
+        BackupState::Running(session) => session,
     };
     let row = session
         .query_one(
@@ -248,9 +253,8 @@ pub async fn stop(
         end.parse()
             .with_context(|| format!("pg_backup_stop returned {end:?}"))?,
     );
-    b.stopped = Some(out.clone());
-    // Its PostgreSQL session is closed: nothing is left of the backup on the source.
-    b.session = None;
+    // Its PostgreSQL session is closed (dropped): nothing is left of the backup on the source.
+    b.state = BackupState::Stopped(out.clone());
     let s = &b.served;
     let record = pgferry_common::audit::event::BaseCopyServed {
         backup_id: format!("{id:016x}"),
