@@ -68,9 +68,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// What one backup session of the copy has done: for its result and its progress lines.
 struct Counts {
-    /// Files and bytes fetched (bytes: every byte received, complete files or not).
-    fetched: Mutex<(u64, u64)>,
-    /// Bytes written into the copy's files in this session.
+    /// Files fetched whole.
+    files: std::sync::atomic::AtomicU64,
+    /// Bytes received (verified) and written into the copy's files in this session, complete
+    /// or not: what crossed the tunnel.
     written: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes here when the session began, and the plan's bytes.
     here: u64,
@@ -94,12 +95,18 @@ impl Counts {
             })
             .sum();
         Self {
-            fetched: Mutex::new((0, 0)),
+            files: std::sync::atomic::AtomicU64::new(0),
             written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             here,
             total: files.iter().map(|e| e.size).sum(),
             started: Instant::now(),
         }
+    }
+
+    /// (files, bytes) fetched.
+    fn fetched(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.files.load(Relaxed), self.written.load(Relaxed))
     }
 
     /// "agent copy: 27 % (123 of 456 MB, 120 files complete, 45.1 MB/s)".
@@ -128,6 +135,22 @@ impl FileRetry {
         self.failures = if moved { 1 } else { self.failures + 1 };
         self.failures < FILE_ATTEMPTS
     }
+}
+
+/// The progress line of an outage `down` long so far; `why`: what found the tunnel down.
+fn waiting_line(why: &str, down: Duration) -> String {
+    format!(
+        "{why}; the copy waits for it (down {} s; files complete and the verified part of each file are kept)",
+        down.as_secs()
+    )
+}
+
+/// The progress line of an outage that ended after `down`.
+fn back_line(down: Duration) -> String {
+    format!(
+        "the tunnel is back after {} s; the copy goes on",
+        down.as_secs()
+    )
 }
 
 /// How long the tunnel has been down, for progress lines: due at 10 s of outage, then every
@@ -170,7 +193,7 @@ impl Executor<'_> {
     /// The agent-owned copy into the data directory; returns (files, bytes) fetched now.
     pub(super) async fn agent_copy(&self, slot: &str) -> Result<(u64, u64)> {
         let data_dir = self.data_dir()?.to_path_buf();
-        let journal = self.settings.state_file.with_extension("copy.jsonl");
+        let journal = self.copy_journal();
         let t = Instant::now();
         let (mut files_now, mut bytes_now) = (0, 0);
         let mut sessions = 0;
@@ -319,7 +342,7 @@ impl Executor<'_> {
             }
         }
         .await;
-        let counted = *counted.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let counted = counted.fetched();
         let done = done.lock().unwrap_or_else(|e| e.into_inner()).clone();
         match fetched {
             Ok(stopped) => Ok((plan, done, counted, stopped)),
@@ -327,12 +350,17 @@ impl Executor<'_> {
         }
     }
 
+    /// The copy's journal, beside the state file.
+    fn copy_journal(&self) -> PathBuf {
+        self.settings.state_file.with_extension("copy.jsonl")
+    }
+
     /// Rollback: the source's backup session of an agent copy left unfinished (named in the
     /// journal) is ended, so that the source is not left in backup mode (full-page writes
     /// forced, a PostgreSQL session held) until its agent restarts. The journal stays: a later
     /// migration into the same directory keeps the files that did not change (delta).
     pub(super) async fn end_source_backup(&self) -> Result<()> {
-        let journal = self.settings.state_file.with_extension("copy.jsonl");
+        let journal = self.copy_journal();
         let (Some(id), _) = read_journal(&journal) else {
             return Ok(());
         };
@@ -534,20 +562,13 @@ impl Executor<'_> {
             match self.ask_within(request.clone(), timeout).await {
                 Err(e) if TunnelDown::is(&e) => {
                     if let Some(down) = outage.down(Instant::now()) {
-                        (self.progress)(format!(
-                            "{}; the copy waits for it (down {} s; files complete are kept either way)",
-                            e,
-                            down.as_secs()
-                        ));
+                        (self.progress)(waiting_line(&e.to_string(), down));
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 other => {
                     if let Some(down) = outage.up() {
-                        (self.progress)(format!(
-                            "the tunnel is back after {} s; the copy goes on",
-                            down.as_secs()
-                        ));
+                        (self.progress)(back_line(down));
                     }
                     return other;
                 }
@@ -573,7 +594,6 @@ impl Executor<'_> {
             queue: Mutex::new(todo),
             journal_lock: Mutex::new(()),
             done,
-            fetched: std::sync::atomic::AtomicU64::new(0),
             written: counted.written.clone(),
             down_since: Mutex::new(None),
         });
@@ -590,7 +610,9 @@ impl Executor<'_> {
             };
             match t {
                 Ok(Ok(files)) => {
-                    counted.fetched.lock().unwrap_or_else(|e| e.into_inner()).0 += files;
+                    counted
+                        .files
+                        .fetch_add(files, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Err(e)) => {
                     // The others stop at their next file.
@@ -606,9 +628,6 @@ impl Executor<'_> {
                 }
             }
         }
-        // Bytes of files left incomplete by a failure count too: they crossed the tunnel.
-        counted.fetched.lock().unwrap_or_else(|e| e.into_inner()).1 +=
-            fetcher.fetched.load(std::sync::atomic::Ordering::Relaxed);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -631,23 +650,14 @@ impl Executor<'_> {
                     counts.line(fetcher.done.lock().unwrap_or_else(|e| e.into_inner()).len()),
                 );
             }
-            match since {
-                Some(since) => {
-                    if let Some(down) = outage.down_since(since, now) {
-                        (self.progress)(format!(
-                            "the tunnel to the source is down; the copy waits for it (down {} s; files complete and the verified part of each file are kept)",
-                            down.as_secs()
-                        ));
-                    }
-                }
-                None => {
-                    if let Some(down) = outage.up() {
-                        (self.progress)(format!(
-                            "the tunnel is back after {} s; the copy goes on",
-                            down.as_secs()
-                        ));
-                    }
-                }
+            let line = match since {
+                Some(since) => outage
+                    .down_since(since, now)
+                    .map(|down| waiting_line("the tunnel to the source is down", down)),
+                None => outage.up().map(back_line),
+            };
+            if let Some(line) = line {
+                (self.progress)(line);
             }
         }
     }
@@ -702,15 +712,21 @@ struct Fetcher {
     queue: Mutex<VecDeque<String>>,
     journal_lock: Mutex<()>,
     done: Arc<Mutex<HashMap<String, ManifestFile>>>,
-    /// Bytes received on every file stream, complete or not (what crossed the tunnel).
-    fetched: std::sync::atomic::AtomicU64,
-    /// Bytes written into the copy's files (verified), for progress.
+    /// Bytes written into the copy's files (verified): [`Counts::written`].
     written: Arc<std::sync::atomic::AtomicU64>,
     /// Since when a stream has found the tunnel down (`None` once one opened again).
     down_since: Mutex<Option<Instant>>,
 }
 
 impl Fetcher {
+    /// A stream found the tunnel down: the outage began now, unless it already had.
+    fn mark_down(&self) {
+        self.down_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
     /// Takes files off the queue until it is empty; the files fetched. A file received is
     /// finished (fsync, digest, journal line) while the stream fetches the next one: at most
     /// one file of each stream waits for its fsync, and a stream does not stall on it.
@@ -834,23 +850,16 @@ impl Fetcher {
                                 }),
                                 abort_handle: None,
                             };
-                            let r =
-                                pump::pump(local, send, recv, BytesMut::new(), &self.pump).await;
-                            self.fetched.fetch_add(
-                                r.received.raw_bytes,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
-                            r.outcome
+                            pump::pump(local, send, recv, BytesMut::new(), &self.pump)
+                                .await
+                                .outcome
                         }
                         Err(e) => Outcome::ConnectionLost(format!("opening: {e}")),
                     }
                 }
                 Err(e) if TunnelDown::is(&e) => {
                     // Waited out, however long: not an attempt.
-                    self.down_since
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(Instant::now);
+                    self.mark_down();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
@@ -865,10 +874,7 @@ impl Fetcher {
                     }
                     tracing::warn!("copy of {path}: {m}; again from its end");
                     // The tunnel is likely down: the streams' wait for it starts now.
-                    self.down_since
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(Instant::now);
+                    self.mark_down();
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 other => bail!("copying {path}: {} {}", other.label(), other.detail()),
