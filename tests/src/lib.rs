@@ -56,6 +56,15 @@ pub fn free_udp_port() -> u16 {
     free_port(true)
 }
 
+/// The environment variable `name` parsed (a measurement's knob), or `default` when it is
+/// unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub fn wait_until<T>(
     what: &str,

@@ -421,10 +421,7 @@ fn a_source_with_tablespaces_is_copied_by_pg_basebackup_unless_agent_is_asked_fo
 #[test]
 #[ignore]
 fn measure_copy_methods() -> Result<()> {
-    let mb: u32 = std::env::var("PGFERRY_COPY_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let mb: u32 = pgferry_tests::env_or("PGFERRY_COPY_MB", 300);
     let mut secs = Vec::new();
     // `PGFERRY_COPY_STREAMS` sets the agent copy's streams (default: its own default).
     let agent = match std::env::var("PGFERRY_COPY_STREAMS") {
@@ -599,11 +596,7 @@ fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchange
     }
     rig.start_source()?;
     let (text, delta) = clone_after_lost_session(&mut clone)?;
-    let kept: usize = delta
-        .split(" partly fetched")
-        .next()
-        .and_then(|h| h.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
+    let kept: usize = support::migration::number_before(&delta, " partly fetched")
         .with_context(|| delta.to_string())?;
     assert!(kept >= 1, "{delta}");
     assert!(

@@ -23,11 +23,7 @@ const MEGABYTES: u32 = 300;
 /// `PGFERRY_FLAGSHIP_CUTOVER_ARGS` (e.g. `--verify-at-fence --all-tables`, the method before
 /// the pre-pass; the downtime bound then only has to hold for the default method).
 fn knobs() -> (u32, Vec<String>) {
-    let mb = std::env::var("PGFERRY_FLAGSHIP_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MEGABYTES)
-        .max(MEGABYTES);
+    let mb = pgferry_tests::env_or("PGFERRY_FLAGSHIP_MB", MEGABYTES).max(MEGABYTES);
     let args = std::env::var("PGFERRY_FLAGSHIP_CUTOVER_ARGS")
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();

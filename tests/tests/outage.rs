@@ -23,12 +23,7 @@ const ROWS: u64 = 1_000_000;
 /// The outage: 45 s (longer than the 30 s idle timeout), or `PGFERRY_OUTAGE_SECS` for a
 /// measurement (e.g. 180).
 fn outage() -> Duration {
-    Duration::from_secs(
-        std::env::var("PGFERRY_OUTAGE_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(45),
-    )
+    Duration::from_secs(pgferry_tests::env_or("PGFERRY_OUTAGE_SECS", 45))
 }
 
 /// Resident memory of a process, in MiB.
@@ -751,10 +746,7 @@ fn measure_resume_goals() -> Result<()> {
     if std::env::var("PGFERRY_OUTAGE_SECS").is_err() {
         std::env::set_var("PGFERRY_OUTAGE_SECS", "180");
     }
-    let mb: u32 = std::env::var("PGFERRY_GOAL_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
+    let mb: u32 = pgferry_tests::env_or("PGFERRY_GOAL_MB", 2048);
     let mut lines = Vec::new();
     for (i, case) in [
         Interruption::None,
@@ -837,12 +829,8 @@ fn goal_run(prefix: &str, mb: u32, case: Interruption) -> Result<String> {
         .lines()
         .find(|l| l.contains("agent copy done"))
         .with_context(|| format!("no agent copy line:\n{text}"))?;
-    let fetched_mb: f64 = done
-        .split(" MB fetched")
-        .next()
-        .and_then(|h| h.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| done.to_string())?;
+    let fetched_mb: f64 =
+        support::migration::number_before(done, " MB fetched").with_context(|| done.to_string())?;
     let fetched = fetched_before + (fetched_mb * 1e6) as u64;
     let copy = manifest_bytes(&rig.data_dir)?;
     let new_port = rig.target_port;
@@ -881,10 +869,7 @@ fn manifest_bytes(data_dir: &std::path::Path) -> Result<u64> {
 #[test]
 #[ignore]
 fn measure_copy_methods_at_1_gbit() -> Result<()> {
-    let mb: u32 = std::env::var("PGFERRY_GOAL_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(800);
+    let mb: u32 = pgferry_tests::env_or("PGFERRY_GOAL_MB", 800);
     let mut lines = Vec::new();
     for (i, (name, config)) in [
         ("pg_basebackup", "copy_method = \"pg_basebackup\"\n"),

@@ -157,6 +157,11 @@ pub fn number_after(text: &str, label: &str) -> Option<u64> {
         .ok()
 }
 
+/// The number just before the first `label` in `text` (e.g. "659.7" in "659.7 MB fetched").
+pub fn number_before<T: std::str::FromStr>(text: &str, label: &str) -> Option<T> {
+    text.split_once(label)?.0.rsplit(' ').next()?.parse().ok()
+}
+
 /// How the agents of a [`MigrationRig`] are started (and started again): their arguments, and
 /// the network namespace each runs in, if any.
 struct Launcher {
