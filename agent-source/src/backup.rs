@@ -111,13 +111,14 @@ struct Served {
     chunks: u64,
 }
 
-/// Counts a file stream of backup `id` that ended (`report`), or was refused (`None`).
+/// Counts a file stream (`h`) that ended (`report`), or was refused (`None`). A file is served
+/// to its end by a stream that ran to it (not by a range).
 pub async fn count_stream(
     shared: &SharedBackup,
-    id: u64,
-    path: &str,
+    h: &pgferry_common::control::FileHeader,
     report: Option<&pgferry_common::runtime::pump::StreamReport>,
 ) {
+    let (id, path) = (h.backup_id, h.path.as_str());
     let mut guard = shared.lock().await;
     let Some(b) = guard.as_mut().filter(|b| b.id == id) else {
         return;
@@ -130,7 +131,9 @@ pub async fn count_stream(
             s.raw_bytes += r.sent.raw_bytes;
             s.wire_bytes += r.sent.wire_bytes;
             s.chunks += r.sent.chunks;
-            if r.outcome == pgferry_common::runtime::pump::Outcome::Ok {
+            if r.outcome == pgferry_common::runtime::pump::Outcome::Ok
+                && h.end == pgferry_common::control::FileHeader::TO_THE_END
+            {
                 s.complete.insert(path.to_string());
             }
         }
@@ -271,15 +274,15 @@ pub async fn stop(
     Ok((out, Some(record)))
 }
 
-/// The file `path` of backup `id` from `offset`, as a local connection whose reader is the
-/// file (the writer discards: the target sends nothing). Only paths of the backup's plan.
+/// The range a file stream asks for (`h`: a file of the backup's plan, from its offset to its
+/// end or the file's end), as a local connection whose reader is the file (the writer
+/// discards: the target sends nothing).
 pub async fn open_file(
     shared: &SharedBackup,
-    id: u64,
-    path: &str,
-    offset: u64,
+    h: &pgferry_common::control::FileHeader,
 ) -> Result<pgferry_common::runtime::pump::LocalConn> {
-    use tokio::io::AsyncSeekExt;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let (id, path, offset) = (h.backup_id, h.path.as_str(), h.offset);
     let full = {
         let guard = shared.lock().await;
         let b = running(&guard, id)?;
@@ -302,7 +305,7 @@ pub async fn open_file(
     };
     f.seek(std::io::SeekFrom::Start(offset)).await?;
     Ok(pgferry_common::runtime::pump::LocalConn {
-        reader: Box::new(f),
+        reader: Box::new(f.take(h.end - offset)),
         writer: Box::new(tokio::io::sink()),
         abort_handle: None,
     })
@@ -351,6 +354,37 @@ pub async fn digests(
     })
     .await
     .context("digest task")
+}
+
+/// The size of file `path` of backup `id` now, its range size
+/// ([`file_range_size`](pgferry_common::control::file_range_size)) and the BLAKE3 (hex) of
+/// each range; a file gone has size 0 and no ranges.
+pub async fn range_digests(
+    shared: &SharedBackup,
+    id: u64,
+    path: &str,
+) -> Result<(u64, u64, Vec<String>)> {
+    let full = {
+        let guard = shared.lock().await;
+        let b = running(&guard, id)?;
+        if !b.files.contains(path) {
+            bail!("{path:?} is not a file of base copy {id:016x}");
+        }
+        b.data_dir.join(path)
+    };
+    tokio::task::spawn_blocking(move || {
+        match pgferry_common::runtime::digest::file_range_digests(&full) {
+            Ok((size, range, sums)) => Ok((
+                size,
+                range,
+                sums.iter().map(|h| h.to_hex().to_string()).collect(),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((0, 0, Vec::new())),
+            Err(e) => Err(e).with_context(|| full.display().to_string()),
+        }
+    })
+    .await
+    .context("digest task")?
 }
 
 fn random_id() -> u64 {

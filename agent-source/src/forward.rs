@@ -20,7 +20,7 @@ use bytes::BytesMut;
 use tracing::warn;
 
 use pgferry_common::audit::event::{StreamOpened, StreamRefused};
-use pgferry_common::control::{FileHeader, ResumeHeader, StreamHeader, StreamKind, MAX_FILE_PATH};
+use pgferry_common::control::{FileHeader, ResumeHeader, StreamHeader, StreamKind};
 use pgferry_common::frame::{DirectionStats, ResetCode};
 use pgferry_common::identity::Fingerprint;
 use pgferry_common::runtime::agent::{resume_token, PeerConn, Tunnel, HELLO_TIMEOUT};
@@ -193,7 +193,7 @@ async fn read_opening(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Resul
                 .map(Opening::Resume)
         }
         Some(StreamKind::File) => {
-            pump::read_until(recv, buf, 18 + MAX_FILE_PATH, FileHeader::decode)
+            pump::read_until(recv, buf, FileHeader::MAX_LEN, FileHeader::decode)
                 .await
                 .map(Opening::File)
         }
@@ -210,18 +210,18 @@ async fn serve_file(
     h: FileHeader,
     mut s: pump::Streams,
 ) {
-    match crate::backup::open_file(backup, h.backup_id, &h.path, h.offset).await {
+    match crate::backup::open_file(backup, &h).await {
         Ok(local) => {
             let report = pump::pump(local, s.send, s.recv, s.buf, tunnel.pump_options()).await;
             if report.outcome != Outcome::Ok {
                 warn!("base copy file {}: {}", h.path, report.outcome.detail());
             }
-            crate::backup::count_stream(backup, h.backup_id, &h.path, Some(&report)).await;
+            crate::backup::count_stream(backup, &h, Some(&report)).await;
         }
         Err(e) => {
             let msg = format!("{e:#}");
             warn!("refusing base copy file {:?}: {msg}", h.path);
-            crate::backup::count_stream(backup, h.backup_id, &h.path, None).await;
+            crate::backup::count_stream(backup, &h, None).await;
             tunnel.audit_event(&StreamRefused {
                 session_id: format!("{:016x}", h.backup_id),
                 service: "base copy".into(),

@@ -78,11 +78,12 @@ pub async fn handle_request(
             .await
             .map(|dependents| Response::Dependents { dependents }),
         // The base copy keeps a session of its own: the request loop answers these.
-        Request::BackupStart { .. } | Request::BackupStop { .. } | Request::FileDigests { .. } => {
-            Err(anyhow::anyhow!(
-                "a base copy request outside the request loop"
-            ))
-        }
+        Request::BackupStart { .. }
+        | Request::BackupStop { .. }
+        | Request::FileDigests { .. }
+        | Request::RangeDigests { .. } => Err(anyhow::anyhow!(
+            "a base copy request outside the request loop"
+        )),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: format!("{e:#}"),

@@ -92,6 +92,18 @@ pub async fn serve_requests(
                                 message: format!("{e:#}"),
                             })
                     }
+                    (control::Request::RangeDigests { id, path }, _) => {
+                        crate::backup::range_digests(&backup, *id, path)
+                            .await
+                            .map(|(size, range, blake3)| Response::RangeDigests {
+                                size,
+                                range,
+                                blake3,
+                            })
+                            .unwrap_or_else(|e| Response::Error {
+                                message: format!("{e:#}"),
+                            })
+                    }
                     _ => {
                         let more = || -> ConnectFuture {
                             let cfg = cfg.clone();

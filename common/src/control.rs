@@ -26,8 +26,9 @@ use crate::identity::Role;
 
 /// The control protocol version this build speaks. A peer with another version is refused with
 /// a message naming both versions. 2: a DATA chunk's digest covers the direction up to it
-/// ([`crate::frame::PrefixHasher`]); 1 hashed each chunk alone.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// ([`crate::frame::PrefixHasher`]); 1 hashed each chunk alone. 3: a file stream's header
+/// names the end of its range ([`FileHeader::end`]), and [`Request::RangeDigests`] exists.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The ALPN protocol id of the QUIC connection; a peer that does not offer it fails the handshake.
 pub const ALPN: &[u8] = b"pgferry/1";
@@ -157,41 +158,61 @@ impl ResumeHeader {
 /// Longest path (bytes) in a [`FileHeader`].
 pub const MAX_FILE_PATH: usize = 1024;
 
-/// What opens a [`StreamKind::File`] stream: a file of the running base copy, from `offset`.
+/// What opens a [`StreamKind::File`] stream: a file of the running base copy, from `offset`
+/// to `end` (or to the file's end).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHeader {
     pub backup_id: u64,
     pub offset: u64,
+    /// Where the range ends (exclusive); [`FileHeader::TO_THE_END`]: the file's end, wherever
+    /// it is when the stream reaches it.
+    pub end: u64,
     /// Relative to the data directory, as the backup's plan names it.
     pub path: String,
 }
 
+/// Bytes of a [`FileHeader`] before its path.
+const FILE_HEADER_FIXED: usize = 26;
+
 impl FileHeader {
+    /// [`FileHeader::end`] of a stream that runs to the file's end.
+    pub const TO_THE_END: u64 = u64::MAX;
+
+    /// Longest encoded header.
+    pub const MAX_LEN: usize = FILE_HEADER_FIXED + MAX_FILE_PATH;
+
     /// Encodes the header (without the stream tag byte).
     pub fn encode(&self, buf: &mut impl BufMut) {
         debug_assert!(self.path.len() <= MAX_FILE_PATH);
         buf.put_u64(self.backup_id);
         buf.put_u64(self.offset);
+        buf.put_u64(self.end);
         buf.put_u16(self.path.len() as u16);
         buf.put_slice(self.path.as_bytes());
     }
 
     /// Decodes a header; `Ok(None)` when more bytes are needed.
     pub fn decode(buf: &mut BytesMut) -> Result<Option<Self>, ControlError> {
-        if buf.len() < 18 {
+        if buf.len() < FILE_HEADER_FIXED {
             return Ok(None);
         }
-        let len = u16::from_be_bytes([buf[16], buf[17]]) as usize;
+        let len = u16::from_be_bytes([buf[24], buf[25]]) as usize;
         if len == 0 || len > MAX_FILE_PATH {
             return Err(ControlError::Malformed(format!(
                 "file path length {len} (allowed 1..={MAX_FILE_PATH})"
             )));
         }
-        if buf.len() < 18 + len {
+        if buf.len() < FILE_HEADER_FIXED + len {
             return Ok(None);
         }
         let backup_id = buf.get_u64();
         let offset = buf.get_u64();
+        let end = buf.get_u64();
+        if end <= offset {
+            return Err(ControlError::Malformed(format!(
+                "file range {offset}..{end} is empty"
+            )));
+        }
         buf.advance(2);
         let raw = buf.split_to(len);
         let path = std::str::from_utf8(&raw)
@@ -200,6 +221,7 @@ impl FileHeader {
         Ok(Some(Self {
             backup_id,
             offset,
+            end,
             path,
         }))
     }
@@ -327,6 +349,27 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         lengths: Vec<u64>,
     },
+    /// BLAKE3 of each range of a file of the running base copy `id` as it is now: a file that
+    /// changed since an earlier session fetched it is fetched again in the ranges that differ
+    /// only.
+    RangeDigests {
+        id: u64,
+        path: String,
+    },
+}
+
+/// Smallest range of a [`Response::RangeDigests`]: 1 MiB (a range costs 65 bytes of answer).
+pub const MIN_FILE_RANGE: u64 = 1 << 20;
+
+/// Most ranges of a [`Response::RangeDigests`] (about 540 kB of answer): a larger file has
+/// larger ranges.
+pub const MAX_FILE_RANGES: u64 = 8192;
+
+/// The range size of a file of `size` bytes: [`MIN_FILE_RANGE`], or a multiple of it so that
+/// the file has at most [`MAX_FILE_RANGES`] ranges.
+pub fn file_range_size(size: u64) -> u64 {
+    let per = size.div_ceil(MAX_FILE_RANGES).max(1);
+    per.div_ceil(MIN_FILE_RANGE) * MIN_FILE_RANGE
 }
 
 /// Most paths one [`Request::FileDigests`] may name.
@@ -444,6 +487,14 @@ pub enum Response {
     },
     FileDigests {
         digests: Vec<FileDigest>,
+    },
+    /// The file's size now and the BLAKE3 (hex) of each of its ranges of `range` bytes
+    /// ([`file_range_size`] of `size`; the last one may be shorter); no ranges when the file
+    /// is gone.
+    RangeDigests {
+        size: u64,
+        range: u64,
+        blake3: Vec<String>,
     },
     /// The request failed; the message says why and what to do.
     Error {
@@ -651,6 +702,9 @@ impl Request {
                     "{} paths requested; at most {MAX_DIGEST_PATHS}, each 1..={MAX_FILE_PATH} bytes",
                     paths.len()
                 ))
+            }
+            Request::RangeDigests { path, .. } if path.is_empty() || path.len() > MAX_FILE_PATH => {
+                Err(format!("file path of {} bytes (allowed 1..={MAX_FILE_PATH})", path.len()))
             }
             Request::Status { slot: Some(slot) } | Request::Dependents { slot }
                 if !valid_slot_name(slot) =>
@@ -979,6 +1033,77 @@ mod tests {
                     blocks: u64::MAX,
                     digests,
                 }],
+            },
+        };
+        let mut wire = BytesMut::new();
+        encode_message(&msg, &mut wire).unwrap();
+        assert!(wire.len() < MAX_CONTROL_MESSAGE, "{} bytes", wire.len());
+    }
+
+    #[test]
+    fn file_header_round_trip_and_limits() {
+        for end in [FileHeader::TO_THE_END, 1 << 20] {
+            let h = FileHeader {
+                backup_id: 7,
+                offset: 4096,
+                end,
+                path: "base/5/16384.1".into(),
+            };
+            let mut buf = BytesMut::new();
+            h.encode(&mut buf);
+            buf.put_u8(0xAA);
+            // Byte by byte: more is needed until the whole header is there.
+            for cut in 0..buf.len() - 1 {
+                let mut part = BytesMut::from(&buf[..cut]);
+                assert_eq!(FileHeader::decode(&mut part).unwrap(), None, "{cut}");
+            }
+            assert_eq!(FileHeader::decode(&mut buf).unwrap(), Some(h));
+            assert_eq!(&buf[..], &[0xAA]);
+        }
+        for (offset, end, path) in [
+            (10u64, 10u64, "base/5/1".to_string()),
+            (10, 9, "base/5/1".to_string()),
+            (0, 1, String::new()),
+            (0, 1, "p".repeat(MAX_FILE_PATH + 1)),
+        ] {
+            let mut buf = BytesMut::new();
+            buf.put_u64(1);
+            buf.put_u64(offset);
+            buf.put_u64(end);
+            buf.put_u16(path.len() as u16);
+            buf.put_slice(path.as_bytes());
+            assert!(
+                FileHeader::decode(&mut buf).is_err(),
+                "{offset}..{end} {}",
+                path.len()
+            );
+        }
+    }
+
+    #[test]
+    fn file_ranges_are_whole_mebibytes_and_bounded_in_number() {
+        assert_eq!(file_range_size(0), MIN_FILE_RANGE);
+        assert_eq!(file_range_size(1 << 30), MIN_FILE_RANGE);
+        assert_eq!(
+            file_range_size(MAX_FILE_RANGES * MIN_FILE_RANGE),
+            MIN_FILE_RANGE
+        );
+        assert_eq!(
+            file_range_size(MAX_FILE_RANGES * MIN_FILE_RANGE + 1),
+            2 * MIN_FILE_RANGE
+        );
+        for size in [1u64, 1 << 33, 1 << 40, u64::MAX / 2] {
+            let r = file_range_size(size);
+            assert_eq!(r % MIN_FILE_RANGE, 0);
+            assert!(size.div_ceil(r) <= MAX_FILE_RANGES, "{size}");
+        }
+        // The largest answer fits a control message.
+        let msg = ControlMessage::Response {
+            id: u64::MAX,
+            response: Response::RangeDigests {
+                size: u64::MAX,
+                range: u64::MAX,
+                blake3: vec!["f".repeat(64); MAX_FILE_RANGES as usize],
             },
         };
         let mut wire = BytesMut::new();

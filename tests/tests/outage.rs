@@ -756,6 +756,7 @@ fn measure_resume_goals() -> Result<()> {
     ]
     .into_iter()
     .enumerate()
+    .filter(|(_, case)| wanted(case))
     {
         let line = goal_run(&format!("pgfgoal{i}"), mb, case)?;
         eprintln!("GOAL RUN {line}");
@@ -766,6 +767,14 @@ fn measure_resume_goals() -> Result<()> {
         eprintln!("  {l}");
     }
     Ok(())
+}
+
+/// Whether `PGFERRY_GOAL_CASES` (a comma-separated list of case names, e.g.
+/// `KillSource,Outage`; all when unset) names `case`.
+fn wanted(case: &Interruption) -> bool {
+    std::env::var("PGFERRY_GOAL_CASES").map_or(true, |v| {
+        v.split(',').any(|c| c.trim() == format!("{case:?}"))
+    })
 }
 
 /// One goal run; its result line.
@@ -833,6 +842,15 @@ fn goal_run(prefix: &str, mb: u32, case: Interruption) -> Result<String> {
         support::migration::number_before(done, " MB fetched").with_context(|| done.to_string())?;
     let fetched = fetched_before + (fetched_mb * 1e6) as u64;
     let copy = manifest_bytes(&rig.data_dir)?;
+    for l in text.lines().filter(|l| l.contains("was lost")) {
+        eprintln!("{case:?}: {l}");
+    }
+    eprintln!(
+        "{case:?}: sample tables (file, autovacuums, last autovacuum): {}",
+        rig.pg.psql(
+            "SELECT string_agg(pg_relation_filepath(relid) || ' ' || relname || ' ' || autovacuum_count || ' ' || coalesce(last_autovacuum::time::text, '-'), '; ') FROM pg_stat_user_tables WHERE schemaname = 'ferry'"
+        )?
+    );
     let new_port = rig.target_port;
     cutover_keeps_every_write(&rig, &rt, writer, new_port)?;
     let twice = fetched.saturating_sub(copy);

@@ -189,6 +189,12 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         )
         .await?;
         let planned = |p: &str| plan.entries.iter().any(|e| e.path == p && !e.dir);
+        let whole = |id: u64, path: &str| pgferry_common::control::FileHeader {
+            backup_id: id,
+            offset: 0,
+            end: pgferry_common::control::FileHeader::TO_THE_END,
+            path: path.to_string(),
+        };
         assert!(planned("PG_VERSION") && planned("global/pg_control"));
         let outside = [
             "../../../../../../etc/passwd",
@@ -202,7 +208,7 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         ];
         for path in outside {
             assert!(!planned(path), "{path} is in the plan");
-            let e = pgferry_source::backup::open_file(&shared, plan.id, path, 0)
+            let e = pgferry_source::backup::open_file(&shared, &whole(plan.id, path))
                 .await
                 .err()
                 .with_context(|| format!("{path} was served"))?;
@@ -218,7 +224,41 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
                 format!("{e:#}").contains("is not a file of base copy"),
                 "{e:#}"
             );
+            let e = pgferry_source::backup::range_digests(&shared, plan.id, path)
+                .await
+                .err()
+                .with_context(|| format!("{path} was digested by range"))?;
+            assert!(
+                format!("{e:#}").contains("is not a file of base copy"),
+                "{e:#}"
+            );
         }
+        // A range is served alone, and range digests are the BLAKE3 of the file's ranges.
+        let catalog = plan
+            .entries
+            .iter()
+            .filter(|e| !e.dir && e.path.starts_with("base/"))
+            .max_by_key(|e| e.size)
+            .context("a catalog file")?;
+        let bytes = std::fs::read(pgc.datadir.join(&catalog.path))?;
+        let (size, range, sums) =
+            pgferry_source::backup::range_digests(&shared, plan.id, &catalog.path).await?;
+        assert_eq!(size, bytes.len() as u64);
+        assert_eq!(range, pgferry_common::control::MIN_FILE_RANGE);
+        let want: Vec<String> = bytes
+            .chunks(range as usize)
+            .map(|c| blake3::hash(c).to_hex().to_string())
+            .collect();
+        assert_eq!(sums, want);
+        let mut h = whole(plan.id, &catalog.path);
+        (h.offset, h.end) = (8192, 3 * 8192);
+        let mut served = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(
+            &mut pgferry_source::backup::open_file(&shared, &h).await?.reader,
+            &mut served,
+        )
+        .await?;
+        assert_eq!(served, bytes[8192..3 * 8192], "{}", catalog.path);
         // One bad path refuses the whole request, not just its own answer.
         assert!(pgferry_source::backup::digests(
             &shared,
@@ -229,14 +269,14 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         .await
         .is_err());
         // Another backup's id: nothing, even for a planned file.
-        let e = pgferry_source::backup::open_file(&shared, plan.id ^ 1, "PG_VERSION", 0)
+        let e = pgferry_source::backup::open_file(&shared, &whole(plan.id ^ 1, "PG_VERSION"))
             .await
             .err()
             .context("served under another id")?;
         assert!(format!("{e:#}").contains("no base copy"), "{e:#}");
         // The plan's own files are served, and digested (whole, or a prefix).
         assert!(
-            pgferry_source::backup::open_file(&shared, plan.id, "PG_VERSION", 0)
+            pgferry_source::backup::open_file(&shared, &whole(plan.id, "PG_VERSION"))
                 .await
                 .is_ok()
         );
@@ -265,7 +305,7 @@ fn the_base_copy_serves_only_the_files_of_its_plan() -> Result<()> {
         );
         assert!(first.0.contains("START WAL LOCATION"), "{}", first.0);
         for e in [
-            pgferry_source::backup::open_file(&shared, plan.id, "PG_VERSION", 0)
+            pgferry_source::backup::open_file(&shared, &whole(plan.id, "PG_VERSION"))
                 .await
                 .err(),
             pgferry_source::backup::digests(&shared, plan.id, &["PG_VERSION".into()], &[])

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!   BackupStart(label) ─► plan: directories, files (pg_control last), start LSN
-//!   N workers: File(id, path, offset) stream ─► data_dir/path (append, SHA-256 as written)
+//!   N workers: File(id, path, offset, end) stream ─► data_dir/path (append, SHA-256 as written)
 //!              ─► fsync ─► journal line {path, size, sha256}             (skipped when journaled)
 //!   pg_control ─► BackupStop ─► backup_label, tablespace_map ─► backup_manifest
 //!   ─► standby.signal, primary_conninfo, primary_slot_name ─► pg_verifybackup --no-parse-wal
@@ -18,14 +18,12 @@
 //! rewritten by WAL replay from the backup's start LSN (full-page writes are forced during a
 //! backup), which the standby streams through the replication slot created before the copy.
 //! Bytes reach a file only once their chunk is verified, so a file's length on disk is always a
-//! verified prefix: resuming from it is safe.
+//! verified prefix (unless the journal names the file as being patched, see [`super::delta`]):
+//! resuming from it is safe.
 //!
-//! When the source's backup session was lost (its agent restarted), a new one starts: a
-//! complete file is kept if its SHA-256 equals the source's now, a partly fetched one if its
-//! bytes equal the source's first as many bytes now (it is fetched on from its end); every
-//! other file is removed and fetched again. The source digests after the new session's start
-//! checkpoint, so what is kept is what a copy made now would read, and replay from the new
-//! start LSN covers everything after (README, "Copy methods").
+//! When the source's backup session was lost (its agent restarted), a new one starts and
+//! keeps what did not change: whole files, prefixes of partly fetched ones, and the ranges of a
+//! changed file that still equal the source's ([`super::delta`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -41,6 +39,7 @@ use pgferry_common::backup::{backup_manifest, label_timeline, ManifestFile, WalR
 use pgferry_common::control::{BackupPlan, FileHeader, Request, Response, StreamKind};
 use pgferry_common::runtime::pump::{self, LocalConn, Outcome};
 
+use super::delta::{changed_line, patch_line, Patch};
 use super::{Executor, REQUEST_TIMEOUT};
 use crate::control_client::TunnelDown;
 
@@ -50,6 +49,9 @@ use crate::control_client::TunnelDown;
 enum Journal {
     /// The backup session the files below belong to.
     Begin { backup_id: u64 },
+    /// A file about to be patched (fetched again in the ranges that differ): until its `done`
+    /// line, its bytes are no verified prefix.
+    Patching { path: String },
     /// A file complete and fsynced.
     Done {
         path: String,
@@ -284,16 +286,16 @@ impl Executor<'_> {
             Response::BackupStarted { plan } => plan,
             other => return Err(none(anyhow::anyhow!("unexpected answer {other:?}"))),
         };
-        let done = self
+        let (done, mut patches) = self
             .prepare_copy(&plan, data_dir, journal)
             .await
             .map_err(none)?;
         let files: Vec<_> = plan.entries.iter().filter(|e| !e.dir).collect();
         let total: u64 = files.iter().map(|e| e.size).sum();
-        let todo: VecDeque<String> = files
+        let todo: VecDeque<(String, Option<Patch>)> = files
             .iter()
             .filter(|e| !done.contains_key(&e.path) && e.path != "global/pg_control")
-            .map(|e| e.path.clone())
+            .map(|e| (e.path.clone(), patches.remove(&e.path)))
             .collect();
         (self.progress)(format!(
             "agent copy: backup {:016x} from {}: {} file(s), {} MB; {} already here; {} stream(s)",
@@ -317,7 +319,7 @@ impl Executor<'_> {
             )
             .await?;
             // pg_control last, as PostgreSQL's own base backup sends it.
-            let last = VecDeque::from(["global/pg_control".to_string()]);
+            let last = VecDeque::from([("global/pg_control".to_string(), None)]);
             self.fetch_all(
                 &plan,
                 data_dir,
@@ -361,7 +363,7 @@ impl Executor<'_> {
     /// migration into the same directory keeps the files that did not change (delta).
     pub(super) async fn end_source_backup(&self) -> Result<()> {
         let journal = self.copy_journal();
-        let (Some(id), _) = read_journal(&journal) else {
+        let Some(id) = read_journal(&journal).backup_id else {
             return Ok(());
         };
         (self.progress)(format!(
@@ -375,188 +377,115 @@ impl Executor<'_> {
     }
 
     /// The data directory and journal for `plan`. The journal's own session: its files are
-    /// kept (resume). Another session (the source's was lost): the files whose SHA-256 equals
-    /// the source's now are kept, every other file is removed (delta, see the module doc).
-    /// Returns the files already complete.
+    /// kept (resume), a file it was patching is compared range by range again. Another session
+    /// (the source's was lost): what did not change is kept, a changed file is patched where
+    /// that pays, every other file is removed (delta, see [`super::delta`]). Returns the files
+    /// already complete and the patches.
     async fn prepare_copy(
         &self,
         plan: &BackupPlan,
         data_dir: &Path,
         journal: &Path,
-    ) -> Result<HashMap<String, ManifestFile>> {
-        let (previous, mut done) = read_journal(journal);
-        if previous == Some(plan.id) {
-            if !done.is_empty() {
+    ) -> Result<(HashMap<String, ManifestFile>, HashMap<String, Patch>)> {
+        let read = read_journal(journal);
+        let (done, patches) = if read.backup_id == Some(plan.id) {
+            if !read.done.is_empty() {
                 (self.progress)(format!(
                     "resuming the copy of backup {:016x}: {} file(s) already complete",
                     plan.id,
-                    done.len()
+                    read.done.len()
                 ));
             }
+            // A file being patched is no verified prefix: compared again, or fetched whole.
+            let planned: HashSet<&str> = plan.entries.iter().map(|e| e.path.as_str()).collect();
+            let patching: Vec<String> = read
+                .patching
+                .iter()
+                .filter(|p| planned.contains(p.as_str()))
+                .cloned()
+                .collect();
+            let patches = self.patches(plan.id, data_dir, patching).await?;
+            for p in read.patching.iter().filter(|p| !patches.contains_key(*p)) {
+                let _ = std::fs::remove_file(data_dir.join(p));
+            }
+            (read.done, patches)
         } else {
-            let had = done.len();
-            done = if had > 0 && data_dir.exists() {
-                self.unchanged(plan, done).await?
-            } else {
-                HashMap::new()
-            };
-            let partial = match previous {
-                Some(_) if data_dir.exists() => {
-                    self.unchanged_prefixes(plan, data_dir, &done).await?
-                }
-                _ => (HashSet::new(), 0),
-            };
-            if let Some(prev) = previous.filter(|_| had > 0 || !partial.0.is_empty()) {
-                (self.progress)(format!(
-                    "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, and {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end; the rest is fetched again",
-                    plan.id,
-                    done.len(),
-                    partial.0.len(),
-                    partial.1 as f64 / 1e6
-                ));
-            }
-            if data_dir.exists() {
-                remove_files_except(data_dir, |p| done.contains_key(p) || partial.0.contains(p))?;
-            }
-            let mut text = format!(
-                "{}\n",
-                serde_json::to_string(&Journal::Begin { backup_id: plan.id })?
-            );
-            for m in done.values() {
-                text.push_str(&serde_json::to_string(&journal_line(m))?);
-                text.push('\n');
-            }
-            std::fs::write(journal, text)?;
-        }
+            self.keep_what_is_unchanged(plan, data_dir, journal, read)
+                .await?
+        };
         for e in plan.entries.iter().filter(|e| e.dir) {
             std::fs::create_dir_all(data_dir.join(&e.path))?;
         }
         std::fs::create_dir_all(data_dir.join("pg_wal/archive_status"))?;
-        Ok(done)
+        Ok((done, patches))
     }
 
-    /// Of the files complete in an earlier session, those still in the plan whose size and
-    /// SHA-256 equal the source's now.
-    async fn unchanged(
-        &self,
-        plan: &BackupPlan,
-        previous: HashMap<String, ManifestFile>,
-    ) -> Result<HashMap<String, ManifestFile>> {
-        let planned: HashSet<&str> = plan
-            .entries
-            .iter()
-            .filter(|e| !e.dir)
-            .map(|e| e.path.as_str())
-            .collect();
-        let candidates: Vec<&ManifestFile> = previous
-            .values()
-            .filter(|m| planned.contains(m.path.as_str()))
-            .collect();
-        let paths = candidates.iter().map(|m| m.path.clone()).collect();
-        let digests = self.source_digests(plan.id, paths, Vec::new()).await?;
-        Ok(candidates
-            .into_iter()
-            .zip(digests)
-            .filter(|(m, d)| {
-                d.path == m.path && d.size == m.size && d.sha256 == hex::encode(m.sha256)
-            })
-            .map(|(m, _)| (m.path.clone(), m.clone()))
-            .collect())
-    }
-
-    /// The source's [`FileDigest`](pgferry_common::control::FileDigest) of each of `paths` of
-    /// backup `id` (of its first `lengths[i]` bytes when `lengths` is given), in order, asked
-    /// in requests of at most [`MAX_DIGEST_PATHS`](pgferry_common::control::MAX_DIGEST_PATHS).
-    async fn source_digests(
-        &self,
-        id: u64,
-        paths: Vec<String>,
-        lengths: Vec<u64>,
-    ) -> Result<Vec<pgferry_common::control::FileDigest>> {
-        let per = pgferry_common::control::MAX_DIGEST_PATHS;
-        let mut out = Vec::with_capacity(paths.len());
-        for (i, batch) in paths.chunks(per).enumerate() {
-            let lengths = if lengths.is_empty() {
-                Vec::new()
-            } else {
-                lengths[i * per..i * per + batch.len()].to_vec()
-            };
-            match self
-                .ask_through_outage(
-                    Request::FileDigests {
-                        id,
-                        paths: batch.to_vec(),
-                        lengths,
-                    },
-                    Duration::from_secs(600),
-                )
-                .await?
-            {
-                Response::FileDigests { digests } if digests.len() == batch.len() => {
-                    out.extend(digests)
-                }
-                other => bail!("unexpected answer {other:?}"),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Of the files partly fetched in an earlier session (in the plan, not complete, not
-    /// empty), those whose bytes here equal the source's first as many bytes now (SHA-256 on
-    /// both sides); and their bytes. They are fetched on from their end: the same argument as
-    /// for a kept whole file holds for a kept prefix (see the module doc).
-    async fn unchanged_prefixes(
+    /// A new backup session (the journal's, `read`, was lost, or there was none): of the files
+    /// here, those unchanged on the source are kept, changed ones are patched where that pays,
+    /// the others removed; the journal begins the new session.
+    async fn keep_what_is_unchanged(
         &self,
         plan: &BackupPlan,
         data_dir: &Path,
-        done: &HashMap<String, ManifestFile>,
-    ) -> Result<(HashSet<String>, u64)> {
-        let partial: Vec<(String, u64)> = plan
-            .entries
-            .iter()
-            .filter(|e| !e.dir && !done.contains_key(&e.path))
-            .filter_map(|e| {
-                let len = std::fs::metadata(data_dir.join(&e.path)).ok()?.len();
-                (len > 0).then(|| (e.path.clone(), len))
-            })
-            .collect();
-        let theirs = self
-            .source_digests(
-                plan.id,
-                partial.iter().map(|(p, _)| p.clone()).collect(),
-                partial.iter().map(|(_, n)| *n).collect(),
-            )
-            .await?;
-        let ours = {
-            let (dir, partial) = (data_dir.to_path_buf(), partial.clone());
-            tokio::task::spawn_blocking(move || {
-                partial
-                    .iter()
-                    .map(|(p, _)| sha256_file(&dir.join(p)).ok())
-                    .collect::<Vec<_>>()
-            })
-            .await?
-        };
-        let (mut kept, mut bytes) = (HashSet::new(), 0);
-        for (((path, len), theirs), ours) in partial.into_iter().zip(theirs).zip(ours) {
-            let same = ours.is_some_and(|(n, sum)| {
-                n == len && theirs.size == n && theirs.sha256 == hex::encode(sum)
-            });
-            if same && theirs.path == path {
-                kept.insert(path);
-                bytes += len;
-            }
+        journal: &Path,
+        read: JournalRead,
+    ) -> Result<(HashMap<String, ManifestFile>, HashMap<String, Patch>)> {
+        let had = read.done.len();
+        let (mut done, mut changed) = (HashMap::new(), Vec::new());
+        if had > 0 && data_dir.exists() {
+            done = self.unchanged(plan, &read.done).await?;
+            changed = read
+                .done
+                .into_values()
+                .filter(|m| !done.contains_key(&m.path))
+                .map(|m| (m.path, m.size))
+                .collect();
         }
-        Ok((kept, bytes))
+        let (partial, partial_bytes, partial_changed) = match read.backup_id {
+            Some(_) if data_dir.exists() => self.unchanged_prefixes(plan, data_dir, &done).await?,
+            _ => (HashSet::new(), 0, Vec::new()),
+        };
+        let planned: HashSet<&str> = plan.entries.iter().map(|e| e.path.as_str()).collect();
+        let candidates: Vec<String> = changed
+            .iter()
+            .map(|(p, _)| p.clone())
+            .filter(|p| planned.contains(p.as_str()))
+            .chain(partial_changed)
+            .collect();
+        let patches = if candidates.is_empty() {
+            HashMap::new()
+        } else {
+            self.patches(plan.id, data_dir, candidates).await?
+        };
+        if let Some(prev) = read.backup_id.filter(|_| had > 0 || !partial.is_empty()) {
+            (self.progress)(format!(
+                "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end, {}; the rest is fetched again{}",
+                plan.id,
+                done.len(),
+                partial.len(),
+                partial_bytes as f64 / 1e6,
+                patch_line(&patches),
+                changed_line(&changed)
+            ));
+        }
+        if data_dir.exists() {
+            remove_files_except(data_dir, |p| {
+                done.contains_key(p) || partial.contains(p) || patches.contains_key(p)
+            })?;
+        }
+        write_journal(journal, plan.id, &done, patches.keys())?;
+        Ok((done, patches))
     }
 
-    /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
-    /// decompression and checks use every core); (files, bytes) fetched.
     /// [`Executor::ask_within`], asked again while the tunnel is down, however long (the
     /// journal and the source's backup session outlive an outage; the slot keeps the WAL).
     /// Every request of the copy can be asked twice: start and stop answer a repeat with the
     /// same result, digests are read-only.
-    async fn ask_through_outage(&self, request: Request, timeout: Duration) -> Result<Response> {
+    pub(super) async fn ask_through_outage(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response> {
         let mut outage = OutageClock::default();
         loop {
             match self.ask_within(request.clone(), timeout).await {
@@ -576,12 +505,14 @@ impl Executor<'_> {
         }
     }
 
+    /// Fetches `todo` over `copy_streams` parallel streams, each a task of its own (so
+    /// decompression and checks use every core); a file with a [`Patch`] in its ranges first.
     async fn fetch_all(
         &self,
         plan: &BackupPlan,
         data_dir: &Path,
         journal: &Path,
-        todo: VecDeque<String>,
+        todo: VecDeque<(String, Option<Patch>)>,
         done: Arc<Mutex<HashMap<String, ManifestFile>>>,
         counted: Arc<Counts>,
     ) -> Result<()> {
@@ -709,7 +640,7 @@ struct Fetcher {
     backup_id: u64,
     data_dir: PathBuf,
     journal: PathBuf,
-    queue: Mutex<VecDeque<String>>,
+    queue: Mutex<VecDeque<(String, Option<Patch>)>>,
     journal_lock: Mutex<()>,
     done: Arc<Mutex<HashMap<String, ManifestFile>>>,
     /// Bytes written into the copy's files (verified): [`Counts::written`].
@@ -740,7 +671,7 @@ impl Fetcher {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop_front();
             let received = match next {
-                Some(path) => match self.fetch_file(&path).await {
+                Some((path, patch)) => match self.fetch_file(&path, patch).await {
                     Ok(r) => Some(r),
                     Err(e) => {
                         // The file being finished writes its journal line before this task
@@ -807,35 +738,82 @@ impl Fetcher {
         Ok(())
     }
 
-    /// One file: fetched from its current length on (a verified prefix), retried across lost
-    /// connections.
-    async fn fetch_file(&self, path: &str) -> Result<Received> {
-        let (backup_id, full) = (self.backup_id, self.data_dir.join(path));
-        let mut retry = FileRetry::default();
+    /// One file: the ranges of its patch first, if it has one (cut to the source's size
+    /// before), then from its current length on (a verified prefix, once the ranges are in),
+    /// each stream retried across lost connections.
+    async fn fetch_file(&self, path: &str, patch: Option<Patch>) -> Result<Received> {
+        let full = self.data_dir.join(path);
+        if let Some(patch) = patch {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&full)
+                .with_context(|| full.display().to_string())?;
+            if f.metadata()?.len() > patch.len {
+                f.set_len(patch.len)?;
+            }
+            for (start, end) in patch.ranges {
+                self.fetch_range(path, start, Some(end), None).await?;
+            }
+        }
         // A file fetched from its start in this run is SHA-256'd as it is written (every try,
-        // whatever its length, continues the same hash); one begun by an earlier run is read
-        // back at the end.
+        // whatever its length, continues the same hash); one begun by an earlier run, or
+        // patched, is read back at the end.
         let fresh = std::fs::metadata(&full).map_or(true, |m| m.len() == 0);
         let hash = fresh.then(|| {
             Arc::new(Mutex::new(ring::digest::Context::new(
                 &ring::digest::SHA256,
             )))
         });
+        self.fetch_range(path, 0, None, hash.clone()).await?;
+        Ok(Received {
+            path: path.to_string(),
+            hash,
+        })
+    }
+
+    /// Bytes `start..end` of `path` written in place; with `end` `None`, from the file's
+    /// length here (`start` unused) to the source's end, appended. A lost stream is tried again
+    /// from where it stopped; an outage is waited out, however long.
+    async fn fetch_range(
+        &self,
+        path: &str,
+        start: u64,
+        end: Option<u64>,
+        hash: Option<Arc<Mutex<ring::digest::Context>>>,
+    ) -> Result<()> {
+        use std::io::Seek;
+        let full = self.data_dir.join(path);
+        let mut retry = FileRetry::default();
+        let mut at = start;
         loop {
-            let offset = std::fs::metadata(&full).map_or(0, |m| m.len());
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
+            let open = std::fs::OpenOptions::new()
+                .create(end.is_none())
+                .append(end.is_none())
+                .write(true)
                 .open(&full)
-                .with_context(|| full.display().to_string())?;
+                .with_context(|| full.display().to_string());
+            let (offset, file) = match end {
+                None => {
+                    let f = open?;
+                    (f.metadata()?.len(), f)
+                }
+                Some(e) if at >= e => return Ok(()),
+                Some(_) => {
+                    let mut f = open?;
+                    f.seek(std::io::SeekFrom::Start(at))?;
+                    (at, f)
+                }
+            };
+            let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let outcome = match (self.open)().await {
                 Ok((mut send, recv)) => {
                     *self.down_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     let mut out = BytesMut::new();
                     out.extend_from_slice(&[StreamKind::File as u8]);
                     FileHeader {
-                        backup_id,
+                        backup_id: self.backup_id,
                         offset,
+                        end: end.unwrap_or(FileHeader::TO_THE_END),
                         path: path.to_string(),
                     }
                     .encode(&mut out);
@@ -847,6 +825,7 @@ impl Fetcher {
                                     file,
                                     hash: hash.clone(),
                                     written: self.written.clone(),
+                                    moved: moved.clone(),
                                 }),
                                 abort_handle: None,
                             };
@@ -866,13 +845,14 @@ impl Fetcher {
                 Err(e) => Outcome::ConnectionLost(format!("{e:#}")),
             };
             match outcome {
-                Outcome::Ok => break,
+                Outcome::Ok => return Ok(()),
                 Outcome::ConnectionLost(m) | Outcome::TunnelError(m) => {
-                    let moved = std::fs::metadata(&full).map_or(0, |m| m.len()) > offset;
-                    if !retry.go_on(moved) {
+                    let n = moved.load(std::sync::atomic::Ordering::Relaxed);
+                    at += n;
+                    if !retry.go_on(n > 0) {
                         bail!("copying {path}: {m} ({FILE_ATTEMPTS} times in a row without a byte fetched)");
                     }
-                    tracing::warn!("copy of {path}: {m}; again from its end");
+                    tracing::warn!("copy of {path}: {m}; again from where it stopped");
                     // The tunnel is likely down: the streams' wait for it starts now.
                     self.mark_down();
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -880,10 +860,6 @@ impl Fetcher {
                 other => bail!("copying {path}: {} {}", other.label(), other.detail()),
             }
         }
-        Ok(Received {
-            path: path.to_string(),
-            hash,
-        })
     }
 }
 
@@ -901,7 +877,9 @@ struct Received {
 struct FileWriter {
     file: std::fs::File,
     hash: Option<Arc<Mutex<ring::digest::Context>>>,
+    /// Bytes written by every stream of the copy, and by this one.
     written: Arc<std::sync::atomic::AtomicU64>,
+    moved: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl tokio::io::AsyncWrite for FileWriter {
@@ -914,6 +892,8 @@ impl tokio::io::AsyncWrite for FileWriter {
         let r = self.file.write(buf);
         if let Ok(n) = &r {
             self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+            self.moved
                 .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
             if let Some(h) = &self.hash {
                 h.lock()
@@ -948,18 +928,32 @@ fn journal_line(m: &ManifestFile) -> Journal {
     }
 }
 
-/// The journal's last backup session and the files it completed (a line cut by a kill is
-/// ignored: that file is fetched again).
-fn read_journal(journal: &Path) -> (Option<u64>, HashMap<String, ManifestFile>) {
-    let (mut id, mut done) = (None, HashMap::new());
+/// What a journal says: its last backup session, the files it completed, and the files it
+/// was patching and did not complete.
+#[derive(Debug, Default)]
+struct JournalRead {
+    backup_id: Option<u64>,
+    done: HashMap<String, ManifestFile>,
+    patching: HashSet<String>,
+}
+
+/// Reads the journal (a line cut by a kill is ignored: that file is fetched again).
+fn read_journal(journal: &Path) -> JournalRead {
+    let mut read = JournalRead::default();
     let Ok(text) = std::fs::read_to_string(journal) else {
-        return (id, done);
+        return read;
     };
     for line in text.lines() {
         match serde_json::from_str::<Journal>(line) {
             Ok(Journal::Begin { backup_id }) => {
-                id = Some(backup_id);
-                done.clear();
+                read = JournalRead {
+                    backup_id: Some(backup_id),
+                    ..JournalRead::default()
+                };
+            }
+            Ok(Journal::Patching { path }) => {
+                read.done.remove(&path);
+                read.patching.insert(path);
             }
             Ok(Journal::Done {
                 path,
@@ -969,7 +963,8 @@ fn read_journal(journal: &Path) -> (Option<u64>, HashMap<String, ManifestFile>) 
             }) => {
                 let mut sum = [0; 32];
                 if hex::decode_to_slice(&sha256, &mut sum).is_ok() {
-                    done.insert(
+                    read.patching.remove(&path);
+                    read.done.insert(
                         path.clone(),
                         ManifestFile {
                             path,
@@ -983,7 +978,44 @@ fn read_journal(journal: &Path) -> (Option<u64>, HashMap<String, ManifestFile>) 
             Err(_) => {}
         }
     }
-    (id, done)
+    read
+}
+
+/// Begins the journal of backup session `id` with the files already complete and those about
+/// to be patched. Written whole (a temporary file renamed over it) and fsynced before any file
+/// is patched: a patched file must never pass for a verified prefix.
+fn write_journal<'a>(
+    journal: &Path,
+    id: u64,
+    done: &HashMap<String, ManifestFile>,
+    patching: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    let mut text = format!(
+        "{}\n",
+        serde_json::to_string(&Journal::Begin { backup_id: id })?
+    );
+    for m in done.values() {
+        text.push_str(&serde_json::to_string(&journal_line(m))?);
+        text.push('\n');
+    }
+    for path in patching {
+        text.push_str(&serde_json::to_string(&Journal::Patching {
+            path: path.clone(),
+        })?);
+        text.push('\n');
+    }
+    let tmp = journal.with_extension("jsonl.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, journal).with_context(|| journal.display().to_string())?;
+    if let Some(dir) = journal.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(())
 }
 
 /// Removes every regular file under `dir` that `keep` does not name (partial files, files of
@@ -1019,7 +1051,7 @@ fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> 
 }
 
 /// fsync, then size and SHA-256 of a file.
-fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
+pub(super) fn sha256_file(p: &Path) -> Result<(u64, [u8; 32])> {
     std::fs::File::open(p)
         .and_then(|f| f.sync_all())
         .and_then(|()| pgferry_common::runtime::digest::sha256_file(p))
@@ -1033,6 +1065,51 @@ fn hex_sha256(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_being_patched_is_not_complete_until_its_done_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("state.copy.jsonl");
+        let m = |path: &str| ManifestFile {
+            path: path.into(),
+            size: 8192,
+            modified: 1,
+            sha256: [7; 32],
+        };
+        let done: HashMap<String, ManifestFile> = [
+            ("base/5/1".to_string(), m("base/5/1")),
+            ("base/5/2".to_string(), m("base/5/2")),
+        ]
+        .into();
+        let patching = ["base/5/3".to_string(), "base/5/2".to_string()];
+        write_journal(&journal, 9, &done, patching.iter()).unwrap();
+        let read = read_journal(&journal);
+        assert_eq!(read.backup_id, Some(9));
+        let mut kept: Vec<&String> = read.done.keys().collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["base/5/1"],
+            "a file named for patching is no longer complete"
+        );
+        assert_eq!(read.patching, HashSet::from(patching.clone()));
+        assert!(!dir.path().join("state.copy.jsonl.tmp").exists());
+        // Its done line (and a line cut by a kill after it) ends the patch.
+        let mut text = std::fs::read_to_string(&journal).unwrap();
+        text.push_str(&serde_json::to_string(&journal_line(&m("base/5/3"))).unwrap());
+        text.push_str("\n{\"kind\":\"done\",\"pa");
+        std::fs::write(&journal, text).unwrap();
+        let read = read_journal(&journal);
+        assert!(read.done.contains_key("base/5/3"));
+        assert_eq!(read.patching, HashSet::from(["base/5/2".to_string()]));
+        // A new session forgets both.
+        write_journal(&journal, 10, &HashMap::new(), std::iter::empty()).unwrap();
+        let read = read_journal(&journal);
+        assert_eq!(
+            (read.backup_id, read.done.len(), read.patching.len()),
+            (Some(10), 0, 0)
+        );
+    }
 
     #[test]
     fn a_file_gives_up_only_after_failures_in_a_row_that_fetched_nothing() {

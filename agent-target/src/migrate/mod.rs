@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt;
 
 mod copy;
 mod cutover;
+mod delta;
 
 use crate::config::TargetSettings;
 use crate::control_client::ControlClient;

@@ -43,6 +43,55 @@ pub fn sha256_prefix(p: &std::path::Path, limit: u64) -> std::io::Result<(u64, [
     Ok((n, sum))
 }
 
+/// A file's size (when opened), its range size ([`file_range_size`]) and the BLAKE3 of each
+/// range, the last one shorter if the size is not a multiple. Bytes the file gains while it is
+/// read are not digested (the size is the one read).
+///
+/// [`file_range_size`]: crate::control::file_range_size
+pub fn file_range_digests(p: &std::path::Path) -> std::io::Result<(u64, u64, Vec<blake3::Hash>)> {
+    let f = std::fs::File::open(p)?;
+    let size = f.metadata()?.len();
+    let range = crate::control::file_range_size(size);
+    let (read, sums) = reader_range_digests(std::io::Read::take(f, size), range)?;
+    Ok((read, range, sums))
+}
+
+/// Bytes read from `r` and the BLAKE3 of each `range` bytes of them (the last range may be
+/// shorter; none when `r` is empty).
+pub fn reader_range_digests(
+    mut r: impl std::io::Read,
+    range: u64,
+) -> std::io::Result<(u64, Vec<blake3::Hash>)> {
+    assert!(range > 0, "a range has bytes");
+    let mut buf = vec![0; (1 << 20).min(range) as usize];
+    let (mut total, mut in_range) = (0u64, 0u64);
+    let mut hasher = blake3::Hasher::new();
+    let mut sums = Vec::new();
+    loop {
+        let want = buf.len().min((range - in_range) as usize);
+        let k = match r.read(&mut buf[..want]) {
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if k == 0 {
+            break;
+        }
+        hasher.update(&buf[..k]);
+        total += k as u64;
+        in_range += k as u64;
+        if in_range == range {
+            sums.push(hasher.finalize());
+            hasher.reset();
+            in_range = 0;
+        }
+    }
+    if in_range > 0 {
+        sums.push(hasher.finalize());
+    }
+    Ok((total, sums))
+}
+
 /// Opens one more connection to the same cluster (for digests in parallel).
 pub type Connect<'a> = &'a (dyn Fn() -> ConnectFuture + Send + Sync);
 /// A connection being opened.
@@ -302,4 +351,34 @@ fn is_recovery_conflict(e: &anyhow::Error) -> bool {
     e.downcast_ref::<tokio_postgres::Error>()
         .and_then(|e| e.code())
         .is_some_and(|c| *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_digests_cover_each_range_and_a_short_last_one() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // A reader that hands out odd-sized pieces must give the same digests.
+        struct Dribble<'a>(&'a [u8]);
+        impl std::io::Read for Dribble<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(333);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for range in [1u64, 4096, 4000, 10_000, 1 << 20] {
+            let (total, sums) = reader_range_digests(Dribble(&data), range).unwrap();
+            assert_eq!(total, data.len() as u64);
+            let want: Vec<blake3::Hash> = data.chunks(range as usize).map(blake3::hash).collect();
+            assert_eq!(sums, want, "range {range}");
+        }
+        assert_eq!(
+            reader_range_digests(&[][..], 4096).unwrap(),
+            (0, Vec::new())
+        );
+    }
 }
