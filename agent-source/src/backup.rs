@@ -8,10 +8,23 @@ use anyhow::{bail, Context, Result};
 use pgferry_common::backup::Found;
 
 /// Every directory and regular file under `data_dir`, with paths relative to it. A symlinked
-/// `pg_wal` counts as a directory (its contents are never copied); tablespaces (symlinks in
-/// `pg_tblspc`) are refused for now; files that vanish while walking (a dropped relation) are
-/// skipped.
+/// `pg_wal` counts as a directory (its contents are never copied). A tablespace (a symlink
+/// `pg_tblspc/<oid>`) counts as a directory too, walked through: only its directory of this
+/// major version (`PG_15_…`), as PostgreSQL's base backup sends it. Any other symlink is
+/// refused. Files that vanish while walking (a dropped relation) are skipped.
 pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
+    Ok(walk_with_tablespaces(data_dir)?.0)
+}
+
+/// [`walk`], and the location of each tablespace (`pg_tblspc/<oid>` → where its symlink
+/// points).
+pub fn walk_with_tablespaces(
+    data_dir: &Path,
+) -> Result<(Vec<Found>, std::collections::BTreeMap<String, String>)> {
+    let version = std::fs::read_to_string(data_dir.join("PG_VERSION"))
+        .with_context(|| format!("reading {}", data_dir.join("PG_VERSION").display()))?;
+    let version_dir = format!("PG_{}_", version.trim());
+    let mut links = std::collections::BTreeMap::new();
     let mut out = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
@@ -43,6 +56,13 @@ pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("{}", entry.path().display())),
             };
+            // Inside a tablespace, only this major version's directory.
+            if rel.starts_with("pg_tblspc/")
+                && !rel.contains("/PG_")
+                && !name_in(&path).starts_with(&version_dir)
+            {
+                continue;
+            }
             if meta.file_type().is_symlink() {
                 if path == "pg_wal" {
                     out.push(Found {
@@ -52,10 +72,19 @@ pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
                     });
                     continue;
                 }
+                if let Some(location) = tablespace_link(&path, &entry.path())? {
+                    links.insert(path.clone(), location);
+                    stack.push(path.clone());
+                    out.push(Found {
+                        path,
+                        is_dir: true,
+                        size: 0,
+                    });
+                    continue;
+                }
                 bail!(
-                    "{}: a symlink (a tablespace?): {}; set copy_method = \"pg_basebackup\" in [target]",
+                    "{}: a symlink that is not a tablespace (pg_tblspc/<oid>) nor pg_wal; the agent copy does not follow it: move what it points to into the data directory, or copy with copy_method = \"pg_basebackup\" in [target]",
                     entry.path().display(),
-                    pgferry_common::backup::TABLESPACES_REFUSED
                 );
             }
             if meta.is_dir() {
@@ -75,7 +104,38 @@ pub fn walk(data_dir: &Path) -> Result<Vec<Found>> {
         }
     }
     out.sort();
-    Ok(out)
+    Ok((out, links))
+}
+
+/// The last component of a `/`-separated path.
+fn name_in(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Where the symlink `path` (`full` on disk) points, if it is a tablespace's
+/// (`pg_tblspc/<oid>`, pointing to an absolute directory).
+fn tablespace_link(path: &str, full: &Path) -> Result<Option<String>> {
+    let Some(oid) = path.strip_prefix("pg_tblspc/") else {
+        return Ok(None);
+    };
+    if oid.is_empty() || !oid.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(None);
+    }
+    let target = std::fs::read_link(full).with_context(|| full.display().to_string())?;
+    let Some(location) = target.to_str().filter(|t| t.starts_with('/')) else {
+        bail!(
+            "{}: a tablespace whose location {} is not an absolute UTF-8 path",
+            full.display(),
+            target.display()
+        );
+    };
+    if !std::fs::metadata(full).is_ok_and(|m| m.is_dir()) {
+        bail!(
+            "{}: the tablespace's location {location} is not a directory",
+            full.display()
+        );
+    }
+    Ok(Some(location.to_string()))
 }
 
 /// The base copy this agent runs: its own PostgreSQL session (`pg_backup_start` is tied to
@@ -188,8 +248,9 @@ pub async fn start(
     let data_dir = std::path::PathBuf::from(data_dir);
     let walked = {
         let d = data_dir.clone();
-        tokio::task::spawn_blocking(move || walk(&d)).await??
+        tokio::task::spawn_blocking(move || walk_with_tablespaces(&d)).await??
     };
+    let (walked, links) = walked;
     let planned = plan(&walked);
     let entries: Vec<BackupEntry> = planned
         .iter()
@@ -197,6 +258,7 @@ pub async fn start(
             path: f.path.clone(),
             dir: f.is_dir || *d == Disposition::CreateEmpty,
             size: f.size,
+            link: links.get(&f.path).cloned(),
         })
         .collect();
     let plan = BackupPlan {
@@ -283,14 +345,7 @@ pub async fn open_file(
 ) -> Result<pgferry_common::runtime::pump::LocalConn> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let (id, path, offset) = (h.backup_id, h.path.as_str(), h.offset);
-    let full = {
-        let guard = shared.lock().await;
-        let b = running(&guard, id)?;
-        if !b.files.contains(path) {
-            bail!("{path:?} is not a file of base copy {id:016x}");
-        }
-        b.data_dir.join(path)
-    };
+    let full = planned_file(shared, id, path).await?;
     let mut f = match tokio::fs::File::open(&full).await {
         Ok(f) => f,
         // Dropped since it was listed: an empty file (WAL replay removes it).
@@ -356,6 +411,16 @@ pub async fn digests(
     .context("digest task")
 }
 
+/// Where file `path` of the running backup `id` is: only a file of its plan.
+async fn planned_file(shared: &SharedBackup, id: u64, path: &str) -> Result<std::path::PathBuf> {
+    let guard = shared.lock().await;
+    let b = running(&guard, id)?;
+    if !b.files.contains(path) {
+        bail!("{path:?} is not a file of base copy {id:016x}");
+    }
+    Ok(b.data_dir.join(path))
+}
+
 /// The size of file `path` of backup `id` now, its range size
 /// ([`file_range_size`](pgferry_common::control::file_range_size)) and the BLAKE3 (hex) of
 /// each range; a file gone has size 0 and no ranges.
@@ -364,14 +429,7 @@ pub async fn range_digests(
     id: u64,
     path: &str,
 ) -> Result<(u64, u64, Vec<String>)> {
-    let full = {
-        let guard = shared.lock().await;
-        let b = running(&guard, id)?;
-        if !b.files.contains(path) {
-            bail!("{path:?} is not a file of base copy {id:016x}");
-        }
-        b.data_dir.join(path)
-    };
+    let full = planned_file(shared, id, path).await?;
     tokio::task::spawn_blocking(move || {
         match pgferry_common::runtime::digest::file_range_digests(&full) {
             Ok((size, range, sums)) => Ok((

@@ -68,13 +68,16 @@ pub struct TargetSection {
     /// `[target.pgbouncer]`: a PgBouncer in front of the old cluster, paused before the
     /// fence and switched to the new primary after promotion ([`crate::pooler`]).
     pub pgbouncer: Option<PgBouncerSection>,
-    /// How the base copy is made: `agent` (the agents copy the files themselves over parallel
-    /// streams, resumable file by file) or `pg_basebackup` (one stream, through the tunnel).
-    /// Unset: `agent`, or `pg_basebackup` for a source with tablespaces, which the agent copy
-    /// does not handle yet (see the README).
+    /// How the base copy is made: `agent` (default: the agents copy the files themselves over
+    /// parallel streams, resumable file by file) or `pg_basebackup` (one stream, through the
+    /// tunnel).
     pub copy_method: Option<String>,
     /// Parallel file streams of the agent copy (default: the number of cores, at least 8).
     pub copy_streams: Option<usize>,
+    /// Where the source's tablespaces go on this host, as `pg_basebackup
+    /// --tablespace-mapping`: `["/old/location=/new/location", …]`, absolute paths. A
+    /// tablespace not named keeps its location (which must then be empty or absent here).
+    pub tablespace_mapping: Option<Vec<String>>,
 }
 
 /// How the base copy is made.
@@ -82,10 +85,8 @@ pub struct TargetSection {
 pub enum CopyMethod {
     /// `pg_basebackup -X stream` through the tunnel.
     PgBasebackup,
-    /// The agents copy the files (a source with tablespaces is refused).
+    /// The agents copy the files (the default).
     Agent,
-    /// Not configured: the agent copy, or `pg_basebackup` for a source with tablespaces.
-    Default,
 }
 
 /// Default PostgreSQL binaries of the new cluster.
@@ -112,6 +113,38 @@ pub struct TargetSettings {
     pub pgbouncer: Option<PgBouncer>,
     pub copy_method: CopyMethod,
     pub copy_streams: usize,
+    /// (the source's location, this host's) of each mapped tablespace.
+    pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+}
+
+impl TargetSettings {
+    /// Where a tablespace at `location` on the source goes here.
+    pub fn tablespace_location(&self, location: &Path) -> PathBuf {
+        self.tablespace_mapping
+            .iter()
+            .find(|(old, _)| old == location)
+            .map_or_else(|| location.to_path_buf(), |(_, new)| new.clone())
+    }
+}
+
+/// `[target] tablespace_mapping`: each `OLD=NEW`, both absolute, no `OLD` twice.
+fn tablespace_mapping(entries: &[String]) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut out: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for e in entries {
+        let fix = "give \"/old/location=/new/location\", both absolute";
+        let Some((old, new)) = e.split_once('=') else {
+            anyhow::bail!("[target] tablespace_mapping {e:?}: no '=': {fix}");
+        };
+        let (old, new) = (PathBuf::from(old.trim()), PathBuf::from(new.trim()));
+        if !old.is_absolute() || !new.is_absolute() || new.to_string_lossy().contains('=') {
+            anyhow::bail!("[target] tablespace_mapping {e:?}: {fix}");
+        }
+        if out.iter().any(|(o, _)| *o == old) {
+            anyhow::bail!("[target] tablespace_mapping maps {} twice", old.display());
+        }
+        out.push((old, new));
+    }
+    Ok(out)
 }
 
 impl RoleSection for TargetSection {
@@ -232,7 +265,7 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
         hba_file: s.hba_file,
         pgbouncer: s.pgbouncer.map(PgBouncerSection::resolve).transpose()?,
         copy_method: match args.copy_method.as_deref().or(s.copy_method.as_deref()) {
-            None => CopyMethod::Default,
+            None => CopyMethod::Agent,
             Some("pg_basebackup") => CopyMethod::PgBasebackup,
             Some("agent") => CopyMethod::Agent,
             Some(other) => {
@@ -246,6 +279,7 @@ pub fn resolve_file(args: TargetRunArgs, file: TargetFile) -> Result<TargetConfi
             .copy_streams
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(8, |n| n.get().max(8)))
             .clamp(1, 64),
+        tablespace_mapping: tablespace_mapping(s.tablespace_mapping.as_deref().unwrap_or(&[]))?,
     };
     if let Some(h) = &settings.hba_file {
         std::fs::metadata(h)
@@ -359,7 +393,7 @@ mod tests {
             };
             resolve_file(a, file).map(|c| c.settings.copy_method)
         };
-        assert_eq!(method(None, "").unwrap(), CopyMethod::Default);
+        assert_eq!(method(None, "").unwrap(), CopyMethod::Agent);
         let file = "[target]\ncopy_method = \"pg_basebackup\"\n";
         assert_eq!(method(None, file).unwrap(), CopyMethod::PgBasebackup);
         assert_eq!(method(Some("agent"), file).unwrap(), CopyMethod::Agent);
@@ -367,6 +401,37 @@ mod tests {
         assert!(
             format!("{e:#}").contains("use \"pg_basebackup\" or \"agent\""),
             "{e:#}"
+        );
+    }
+
+    #[test]
+    fn tablespace_mappings_are_absolute_and_each_location_is_mapped_once() {
+        let m =
+            |v: &[&str]| tablespace_mapping(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let ok = m(&["/srv/ts1=/data/ts1", " /srv/ts2 = /data/ts2 "]).unwrap();
+        assert_eq!(
+            ok[1],
+            (PathBuf::from("/srv/ts2"), PathBuf::from("/data/ts2"))
+        );
+        for bad in [
+            &["/srv/ts1"][..],
+            &["ts1=/data/ts1"],
+            &["/srv/ts1=data"],
+            &["/a=/b", "/a=/c"],
+        ] {
+            let e = m(bad).unwrap_err();
+            assert!(format!("{e:#}").contains("tablespace_mapping"), "{e:#}");
+        }
+        let file: TargetFile =
+            toml::from_str("[target]\ntablespace_mapping = [\"/srv/ts1=/data/ts1\"]\n").unwrap();
+        let s = resolve_file(args(), file).unwrap().settings;
+        assert_eq!(
+            s.tablespace_location(Path::new("/srv/ts1")),
+            Path::new("/data/ts1")
+        );
+        assert_eq!(
+            s.tablespace_location(Path::new("/srv/ts9")),
+            Path::new("/srv/ts9")
         );
     }
 

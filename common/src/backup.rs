@@ -117,10 +117,6 @@ fn relation_file(name: &str) -> Option<(&str, &str)> {
     (!node.is_empty() && node.bytes().all(|b| b.is_ascii_digit())).then_some((node, fork))
 }
 
-/// What the source answers a base copy of a data directory with tablespaces (the target's
-/// default copy method falls back to `pg_basebackup` on it).
-pub const TABLESPACES_REFUSED: &str = "the agent copy does not handle tablespaces yet";
-
 /// The entries to create or copy, in order (directories before what they hold, and
 /// `global/pg_control` last, as PostgreSQL sends it), from everything found.
 pub fn plan(found: &[Found]) -> Vec<(Found, Disposition)> {

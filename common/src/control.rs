@@ -245,6 +245,11 @@ pub struct BackupEntry {
     pub dir: bool,
     /// Size when listed (a file may grow or shrink while copied).
     pub size: u64,
+    /// A tablespace (`pg_tblspc/<oid>`, a directory): its location on the source, where the
+    /// symlink points. The target creates it where `tablespace_mapping` says (or at the same
+    /// path) and links it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// Service names are short identifiers: `[A-Za-z0-9_.-]{1,64}`.

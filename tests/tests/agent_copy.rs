@@ -372,46 +372,110 @@ fn a_rollback_ends_the_backup_session_of_a_cut_agent_copy() -> Result<()> {
     Ok(())
 }
 
-/// A source with a tablespace. The agent copy refuses it at its start (nothing is copied),
-/// naming the symlink and the setting to use. With no copy method configured, the clone goes
-/// on with `pg_basebackup` instead. (Which then fails on this one host: the tablespace's
-/// directory is the source's own and not empty; on two hosts it would be created empty first.)
+/// A source with a tablespace (a table and its primary key in it), copied by each method into
+/// the directory `tablespace_mapping` names: linked as `pg_basebackup` does (no
+/// `tablespace_map`), `pg_verifybackup` passes, the cutover verifies the table, and nothing is
+/// written into the source's tablespace. Unmapped on this shared host, the tablespace would go
+/// to the source's own directory: the agent copy refuses before writing a byte there.
 #[test]
-fn a_source_with_tablespaces_is_copied_by_pg_basebackup_unless_agent_is_asked_for() -> Result<()> {
+fn a_source_with_a_tablespace_is_copied_into_the_mapped_directory() -> Result<()> {
     let space = TestDir::new()?;
-    let location = space.join("ts");
-    std::fs::create_dir(&location)?;
-    chown_postgres(&location)?;
-    for (config, fallback) in [("copy_method = \"agent\"\n", false), ("", true)] {
+    for (method, mapped) in [("agent", false), ("agent", true), ("pg_basebackup", true)] {
+        let src = space.join(format!("src-{method}-{mapped}"));
+        let new = space.join(format!("new-{method}-{mapped}"));
+        std::fs::create_dir(&src)?;
+        chown_postgres(&src)?;
+        if method == "pg_basebackup" {
+            // pg_basebackup runs as the cluster's user: its directory is made for it, empty.
+            std::fs::create_dir(&new)?;
+            chown_postgres(&new)?;
+        }
+        let mut config = format!("copy_method = \"{method}\"\ncopy_streams = 2\n");
+        if mapped {
+            config.push_str(&format!(
+                "tablespace_mapping = [\"{}={}\"]\n",
+                src.display(),
+                new.display()
+            ));
+        }
         let rig = MigrationRig::builder(1)
             .prepare(|pg| {
-                let dir = location.join(if fallback { "default" } else { "agent" });
-                std::fs::create_dir(&dir)?;
-                chown_postgres(&dir)?;
-                pg.psql(&format!(
-                    "CREATE TABLESPACE extra LOCATION '{}'",
-                    dir.display()
-                ))?;
-                pg.psql("CREATE TABLE ferry.spaced (n int) TABLESPACE extra")
-                    .map(drop)
+                pg.psql(&format!("CREATE TABLESPACE extra LOCATION '{}'", src.display()))?;
+                pg.psql(
+                    "CREATE TABLE ferry.spaced (n int PRIMARY KEY USING INDEX TABLESPACE extra, t text) TABLESPACE extra;
+                     INSERT INTO ferry.spaced SELECT g, repeat('x', g % 200) FROM generate_series(1, 50000) g",
+                )?;
+                // Its free space and visibility maps made now: autovacuum adds no file later.
+                pg.psql("VACUUM ferry.spaced")?;
+                pg.psql("CHECKPOINT").map(drop)
             })
-            .target_config(config)
+            .target_config(&config)
             .start()?;
+        let before = listing(&src)?;
+        assert!(
+            before.len() >= 3,
+            "the tablespace holds the table: {before:?}"
+        );
         let (ok, out) = rig.cmd("clone", &[]);
-        assert!(!ok, "{out}");
-        assert!(out.contains("rolled_back"), "{out}");
-        let pg_basebackup = out.contains("pg_basebackup -X stream");
-        if fallback {
-            assert!(out.contains("copying with pg_basebackup instead"), "{out}");
-            assert!(pg_basebackup, "{out}");
-        } else {
-            assert!(out.contains("does not handle tablespaces"), "{out}");
-            assert!(out.contains("pg_tblspc/"), "{out}");
-            assert!(out.contains("copy_method = \"pg_basebackup\""), "{out}");
-            assert!(!pg_basebackup, "{out}");
+        assert_eq!(
+            listing(&src)?,
+            before,
+            "{method}: the source's tablespace changed"
+        );
+        if !mapped {
+            assert!(!ok, "{out}");
+            assert!(out.contains("which is not empty here"), "{out}");
+            assert!(out.contains("tablespace_mapping = ["), "{out}");
+            continue;
         }
+        assert!(ok, "{method}: {out}");
+        assert!(out.contains("pg_verifybackup"), "{out}");
+        let oid = rig
+            .pg
+            .psql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'")?;
+        assert_eq!(
+            std::fs::read_link(rig.data_dir.join("pg_tblspc").join(oid.trim()))?,
+            new,
+            "{method}"
+        );
+        let copied = listing(&new)?;
+        assert_eq!(
+            copied.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            before.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            "{method}: the same files in the new tablespace"
+        );
+        assert!(!rig.data_dir.join("tablespace_map").exists());
+        let theirs = table_digest(&rig.pg, "ferry.spaced")?;
+        let (ok, out) = rig.cmd("cutover", &["--all-tables"]);
+        assert!(ok, "{method}: {out}");
+        assert!(!out.contains("NOT VERIFIED"), "{out}");
+        assert_eq!(
+            table_digest_at(rig.dir.path(), rig.target_port, "ferry.spaced")?,
+            theirs,
+            "{method}"
+        );
     }
     Ok(())
+}
+
+/// Every file under `dir` (relative path, size), sorted.
+fn listing(dir: &Path) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(dir)?.to_string_lossy().to_string();
+                out.push((rel, m.len()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// A measurement, not a check (`cargo test --release --test agent_copy -- --ignored
@@ -552,20 +616,25 @@ fn partly_fetched(rig: &MigrationRig) -> Vec<(String, u64, u64)> {
     out
 }
 
-/// A kill -9 of the source agent loses its backup session; in the new one, a file the target
-/// has part of goes on from its end when those bytes still equal the source's, and is fetched
-/// again when they do not (one of them is damaged here on the target between the sessions).
-#[test]
-fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchanged() -> Result<()> {
-    let mut rig = MigrationRig::builder(120)
-        // Hint bits set and written now, so that the source's files stay as they are.
+/// 120 MB of sample data whose hint bits are set and written (`VACUUM (FREEZE)`, `CHECKPOINT`),
+/// so that its files change only where a test changes them; the agent copy over 2 streams.
+fn settled_rig() -> Result<MigrationRig> {
+    MigrationRig::builder(120)
         .prepare(|pg| {
             pg.psql("VACUUM (FREEZE)")
                 .and_then(|_| pg.psql("CHECKPOINT"))
                 .map(drop)
         })
         .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
-        .start()?;
+        .start()
+}
+
+/// A kill -9 of the source agent loses its backup session; in the new one, a file the target
+/// has part of goes on from its end when those bytes still equal the source's, and is fetched
+/// again when they do not (one of them is damaged here on the target between the sessions).
+#[test]
+fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchanged() -> Result<()> {
+    let mut rig = settled_rig()?;
     let source_bytes = rig.source_bytes()?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     wait_until("half of the copy", Duration::from_secs(120), || {
@@ -619,15 +688,7 @@ fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchange
 /// table verified at the cutover, `pg_verifybackup` passed.
 #[test]
 fn a_changed_file_is_fetched_again_only_where_it_changed() -> Result<()> {
-    let mut rig = MigrationRig::builder(120)
-        // Hint bits set and written now: the files change only where the test changes them.
-        .prepare(|pg| {
-            pg.psql("VACUUM (FREEZE)")
-                .and_then(|_| pg.psql("CHECKPOINT"))
-                .map(drop)
-        })
-        .target_config("copy_method = \"agent\"\ncopy_streams = 2\n")
-        .start()?;
+    let mut rig = settled_rig()?;
     let journal = rig.copy_journal();
     let tables: Vec<(String, String, u64)> = ["ferry.orders", "ferry.events", "ferry.docs"]
         .iter()

@@ -201,7 +201,7 @@ impl Executor<'_> {
         let mut sessions = 0;
         // A backup session lost on the source (its agent restarted) is replaced by a new one;
         // the files that did not change are kept.
-        let (plan, done, (label, map, end)) = loop {
+        let (plan, done, (label, _map, end)) = loop {
             sessions += 1;
             match self.copy_session(&data_dir, &journal).await {
                 Ok((plan, done, fetched, stopped)) => {
@@ -219,10 +219,9 @@ impl Executor<'_> {
                 Err((e, _)) => return Err(e),
             }
         };
+        // No tablespace_map (`_map`): the tablespaces are linked here already (mapped), as
+        // pg_basebackup's plain format does; the map would link them to the source's paths.
         let mut manifest: Vec<ManifestFile> = vec![write_small(&data_dir, "backup_label", &label)?];
-        if !map.is_empty() {
-            manifest.push(write_small(&data_dir, "tablespace_map", &map)?);
-        }
         manifest.extend(
             plan.entries
                 .iter()
@@ -239,6 +238,12 @@ impl Executor<'_> {
         )?;
         self.standby_settings(&data_dir, slot)?;
         self.own_data_dir(&data_dir).await?;
+        if let (Some(user), true) = (&self.settings.os_user, super::running_as_root()) {
+            for e in plan.entries.iter().filter_map(|e| e.link.as_deref()) {
+                let here = self.settings.tablespace_location(Path::new(e));
+                super::chown(user, &here, true).await?;
+            }
+        }
         let secs = t.elapsed().as_secs_f64();
         (self.progress)(format!(
             "agent copy done: {files_now} file(s), {:.1} MB fetched in {secs:.1} s ({:.1} MB/s); backup {}..{}",
@@ -414,10 +419,55 @@ impl Executor<'_> {
                 .await?
         };
         for e in plan.entries.iter().filter(|e| e.dir) {
-            std::fs::create_dir_all(data_dir.join(&e.path))?;
+            match &e.link {
+                Some(location) => self.link_tablespace(data_dir, &e.path, location)?,
+                None => std::fs::create_dir_all(data_dir.join(&e.path))?,
+            }
         }
         std::fs::create_dir_all(data_dir.join("pg_wal/archive_status"))?;
         Ok((done, patches))
+    }
+
+    /// A tablespace of the plan (`path`: `pg_tblspc/<oid>`, at `location` on the source): its
+    /// directory here (mapped by `tablespace_mapping`, else the same path) created and linked,
+    /// as `pg_basebackup` does in plain format. The directory must be empty or absent, unless
+    /// an earlier run of this copy linked it: never another cluster's files (on a shared host,
+    /// an unmapped tablespace is the source's own).
+    fn link_tablespace(&self, data_dir: &Path, path: &str, location: &str) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let here = self.settings.tablespace_location(Path::new(location));
+        let link = data_dir.join(path);
+        match std::fs::read_link(&link) {
+            Ok(t) if t == here => return Ok(()),
+            Ok(t) => bail!(
+                "{}: links to {}, but tablespace {location} now goes to {}: restore [target] tablespace_mapping, or remove {} and {} to copy from scratch",
+                link.display(),
+                t.display(),
+                here.display(),
+                data_dir.display(),
+                t.display()
+            ),
+            Err(_) if link.symlink_metadata().is_ok() => bail!(
+                "{}: not a tablespace link; remove {} to copy from scratch",
+                link.display(),
+                data_dir.display()
+            ),
+            Err(_) => {}
+        }
+        if std::fs::read_dir(&here).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "tablespace {path} (at {location} on the source) would go to {}, which is not empty here; empty it, or map it elsewhere: [target] tablespace_mapping = [\"{location}=/new/location\"]",
+                here.display()
+            );
+        }
+        std::fs::create_dir_all(&here).with_context(|| here.display().to_string())?;
+        std::fs::set_permissions(&here, std::fs::Permissions::from_mode(0o700))?;
+        std::os::unix::fs::symlink(&here, &link).with_context(|| link.display().to_string())?;
+        (self.progress)(format!(
+            "tablespace {path}: {location} on the source, {} here",
+            here.display()
+        ));
+        Ok(())
     }
 
     /// A new backup session (the journal's, `read`, was lost, or there was none): of the files
@@ -446,11 +496,15 @@ impl Executor<'_> {
             _ => (HashSet::new(), 0, Vec::new()),
         };
         let planned: HashSet<&str> = plan.entries.iter().map(|e| e.path.as_str()).collect();
+        // A complete file that changed is also among the partial ones (not complete, not
+        // empty): kept as a prefix if the source's only grew, else compared by ranges once.
         let candidates: Vec<String> = changed
             .iter()
             .map(|(p, _)| p.clone())
-            .filter(|p| planned.contains(p.as_str()))
+            .filter(|p| planned.contains(p.as_str()) && !partial.contains(p))
             .chain(partial_changed)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect();
         let patches = if candidates.is_empty() {
             HashMap::new()
@@ -459,7 +513,7 @@ impl Executor<'_> {
         };
         if let Some(prev) = read.backup_id.filter(|_| had > 0 || !partial.is_empty()) {
             (self.progress)(format!(
-                "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end, {}; the rest is fetched again{}",
+                "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end{}; the rest is fetched again{}",
                 plan.id,
                 done.len(),
                 partial.len(),
@@ -1027,7 +1081,10 @@ fn remove_files_except(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
             let entry = entry?;
             let path = rel.join(entry.file_name());
             let ft = entry.file_type()?;
-            if ft.is_dir() {
+            // A tablespace's link is walked through (its files are the copy's), and kept.
+            let linked_dir =
+                ft.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir());
+            if ft.is_dir() || linked_dir {
                 stack.push(path);
             } else if !keep(path.to_string_lossy().as_ref()) {
                 std::fs::remove_file(dir.join(&path))?;
@@ -1037,7 +1094,7 @@ fn remove_files_except(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes a small file of the copy (backup_label, tablespace_map) and its manifest entry.
+/// Writes a small file of the copy (backup_label) and its manifest entry.
 fn write_small(data_dir: &Path, name: &str, text: &str) -> Result<ManifestFile> {
     std::fs::write(data_dir.join(name), text)?;
     let mut sha256 = [0; 32];

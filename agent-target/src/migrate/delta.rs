@@ -105,12 +105,16 @@ pub(super) fn changed_line(changed: &[(String, u64)]) -> String {
     )
 }
 
-/// "3 changed file(s) patched: 4.2 of 2147.5 MB fetched again in ranges".
+/// ", 3 changed file(s) compared range by range: 4.2 of their 842.8 MB fetched again"; empty
+/// without patches.
 pub(super) fn patch_line(patches: &HashMap<String, Patch>) -> String {
+    if patches.is_empty() {
+        return String::new();
+    }
     let bytes: u64 = patches.values().map(Patch::bytes).sum();
     let len: u64 = patches.values().map(|p| p.len).sum();
     format!(
-        "{} changed file(s) compared range by range: {:.1} of their {:.1} MB fetched again",
+        ", {} changed file(s) compared range by range: {:.1} of their {:.1} MB fetched again",
         patches.len(),
         bytes as f64 / 1e6,
         len as f64 / 1e6

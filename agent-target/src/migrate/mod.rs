@@ -369,23 +369,9 @@ impl Executor<'_> {
 
     async fn base_backup(&self, slot: &str) -> Result<()> {
         use crate::config::CopyMethod;
-        if self.settings.copy_method != CopyMethod::PgBasebackup {
+        if self.settings.copy_method == CopyMethod::Agent {
             let t = Instant::now();
-            match self.agent_copy(slot).await {
-                Ok(_) => {}
-                // Refused at the start, before anything was copied.
-                Err(e)
-                    if self.settings.copy_method == CopyMethod::Default
-                        && format!("{e:#}")
-                            .contains(pgferry_common::backup::TABLESPACES_REFUSED) =>
-                {
-                    (self.progress)(format!(
-                        "the source has tablespaces, which the agent copy does not handle yet ({e:#}); copying with pg_basebackup instead"
-                    ));
-                    return self.pg_basebackup(slot).await;
-                }
-                Err(e) => return Err(e),
-            }
+            self.agent_copy(slot).await?;
             let data_dir = self.data_dir()?;
             // The copy carries no WAL (the standby streams it through the slot).
             let mut verify = self.pg_tool("pg_verifybackup");
@@ -411,6 +397,7 @@ impl Executor<'_> {
         // A backup interrupted earlier left a partial directory that only we wrote (preflight
         // saw it empty or absent): start it over.
         if data_dir.exists() {
+            clear_tablespaces(data_dir)?;
             std::fs::remove_dir_all(data_dir).with_context(|| {
                 format!("clearing the partial backup in {}", data_dir.display())
             })?;
@@ -450,6 +437,13 @@ impl Executor<'_> {
             "--no-password",
         ])
         .env("PGAPPNAME", BASEBACKUP_APP);
+        for (old, new) in &self.settings.tablespace_mapping {
+            cmd.arg(format!(
+                "--tablespace-mapping={}={}",
+                old.display(),
+                new.display()
+            ));
+        }
         if !self.outage_grace.is_zero() {
             // The WAL stream's walsender would end a connection silent for wal_sender_timeout
             // (60 s by default) even though the tunnel holds it through an outage: for this
@@ -622,6 +616,31 @@ fn tool_processes_on(data_dir: &Path) -> Vec<i32> {
 }
 
 /// `chown [-R] user path` (the agent runs as root; PostgreSQL as `user`).
+/// What an earlier copy wrote into the tablespaces linked from `data_dir` (each link's
+/// `PG_<version>_…` directories: nothing else of the location is touched), so that a new copy
+/// finds them empty, as `pg_basebackup` requires.
+fn clear_tablespaces(data_dir: &Path) -> Result<()> {
+    let Ok(links) = std::fs::read_dir(data_dir.join("pg_tblspc")) else {
+        return Ok(());
+    };
+    for link in links.flatten() {
+        let Ok(location) = std::fs::read_link(link.path()) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(&location) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("PG_") {
+                std::fs::remove_dir_all(e.path()).with_context(|| {
+                    format!("clearing the partial copy in {}", e.path().display())
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn chown(user: &str, path: &Path, recursive: bool) -> Result<()> {
     let mut cmd = tokio::process::Command::new("chown");
     if recursive {
