@@ -144,6 +144,17 @@ pub async fn source_facts(client: &Client) -> Result<SourceFacts> {
         in_recovery: row.get(8),
         now_ms: row.get::<_, i64>(9).max(0) as u64,
         fence: Some(Box::new(crate::fence::fence_facts(client).await)),
+        tablespaces: client
+            .query(
+                "SELECT pg_tablespace_location(oid) FROM pg_tablespace
+                  WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1",
+                &[],
+            )
+            .await
+            .context("reading pg_tablespace on the source")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
     })
 }
 

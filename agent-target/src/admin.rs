@@ -35,7 +35,14 @@ const MAX_ADMIN_RESPONSE: usize = 16 * 1024 * 1024;
 pub const VERBS: &[&str] = &["preflight", "status", "clone", "cutover", "rollback"];
 
 /// Facts about the target host for the preflight.
-pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Result<TargetFacts> {
+/// Facts about the target host for the preflight; `source_tablespaces`: the locations of the
+/// source's tablespaces.
+pub fn target_facts(
+    s: &TargetSettings,
+    source_tablespaces: &[String],
+    now_ms: u64,
+    round_trip_ms: u64,
+) -> Result<TargetFacts> {
     let data_dir = s.data_dir.as_ref().context(
         "no data directory configured for the new cluster: set [target] data_dir or --data-dir",
     )?;
@@ -52,11 +59,23 @@ pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Resu
     let text = String::from_utf8_lossy(&out.stdout);
     let major_version = parse_major(&text)
         .with_context(|| format!("cannot read a version from `{}`", text.trim()))?;
-    let data_dir_empty = match std::fs::read_dir(data_dir) {
-        Ok(mut rd) => Some(rd.next().is_none()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => bail!("reading {}: {e}", data_dir.display()),
+    let empty = |dir: &std::path::Path| match std::fs::read_dir(dir) {
+        Ok(mut rd) => Ok(Some(rd.next().is_none())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow::anyhow!("reading {}: {e}", dir.display())),
     };
+    let data_dir_empty = empty(data_dir)?;
+    let tablespaces = source_tablespaces
+        .iter()
+        .map(|source| {
+            let here = s.tablespace_location(std::path::Path::new(source));
+            Ok(pgferry_common::preflight::TablespaceHere {
+                source: source.clone(),
+                empty: empty(&here)?,
+                here: here.display().to_string(),
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok(TargetFacts {
         major_version,
         data_dir: data_dir.display().to_string(),
@@ -65,6 +84,7 @@ pub fn target_facts(s: &TargetSettings, now_ms: u64, round_trip_ms: u64) -> Resu
         now_ms,
         round_trip_ms,
         listen_addresses: Some(s.listen_addresses.clone()),
+        tablespaces,
     })
 }
 

@@ -411,11 +411,13 @@ async fn admin_preflight(cx: &Cx) -> Result<PreflightReport, AdminFailure> {
     let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let now_ms = (now_ms as u64).saturating_sub(rtt_ms / 2);
     let settings = cx.target.settings.clone();
-    let tf =
-        tokio::task::spawn_blocking(move || crate::admin::target_facts(&settings, now_ms, rtt_ms))
-            .await
-            .map_err(|e| AdminFailure::new(e.to_string()))?
-            .map_err(|e| AdminFailure::new(format!("{e:#}")))?;
+    let spaces = facts.tablespaces.clone();
+    let tf = tokio::task::spawn_blocking(move || {
+        crate::admin::target_facts(&settings, &spaces, now_ms, rtt_ms)
+    })
+    .await
+    .map_err(|e| AdminFailure::new(e.to_string()))?
+    .map_err(|e| AdminFailure::new(format!("{e:#}")))?;
     let checks = pgferry_common::preflight::evaluate(&facts, &tf);
     let ok = checks.iter().all(|c| c.ok);
     cx.tunnel.audit_event(&PreflightRun {

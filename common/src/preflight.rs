@@ -39,6 +39,9 @@ pub struct SourceFacts {
     /// (Boxed: it is most of the size of the control messages that carry it.)
     #[serde(default)]
     pub fence: Option<Box<FenceFacts>>,
+    /// Locations of the source's tablespaces (other than `pg_default` and `pg_global`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tablespaces: Vec<String>,
 }
 
 /// What the source agent found that bears on the fence (`docs/fence.md`) and the drain.
@@ -139,6 +142,20 @@ pub struct TargetFacts {
     /// The new cluster's `listen_addresses` (`[target] listen_addresses`); `None`: not known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_addresses: Option<String>,
+    /// Where each of the source's tablespaces goes here, and whether that directory is empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tablespaces: Vec<TablespaceHere>,
+}
+
+/// A source tablespace's directory on the target host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablespaceHere {
+    /// Its location on the source.
+    pub source: String,
+    /// Where it goes here (`[target] tablespace_mapping`, else the same path).
+    pub here: String,
+    /// `None`: absent (it will be created); else whether it is empty.
+    pub empty: Option<bool>,
 }
 
 /// One preflight check's verdict.
@@ -377,6 +394,26 @@ fn target_checks(out: &mut Checks, s: &SourceFacts, t: &TargetFacts) {
                 .into(),
         );
     }
+    for ts in &t.tablespaces {
+        out.check(
+            "target_tablespace",
+            ts.empty != Some(false),
+            format!(
+                "tablespace {} of the source goes to {} here, which {}",
+                ts.source,
+                ts.here,
+                match ts.empty {
+                    None => "does not exist yet (will be created)",
+                    Some(true) => "is empty",
+                    Some(false) => "is not empty",
+                }
+            ),
+            format!(
+                "empty {}, or map the tablespace elsewhere: [target] tablespace_mapping = [\"{}=/new/location\"] (on a host shared with the source, an unmapped tablespace is the source's own directory)",
+                ts.here, ts.source
+            ),
+        );
+    }
     let skew = s.now_ms.abs_diff(t.now_ms);
     let uncertainty = t.round_trip_ms / 2;
     out.check(
@@ -613,6 +650,7 @@ mod tests {
                     hba_file: Some("/etc/postgresql/15/main/pg_hba.conf".into()),
                     ..FenceFacts::default()
                 })),
+                tablespaces: Vec::new(),
             },
             TargetFacts {
                 major_version: 15,
@@ -622,6 +660,7 @@ mod tests {
                 now_ms: 1_000_300,
                 round_trip_ms: 4,
                 listen_addresses: None,
+                tablespaces: Vec::new(),
             },
         )
     }
@@ -653,7 +692,7 @@ mod tests {
             fn(&mut SourceFacts, &mut TargetFacts),
             &'static str,
         );
-        let cases: [Case; 10] = [
+        let cases: [Case; 11] = [
             (
                 "major_version",
                 |_, t| t.major_version = 16,
@@ -692,6 +731,24 @@ mod tests {
             ),
             ("free_disk", |_, t| t.free_bytes = 11 << 30, "12.0 GiB"),
             ("clock_skew", |_, t| t.now_ms = 1_009_000, "NTP"),
+            (
+                "target_tablespace",
+                |_, t| {
+                    t.tablespaces = vec![
+                        TablespaceHere {
+                            source: "/srv/ts1".into(),
+                            here: "/srv/ts1".into(),
+                            empty: Some(false),
+                        },
+                        TablespaceHere {
+                            source: "/srv/ts0".into(),
+                            here: "/data/ts0".into(),
+                            empty: None,
+                        },
+                    ]
+                },
+                "tablespace_mapping = [\"/srv/ts1=",
+            ),
         ];
         for (name, break_it, fix_mentions) in cases {
             let (mut s, mut t) = (s0.clone(), t0.clone());

@@ -376,7 +376,8 @@ fn a_rollback_ends_the_backup_session_of_a_cut_agent_copy() -> Result<()> {
 /// the directory `tablespace_mapping` names: linked as `pg_basebackup` does (no
 /// `tablespace_map`), `pg_verifybackup` passes, the cutover verifies the table, and nothing is
 /// written into the source's tablespace. Unmapped on this shared host, the tablespace would go
-/// to the source's own directory: the agent copy refuses before writing a byte there.
+/// to the source's own directory: the preflight says so, and the agent copy refuses before
+/// writing a byte there.
 #[test]
 fn a_source_with_a_tablespace_is_copied_into_the_mapped_directory() -> Result<()> {
     let space = TestDir::new()?;
@@ -416,6 +417,15 @@ fn a_source_with_a_tablespace_is_copied_into_the_mapped_directory() -> Result<()
             before.len() >= 3,
             "the tablespace holds the table: {before:?}"
         );
+        // The preflight names the tablespace's directory here, and refuses a non-empty one.
+        let (ok, out) = rig.cmd("preflight", &[]);
+        let line = out
+            .lines()
+            .find(|l| l.contains("target_tablespace"))
+            .with_context(|| format!("no tablespace check:\n{out}"))?;
+        let here = if mapped { &new } else { &src };
+        assert!(line.contains(&here.display().to_string()), "{line}");
+        assert_eq!(ok, mapped, "{out}");
         let (ok, out) = rig.cmd("clone", &[]);
         assert_eq!(
             listing(&src)?,
@@ -424,7 +434,9 @@ fn a_source_with_a_tablespace_is_copied_into_the_mapped_directory() -> Result<()
         );
         if !mapped {
             assert!(!ok, "{out}");
-            assert!(out.contains("which is not empty here"), "{out}");
+            // Stopped by the clone's preflight, before the copy (which refuses it too).
+            assert!(out.contains("preflight failed: target_tablespace"), "{out}");
+            assert!(out.contains("which is not empty"), "{out}");
             assert!(out.contains("tablespace_mapping = ["), "{out}");
             continue;
         }

@@ -30,6 +30,7 @@ fn target_facts(now_ms: u64) -> TargetFacts {
         now_ms,
         round_trip_ms: 2,
         listen_addresses: None,
+        tablespaces: Vec::new(),
     }
 }
 
