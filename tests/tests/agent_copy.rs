@@ -754,3 +754,88 @@ fn a_changed_file_is_fetched_again_only_where_it_changed() -> Result<()> {
     assert!(text.contains("pg_verifybackup"), "{text}");
     cutover_keeps_the_tables(&rig)
 }
+
+/// The target agent killed while it patches the files that changed in a lost backup session:
+/// the journal names them as being patched, so the next run does not take them for verified
+/// prefixes; it compares them range by range again (keeping the ranges already patched), and
+/// the copy is still exact (every table verified at the cutover, `pg_verifybackup` passed).
+#[test]
+fn a_kill_during_a_patch_compares_the_patched_files_again() -> Result<()> {
+    let mut rig = settled_rig()?;
+    let journal = rig.copy_journal();
+    let tables: Vec<(String, String)> = ["ferry.orders", "ferry.events", "ferry.docs"]
+        .iter()
+        .map(|t| {
+            let path = rig
+                .pg
+                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
+            anyhow::Ok((t.to_string(), path))
+        })
+        .collect::<Result<_>>()?;
+    let mut clone = rig.spawn_cmd("clone", &[])?;
+    // Two tables complete on the target, then the source's session is lost and both change on
+    // every page: their patches are most of their size, long enough to be cut.
+    let complete = wait_until(
+        "two tables' files in the copy's journal",
+        Duration::from_secs(120),
+        || {
+            let j = std::fs::read_to_string(&journal).ok()?;
+            let done: Vec<String> = tables
+                .iter()
+                .filter(|(_, p)| j.contains(&format!("\"kind\":\"done\",\"path\":\"{p}\"")))
+                .map(|(t, _)| t.clone())
+                .collect();
+            (done.len() >= 2).then_some(done)
+        },
+    )?;
+    rig.kill_source();
+    for t in &complete {
+        rig.pg.psql(&format!("DELETE FROM {t} WHERE id % 5 = 0"))?;
+    }
+    rig.pg.psql("CHECKPOINT")?;
+    rig.start_source()?;
+    rig.target.wait_for("compared range by range")?;
+    // The source agent frozen at once (67 MB cannot cross in the moment it takes): the patches
+    // stop wherever they are, and the target is killed in the middle of them.
+    let source_pid = rig.source.child.pid().to_string();
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &source_pid])
+            .status()
+    };
+    signal("-STOP")?;
+    rig.kill_target();
+    signal("-CONT")?;
+    let _ = clone.wait(Duration::from_secs(30));
+    // What the kill left: a file named for patching without its done line.
+    let text = std::fs::read_to_string(&journal)?;
+    let mut patching = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let path = v["path"].as_str().unwrap_or_default().to_string();
+        match v["kind"].as_str() {
+            Some("patching") => patching.insert(path),
+            Some("done") => patching.remove(&path),
+            _ => false,
+        };
+    }
+    anyhow::ensure!(
+        !patching.is_empty(),
+        "the kill came after every patch was done (the test needs one cut):\n{text}"
+    );
+    eprintln!("being patched at the kill: {patching:?}");
+    rig.start_target()?;
+    let (ok, out) = rig.cmd("clone", &[]);
+    assert!(ok, "{out}");
+    let again = out
+        .lines()
+        .find(|l| l.contains("were being patched when the copy stopped"))
+        .with_context(|| format!("the patched files were not compared again:\n{out}"))?;
+    eprintln!("{again}");
+    // The ranges patched before the kill are kept.
+    assert!(again.contains("compared range by range"), "{again}");
+    assert!(out.contains("pg_verifybackup"), "{out}");
+    cutover_keeps_the_tables(&rig)
+}

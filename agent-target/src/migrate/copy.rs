@@ -413,6 +413,13 @@ impl Executor<'_> {
             for p in read.patching.iter().filter(|p| !patches.contains_key(*p)) {
                 let _ = std::fs::remove_file(data_dir.join(p));
             }
+            if !read.patching.is_empty() {
+                (self.progress)(format!(
+                    "{} file(s) were being patched when the copy stopped: compared again{}",
+                    read.patching.len(),
+                    patch_line(&patches)
+                ));
+            }
             (read.done, patches)
         } else {
             self.keep_what_is_unchanged(plan, data_dir, journal, read)
