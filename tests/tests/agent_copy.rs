@@ -538,15 +538,7 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     let source_bytes = rig.source_bytes()?;
     let journal = rig.copy_journal();
     // The table to change: one whose first file is complete on the target before the kill.
-    let files: Vec<(String, String)> = ["ferry.orders", "ferry.docs"]
-        .iter()
-        .map(|t| {
-            let path = rig
-                .pg
-                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
-            anyhow::Ok((t.to_string(), path))
-        })
-        .collect::<Result<_>>()?;
+    let files = table_files(&rig, &["ferry.orders", "ferry.docs"])?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     let changed = wait_until(
         "a table's file in the copy's journal",
@@ -583,6 +575,19 @@ fn an_agent_copy_keeps_unchanged_files_when_the_source_restarts() -> Result<()> 
     assert!(kept < of, "{delta}");
     assert!(text.contains("pg_verifybackup"), "{text}");
     cutover_keeps_the_tables(&rig)
+}
+
+/// Each of `tables` and its first file on the source (relative to the data directory).
+fn table_files(rig: &MigrationRig, tables: &[&str]) -> Result<Vec<(String, String)>> {
+    tables
+        .iter()
+        .map(|t| {
+            let path = rig
+                .pg
+                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
+            anyhow::Ok((t.to_string(), path))
+        })
+        .collect()
 }
 
 /// Waits for `clone` to succeed; its output, and its line on the lost backup session.
@@ -702,16 +707,14 @@ fn a_partly_fetched_file_goes_on_in_a_new_session_only_if_its_bytes_are_unchange
 fn a_changed_file_is_fetched_again_only_where_it_changed() -> Result<()> {
     let mut rig = settled_rig()?;
     let journal = rig.copy_journal();
-    let tables: Vec<(String, String, u64)> = ["ferry.orders", "ferry.events", "ferry.docs"]
-        .iter()
-        .map(|t| {
-            let path = rig
-                .pg
-                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
-            let size = std::fs::metadata(rig.pg.datadir.join(&path))?.len();
-            anyhow::Ok((t.to_string(), path, size))
-        })
-        .collect::<Result<_>>()?;
+    let tables: Vec<(String, String, u64)> =
+        table_files(&rig, &["ferry.orders", "ferry.events", "ferry.docs"])?
+            .into_iter()
+            .map(|(t, path)| {
+                let size = std::fs::metadata(rig.pg.datadir.join(&path))?.len();
+                anyhow::Ok((t, path, size))
+            })
+            .collect::<Result<_>>()?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     let (table, path, size) = wait_until(
         "a table's file in the copy's journal",
@@ -763,15 +766,7 @@ fn a_changed_file_is_fetched_again_only_where_it_changed() -> Result<()> {
 fn a_kill_during_a_patch_compares_the_patched_files_again() -> Result<()> {
     let mut rig = settled_rig()?;
     let journal = rig.copy_journal();
-    let tables: Vec<(String, String)> = ["ferry.orders", "ferry.events", "ferry.docs"]
-        .iter()
-        .map(|t| {
-            let path = rig
-                .pg
-                .psql(&format!("SELECT pg_relation_filepath('{t}')"))?;
-            anyhow::Ok((t.to_string(), path))
-        })
-        .collect::<Result<_>>()?;
+    let tables = table_files(&rig, &["ferry.orders", "ferry.events", "ferry.docs"])?;
     let mut clone = rig.spawn_cmd("clone", &[])?;
     // Two tables complete on the target, then the source's session is lost and both change on
     // every page: their patches are most of their size, long enough to be cut.
