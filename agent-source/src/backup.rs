@@ -246,11 +246,10 @@ pub async fn start(
         .context("pg_backup_start")?
         .get(0);
     let data_dir = std::path::PathBuf::from(data_dir);
-    let walked = {
+    let (walked, links) = {
         let d = data_dir.clone();
         tokio::task::spawn_blocking(move || walk_with_tablespaces(&d)).await??
     };
-    let (walked, links) = walked;
     let planned = plan(&walked);
     let entries: Vec<BackupEntry> = planned
         .iter()

@@ -502,22 +502,9 @@ impl Executor<'_> {
             Some(_) if data_dir.exists() => self.unchanged_prefixes(plan, data_dir, &done).await?,
             _ => (HashSet::new(), 0, Vec::new()),
         };
-        let planned: HashSet<&str> = plan.entries.iter().map(|e| e.path.as_str()).collect();
-        // A complete file that changed is also among the partial ones (not complete, not
-        // empty): kept as a prefix if the source's only grew, else compared by ranges once.
-        let candidates: Vec<String> = changed
-            .iter()
-            .map(|(p, _)| p.clone())
-            .filter(|p| planned.contains(p.as_str()) && !partial.contains(p))
-            .chain(partial_changed)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let patches = if candidates.is_empty() {
-            HashMap::new()
-        } else {
-            self.patches(plan.id, data_dir, candidates).await?
-        };
+        // A complete file of the plan that changed is among the partial ones too (not complete,
+        // not empty): kept as a prefix if the source's only grew, else compared by ranges.
+        let patches = self.patches(plan.id, data_dir, partial_changed).await?;
         if let Some(prev) = read.backup_id.filter(|_| had > 0 || !partial.is_empty()) {
             (self.progress)(format!(
                 "backup session {prev:016x} was lost (the source agent restarted?); in the new one, {:016x}, {} of the {had} file(s) already here are unchanged (SHA-256 on both sides) and kept, {} partly fetched file(s) whose {:.1} MB fetched are unchanged go on from their end{}; the rest is fetched again{}",

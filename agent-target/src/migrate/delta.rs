@@ -190,8 +190,8 @@ impl Executor<'_> {
 
     /// Of the files partly fetched in an earlier session (in the plan, not complete, not
     /// empty), those whose bytes here equal the source's first as many bytes now (SHA-256 on
-    /// both sides), and their bytes; and the others. They are fetched on from their end: the same argument as
-    /// for a kept whole file holds for a kept prefix (see the module doc).
+    /// both sides), and their bytes; and the others. The kept ones are fetched on from their
+    /// end: the same argument as for a kept whole file holds for a kept prefix (module doc).
     pub(super) async fn unchanged_prefixes(
         &self,
         plan: &BackupPlan,
@@ -273,14 +273,15 @@ impl Executor<'_> {
                 .await?;
             let (theirs_len, range, theirs) = parse_ranges(&path, answer)?;
             let mut ours = ours.await.context("digest task")??;
+            // Gone on the source: fetched whole (empty), nothing to compare.
+            if theirs_len == 0 {
+                continue;
+            }
             if range != guess {
                 let full = full.clone();
                 ours = tokio::task::spawn_blocking(move || digest_file(&full, range))
                     .await
                     .context("digest task")??;
-            }
-            if theirs_len == 0 {
-                continue;
             }
             let ranges = ranges_to_fetch(ours.0, &ours.1, theirs_len, &theirs, range);
             out.insert(
